@@ -1,0 +1,49 @@
+"""hf-efficient: efficient sequence architectures as first-class Hugging Face `transformers` models.
+
+Importing the package registers every architecture with `AutoConfig`, `AutoModel` and each `AutoModelFor*`
+(idempotent: importing or calling `register()` twice is fine).
+"""
+
+import importlib
+
+import transformers
+
+__version__ = "0.1.0"
+
+# model_type -> subpackage of hf_efficient.models. Each subpackage exports `<Arch>Config` and `AUTO_MAPPING`.
+ARCHITECTURES = {
+    "gmlp": "gmlp",
+}
+
+
+def get_architecture(model_type: str):
+    """The subpackage (module) of a registered architecture, e.g. `get_architecture("gmlp").GMLPConfig`."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {model_type!r}; registered: {', '.join(sorted(ARCHITECTURES))}.")
+    return importlib.import_module(f"hf_efficient.models.{ARCHITECTURES[model_type]}")
+
+
+def get_config_class(model_type: str):
+    module = get_architecture(model_type)
+    return next(
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, transformers.PreTrainedConfig) and obj.model_type == model_type
+    )
+
+
+def register() -> None:
+    """Register every architecture with the transformers Auto classes (safe to call repeatedly)."""
+    for model_type in ARCHITECTURES:
+        module = get_architecture(model_type)
+        config_class = get_config_class(model_type)
+        transformers.AutoConfig.register(model_type, config_class, exist_ok=True)
+        for auto_name, model_class in module.AUTO_MAPPING.items():
+            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)
+
+
+register()
+
+from .hub import save_pretrained_with_code  # noqa: E402
+
+__all__ = ["ARCHITECTURES", "get_architecture", "get_config_class", "register", "save_pretrained_with_code"]

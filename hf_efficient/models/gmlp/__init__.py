@@ -1,0 +1,34 @@
+from .configuration_gmlp import GMLPConfig
+from .modeling_gmlp import (
+    GMLPCache,
+    GMLPForCausalLM,
+    GMLPForImageClassification,
+    GMLPForMaskedLM,
+    GMLPForSequenceClassification,
+    GMLPForTokenClassification,
+    GMLPModel,
+    GMLPPreTrainedModel,
+)
+
+# Auto class -> model class, used by `hf_efficient.register()` and by `save_pretrained_with_code` (auto_map).
+AUTO_MAPPING = {
+    "AutoModel": GMLPModel,
+    "AutoModelForCausalLM": GMLPForCausalLM,
+    "AutoModelForMaskedLM": GMLPForMaskedLM,
+    "AutoModelForSequenceClassification": GMLPForSequenceClassification,
+    "AutoModelForTokenClassification": GMLPForTokenClassification,
+    "AutoModelForImageClassification": GMLPForImageClassification,
+}
+
+__all__ = [
+    "AUTO_MAPPING",
+    "GMLPCache",
+    "GMLPConfig",
+    "GMLPForCausalLM",
+    "GMLPForImageClassification",
+    "GMLPForMaskedLM",
+    "GMLPForSequenceClassification",
+    "GMLPForTokenClassification",
+    "GMLPModel",
+    "GMLPPreTrainedModel",
+]
