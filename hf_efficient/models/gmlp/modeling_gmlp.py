@@ -134,6 +134,7 @@ class GMLPSpatialGatingUnit(nn.Module):
         gate_dim = config.intermediate_size // 2
         self.norm = nn.LayerNorm(gate_dim, eps=config.layer_norm_eps)
         self.proj = nn.Linear(config.max_position_embeddings, config.max_position_embeddings)
+        self.proj.is_spatial_projection = True  # tells `_init_weights` to use the paper's init
 
     def forward(
         self,
@@ -286,11 +287,12 @@ class GMLPPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, GMLPSpatialGatingUnit):
+        if getattr(module, "is_spatial_projection", False):
             # The paper: W near 0 and b = 1, so every block starts close to a plain channel MLP (u * 1).
-            init.normal_(module.proj.weight, mean=0.0, std=self.config.sgu_init_std)
-            init.ones_(module.proj.bias)
+            init.normal_(module.weight, mean=0.0, std=self.config.sgu_init_std)
+            init.ones_(module.bias)
+            return
+        super()._init_weights(module)
 
     # `generate()` must not build a DynamicCache for us: the base model creates its own `Cache` subclass.
     @classmethod

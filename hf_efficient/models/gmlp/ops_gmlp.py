@@ -93,9 +93,9 @@ def tiny_attention(
     allowed = allowed[None]
     if key_mask is not None:
         allowed = allowed & key_mask.bool()[:, None, :]
-        # A padded query may have no real key (left padding + causal): let every query see itself so its row is
-        # never fully masked (a fully masked softmax row is NaN). Real queries always see themselves anyway.
+        # A padded query may have no real key at all (left padding + causal), and a fully masked softmax row is NaN.
+        # Such rows (and only those) attend to their own position instead; their outputs are padding anyway.
         own = torch.zeros(num_queries, total_len, dtype=torch.bool, device=query.device)
         own[torch.arange(num_queries), torch.arange(total_len - num_queries, total_len)] = True
-        allowed = allowed | own[None]
+        allowed = allowed | (own[None] & ~allowed.any(dim=-1, keepdim=True))
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=1.0 / math.sqrt(query.shape[-1]))

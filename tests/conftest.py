@@ -1,0 +1,23 @@
+"""Parametrises the generic tester's fixtures from each test class's attributes."""
+
+import pytest
+
+FIXTURE_SOURCES = {
+    "variant": lambda cls: list(cls.variants),
+    "head": lambda cls: list(cls.all_heads),
+    "causal_head": lambda cls: [h for h in cls.all_heads if h.__name__.endswith("ForCausalLM")],
+}
+
+
+def pytest_generate_tests(metafunc):
+    cls = metafunc.cls
+    if cls is None or not hasattr(cls, "all_heads"):
+        return
+    for fixture, source in FIXTURE_SOURCES.items():
+        if fixture in metafunc.fixturenames:
+            values = source(cls)
+            ids = [getattr(v, "__name__", str(v)) for v in values]
+            if not values:
+                metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(reason=f"no {fixture}"))])
+            else:
+                metafunc.parametrize(fixture, values, ids=ids)

@@ -1,0 +1,554 @@
+"""The generic model tester every hf-efficient architecture runs, for every head class, on tiny configs.
+
+An architecture's test file subclasses `GenericModelTests` and sets:
+
+    model_type = "gmlp"
+    all_heads = [GMLPModel, GMLPForCausalLM, ...]      # every head class (base model included)
+    variants = {"gmlp": {}, "amlp": {"tiny_attn_size": 8}}   # config overrides, each tested separately
+    max_seq_length = 16                                 # longest supported input (None: unlimited)
+    invalid_configs = [({"hidden_size": -1}, "hidden_size"), ...]   # kwargs -> text the ValueError must name
+    def get_config(self, variant, head) -> PreTrainedConfig   # tiny config for that head
+
+`conftest.py` parametrises the fixtures `variant`, `head`, `causal_head`, `text_head` over those lists.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    GenerationConfig,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import hf_efficient
+
+AUTO_CLASS_BY_SUFFIX = {
+    "ForCausalLM": AutoModelForCausalLM,
+    "ForMaskedLM": AutoModelForMaskedLM,
+    "ForSequenceClassification": AutoModelForSequenceClassification,
+    "ForTokenClassification": AutoModelForTokenClassification,
+    "ForImageClassification": AutoModelForImageClassification,
+    "Model": AutoModel,
+}
+
+ATOL = 1e-5
+
+
+def head_kind(head: type) -> str:
+    """'ForCausalLM', 'ForMaskedLM', ..., or 'Model' for the base model."""
+    for suffix in AUTO_CLASS_BY_SUFFIX:
+        if suffix != "Model" and head.__name__.endswith(suffix):
+            return suffix
+    return "Model"
+
+
+def main_output(outputs) -> torch.Tensor:
+    """The tensor a head is judged by: logits, or the last hidden state of a base model."""
+    return outputs.logits if hasattr(outputs, "logits") and outputs.logits is not None else outputs.last_hidden_state
+
+
+class GenericModelTests:
+    model_type: str = None
+    all_heads: list = []
+    variants: dict = {"default": {}}
+    max_seq_length: int | None = None
+    invalid_configs: list = []
+    seq_length: int = 12
+    batch_size: int = 3
+
+    # ----------------------------------------------------------------- hooks
+    def get_config(self, variant: str, head: type):
+        raise NotImplementedError("Each architecture's test class defines get_config(variant, head).")
+
+    def is_causal(self, head: type, model=None) -> bool:
+        if head_kind(head) == "ForCausalLM":
+            return True
+        inner = getattr(model, "model", model)
+        return bool(getattr(inner, "causal", False))
+
+    def is_vision(self, head: type) -> bool:
+        return head_kind(head) == "ForImageClassification"
+
+    def make_model(self, variant: str, head: type, seed: int = 0, **overrides):
+        config = self.get_config(variant, head)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        set_seed(seed)
+        return head(config).eval()
+
+    def make_inputs(self, config, head: type, batch_size: int | None = None, seq_length: int | None = None, seed=1):
+        batch_size = batch_size or self.batch_size
+        seq_length = seq_length or self.seq_length
+        generator = torch.Generator().manual_seed(seed)
+        if self.is_vision(head):
+            shape = (batch_size, config.num_channels, config.image_size, config.image_size)
+            return {"pixel_values": torch.randn(shape, generator=generator)}
+        # Avoid the pad/eos/special ids so that generation and padding tests are about the model only.
+        low = 3
+        return {"input_ids": torch.randint(low, config.vocab_size, (batch_size, seq_length), generator=generator)}
+
+    def make_labels(self, config, head: type, inputs: dict, seed=2):
+        generator = torch.Generator().manual_seed(seed)
+        kind = head_kind(head)
+        batch_size = next(iter(inputs.values())).shape[0]
+        if kind in ("ForCausalLM", "ForMaskedLM"):
+            return inputs["input_ids"].clone()
+        if kind in ("ForSequenceClassification", "ForImageClassification"):
+            return torch.randint(0, config.num_labels, (batch_size,), generator=generator)
+        if kind == "ForTokenClassification":
+            return torch.randint(0, config.num_labels, inputs["input_ids"].shape, generator=generator)
+        return None
+
+    def forward(self, model, inputs, **kwargs):
+        with torch.no_grad():
+            return main_output(model(**inputs, **kwargs))
+
+    # ----------------------------------------------------------------- config and Auto classes
+    def test_config_roundtrip(self, variant, tmp_path):
+        config = self.get_config(variant, self.all_heads[0])
+        assert isinstance(AutoConfig.for_model(self.model_type), hf_efficient.get_config_class(self.model_type))
+        config.save_pretrained(tmp_path)
+        loaded = AutoConfig.from_pretrained(tmp_path)
+        assert type(loaded) is type(config)
+        expected, got = config.to_dict(), loaded.to_dict()
+        for d in (expected, got):
+            d.pop("_name_or_path", None)  # records where it was loaded from
+        assert got == expected
+
+    def test_registration_is_idempotent(self):
+        hf_efficient.register()
+        hf_efficient.register()
+        assert type(AutoConfig.for_model(self.model_type)).model_type == self.model_type
+
+    def test_auto_class_loads_right_class(self, variant, head, tmp_path):
+        model = self.make_model(variant, head)
+        model.save_pretrained(tmp_path)
+        auto = AUTO_CLASS_BY_SUFFIX[head_kind(head)]
+        loaded = auto.from_pretrained(tmp_path)
+        assert type(loaded) is head
+        assert type(auto.from_config(model.config)) is head
+
+    def test_head_from_base_and_base_from_head(self, variant, head, tmp_path):
+        if head_kind(head) == "Model":
+            pytest.skip("the base model is the other side of this test for every head")
+        base_class = self.all_heads[0]
+        assert head_kind(base_class) == "Model", "all_heads[0] must be the base model"
+        config = self.get_config(variant, head)
+        set_seed(0)
+        base = base_class(config).eval()
+        base.save_pretrained(tmp_path / "base")
+        from_base = head.from_pretrained(tmp_path / "base").eval()
+        for name, param in base.state_dict().items():
+            assert torch.equal(from_base.model.state_dict()[name], param), name
+
+        model = self.make_model(variant, head, seed=3)
+        model.save_pretrained(tmp_path / "head")
+        base_from_head = base_class.from_pretrained(tmp_path / "head").eval()
+        for name, param in base_from_head.state_dict().items():
+            assert torch.equal(model.model.state_dict()[name], param), name
+
+    # ----------------------------------------------------------------- save / load
+    def test_save_load_roundtrip_safetensors(self, variant, head, tmp_path):
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head)
+        expected = self.forward(model, inputs)
+        model.save_pretrained(tmp_path)
+        assert (tmp_path / "model.safetensors").is_file()
+        assert not (tmp_path / "pytorch_model.bin").exists()
+        loaded = head.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(self.forward(loaded, inputs), expected, rtol=0, atol=0)
+        is_generative = head_kind(head) == "ForCausalLM"
+        assert (tmp_path / "generation_config.json").is_file() == is_generative
+        if is_generative:
+            GenerationConfig.from_pretrained(tmp_path)
+
+    def test_remote_code_without_package(self, variant, tmp_path):
+        """Save every head with its code, then load each in a fresh interpreter where hf_efficient can't import."""
+        expected = {}
+        heads = {}
+        for head in self.all_heads:
+            model = self.make_model(variant, head)
+            inputs = self.make_inputs(model.config, head)
+            folder = tmp_path / head.__name__
+            hf_efficient.save_pretrained_with_code(model, folder)
+            config = json.loads((folder / "config.json").read_text())
+            auto_map = config["auto_map"]
+            assert "AutoConfig" in auto_map and "AutoModel" in auto_map
+            for other in self.all_heads:
+                assert AUTO_CLASS_BY_SUFFIX[head_kind(other)].__name__ in auto_map, other
+            torch.save(inputs, folder / "inputs.pt")
+            expected[head.__name__] = self.forward(model, inputs)
+            heads[head.__name__] = AUTO_CLASS_BY_SUFFIX[head_kind(head)].__name__
+
+        script = textwrap.dedent(
+            f"""
+            import sys
+            sys.modules["hf_efficient"] = None  # any `import hf_efficient` now fails
+            import torch, transformers
+            heads = {heads!r}
+            for name, auto_name in heads.items():
+                folder = {str(tmp_path)!r} + "/" + name
+                model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True).eval()
+                assert type(model).__name__ == name, (type(model), name)
+                assert not type(model).__module__.startswith("hf_efficient"), type(model).__module__
+                inputs = torch.load(folder + "/inputs.pt")
+                with torch.no_grad():
+                    out = model(**inputs)
+                out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+                torch.save(out, folder + "/remote_out.pt")
+            print("REMOTE-OK")
+            """
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["HF_HUB_OFFLINE"] = "1"
+        env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
+        result = subprocess.run(
+            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+        for name, value in expected.items():
+            remote = torch.load(tmp_path / name / "remote_out.pt")
+            torch.testing.assert_close(remote, value, rtol=0, atol=0)
+
+    # ----------------------------------------------------------------- training
+    def test_loss_is_scalar_and_backward_reaches_every_parameter(self, variant, head):
+        if head_kind(head) == "Model":
+            pytest.skip("the base model has no loss")
+        model = self.make_model(variant, head).train()
+        inputs = self.make_inputs(model.config, head)
+        outputs = model(**inputs, labels=self.make_labels(model.config, head, inputs))
+        assert outputs.loss.ndim == 0 and torch.isfinite(outputs.loss)
+        outputs.loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"no gradient reached: {missing}"
+        nonfinite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        assert not nonfinite, nonfinite
+
+    def test_trainer_lowers_loss(self, variant, head, tmp_path):
+        if head_kind(head) == "Model":
+            pytest.skip("the base model has no loss")
+        model = self.make_model(variant, head)
+        rows = []
+        for seed in range(4):
+            inputs = self.make_inputs(model.config, head, batch_size=2, seed=10 + seed)
+            labels = self.make_labels(model.config, head, inputs, seed=20 + seed)
+            for i in range(2):
+                row = {k: v[i].tolist() for k, v in inputs.items()}
+                row["labels"] = labels[i].tolist()
+                rows.append(row)
+        dataset = Dataset.from_list(rows).with_format("torch")
+
+        def mean_loss():
+            model.eval()
+            with torch.no_grad():
+                batch = dataset[:]
+                return float(model(**batch).loss)
+
+        before = mean_loss()
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=25,
+            per_device_train_batch_size=4,
+            learning_rate=3e-3,
+            warmup_steps=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=5,
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=dataset).train()
+        after = mean_loss()
+        assert after < 0.9 * before, (before, after)
+
+    def test_gradient_checkpointing_same_gradients(self, variant, head):
+        if head_kind(head) == "Model":
+            pytest.skip("the base model has no loss")
+        grads = []
+        for checkpointing in (False, True):
+            model = self.make_model(variant, head).train()
+            model.config.hidden_dropout_prob = 0.0
+            if checkpointing:
+                if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+            inputs = self.make_inputs(model.config, head)
+            torch.manual_seed(0)
+            model(**inputs, labels=self.make_labels(model.config, head, inputs)).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # ----------------------------------------------------------------- causality, batching, padding
+    def test_causality(self, variant, head):
+        model = self.make_model(variant, head)
+        if self.is_vision(head) or not self.is_causal(head, model) or head_kind(head) == "ForSequenceClassification":
+            pytest.skip(f"{head.__name__} in this config is not a per-position causal model")
+        inputs = self.make_inputs(model.config, head)
+        full = self.forward(model, inputs)
+        for t in (0, self.seq_length // 2, self.seq_length - 2):
+            changed = inputs["input_ids"].clone()
+            changed[:, t + 1 :] = torch.randint(3, model.config.vocab_size, changed[:, t + 1 :].shape)
+            out = self.forward(model, {"input_ids": changed})
+            torch.testing.assert_close(out[:, : t + 1], full[:, : t + 1], rtol=0, atol=ATOL)
+            assert not torch.allclose(out[:, t + 1 :], full[:, t + 1 :]), "later tokens must matter"
+
+    def test_sample_in_batch_equals_alone(self, variant, head):
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head)
+        batched = self.forward(model, inputs)
+        for i in range(self.batch_size):
+            alone = self.forward(model, {k: v[i : i + 1] for k, v in inputs.items()})
+            torch.testing.assert_close(alone[0], batched[i], rtol=0, atol=ATOL)
+
+    def _padded(self, ids: torch.Tensor, total: int, left: bool, filler: torch.Tensor):
+        """Pad a (L,) sequence to `total` with `filler` tokens on one side; returns ids and mask rows."""
+        pad = filler[: total - len(ids)]
+        mask = torch.cat([torch.ones(len(ids), dtype=torch.long), torch.zeros(len(pad), dtype=torch.long)])
+        if left:
+            return torch.cat([pad, ids]), mask.flip(0)
+        return torch.cat([ids, pad]), mask
+
+    def test_right_padding_leaves_real_positions_unchanged(self, variant, head):
+        if self.is_vision(head):
+            pytest.skip("images have no padding")
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head, batch_size=2)
+        ids = inputs["input_ids"]
+        lengths = [self.seq_length - 4, self.seq_length - 1]
+        kind = head_kind(head)
+        for junk_seed in (5, 6):
+            filler = torch.randint(3, model.config.vocab_size, (self.seq_length,), generator=torch.Generator().manual_seed(junk_seed))
+            rows = [self._padded(ids[i, : lengths[i]], self.seq_length, left=False, filler=filler) for i in range(2)]
+            batch = {"input_ids": torch.stack([r[0] for r in rows]), "attention_mask": torch.stack([r[1] for r in rows])}
+            out = self.forward(model, batch)
+            for i in range(2):
+                alone = self.forward(model, {"input_ids": ids[i : i + 1, : lengths[i]]})[0]
+                got = out[i] if kind == "ForSequenceClassification" else out[i, : lengths[i]]
+                # Two different fillers (seeds 5 and 6) both match the unpadded sample: pad content is irrelevant.
+                torch.testing.assert_close(got, alone, rtol=0, atol=ATOL)
+
+    def test_left_padding_leaves_real_positions_unchanged(self, variant, causal_head):
+        head = causal_head
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head, batch_size=2)
+        ids = inputs["input_ids"]
+        lengths = [self.seq_length - 5, self.seq_length]
+        filler = torch.full((self.seq_length,), model.config.pad_token_id)
+        rows = [self._padded(ids[i, : lengths[i]], self.seq_length, left=True, filler=filler) for i in range(2)]
+        batch = {"input_ids": torch.stack([r[0] for r in rows]), "attention_mask": torch.stack([r[1] for r in rows])}
+        out = self.forward(model, batch)
+        for i in range(2):
+            alone = self.forward(model, {"input_ids": ids[i : i + 1, : lengths[i]]})[0]
+            torch.testing.assert_close(out[i, self.seq_length - lengths[i] :], alone, rtol=0, atol=ATOL)
+
+    # ----------------------------------------------------------------- generation
+    def _prompt(self, model, batch_size=2, length=5, left_pad=0):
+        ids = self.make_inputs(model.config, AutoModelForCausalLM, batch_size=batch_size, seq_length=length)["input_ids"]
+        mask = torch.ones_like(ids)
+        if left_pad:
+            ids[0, :left_pad] = model.config.pad_token_id
+            mask[0, :left_pad] = 0
+        return ids, mask
+
+    def _new_tokens(self, prompt_len):
+        limit = self.max_seq_length or 10**9
+        return min(6, limit - prompt_len)
+
+    def test_generate_greedy_sampling_beam(self, variant, causal_head):
+        model = self.make_model(variant, causal_head)
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        ids, mask = self._prompt(model)
+        new = self._new_tokens(ids.shape[1])
+        common = {"max_new_tokens": new, "min_new_tokens": new, "attention_mask": mask}
+        greedy = model.generate(ids, do_sample=False, **common)
+        no_cache = model.generate(ids, do_sample=False, use_cache=False, **common)
+        assert greedy.shape == (2, ids.shape[1] + new)
+        assert torch.equal(greedy, no_cache), "greedy decoding with and without the cache must agree"
+        samples = []
+        for _ in range(2):
+            set_seed(123)
+            samples.append(model.generate(ids, do_sample=True, top_k=0, temperature=1.0, **common))
+        assert torch.equal(samples[0], samples[1]), "seeded sampling must be reproducible"
+        beams = model.generate(ids, do_sample=False, num_beams=3, num_return_sequences=2, **common)
+        assert beams.shape == (4, ids.shape[1] + new)
+        beams_no_cache = model.generate(
+            ids, do_sample=False, num_beams=3, num_return_sequences=2, use_cache=False, **common
+        )
+        assert torch.equal(beams, beams_no_cache), "beam search must reorder the cache correctly"
+
+    def test_cached_logits_equal_full_forward(self, variant, causal_head):
+        model = self.make_model(variant, causal_head)
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        ids, mask = self._prompt(model, left_pad=2)
+        new = self._new_tokens(ids.shape[1])
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        sequences = out.sequences
+        full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
+        for step, step_logits in enumerate(out.logits):
+            prefix = ids.shape[1] + step
+            with torch.no_grad():
+                reference = model(
+                    input_ids=sequences[:, :prefix], attention_mask=full_mask[:, :prefix], use_cache=False
+                ).logits[:, -1]
+            torch.testing.assert_close(step_logits, reference, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+    def test_generation_continues_from_returned_cache(self, variant, causal_head):
+        model = self.make_model(variant, causal_head)
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        ids, mask = self._prompt(model)
+        new = self._new_tokens(ids.shape[1])
+        first_n = new // 2
+        first = model.generate(
+            ids, attention_mask=mask, do_sample=False, max_new_tokens=first_n, min_new_tokens=first_n,
+            return_dict_in_generate=True,
+        )
+        cache = first.cache
+        assert cache is not None and cache.get_seq_length() == ids.shape[1] + first_n - 1
+        rest = new - first_n
+        continued = model.generate(
+            first.sequences,
+            attention_mask=torch.ones_like(first.sequences),
+            cache=cache,
+            do_sample=False,
+            max_new_tokens=rest,
+            min_new_tokens=rest,
+        )
+        once = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new)
+        assert torch.equal(continued, once)
+
+    # ----------------------------------------------------------------- API surface
+    def test_output_hidden_states(self, variant, head):
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head)
+        with torch.no_grad():
+            outputs = model(**inputs, output_hidden_states=True)
+        assert len(outputs.hidden_states) == model.config.num_hidden_layers + 1
+        for hidden in outputs.hidden_states:
+            assert hidden.shape[-1] == model.config.hidden_size
+
+    def test_return_dict_false_gives_tuple(self, variant, head):
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head)
+        with torch.no_grad():
+            as_dict = model(**inputs, use_cache=False) if head_kind(head) == "ForCausalLM" else model(**inputs)
+            as_tuple = (
+                model(**inputs, use_cache=False, return_dict=False)
+                if head_kind(head) == "ForCausalLM"
+                else model(**inputs, return_dict=False)
+            )
+        assert isinstance(as_tuple, tuple)
+        torch.testing.assert_close(as_tuple[0], main_output(as_dict), rtol=0, atol=0)
+
+    def test_inputs_embeds_equal_input_ids(self, variant, head):
+        if self.is_vision(head):
+            pytest.skip("vision heads take pixel_values")
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head)
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        torch.testing.assert_close(
+            self.forward(model, {"inputs_embeds": embeds}), self.forward(model, inputs), rtol=0, atol=0
+        )
+
+    def test_resize_token_embeddings(self, variant, head):
+        if self.is_vision(head):
+            pytest.skip("vision heads have no token embeddings")
+        model = self.make_model(variant, head)
+        old = model.config.vocab_size
+        model.resize_token_embeddings(old + 7)
+        assert model.config.vocab_size == old + 7
+        assert model.get_input_embeddings().weight.shape[0] == old + 7
+        inputs = {"input_ids": torch.full((1, 4), old + 6)}
+        out = self.forward(model, inputs)
+        assert torch.isfinite(out).all()
+        if head_kind(head) in ("ForCausalLM", "ForMaskedLM"):
+            assert out.shape[-1] == old + 7
+
+    def test_tied_embeddings(self, variant, head, tmp_path):
+        if head_kind(head) not in ("ForCausalLM", "ForMaskedLM"):
+            pytest.skip("only LM heads tie weights")
+        model = self.make_model(variant, head)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        model.save_pretrained(tmp_path)
+        loaded = head.from_pretrained(tmp_path)
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+        config = self.get_config(variant, head)
+        config.tie_word_embeddings = False
+        untied = head(config)
+        assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+
+    # ----------------------------------------------------------------- numerics
+    def test_bfloat16_forward_backward_finite(self, variant, head):
+        model = self.make_model(variant, head).to(torch.bfloat16).train()
+        inputs = self.make_inputs(model.config, head)
+        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+        if head_kind(head) == "Model":
+            out = model(**inputs).last_hidden_state
+            loss = out.float().pow(2).mean()
+        else:
+            out = model(**inputs, labels=self.make_labels(model.config, head, inputs))
+            loss = out.loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                assert torch.isfinite(param.grad).all(), name
+
+    def test_fixed_seed_is_deterministic(self, variant, head):
+        first = self.make_model(variant, head, seed=42)
+        second = self.make_model(variant, head, seed=42)
+        for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+            assert torch.equal(a, b), name
+        inputs = self.make_inputs(first.config, head)
+        torch.testing.assert_close(self.forward(first, inputs), self.forward(second, inputs), rtol=0, atol=0)
+
+    # ----------------------------------------------------------------- bad input
+    def test_invalid_config_raises(self):
+        config_class = hf_efficient.get_config_class(self.model_type)
+        assert self.invalid_configs, "list some invalid configurations"
+        for kwargs, named in self.invalid_configs:
+            with pytest.raises(ValueError, match=named):
+                config_class(**kwargs)
+
+    def test_wrong_image_size_raises(self, variant, head):
+        if not self.is_vision(head):
+            pytest.skip("text heads take no images")
+        model = self.make_model(variant, head)
+        size = model.config.image_size
+        with pytest.raises(ValueError, match=str(size)):
+            model(pixel_values=torch.randn(1, model.config.num_channels, size + 2, size + 2))
+
+    def test_too_long_sequence_raises(self, variant, head):
+        if self.max_seq_length is None or self.is_vision(head):
+            pytest.skip("no maximum length")
+        model = self.make_model(variant, head)
+        too_long = self.make_inputs(model.config, head, batch_size=1, seq_length=self.max_seq_length + 1)
+        with pytest.raises(ValueError, match=str(self.max_seq_length)):
+            model(**too_long)

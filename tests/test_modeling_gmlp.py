@@ -1,0 +1,248 @@
+"""gMLP / aMLP: the generic tester for every head, plus reference agreement, presets and gMLP specifics."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, set_seed
+
+from hf_efficient.models.gmlp import (
+    GMLPConfig,
+    GMLPForCausalLM,
+    GMLPForImageClassification,
+    GMLPForMaskedLM,
+    GMLPForSequenceClassification,
+    GMLPForTokenClassification,
+    GMLPModel,
+)
+from hf_efficient.models.gmlp.ops_gmlp import spatial_gating_projection, tiny_attention
+from tests.model_tester import GenericModelTests
+from tests.references.gmlp_reference import sgu_projection_reference, tiny_attention_reference
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LEN = 16
+
+
+class TestGMLP(GenericModelTests):
+    model_type = "gmlp"
+    all_heads = [
+        GMLPModel,
+        GMLPForCausalLM,
+        GMLPForMaskedLM,
+        GMLPForSequenceClassification,
+        GMLPForTokenClassification,
+        GMLPForImageClassification,
+    ]
+    variants = {"gmlp": {}, "amlp": {"tiny_attn_size": 8}}
+    max_seq_length = MAX_LEN
+    seq_length = 12
+    invalid_configs = [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"intermediate_size": 63}, "intermediate_size"),
+        ({"tiny_attn_size": -4}, "tiny_attn_size"),
+        ({"drop_path_rate": 1.5}, "drop_path_rate"),
+        ({"image_size": 32}, "patch_size"),
+        ({"image_size": 32, "patch_size": 5}, "patch_size"),
+        ({"image_size": 32, "patch_size": 8, "max_position_embeddings": 10}, "max_position_embeddings"),
+    ]
+
+    def get_config(self, variant, head):
+        kwargs = dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            max_position_embeddings=MAX_LEN,
+            num_labels=3,
+            # a larger spatial init than the paper's 1e-6, so that tests see real token mixing
+            sgu_init_std=0.1,
+            **self.variants[variant],
+        )
+        if head is GMLPForImageClassification:
+            kwargs.update(vocab_size=None, image_size=8, patch_size=2, num_channels=3, drop_path_rate=0.1)
+        if head is GMLPForSequenceClassification or head is GMLPForTokenClassification or head is GMLPModel:
+            kwargs["causal"] = False
+        return GMLPConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------- reference agreement of the ops
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_positions", [False, True])
+@pytest.mark.parametrize("num_queries", [None, 1, 3])
+def test_sgu_projection_matches_reference(causal, with_positions, num_queries):
+    torch.manual_seed(0)
+    batch, total, channels, n = 2, 7, 5, 10
+    gate = torch.randn(batch, total, channels)
+    weight, bias = torch.randn(n, n), torch.randn(n)
+    key_mask = positions = None
+    if with_positions:
+        key_mask = torch.ones(batch, total, dtype=torch.long)
+        key_mask[0, :2] = 0  # left padding in sample 0
+        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
+    fast = spatial_gating_projection(
+        gate, weight, bias, causal=causal, num_queries=num_queries, positions=positions, key_mask=key_mask
+    )
+    reference = sgu_projection_reference(
+        gate, weight, bias, causal=causal, num_queries=num_queries, positions=positions, key_mask=key_mask
+    )
+    torch.testing.assert_close(fast.double(), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("num_queries", [7, 2])
+def test_tiny_attention_matches_reference(causal, padded, num_queries):
+    torch.manual_seed(0)
+    batch, total, dim = 2, 7, 8
+    query = torch.randn(batch, num_queries, dim)
+    key, value = torch.randn(batch, total, dim), torch.randn(batch, total, 6)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, total, dtype=torch.long)
+        key_mask[1, :3] = 0
+    fast = tiny_attention(query, key, value, causal=causal, key_mask=key_mask)
+    reference = tiny_attention_reference(query, key, value, causal=causal, key_mask=key_mask)
+    if padded and causal:
+        # Padded queries with no real key attend to themselves (guard against empty softmax rows): compare the rest.
+        defined = torch.ones(batch, num_queries, dtype=torch.bool)
+        defined[1] = key_mask[1, total - num_queries :].bool()
+        fast, reference = fast[defined], reference[defined]
+    torch.testing.assert_close(fast.double(), reference, rtol=0, atol=1e-5)
+
+
+def test_tiny_attention_has_no_nan_on_fully_padded_rows():
+    query = key = value = torch.randn(1, 4, 8)
+    key_mask = torch.tensor([[0, 0, 1, 1]])
+    out = tiny_attention(query, key, value, causal=True, key_mask=key_mask)
+    assert torch.isfinite(out).all()
+
+
+def test_block_matches_reference_composition():
+    """One aMLP block computed by hand from the paper's pseudocode equals the module."""
+    config = TestGMLP().get_config("amlp", GMLPModel)
+    set_seed(0)
+    model = GMLPModel(config, causal=True).eval()
+    block = model.layers[0]
+    x = torch.randn(2, 6, config.hidden_size)
+    with torch.no_grad():
+        got = block(x, causal=True)
+        h = torch.nn.functional.layer_norm(x, (config.hidden_size,), block.norm.weight, block.norm.bias, 1e-6)
+        q, k, v = block.tiny_attn.qkv(h).chunk(3, dim=-1)
+        attn = block.tiny_attn.out(tiny_attention_reference(q, k, v, causal=True).float())
+        y = torch.nn.functional.gelu(block.fc1(h))
+        u, g = y.chunk(2, dim=-1)
+        g = block.sgu.norm(g)
+        g = sgu_projection_reference(g, block.sgu.proj.weight, block.sgu.proj.bias, causal=True).float() + attn
+        expected = x + block.fc2(u * g)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- gMLP specifics
+def test_causal_sgu_ignores_upper_triangle_of_w():
+    config = TestGMLP().get_config("gmlp", GMLPForCausalLM)
+    model = GMLPForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 10))
+    before = model(ids).logits
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.sgu.proj.weight.add_(torch.triu(torch.randn_like(layer.sgu.proj.weight), diagonal=1))
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_bidirectional_shorter_input_equals_masked_padding_to_n():
+    config = TestGMLP().get_config("amlp", GMLPForMaskedLM)
+    model = GMLPForMaskedLM(config).eval()
+    ids = torch.randint(3, 64, (1, 9))
+    padded = torch.cat([ids, torch.randint(3, 64, (1, MAX_LEN - 9))], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, MAX_LEN - 9)], dim=1).long()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(padded, attention_mask=mask).logits[:, :9], atol=1e-5, rtol=0)
+        # and future tokens do matter in the bidirectional form
+        changed = ids.clone()
+        changed[0, -1] = (changed[0, -1] + 1) % 64
+        assert not torch.allclose(model(changed).logits[:, 0], model(ids).logits[:, 0])
+
+
+def test_init_follows_paper_and_from_pretrained_keeps_weights(tmp_path):
+    config = GMLPConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, max_position_embeddings=8)
+    model = GMLPForCausalLM(config)
+    sgu = model.model.layers[0].sgu.proj
+    assert sgu.weight.abs().max() < 1e-4  # std 1e-6: near 0
+    assert torch.equal(sgu.bias, torch.ones_like(sgu.bias))
+    with torch.no_grad():
+        sgu.weight.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = GMLPForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.layers[0].sgu.proj.weight, sgu.weight)  # not re-initialised on load
+
+
+def test_cache_decoding_state_grows_linearly():
+    """The causal LM caches gate inputs (and aMLP keys/values), one row per past token and layer."""
+    config = TestGMLP().get_config("amlp", GMLPForCausalLM)
+    model = GMLPForCausalLM(config).eval()
+    out = model(torch.randint(3, 64, (2, 5)), use_cache=True)
+    states = out.cache.get_states(1)
+    assert states["gate"].shape == (2, 5, config.intermediate_size // 2)
+    assert states["attn_key"].shape == (2, 5, config.tiny_attn_size)
+    out = model(torch.randint(3, 64, (2, 1)), cache=out.cache, use_cache=True)
+    assert out.cache.get_states(1)["gate"].shape[1] == 6
+    assert out.cache.get_seq_length() == 6
+
+
+def test_cache_rejected_for_bidirectional_model():
+    config = TestGMLP().get_config("gmlp", GMLPForMaskedLM)
+    model = GMLPForCausalLM(config).eval()
+    cache = model(torch.randint(3, 64, (1, 4)), use_cache=True).cache
+    with pytest.raises(ValueError, match="causal"):
+        GMLPModel(config, causal=False)(torch.randint(3, 64, (1, 1)), cache=cache)
+
+
+def test_attention_mask_length_mismatch_is_named():
+    config = TestGMLP().get_config("gmlp", GMLPForCausalLM)
+    model = GMLPForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="attention_mask has length 3"):
+        model(torch.randint(3, 64, (1, 5)), attention_mask=torch.ones(1, 3))
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS = sorted(p.parent.name for p in (REPO / "model_cards").glob("gmlp-*/config.json")) + sorted(
+    p.parent.name for p in (REPO / "model_cards").glob("amlp-*/config.json")
+)
+
+
+def test_vision_presets_exist():
+    assert {"gmlp-ti16-224", "gmlp-s16-224", "gmlp-b16-224"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_loads_and_card_is_complete(preset):
+    folder = REPO / "model_cards" / preset
+    config = AutoConfig.from_pretrained(folder)
+    assert isinstance(config, GMLPConfig)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n")
+    front_matter = card.split("---\n")[1]
+    for key in ("library_name:", "tags:", "pipeline_tag:", "license:"):
+        assert key in front_matter, (preset, key)
+    assert "## Intended use" in card and "fine-tune" in card.lower()
+
+
+@pytest.mark.parametrize(
+    "preset, width, params_millions",
+    [("gmlp-ti16-224", 128, 6), ("gmlp-s16-224", 256, 20), ("gmlp-b16-224", 512, 73)],
+)
+def test_vision_presets_match_paper_sizes(preset, width, params_millions):
+    config = AutoConfig.from_pretrained(REPO / "model_cards" / preset)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (width, 6 * width, 30)
+    assert (config.image_size, config.patch_size, config.max_position_embeddings) == (224, 16, 196)
+    with torch.device("meta"):
+        model = GMLPForImageClassification(config)
+    total = sum(p.numel() for p in model.parameters())
+    # The paper's Table 2 reports 6M / 20M / 73M parameters.
+    assert abs(total / 1e6 - params_millions) / params_millions < 0.06, total
+
+
+def test_preset_config_json_has_model_type():
+    for preset in PRESETS:
+        assert json.loads((REPO / "model_cards" / preset / "config.json").read_text())["model_type"] == "gmlp"
