@@ -1,0 +1,98 @@
+"""Embedded default data: no download anywhere.
+
+Text: the bytes of the running interpreter's standard-library source (`.py` files), split deterministically into
+train / validation by a hash of each file's path, cut into fixed-length blocks of byte tokens. The tokeniser is
+transformers' `ByT5Tokenizer` (one token per UTF-8 byte, id = byte + 3, no vocabulary file), so the mean loss in
+nats per token divided by ln 2 is bits per byte.
+"""
+
+import hashlib
+import math
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+from transformers import ByT5Tokenizer
+
+BYTE_OFFSET = 3  # ByT5: ids 0, 1, 2 are <pad>, </s>, <unk>; byte b is id b + 3
+FILE_SEPARATOR = b"\n\n"
+
+
+def default_tokenizer() -> ByT5Tokenizer:
+    """The byte-level tokeniser saved with every text checkpoint (complete on the Hub, needs no files)."""
+    return ByT5Tokenizer()
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def stdlib_source_files(root: Path | None = None) -> list[Path]:
+    """The standard library's `.py` files (third-party `site-packages` excluded), in a deterministic order."""
+    root = root or stdlib_root()
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def split_of(relative_path: str, validation_percent: float = 5.0) -> str:
+    """'validation' or 'train', from a hash of the path: stable across machines and runs."""
+    bucket = int.from_bytes(hashlib.sha256(relative_path.encode()).digest()[:8], "big") % 10_000
+    return "validation" if bucket < validation_percent * 100 else "train"
+
+
+def stdlib_bytes(split: str, max_bytes: int | None = None, validation_percent: float = 5.0) -> bytes:
+    """Concatenated bytes of one split's files (separated by a blank line), at most `max_bytes`."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}.")
+    root = stdlib_root()
+    chunks, total = [], 0
+    for path in stdlib_source_files(root):
+        if split_of(path.relative_to(root).as_posix(), validation_percent) != split:
+            continue
+        data = path.read_bytes() + FILE_SEPARATOR
+        chunks.append(data)
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not chunks:
+        raise ValueError(f"No standard-library source files found under {root} for split {split!r}.")
+    blob = b"".join(chunks)
+    return blob[:max_bytes] if max_bytes is not None else blob
+
+
+def bytes_to_ids(blob: bytes) -> np.ndarray:
+    """ByT5 token ids of raw bytes (identical to `ByT5Tokenizer` on the decoded text, without Python-level work)."""
+    return np.frombuffer(blob, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+
+
+def blocks_dataset(ids: np.ndarray, block_size: int) -> Dataset:
+    """Non-overlapping blocks of `block_size` tokens as a `datasets.Dataset` with `input_ids` and `labels`
+    (causal LM: the model shifts labels internally)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    num_blocks = len(ids) // block_size
+    if num_blocks == 0:
+        raise ValueError(f"{len(ids)} tokens are fewer than one block of {block_size}.")
+    blocks = ids[: num_blocks * block_size].reshape(num_blocks, block_size)
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks.copy()})
+
+
+def stdlib_lm_dataset(
+    block_size: int = 256,
+    max_train_bytes: int | None = None,
+    max_validation_bytes: int | None = None,
+    validation_percent: float = 5.0,
+) -> DatasetDict:
+    """The default text corpus as a `DatasetDict` with `train` and `validation` splits of byte-token blocks."""
+    return DatasetDict(
+        train=blocks_dataset(bytes_to_ids(stdlib_bytes("train", max_train_bytes, validation_percent)), block_size),
+        validation=blocks_dataset(
+            bytes_to_ids(stdlib_bytes("validation", max_validation_bytes, validation_percent)), block_size
+        ),
+    )
+
+
+def bits_per_byte(mean_loss_nats: float) -> float:
+    """Mean cross-entropy per byte token (nats) -> bits per byte."""
+    return mean_loss_nats / math.log(2)
