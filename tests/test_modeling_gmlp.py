@@ -246,3 +246,13 @@ def test_vision_presets_match_paper_sizes(preset, width, params_millions):
 def test_preset_config_json_has_model_type():
     for preset in PRESETS:
         assert json.loads((REPO / "model_cards" / preset / "config.json").read_text())["model_type"] == "gmlp"
+
+
+def test_model_cards_are_generated_from_their_data():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_model_cards.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

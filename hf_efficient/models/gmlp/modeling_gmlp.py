@@ -325,7 +325,8 @@ class GMLPModel(GMLPPreTrainedModel):
             else None
         )
         self.patch_embed = GMLPPatchEmbeddings(config) if config.image_size is not None else None
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # Stochastic depth grows linearly over the blocks (plain Python: also works on the meta device).
+        rates = [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(
             [GMLPBlock(config, idx, drop_path_rate=rates[idx]) for idx in range(config.num_hidden_layers)]
         )
