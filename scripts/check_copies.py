@@ -78,7 +78,9 @@ def check_file(path: Path, fix: bool) -> list[str]:
             continue
         actual = "".join(lines[copy_start:copy_end])
         if actual != expected:
-            problems.append(f"{path.relative_to(ROOT)}:{copy_start + 1}: {copy_name} differs from {match.group('target')}")
+            problems.append(
+                f"{path.relative_to(ROOT)}:{copy_start + 1}: {copy_name} differs from {match.group('target')}"
+            )
             if fix:
                 lines[copy_start:copy_end] = expected.splitlines(keepends=True)
         index += 1

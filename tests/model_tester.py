@@ -337,9 +337,14 @@ class GenericModelTests:
         lengths = [self.seq_length - 4, self.seq_length - 1]
         kind = head_kind(head)
         for junk_seed in (5, 6):
-            filler = torch.randint(3, model.config.vocab_size, (self.seq_length,), generator=torch.Generator().manual_seed(junk_seed))
+            filler = torch.randint(
+                3, model.config.vocab_size, (self.seq_length,), generator=torch.Generator().manual_seed(junk_seed)
+            )
             rows = [self._padded(ids[i, : lengths[i]], self.seq_length, left=False, filler=filler) for i in range(2)]
-            batch = {"input_ids": torch.stack([r[0] for r in rows]), "attention_mask": torch.stack([r[1] for r in rows])}
+            batch = {
+                "input_ids": torch.stack([r[0] for r in rows]),
+                "attention_mask": torch.stack([r[1] for r in rows]),
+            }
             out = self.forward(model, batch)
             for i in range(2):
                 alone = self.forward(model, {"input_ids": ids[i : i + 1, : lengths[i]]})[0]
@@ -363,7 +368,9 @@ class GenericModelTests:
 
     # ----------------------------------------------------------------- generation
     def _prompt(self, model, batch_size=2, length=5, left_pad=0):
-        ids = self.make_inputs(model.config, AutoModelForCausalLM, batch_size=batch_size, seq_length=length)["input_ids"]
+        ids = self.make_inputs(model.config, AutoModelForCausalLM, batch_size=batch_size, seq_length=length)[
+            "input_ids"
+        ]
         mask = torch.ones_like(ids)
         if left_pad:
             ids[0, :left_pad] = model.config.pad_token_id
@@ -427,7 +434,11 @@ class GenericModelTests:
         new = self._new_tokens(ids.shape[1])
         first_n = new // 2
         first = model.generate(
-            ids, attention_mask=mask, do_sample=False, max_new_tokens=first_n, min_new_tokens=first_n,
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=first_n,
+            min_new_tokens=first_n,
             return_dict_in_generate=True,
         )
         cache = first.cache

@@ -132,7 +132,7 @@ def test_block_matches_reference_composition():
         attn = block.tiny_attn.out(tiny_attention_reference(q, k, v, causal=True).float())
         y = torch.nn.functional.gelu(block.fc1(h))
         u, g = y.chunk(2, dim=-1)
-        g = block.sgu.norm(g)
+        g = torch.nn.functional.layer_norm(g, g.shape[-1:], block.sgu.norm.weight, block.sgu.norm.bias, 1e-5)
         g = sgu_projection_reference(g, block.sgu.proj.weight, block.sgu.proj.bias, causal=True).float() + attn
         expected = x + block.fc2(u * g)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -157,7 +157,9 @@ def test_bidirectional_shorter_input_equals_masked_padding_to_n():
     padded = torch.cat([ids, torch.randint(3, 64, (1, MAX_LEN - 9))], dim=1)
     mask = torch.cat([torch.ones(1, 9), torch.zeros(1, MAX_LEN - 9)], dim=1).long()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, model(padded, attention_mask=mask).logits[:, :9], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model(ids).logits, model(padded, attention_mask=mask).logits[:, :9], atol=1e-5, rtol=0
+        )
         # and future tokens do matter in the bidirectional form
         changed = ids.clone()
         changed[0, -1] = (changed[0, -1] + 1) % 64
@@ -165,7 +167,9 @@ def test_bidirectional_shorter_input_equals_masked_padding_to_n():
 
 
 def test_init_follows_paper_and_from_pretrained_keeps_weights(tmp_path):
-    config = GMLPConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, max_position_embeddings=8)
+    config = GMLPConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, max_position_embeddings=8
+    )
     model = GMLPForCausalLM(config)
     sgu = model.model.layers[0].sgu.proj
     assert sgu.weight.abs().max() < 1e-4  # std 1e-6: near 0

@@ -30,7 +30,9 @@ class GMLPConfig(PreTrainedConfig):
             the paper); `None` gives plain gMLP. *(open)* The tiny attention reads the block's normalised input
             `LN(x)`, and its output (`d_ffn / 2` channels) is added to the gate after the spatial projection.
         hidden_act (`str`, defaults to `"gelu"`): activation after `W_in` (exact GELU, as timm).
-        layer_norm_eps (`float`, defaults to 1e-6): epsilon of every LayerNorm (timm's gMLP uses 1e-6).
+        layer_norm_eps (`float`, defaults to 1e-6): epsilon of the block and final LayerNorms (timm's gMLP: 1e-6).
+        gate_norm_eps (`float`, defaults to 1e-5): epsilon of the SGU's LayerNorm on `v` (timm's `gate.norm` is a
+            default `nn.LayerNorm`, eps 1e-5; kept separate so timm weights port losslessly).
         sgu_init_std (`float`, defaults to 1e-6): std of the normal init of the spatial weight `W` ("near 0").
         initializer_range (`float`, defaults to 0.02): std of the other weights.
         hidden_dropout_prob (`float`, defaults to 0.0): dropout on each block's output before the residual add.
@@ -54,6 +56,7 @@ class GMLPConfig(PreTrainedConfig):
         tiny_attn_size: int | None = None,
         hidden_act: str = "gelu",
         layer_norm_eps: float = 1e-6,
+        gate_norm_eps: float = 1e-5,
         sgu_init_std: float = 1e-6,
         initializer_range: float = 0.02,
         hidden_dropout_prob: float = 0.0,
@@ -76,6 +79,7 @@ class GMLPConfig(PreTrainedConfig):
         self.tiny_attn_size = tiny_attn_size
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
+        self.gate_norm_eps = gate_norm_eps
         self.sgu_init_std = sgu_init_std
         self.initializer_range = initializer_range
         self.hidden_dropout_prob = hidden_dropout_prob
@@ -114,8 +118,9 @@ class GMLPConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"GMLPConfig: `{name}` must be in [0, 1), got {value!r}.")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"GMLPConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        for name in ("layer_norm_eps", "gate_norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GMLPConfig: `{name}` must be positive, got {getattr(self, name)!r}.")
         if (self.image_size is None) != (self.patch_size is None):
             raise ValueError(
                 f"GMLPConfig: `image_size` ({self.image_size!r}) and `patch_size` ({self.patch_size!r}) must be set "

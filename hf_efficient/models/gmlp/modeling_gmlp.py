@@ -132,7 +132,7 @@ class GMLPSpatialGatingUnit(nn.Module):
     def __init__(self, config: GMLPConfig):
         super().__init__()
         gate_dim = config.intermediate_size // 2
-        self.norm = nn.LayerNorm(gate_dim, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(gate_dim, eps=config.gate_norm_eps)
         self.proj = nn.Linear(config.max_position_embeddings, config.max_position_embeddings)
         self.proj.is_spatial_projection = True  # tells `_init_weights` to use the paper's init
 
@@ -326,7 +326,9 @@ class GMLPModel(GMLPPreTrainedModel):
         )
         self.patch_embed = GMLPPatchEmbeddings(config) if config.image_size is not None else None
         # Stochastic depth grows linearly over the blocks (plain Python: also works on the meta device).
-        rates = [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
+        rates = [
+            config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)
+        ]
         self.layers = nn.ModuleList(
             [GMLPBlock(config, idx, drop_path_rate=rates[idx]) for idx in range(config.num_hidden_layers)]
         )
@@ -436,7 +438,9 @@ class GMLPModel(GMLPPreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, causal=self.causal, positions=positions, key_mask=key_mask, cache=cache)
+            hidden_states = layer(
+                hidden_states, causal=self.causal, positions=positions, key_mask=key_mask, cache=cache
+            )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         if cache is not None:
