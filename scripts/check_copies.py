@@ -13,6 +13,7 @@ must equal the source definition after the replacements (applied in order). Run 
 import argparse
 import ast
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -69,17 +70,17 @@ def check_file(path: Path, fix: bool) -> list[str]:
         try:
             copy_start, copy_end = definition_span("".join(lines), copy_name)
         except KeyError:
-            problems.append(f"{path.relative_to(ROOT)}:{index + 1}: no definition {copy_name!r} after the marker")
+            problems.append(f"{os.path.relpath(path, ROOT)}:{index + 1}: no definition {copy_name!r} after the marker")
             index += 1
             continue
         if copy_start != index + 1:
-            problems.append(f"{path.relative_to(ROOT)}:{index + 1}: marker must directly precede {copy_name!r}")
+            problems.append(f"{os.path.relpath(path, ROOT)}:{index + 1}: marker must directly precede {copy_name!r}")
             index += 1
             continue
         actual = "".join(lines[copy_start:copy_end])
         if actual != expected:
             problems.append(
-                f"{path.relative_to(ROOT)}:{copy_start + 1}: {copy_name} differs from {match.group('target')}"
+                f"{os.path.relpath(path, ROOT)}:{copy_start + 1}: {copy_name} differs from {match.group('target')}"
             )
             if fix:
                 lines[copy_start:copy_end] = expected.splitlines(keepends=True)
