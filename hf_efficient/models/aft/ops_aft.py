@@ -1,0 +1,902 @@
+"""Attention Free Transformer ops (Zhai et al., 2021, "An Attention Free Transformer", arXiv:2105.14103).
+
+Pure tensor functions (torch only). Every AFT variant computes, per channel c, a position-biased softmax
+over the key axis that averages the values, gated by sigmoid(Q):
+
+    Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_tt') V_t' / sum_t' exp(K_t' + w_tt')        (elementwise in c)
+
+with t' <= t in the causal form, padded keys left out, and
+
+    AFT-full    w: any (L, L) matrix (the model passes u v^T or a learned L x L matrix)     `aft_full`
+    AFT-local   w_tt' learned for |t - t'| < s, **0** (not -inf) outside the window          `aft_local`
+    AFT-simple  w = 0                                                                       `aft_simple`
+    AFT-conv    K has one channel per head; w_tt' = kernel[head, t' - t] inside the kernel,
+                0 outside; the paper writes it as conv(e^K V, e^w - 1) + sum e^K V            `aft_conv1d`,
+                                                                                            `aft_conv2d`
+
+A query with no visible key (all of them padding) outputs 0.
+
+Layouts. q, k, v are (B, L, d) for full/local/simple. AFT-conv has h heads: q, v are (B, L, d) with the
+channels grouped head-major (head i owns channels [i*d/h, (i+1)*d/h)), k is (B, L, h). Internally all
+variants share one layout: k (B, L, H, C), v (B, L, H, C, D), where H indexes the position bias (1 for
+full/local/simple, h for conv), C the channels with their own key (d, or 1 for conv) and D the value
+channels that share a key (1, or d/h for conv). Key padding masks are (B, L) with 1 = real, 0 = pad.
+Computation runs in float32 (float64 if an input is float64) and returns q's dtype.
+
+Numerics: one scheme for every variant
+---------------------------------------
+The exact stabiliser is m_tc = max_t' (K_t'c + w_tt'), the max over the **key axis** per query and channel.
+Computing it exactly costs an O(L^2 d) elementwise pass that cannot use a matmul, so the fast paths sum
+exp(K_t'c + w_tt' - r_tc) with a cheap reference r >= m (every term <= 1, nothing overflows) that keeps
+the structure of the op: r = rowmax_t'(w_tt') + max_t'(K_t'c) turns the double sum into a matmul of
+exp(w - rowmax) by exp(K - colmax) * V (full, and the blocked window of local/conv); a per-chunk running
+max turns causal sums into cumsums (simple, and the out-of-window part of local/conv). r cancels between
+numerator and denominator. A separable reference can sit far above m (the key that maximises K is not the
+one that maximises w), and then every term can underflow. So each output is **certified**: with all terms
+<= 1 and summed as positives, den >= tau = sqrt(finfo.tiny) (1e-19 in float32) guarantees that the largest
+term is a normal number and everything that underflowed is below float precision relative to den. The few
+entries that fail the certificate (a gap above ~43 between the separable and the exact max: never with
+trained activations, often with the +/-200 inputs of the stability tests) are recomputed exactly, densely
+(`_exact_entries`: explicit row of logits, exact max, softmax), in chunks of entries. The result is
+exact and finite for any finite K and w in every dtype, and as fast as the structured op when nothing fails.
+
+Decoding state (`AFTState`): running sums (max, num, den) of the keys folded so far, relative to exp(max),
+plus a window of the last keys/values that the position bias still needs: none for AFT-simple (O(d) per
+layer), n_w - 1 for AFT-local/conv (O(s d)), every past key for AFT-full (its w_tt' is arbitrary).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AFTState",
+    "aft_conv1d",
+    "aft_conv1d_step",
+    "aft_conv2d",
+    "aft_empty_state",
+    "aft_full",
+    "aft_full_step",
+    "aft_local",
+    "aft_local_step",
+    "aft_simple",
+    "aft_simple_step",
+    "local_window_offsets",
+]
+
+NEG_INF = float("-inf")
+# Largest number of elements in one (entries, keys) block of the exact fallback and one (queries, keys)
+# block of AFT-full.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class AFTState(NamedTuple):
+    """Causal decoding state of one AFT layer; every tensor has the batch on dim 0.
+
+    `max` (B, G), `num` (B, d), `den` (B, G): running sums over the keys folded so far,
+    num = sum exp(K - max) V and den = sum exp(K - max) (max = -inf, sums 0 when empty), with G = d
+    (full/local/simple) or h (conv). `keys` (B, W, G), `values` (B, W, d), `valid` (B, W) bool: the keys
+    the position bias still needs, oldest first: W = 0 (simple), n_w - 1 (local/conv), every past position
+    (full, whose running sums stay empty).
+    """
+
+    max: torch.Tensor
+    num: torch.Tensor
+    den: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+
+def aft_empty_state(batch_size, key_channels, value_channels, window_size=0, dtype=torch.float32, device=None):
+    """The state before the first token: empty sums and `window_size` invalid (zero) window slots."""
+    return AFTState(
+        max=torch.full((batch_size, key_channels), NEG_INF, dtype=dtype, device=device),
+        num=torch.zeros(batch_size, value_channels, dtype=dtype, device=device),
+        den=torch.zeros(batch_size, key_channels, dtype=dtype, device=device),
+        keys=torch.zeros(batch_size, window_size, key_channels, dtype=dtype, device=device),
+        values=torch.zeros(batch_size, window_size, value_channels, dtype=dtype, device=device),
+        valid=torch.zeros(batch_size, window_size, dtype=torch.bool, device=device),
+    )
+
+
+def local_window_offsets(window, causal):
+    """Key offsets t' - t covered by an AFT-local window of size s, in band-column order.
+
+    Causal: -(s-1) .. 0 (n_w = s columns); bidirectional: -(s-1) .. s-1 (n_w = 2s - 1 columns), i.e.
+    band[t, j] = w[t, t + j - (s - 1)] in both forms.
+    """
+    return range(-(window - 1), 1 if causal else window)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared helpers (internal layout: k (B, L, H, C), v (B, L, H, C, D), valid (B, L) bool)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors):
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _tau(dtype):
+    """Certificate threshold: a den of positive terms <= 1 that reaches it lost nothing to underflow."""
+    return torch.finfo(dtype).tiny ** 0.5
+
+
+def _finite_or_zero(x):
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _masked_amax(x, valid, dim, keepdim=False):
+    return x.masked_fill(~valid, NEG_INF).amax(dim, keepdim=keepdim)
+
+
+def _shifted_exp(x, ref, valid):
+    """exp(x - ref) on valid entries (ref >= x there, so every value is <= 1), 0 elsewhere.
+
+    Invalid entries and infinite references are replaced before the exp so that neither the forward nor
+    the backward ever evaluates inf - inf.
+    """
+    ref = _finite_or_zero(ref)
+    x = torch.where(valid, x, ref)
+    return torch.where(valid, torch.exp(x - ref), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _key_valid(key_padding_mask, batch_size, length, device):
+    if key_padding_mask is None:
+        return torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    if tuple(key_padding_mask.shape) != (batch_size, length):
+        raise ValueError(
+            f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected (batch, keys) = "
+            f"{(batch_size, length)}."
+        )
+    return key_padding_mask.to(device) != 0
+
+
+def _check_qkv(q, k, v, key_channels=None):
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be (batch, length, channels); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[-1] != v.shape[-1]:
+        raise ValueError(f"Incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+    if key_channels is not None and k.shape[-1] != key_channels:
+        raise ValueError(f"k has {k.shape[-1]} channels; expected {key_channels}.")
+
+
+def _merge(parts):
+    """Add partial sums given relative to different references.
+
+    part = (ref (B, L, H, C), num (B, L, H, C, D), den (B, L, H, C)) stands for num * exp(ref) and
+    den * exp(ref); ref = -inf marks an empty part. Returns the total relative to the largest reference,
+    so each part is scaled by exp(ref - max ref) <= 1.
+    """
+    ref = parts[0][0]
+    for part in parts[1:]:
+        ref = torch.maximum(ref, part[0])
+    num = den = 0
+    for part_ref, part_num, part_den in parts:
+        scale = torch.exp(torch.where(torch.isfinite(part_ref), part_ref - ref, NEG_INF))
+        num = num + scale[..., None] * part_num
+        den = den + scale * part_den
+    return ref, num, den
+
+
+def _finalize(num, den, has_key, exact_fn, magnitude=None):
+    """num / den where the certificate holds, exact recomputation elsewhere, 0 for queries with no key.
+
+    num (B, L, H, C, D), den (B, L, H, C) relative to a reference >= the exact max; has_key (B, L).
+    `magnitude` (sum of |terms| of den, for a den with cancelling terms) adds a cancellation check.
+    """
+    ok = den >= _tau(den.dtype)
+    if magnitude is not None:
+        ok = ok & (den * 64 >= magnitude)  # at most 6 bits lost to cancellation
+    avg = num / torch.where(ok, den, torch.ones_like(den))[..., None]
+    avg = torch.where(ok[..., None], avg, torch.zeros_like(avg))
+    redo = ~ok & has_key[:, :, None, None]
+    if bool(redo.any()):
+        idx = redo.nonzero()
+        avg = avg.index_put(tuple(idx.unbind(1)), exact_fn(idx).to(avg.dtype))
+    return avg
+
+
+def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=None):
+    """Exact, dense recomputation of selected outputs (the fallback of the certified fast paths).
+
+    For each row (b, t, h, c) of idx (n, 4): sum_t' softmax_t'(K[b,t',h,c] + bias[t,t']) V[b,t',h,c,:],
+    with the max over this row of logits (the exact key-axis max). bias_rows(t, h) -> (m, Lk) gives the
+    position bias of query rows t (0 where the variant has none); `extra` = (logit (B, H, C),
+    value (B, H, C, D)) is a pseudo-key before every key (a folded prefix state). Entries are processed
+    in chunks so that the (m, Lk) blocks stay small. Returns (n, D).
+    """
+    lk, dv = k.shape[1], v.shape[-1]
+    positions = torch.arange(lk, device=k.device)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, (lk + 1) * dv))
+    out = []
+    for start in range(0, idx.shape[0], rows):  # chunks of entries, not positions
+        b, t, h, c = idx[start : start + rows].unbind(1)
+        logits = k[b, :, h, c] + bias_rows(t, h)  # (m, Lk)
+        allowed = valid[b]
+        if causal:
+            allowed = allowed & (positions[None, :] <= (t + query_offset)[:, None])
+        logits = logits.masked_fill(~allowed, NEG_INF)
+        values = v[b, :, h, c]  # (m, Lk, D)
+        if extra is not None:
+            logits = torch.cat([extra[0][b, h, c][:, None], logits], 1)
+            values = torch.cat([extra[1][b, h, c][:, None], values], 1)
+        weights = torch.exp(logits - _finite_or_zero(logits.amax(-1, keepdim=True)).detach())
+        den = weights.sum(-1, keepdim=True)
+        out.append(torch.einsum("ml,mld->md", weights, values) / torch.where(den > 0, den, torch.ones_like(den)))
+    return torch.cat(out)
+
+
+def _has_key(valid, causal, query_offset=0, num_queries=None, prefix_nonempty=None):
+    """(B, Lq) bool: whether each query sees at least one valid key."""
+    if causal:
+        seen = valid.long().cumsum(1) > 0
+        if num_queries is not None:
+            seen = seen[:, query_offset : query_offset + num_queries]
+        if prefix_nonempty is not None:
+            seen = seen | prefix_nonempty[:, None]
+        return seen
+    any_key = valid.any(1, keepdim=True)
+    return any_key.expand(-1, num_queries if num_queries is not None else valid.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running sums and the chunked prefix scan
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Sums(NamedTuple):
+    """Internal running sums: ref (B, H, C), num (B, H, C, D), den (B, H, C); value = sums * exp(ref)."""
+
+    ref: torch.Tensor
+    num: torch.Tensor
+    den: torch.Tensor
+
+
+def _fold(sums, k, v, valid):
+    """Add keys k (B, T, H, C), v (B, T, H, C, D) (valid (B, T)) to running sums, with an exact new max."""
+    mask = valid[:, :, None, None]
+    ref = torch.maximum(sums.ref, _masked_amax(k, mask, 1)).detach()
+    old = torch.exp(torch.where(torch.isfinite(sums.ref), sums.ref - ref, NEG_INF))
+    e = _shifted_exp(k, ref[:, None], mask)
+    num = old[..., None] * sums.num + (e[..., None] * v).sum(1)
+    den = old * sums.den + e.sum(1)
+    return _Sums(ref, num, den)
+
+
+def _sums_as_key(sums):
+    """A folded prefix as one pseudo-key: logit ref + log(den), value num / den (for the exact fallback)."""
+    nonempty = sums.den > 0
+    den = torch.where(nonempty, sums.den, torch.ones_like(sums.den))
+    logit = torch.where(nonempty, sums.ref + torch.log(den), NEG_INF)
+    return logit, sums.num / den[..., None]
+
+
+def _auto_chunk(length):
+    """Chunk of the prefix scan: about sqrt(L), so the (L/C)^2 chunk-carry matrix stays O(L)."""
+    return max(16, 1 << math.ceil(math.log2(max(1.0, math.sqrt(length)))))
+
+
+def _prefix_scan(k, v, valid, chunk_size=None, init=None):
+    """Inclusive prefix sums sum_{t' <= p} exp(K_t' - ref_p) V_t' (and without V) at every position p.
+
+    Layout: positions are split in chunks of C. Chunk j uses the reference R_j = running max of K up to
+    the end of chunk j (>= the exact prefix max of every position in the chunk): inside the chunk a
+    cumsum of exp(K - R_j) V, plus the carry of earlier chunks, sum_{i<j} exp(R_i - R_j) T_i (T_i the
+    chunk totals, every factor <= 1), computed as one masked (L/C x L/C) matrix product instead of a
+    sequential loop. `init` (_Sums) is a prefix folded before position 0. O(L d) time and memory for
+    C ~ sqrt(L). Returns (ref, num, den) with shapes (B, L, H, C), (B, L, H, C, D), (B, L, H, C).
+    """
+    batch, length, heads, channels = k.shape
+    dv = v.shape[-1]
+    chunk = chunk_size or _auto_chunk(length)
+    n = -(-length // chunk)
+    pad = n * chunk - length
+    if pad:
+        k = F.pad(k, (0, 0, 0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, 0, 0, 0, 0, pad))
+        valid = F.pad(valid, (0, pad), value=False)
+    k = k.reshape(batch, n, chunk, heads, channels)
+    v = v.reshape(batch, n, chunk, heads, channels, dv)
+    mask = valid.reshape(batch, n, chunk, 1, 1)
+
+    ref = _masked_amax(k, mask, 2).cummax(1).values  # (B, n, H, C), non-decreasing over chunks
+    if init is not None:
+        ref = torch.maximum(ref, init.ref[:, None])
+    ref = ref.detach()
+    e = _shifted_exp(k, ref[:, :, None], mask)  # (B, n, C, H, C), every value <= 1
+    den = e.cumsum(2)
+    num = (e[..., None] * v).cumsum(2)
+
+    # carry_j = sum_{i<j} exp(R_i - R_j) T_i : a strictly lower-triangular (n x n) matrix per (b, h, c)
+    j = torch.arange(n, device=k.device)
+    earlier = (j[None, :] < j[:, None])[None, :, :, None, None] & torch.isfinite(ref)[:, None]  # (B, j, i, H, C)
+    decay = torch.exp(torch.where(earlier, ref[:, None] - ref[:, :, None], NEG_INF))
+    carry_den = torch.einsum("bjihc,bihc->bjhc", decay, den[:, :, -1])
+    carry_num = torch.einsum("bjihc,bihcd->bjhcd", decay, num[:, :, -1])
+    if init is not None:
+        scale = torch.exp(torch.where(torch.isfinite(init.ref)[:, None], init.ref[:, None] - ref, NEG_INF))
+        carry_den = carry_den + scale * init.den[:, None]
+        carry_num = carry_num + scale[..., None] * init.num[:, None]
+    den = den + carry_den[:, :, None]
+    num = num + carry_num[:, :, None]
+    ref = ref[:, :, None].expand(-1, -1, chunk, -1, -1)
+    flat = (batch, n * chunk, heads, channels)
+    return (
+        ref.reshape(flat)[:, :length],
+        num.reshape(*flat, dv)[:, :length],
+        den.reshape(flat)[:, :length],
+    )
+
+
+def _shift(part, shift, fill):
+    """part[t - shift] (shift > 0) or part[t + |shift|] (shift < 0) along the positions, `fill` outside."""
+    length = part[0].shape[1]
+    out = []
+    for x, f in zip(part, fill):
+        n = min(abs(shift), length)
+        f = f.expand(x.shape[0], n, *x.shape[2:])
+        kept = x[:, : length - n] if shift > 0 else x[:, n:]
+        out.append(torch.cat([f, kept] if shift > 0 else [kept, f], 1))
+    return tuple(out)
+
+
+def _empty_part(batch, heads, channels, dv, dtype, device):
+    return (
+        torch.full((batch, 1, heads, channels), NEG_INF, dtype=dtype, device=device),
+        torch.zeros(batch, 1, heads, channels, dv, dtype=dtype, device=device),
+        torch.zeros(batch, 1, heads, channels, dtype=dtype, device=device),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# AFT-full
+# --------------------------------------------------------------------------------------------------------
+
+
+def aft_full(
+    q, k, v, w, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, query_chunk_size=None
+):
+    r"""AFT-full: Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_tt') V_t' / sum_t' exp(K_t' + w_tt').
+
+    Shapes: q (B, Lq, d); k, v (B, Lk, d); w (Lq, Lk) position bias (shared by all channels; the model
+    passes u v^T or a learned matrix). Lq < Lk (causal only) means the queries are the last Lq positions:
+    query i sits at position Lk - Lq + i and sees keys t' <= Lk - Lq + i. With `initial_state` (an
+    `AFTState` whose window holds the P past keys) the P past keys are prepended and w must be
+    (Lq, P + Lk). Returns Y (B, Lq, d), and the new state if `return_state`.
+
+    Cost O(Lq Lk d) time in matmuls, O(Lq Lk) for the bias blocks and O(Lk d) otherwise: no (B, L, L, d)
+    tensor. Layout: for a block of queries, exp(w - rowmax(w)) (cq x Lk, shared by batch and channels)
+    times [exp(K - colmax(K)) * V, exp(K - colmax(K))] (B, Lk, 2d) gives numerator and denominator in one
+    matmul; the reference rowmax + colmax is certified per output and repaired exactly where needed (see
+    the module docstring). Causal blocks only multiply by the keys up to their last query.
+    """
+    _check_qkv(q, k, v)
+    if initial_state is not None:
+        if not causal:
+            raise ValueError("initial_state is only meaningful for causal=True.")
+        past = initial_state.keys.shape[1]
+        k = torch.cat([initial_state.keys.to(k.dtype), k], 1)
+        v = torch.cat([initial_state.values.to(v.dtype), v], 1)
+        pad_mask = torch.ones(q.shape[0], k.shape[1] - past, dtype=torch.bool, device=q.device)
+        if key_padding_mask is not None:
+            pad_mask = key_padding_mask.to(q.device) != 0
+        key_padding_mask = torch.cat([initial_state.valid, pad_mask], 1)
+    batch, lq, d = q.shape
+    lk = k.shape[1]
+    if tuple(w.shape) != (lq, lk):
+        raise ValueError(f"w has shape {tuple(w.shape)}; expected (queries, keys) = {(lq, lk)}.")
+    if lk < lq or (lk > lq and not causal):
+        raise ValueError(f"{lk} keys for {lq} queries: more keys than queries needs causal=True (a cached prefix).")
+    dtype = _compute_dtype(q, k, v, w)
+    kf, vf, wf = k.to(dtype), v.to(dtype), w.to(dtype)
+    valid = _key_valid(key_padding_mask, batch, lk, q.device)
+    offset = lk - lq
+
+    # Column reference: max of K over the valid keys, per batch and channel (>= every term's K).
+    beta = _masked_amax(kf, valid[..., None], 1, keepdim=True).detach()  # (B, 1, d)
+    e = _shifted_exp(kf, beta, valid[..., None])  # (B, Lk, d)
+    ev_t = torch.cat([e * vf, e], -1).transpose(1, 2).contiguous()  # (B, 2d, Lk): one GEMM gives num and den
+    chunk = query_chunk_size or max(1, min(lq, _BLOCK_ELEMENTS // max(lk, 1)))
+    key_pos = torch.arange(lk, device=q.device)
+    blocks = []
+    for start in range(0, lq, chunk):  # blocks of queries bound the (chunk, Lk) bias block
+        stop = min(start + chunk, lq)
+        kend = offset + stop if causal else lk
+        wb = wf[start:stop, :kend]
+        if causal:
+            wb = wb.masked_fill(
+                key_pos[None, :kend] > (offset + torch.arange(start, stop, device=q.device))[:, None], NEG_INF
+            )
+        # Row reference: max of w over the visible keys of each query (>= every term's w).
+        e1 = torch.exp(wb - _finite_or_zero(wb.amax(-1, keepdim=True)).detach())  # (cq, kend), <= 1
+        blocks.append(torch.matmul(ev_t[:, :, :kend], e1.transpose(0, 1)))  # (B, 2d, cq)
+    out = torch.cat(blocks, -1).transpose(1, 2)  # (B, Lq, 2d)
+    num = out[..., :d].reshape(batch, lq, 1, d, 1)
+    den = out[..., d:].reshape(batch, lq, 1, d)
+
+    k4, v5 = kf[:, :, None, :], vf[:, :, None, :, None]
+    avg = _finalize(
+        num,
+        den,
+        _has_key(valid, causal, offset, lq),
+        lambda idx: _exact_entries(k4, v5, valid, idx, lambda t, h: wf[t], causal, offset),
+    )
+    y = (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, lq, d)).to(q.dtype)
+    if not return_state:
+        return y
+    if not causal:
+        raise ValueError("return_state is only meaningful for causal=True.")
+    empty = aft_empty_state(batch, d, d, 0, dtype=k.dtype, device=q.device)
+    return y, empty._replace(keys=k, values=v, valid=valid)
+
+
+def aft_full_step(q, k, v, w_row, state, valid=None):
+    """One causal AFT-full decoding step (position t = number of past keys P).
+
+    q, k, v (B, d) for the new token; w_row (P + 1,) = w[t, :t + 1]; `state` from `aft_empty_state(B, d, d)`
+    or a previous step (its window holds every past key). valid (B,) marks a padding token (0).
+    Exact: logits K_t' + w_tt' (B, P + 1, d) with the max over the key axis; O(P d) per token.
+    Returns (Y (B, d), new state).
+    """
+    batch, d = q.shape
+    new_valid = torch.ones(batch, dtype=torch.bool, device=q.device) if valid is None else valid.to(q.device) != 0
+    keys = torch.cat([state.keys, k[:, None].to(state.keys.dtype)], 1)
+    values = torch.cat([state.values, v[:, None].to(state.values.dtype)], 1)
+    mask = torch.cat([state.valid, new_valid[:, None]], 1)
+    if tuple(w_row.shape) != (keys.shape[1],):
+        raise ValueError(
+            f"w_row has shape {tuple(w_row.shape)}; expected ({keys.shape[1]},) for position {keys.shape[1] - 1}."
+        )
+    dtype = _compute_dtype(q, k, v, w_row)
+    logits = keys.to(dtype) + w_row.to(dtype)[None, :, None]
+    m = _masked_amax(logits, mask[..., None], 1, keepdim=True).detach()
+    e = _shifted_exp(logits, m, mask[..., None])
+    den = e.sum(1)
+    avg = (e * values.to(dtype)).sum(1) / torch.where(den > 0, den, torch.ones_like(den))
+    y = (torch.sigmoid(q.to(dtype)) * avg).to(q.dtype)
+    return y, state._replace(keys=keys, values=values, valid=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# AFT-simple
+# --------------------------------------------------------------------------------------------------------
+
+
+def _state_to_sums(state, heads, channels, dv, dtype):
+    batch = state.max.shape[0]
+    return _Sums(
+        state.max.to(dtype).reshape(batch, heads, channels),
+        state.num.to(dtype).reshape(batch, heads, channels, dv),
+        state.den.to(dtype).reshape(batch, heads, channels),
+    )
+
+
+def _sums_to_state(sums, keys, values, valid):
+    batch = sums.ref.shape[0]
+    return AFTState(
+        sums.ref.reshape(batch, -1), sums.num.reshape(batch, -1), sums.den.reshape(batch, -1), keys, values, valid
+    )
+
+
+def aft_simple(
+    q, k, v, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, chunk_size=None
+):
+    r"""AFT-simple: Y_t = sigmoid(Q_t) * sum_t' softmax_t'(K)_t' V_t' (w = 0; t' <= t when causal).
+
+    Shapes: q, k, v (B, L, d); returns Y (B, L, d) (and the final `AFTState` if `return_state`).
+    Bidirectional: one global softmax over the key axis per (batch, channel), O(L d); the max term gives
+    den >= 1, so no certificate is needed. Causal: running (prefix) sums with a per-chunk running-max
+    rescale (`_prefix_scan`), O(L d), certified and repaired exactly where the chunk's max sits far
+    above a query's own prefix max. `initial_state` (causal) continues from earlier tokens.
+    """
+    _check_qkv(q, k, v)
+    batch, length, d = q.shape
+    dtype = _compute_dtype(q, k, v)
+    valid = _key_valid(key_padding_mask, batch, length, q.device)
+    kf, vf = k.to(dtype)[:, :, None, :], v.to(dtype)[:, :, None, :, None]  # H = 1, C = d, D = 1
+    gate = torch.sigmoid(q.to(dtype))
+    if not causal:
+        if initial_state is not None or return_state:
+            raise ValueError("initial_state / return_state need causal=True.")
+        mask = valid[:, :, None, None]
+        e = _shifted_exp(kf, _masked_amax(kf, mask, 1, keepdim=True).detach(), mask)
+        num, den = (e[..., None] * vf).sum(1), e.sum(1)
+        avg = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+        return (gate * avg.reshape(batch, 1, d)).to(q.dtype)
+    init = None if initial_state is None else _state_to_sums(initial_state, 1, d, 1, dtype)
+    _, num, den = _prefix_scan(kf, vf, valid, chunk_size, init)
+    extra = None if init is None else _sums_as_key(init)
+    avg = _finalize(
+        num,
+        den,
+        _has_key(valid, True, prefix_nonempty=None if init is None else init.den[:, 0, :].gt(0).any(-1)),
+        lambda idx: _exact_entries(kf, vf, valid, idx, lambda t, h: 0.0, True, extra=extra),
+    )
+    y = (gate * avg.reshape(batch, length, d)).to(q.dtype)
+    if not return_state:
+        return y
+    if init is None:
+        init = _state_to_sums(aft_empty_state(batch, d, d, dtype=dtype, device=q.device), 1, d, 1, dtype)
+    sums = _fold(init, kf, vf, valid)
+    empty = torch.zeros(batch, 0, d, dtype=dtype, device=q.device)
+    return y, _sums_to_state(sums, empty, empty, torch.zeros(batch, 0, dtype=torch.bool, device=q.device))
+
+
+def aft_simple_step(q, k, v, state, valid=None):
+    """One causal AFT-simple decoding step: fold (K_t, V_t) into the running sums, read them out.
+
+    q, k, v (B, d); state from `aft_empty_state(B, d, d)` or a previous step; valid (B,) marks padding.
+    m' = max(m, K_t); num' = num e^{m - m'} + e^{K_t - m'} V_t; den' likewise; Y_t = sigmoid(Q_t) num'/den'.
+    O(d) time and memory, independent of the prefix length. Returns (Y (B, d), new state).
+    """
+    batch, d = q.shape
+    dtype = _compute_dtype(q, k, v)
+    new_valid = torch.ones(batch, 1, dtype=torch.bool, device=q.device) if valid is None else (valid != 0)[:, None]
+    sums = _fold(
+        _state_to_sums(state, 1, d, 1, dtype),
+        k.to(dtype)[:, None, None, :],
+        v.to(dtype)[:, None, None, :, None],
+        new_valid,
+    )
+    den = sums.den.reshape(batch, d)
+    avg = sums.num.reshape(batch, d) / torch.where(den > 0, den, torch.ones_like(den))
+    y = (torch.sigmoid(q.to(dtype)) * avg).to(q.dtype)
+    return y, _sums_to_state(sums, state.keys, state.values, state.valid)
+
+
+# --------------------------------------------------------------------------------------------------------
+# AFT-local and 1-D AFT-conv: a banded bias (window part) plus global out-of-window sums
+# --------------------------------------------------------------------------------------------------------
+
+
+def _window_part(k, v, valid, band, window, causal):
+    """Sums over the window t' - t in offsets(window, causal) of exp(K_t' + band[t, j]) [V_t'].
+
+    band (H, Lb, n_w) with Lb = L (position dependent, AFT-local) or 1 (translation invariant, AFT-conv).
+    Blocked layout: queries in blocks of bs >= s - 1 positions; block i only needs keys in blocks
+    i-1, i (and i+1 bidirectional), a (nk * bs)-key strip. Per block, exp(bias - rowmax) (bs x nk*bs, 0
+    outside the window) times [exp(K - stripmax) * V, exp(K - stripmax)] is one batched matmul: O(L s d)
+    time, O(L s) + O(L d) memory. Returns (ref, num, den) relative to ref = rowmax + stripmax.
+    """
+    batch, length, heads, channels = k.shape
+    dv = v.shape[-1]
+    n_w = band.shape[-1]
+    bs = max(window, 8)
+    n = -(-length // bs)
+    nk = 2 if causal else 3
+    strip = nk * bs
+    right = n * bs - length + (0 if causal else bs)
+    kp = F.pad(k, (0, 0, 0, 0, bs, right))
+    vp = F.pad(v, (0, 0, 0, 0, 0, 0, bs, right))
+    validp = F.pad(valid, (bs, right), value=False)
+    kw = kp.unfold(1, strip, bs)  # (B, n, H, C, strip): keys of the strip of block i start at (i-1)*bs
+    vw = vp.unfold(1, strip, bs)  # (B, n, H, C, D, strip)
+    mask = validp.unfold(1, strip, bs)[:, :, None, None, :]  # (B, n, 1, 1, strip)
+    beta = _masked_amax(kw, mask, -1).detach()  # (B, n, H, C) strip reference
+    e2 = _shifted_exp(kw, beta[..., None], mask)
+    ev = torch.cat([e2[..., None, :] * vw, e2[..., None, :]], -2)  # (B, n, H, C, D + 1, strip)
+
+    # bias block: query qi, strip key kk -> offset o = kk - bs - qi -> band column j = o + s - 1
+    qi = torch.arange(bs, device=k.device)
+    kk = torch.arange(strip, device=k.device)
+    col = kk[None, :] - bs - qi[:, None] + window - 1  # (bs, strip)
+    in_window = (col >= 0) & (col < n_w)
+    lb = band.shape[1]
+    if lb == 1:
+        bias = band[:, :, None, :].expand(heads, 1, bs, n_w)
+        in_range = in_window[None, None]
+    else:
+        bias = F.pad(band, (0, 0, 0, n * bs - length)).reshape(heads, n, bs, n_w)
+        key_pos = (torch.arange(n, device=k.device)[:, None] - 1) * bs + kk[None, :]  # (n, strip)
+        in_range = in_window[None] & ((key_pos >= 0) & (key_pos < length))[:, None, :]  # (n, bs, strip)
+        in_range = in_range[None]
+    bias = bias.gather(-1, col.clamp(0, n_w - 1).expand(heads, bias.shape[1], bs, strip))
+    # entries outside the window or whose key is outside the sequence must not exceed the row reference
+    bias = bias.masked_fill(~in_range, NEG_INF)
+    alpha = _finite_or_zero(bias.amax(-1)).detach()  # (H, n|1, bs) row reference
+    e1 = torch.exp(bias - alpha[..., None])  # (H, n|1, bs, strip), 0 outside the window
+    if lb == 1:
+        out = torch.einsum("hqs,bnhcds->bnqhcd", e1[:, 0], ev)
+    else:
+        out = torch.einsum("hnqs,bnhcds->bnqhcd", e1, ev)
+    ref = alpha.permute(1, 2, 0)[None, :, :, :, None] + beta[:, :, None]  # (B, n, bs, H, C)
+    flat = (batch, n * bs, heads, channels)
+    return (
+        ref.reshape(flat)[:, :length],
+        out[..., :dv].reshape(*flat, dv)[:, :length],
+        out[..., dv].reshape(flat)[:, :length],
+    )
+
+
+def _banded_bias_rows(band, window):
+    """bias_rows(t, h) for the exact fallback: band[h, t, j] at key t + j - (s - 1), 0 elsewhere."""
+
+    def rows(t, h, length):
+        cols = torch.arange(length, device=band.device)[None, :] - t[:, None] + window - 1
+        inside = (cols >= 0) & (cols < band.shape[-1])
+        tb = t if band.shape[1] > 1 else torch.zeros_like(t)
+        values = band[h[:, None], tb[:, None], cols.clamp(0, band.shape[-1] - 1)]
+        return torch.where(inside, values, torch.zeros((), dtype=band.dtype, device=band.device))
+
+    return rows
+
+
+def _banded(k, v, valid, band, window, causal, chunk_size, init):
+    """Window part + out-of-window prefix (and suffix) sums, merged, certified. Returns avg (B, L, H, C, D)."""
+    batch, length, heads, channels = k.shape
+    dv = v.shape[-1]
+    empty = _empty_part(batch, heads, channels, dv, k.dtype, k.device)
+    parts = [_window_part(k, v, valid, band, window, causal)]
+    # keys t' <= t - s: the prefix at t - s (the folded state `init` before position 0)
+    fill = empty if init is None else (init.ref[:, None], init.num[:, None], init.den[:, None])
+    parts.append(_shift(_prefix_scan(k, v, valid, chunk_size, init), window, fill))
+    if not causal:
+        # keys t' >= t + s: the suffix at t + s, a prefix scan of the reversed sequence
+        rev = _prefix_scan(k.flip(1), v.flip(1), valid.flip(1), chunk_size)
+        parts.append(_shift(tuple(x.flip(1) for x in rev), -window, empty))
+    _, num, den = _merge(parts)
+    rows = _banded_bias_rows(band, window)
+    extra = None if init is None else _sums_as_key(init)
+    prefix_nonempty = None if init is None else (init.den > 0).flatten(1).any(-1)
+    return _finalize(
+        num,
+        den,
+        _has_key(valid, causal, prefix_nonempty=prefix_nonempty),
+        lambda idx: _exact_entries(k, v, valid, idx, lambda t, h: rows(t, h, length), causal, extra=extra),
+    )
+
+
+def _windowed(q, k4, v5, valid, band, window, n_w, causal, initial_state, return_state, chunk_size):
+    """Shared driver of aft_local / aft_conv1d: optional state (window buffer + running sums), gating."""
+    batch, length, d = q.shape
+    heads, channels, dv = k4.shape[2], k4.shape[3], v5.shape[-1]
+    dtype = k4.dtype
+    if (initial_state is not None or return_state) and not causal:
+        raise ValueError("initial_state / return_state need causal=True.")
+    if initial_state is None and not return_state:
+        avg = _banded(k4, v5, valid, band, window, causal, chunk_size, None)
+        return (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, length, d)).to(q.dtype)
+    state = initial_state
+    if state is None:
+        state = aft_empty_state(batch, heads * channels, d, n_w - 1, dtype=dtype, device=q.device)
+    if state.keys.shape[1] != n_w - 1:
+        raise ValueError(f"initial_state holds {state.keys.shape[1]} window keys; this op needs {n_w - 1}.")
+    # Run on [window buffer, new tokens]; the buffer's own outputs are discarded.
+    nb = n_w - 1
+    ext_k = torch.cat([state.keys.to(dtype).reshape(batch, nb, heads, channels), k4], 1)
+    ext_v = torch.cat([state.values.to(dtype).reshape(batch, nb, heads, channels, dv), v5], 1)
+    ext_valid = torch.cat([state.valid, valid], 1)
+    if band.shape[1] > 1:
+        band = F.pad(band, (0, 0, nb, 0))
+    init = _state_to_sums(state, heads, channels, dv, dtype)
+    avg = _banded(ext_k, ext_v, ext_valid, band, window, causal, chunk_size, init)[:, nb:]
+    y = (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, length, d)).to(q.dtype)
+    if not return_state:
+        return y
+    # keys that leave the window: ext positions <= len(ext) - n_w; the last n_w - 1 stay in the buffer
+    n_fold = ext_k.shape[1] - nb
+    sums = _fold(init, ext_k[:, :n_fold], ext_v[:, :n_fold], ext_valid[:, :n_fold])
+    new_state = _sums_to_state(
+        sums,
+        ext_k[:, n_fold:].reshape(batch, nb, heads * channels),
+        ext_v[:, n_fold:].reshape(batch, nb, d),
+        ext_valid[:, n_fold:],
+    )
+    return y, new_state
+
+
+def aft_local(
+    q,
+    k,
+    v,
+    w_band,
+    window,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    initial_state=None,
+    return_state=False,
+    chunk_size=None,
+):
+    r"""AFT-local(s): AFT-full with w_tt' = 0 (not -inf) outside |t - t'| < s, so global context stays.
+
+        Y_t = sigmoid(Q_t) * [sum_{t' out} e^{K_t'} V_t' + sum_{t' in} e^{K_t' + w_tt'} V_t']
+                           / [sum_{t' out} e^{K_t'}     + sum_{t' in} e^{K_t' + w_tt'}]
+
+    Shapes: q, k, v (B, L, d); w_band (L, n_w), band[t, j] = w[t, t + j - (s - 1)] (see
+    `local_window_offsets`: n_w = s causal, 2s - 1 bidirectional; columns whose key falls outside the
+    sequence are ignored). Returns Y (B, L, d) (and the `AFTState` with the last s - 1 keys if
+    `return_state`; `initial_state` continues a causal sequence, w_band then covers the new tokens only).
+
+    Cost: the window part is a blocked band matmul, O(L s d) time and O(L s + L d) memory
+    (`_window_part`); the out-of-window part is a prefix sum at t - s (and a suffix sum at t + s), O(L d)
+    (`_prefix_scan`). Both are sums of positive terms, merged by their references and certified.
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int; got {window!r} (AFT-simple is window 0: use aft_simple).")
+    batch, length, d = q.shape
+    n_w = window if causal else 2 * window - 1
+    if tuple(w_band.shape) != (length, n_w):
+        raise ValueError(f"w_band has shape {tuple(w_band.shape)}; expected (length, n_w) = {(length, n_w)}.")
+    dtype = _compute_dtype(q, k, v, w_band)
+    valid = _key_valid(key_padding_mask, batch, length, q.device)
+    k4, v5 = k.to(dtype)[:, :, None, :], v.to(dtype)[:, :, None, :, None]
+    return _windowed(
+        q, k4, v5, valid, w_band.to(dtype)[None], window, n_w, causal, initial_state, return_state, chunk_size
+    )
+
+
+def aft_conv1d(
+    q, k, v, kernel, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, chunk_size=None
+):
+    r"""1-D AFT-conv(h, k): per head a depthwise conv with kernel e^w - 1 added to the global sums,
+
+        Y = sigmoid(Q) * (conv(e^K V, e^w - 1) + sum e^K V) / (conv(e^K, e^w - 1) + sum e^K)
+
+    i.e. AFT-local with one key channel per head and a translation-invariant bias w_tt' = kernel[h, j].
+    Shapes: q, v (B, L, d) (heads major: d = h * d/h); k (B, L, h); kernel (h, ks) (after the model's
+    reparameterisation). Bidirectional: ks odd, column j is offset j - (ks - 1) / 2; causal: column j is
+    offset j - (ks - 1) (the last column is the current token). Returns Y (B, L, d) (and the state).
+
+    Computed as the positive decomposition window + outside (`aft_local`'s blocked band matmul with the
+    (h, bs, strip) kernel block shared by all blocks), never as e^w - 1: a kernel far below 0 would cancel
+    the global sum catastrophically. Same result, O(L ks d) time, O(L d) memory.
+    """
+    _check_qkv(q, k, v)
+    batch, length, d = q.shape
+    heads = k.shape[-1]
+    if kernel.dim() != 2 or kernel.shape[0] != heads:
+        raise ValueError(
+            f"kernel has shape {tuple(kernel.shape)}; expected (heads, kernel_size) with heads = {heads}."
+        )
+    if d % heads:
+        raise ValueError(f"{d} value channels do not split into {heads} heads.")
+    ks = kernel.shape[1]
+    if not causal and ks % 2 == 0:
+        raise ValueError(f"kernel_size {ks} must be odd for the bidirectional (centred) AFT-conv.")
+    window = ks if causal else (ks + 1) // 2
+    dtype = _compute_dtype(q, k, v, kernel)
+    valid = _key_valid(key_padding_mask, batch, length, q.device)
+    k4 = k.to(dtype)[..., None]  # (B, L, h, 1)
+    v5 = v.to(dtype).reshape(batch, length, heads, 1, d // heads)
+    band = kernel.to(dtype)[:, None, :]  # (h, 1, ks): translation invariant
+    return _windowed(q, k4, v5, valid, band, window, ks, causal, initial_state, return_state, chunk_size)
+
+
+def _window_step(q, k4, v5, band_row, state, valid, heads, channels):
+    """Shared decoding step of local/conv: window logits + running sums, then slide the window by one."""
+    batch, d = q.shape
+    dv = v5.shape[-1]
+    dtype = k4.dtype
+    new_valid = torch.ones(batch, 1, dtype=torch.bool, device=q.device) if valid is None else (valid != 0)[:, None]
+    nb = state.keys.shape[1]
+    if band_row.shape[-1] != nb + 1:
+        raise ValueError(f"bias row has {band_row.shape[-1]} columns; the state holds a window of {nb + 1}.")
+    win_k = torch.cat([state.keys.to(dtype).reshape(batch, nb, heads, channels), k4[:, None]], 1)  # (B, n_w, H, C)
+    win_v = torch.cat([state.values.to(dtype).reshape(batch, nb, heads, channels, dv), v5[:, None]], 1)
+    win_valid = torch.cat([state.valid, new_valid], 1)
+    sums = _state_to_sums(state, heads, channels, dv, dtype)
+    logits = win_k + band_row.to(dtype).transpose(0, 1)[None, :, :, None]  # (B, n_w, H, C)
+    mask = win_valid[:, :, None, None]
+    ref = torch.maximum(sums.ref, _masked_amax(logits, mask, 1)).detach()  # exact max: window + folded keys
+    e = _shifted_exp(logits, ref[:, None], mask)
+    old = torch.exp(torch.where(torch.isfinite(sums.ref), sums.ref - ref, NEG_INF))
+    num = old[..., None] * sums.num + (e[..., None] * win_v).sum(1)
+    den = old * sums.den + e.sum(1)
+    avg = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    y = (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, d)).to(q.dtype)
+    # slide: the oldest window key leaves the window into the running sums (w = 0 from now on)
+    sums = _fold(sums, win_k[:, :1], win_v[:, :1], win_valid[:, :1])
+    new_state = _sums_to_state(
+        sums, win_k[:, 1:].reshape(batch, nb, heads * channels), win_v[:, 1:].reshape(batch, nb, d), win_valid[:, 1:]
+    )
+    return y, new_state
+
+
+def aft_local_step(q, k, v, w_band_row, state, valid=None):
+    """One causal AFT-local decoding step at position t.
+
+    q, k, v (B, d); w_band_row (s,) = w[t, t - s + 1 .. t]; state holds the last s - 1 keys/values and the
+    running sums of the keys before them (`aft_empty_state(B, d, d, s - 1)` at the start). Exact key-axis
+    max over the s window logits and the running max. O(s d) per token, independent of the prefix length.
+    Returns (Y (B, d), new state).
+    """
+    batch, d = q.shape
+    dtype = _compute_dtype(q, k, v, w_band_row)
+    return _window_step(
+        q, k.to(dtype)[:, None, :], v.to(dtype)[:, None, :, None], w_band_row[None], state, valid, 1, d
+    )
+
+
+def aft_conv1d_step(q, k, v, kernel, state, valid=None):
+    """One causal 1-D AFT-conv decoding step: q, v (B, d), k (B, h), kernel (h, ks) (last column = current
+    token); state holds the last ks - 1 keys/values (`aft_empty_state(B, h, d, ks - 1)` at the start).
+    O(ks d) per token. Returns (Y (B, d), new state)."""
+    batch, d = q.shape
+    heads = k.shape[-1]
+    dtype = _compute_dtype(q, k, v, kernel)
+    return _window_step(
+        q, k.to(dtype)[..., None], v.to(dtype).reshape(batch, heads, 1, d // heads), kernel, state, valid, heads, 1
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2-D AFT-conv (image patch grids, bidirectional)
+# --------------------------------------------------------------------------------------------------------
+
+
+def aft_conv2d(q, k, v, kernel, grid_size, *, key_padding_mask=None):
+    r"""2-D AFT-conv(h, k) over a (H, W) patch grid (bidirectional), as in the paper:
+
+        Y = sigmoid(Q) * (conv2d(e^K V, e^w - 1) + sum e^K V) / (conv2d(e^K, e^w - 1) + sum e^K)
+
+    Shapes: q, v (B, H*W, d) (row-major grid, heads major channels), k (B, H*W, h), kernel (h, ks, ks) with
+    ks odd; kernel[h, ks//2 + dy, ks//2 + dx] biases the key at offset (dy, dx) from the query. Returns
+    Y (B, H*W, d).
+
+    Layout: depthwise F.conv2d (groups = h * d/h) on exp(K - max K) * V and exp(K - max K), kernel
+    exp(w - W) - exp(-W) with W = max(max w, 0) per head (= e^{-W} (e^w - 1), entries in (-1, 1]), plus the
+    global sums scaled by e^{-W}. The kernel can be negative, so beside den >= tau the certificate also
+    bounds cancellation (den >= |terms| / 64); failing entries are recomputed exactly.
+    """
+    _check_qkv(q, k, v)
+    batch, length, d = q.shape
+    heads = k.shape[-1]
+    gh, gw = grid_size
+    if gh * gw != length:
+        raise ValueError(f"grid_size {tuple(grid_size)} has {gh * gw} cells; the sequence has {length}.")
+    if kernel.dim() != 3 or kernel.shape[0] != heads or kernel.shape[1] != kernel.shape[2] or kernel.shape[1] % 2 == 0:
+        raise ValueError(f"kernel has shape {tuple(kernel.shape)}; expected (heads={heads}, ks, ks) with ks odd.")
+    if d % heads:
+        raise ValueError(f"{d} value channels do not split into {heads} heads.")
+    ks, dv = kernel.shape[1], d // heads
+    dtype = _compute_dtype(q, k, v, kernel)
+    valid = _key_valid(key_padding_mask, batch, length, q.device)
+    kf = k.to(dtype)
+    vf = v.to(dtype).reshape(batch, length, heads, dv)
+    kern = kernel.to(dtype)
+    mask = valid[..., None]
+    e = _shifted_exp(kf, _masked_amax(kf, mask, 1, keepdim=True).detach(), mask)  # (B, L, h), <= 1
+    ev = e[..., None] * vf  # (B, L, h, dv)
+    top = kern.detach().flatten(1).amax(-1).clamp_min(0)  # W (h,)
+    kappa = torch.exp(kern - top[:, None, None]) - torch.exp(-top)[:, None, None]  # e^{-W}(e^w - 1)
+    pad = ks // 2
+
+    def conv(x, weight, groups):  # x (B, L, groups) -> (B, L, groups)
+        x = x.transpose(1, 2).reshape(batch, groups, gh, gw)
+        return F.conv2d(x, weight[:, None], padding=pad, groups=groups).reshape(batch, groups, length).transpose(1, 2)
+
+    glob = torch.exp(-top)  # e^{-W} (h,)
+    num = glob[:, None] * ev.sum(1, keepdim=True) + conv(
+        ev.reshape(batch, length, d), kappa.repeat_interleave(dv, 0), d
+    ).reshape(batch, length, heads, dv)
+    den = glob * e.sum(1, keepdim=True) + conv(e, kappa, heads)
+    magnitude = glob * e.sum(1, keepdim=True) + conv(e, kappa.abs(), heads)
+
+    def bias_rows(t, h):
+        ky = torch.arange(length, device=q.device) // gw
+        kx = torch.arange(length, device=q.device) % gw
+        dy = ky[None, :] - (t // gw)[:, None] + pad
+        dx = kx[None, :] - (t % gw)[:, None] + pad
+        inside = (dy >= 0) & (dy < ks) & (dx >= 0) & (dx < ks)
+        values = kern[h[:, None], dy.clamp(0, ks - 1), dx.clamp(0, ks - 1)]
+        return torch.where(inside, values, torch.zeros((), dtype=dtype, device=q.device))
+
+    k4, v5 = kf[..., None], vf[:, :, :, None, :]
+    avg = _finalize(
+        num[:, :, :, None],
+        den[..., None],
+        _has_key(valid, False),
+        lambda idx: _exact_entries(k4, v5, valid, idx, bias_rows, False),
+        magnitude=magnitude[..., None],
+    )
+    return (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, length, d)).to(q.dtype)
