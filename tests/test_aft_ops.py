@@ -187,6 +187,42 @@ def test_query_without_visible_key_outputs_zero():
     assert torch.equal(ops_aft.aft_simple(q, k, v, key_padding_mask=all_pad), torch.zeros(1, 4, 2))
 
 
+@pytest.mark.parametrize("scale", [None, 200.0], ids=["normal", "logits200"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("name", ["full", "local"])
+def test_per_sample_bias_matches_reference(name, causal, scale):
+    """(B, ...) biases, one per sample (what a left-padded batch with absolute position biases needs)."""
+    g = torch.Generator().manual_seed(7)
+    case = Case(name, 3, causal, scale=scale, seed=8)
+    n_w = L if name == "full" else (3 if causal else 5)
+    param = case.param[None] + (_uniform((B, L, n_w), scale or 1.0, g)).float()
+    y = case.fast(case.q, case.k, case.v, param)
+    for b in range(B):
+        case_b = Case(name, 3, causal, scale=scale, seed=8)
+        case_b.mask = case.mask[b : b + 1]
+        want = case_b.reference(case.q[b : b + 1], case.k[b : b + 1], case.v[b : b + 1], param[b])
+        torch.testing.assert_close(y[b : b + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_bias_rows_in_decode_steps():
+    case = Case("local", 3, True, seed=9)
+    g = torch.Generator().manual_seed(10)
+    band = case.param[None] + torch.randn(B, L, 3, generator=g)
+    full = ops_aft.aft_local(case.q, case.k, case.v, band, 3, causal=True, key_padding_mask=case.mask)
+    state = ops_aft.aft_empty_state(B, D, D, 2)
+    for t in range(L):
+        y, state = ops_aft.aft_local_step(case.q[:, t], case.k[:, t], case.v[:, t], band[:, t], state, case.mask[:, t])
+        torch.testing.assert_close(y, full[:, t], atol=1e-5, rtol=1e-5)
+    w = torch.randn(B, L, L, generator=g)
+    full = ops_aft.aft_full(case.q, case.k, case.v, w, causal=True, key_padding_mask=case.mask)
+    state = ops_aft.aft_empty_state(B, D, D)
+    for t in range(L):
+        y, state = ops_aft.aft_full_step(
+            case.q[:, t], case.k[:, t], case.v[:, t], w[:, t, : t + 1], state, case.mask[:, t]
+        )
+        torch.testing.assert_close(y, full[:, t], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Memory: no (B, L, L, d) tensor
 # ---------------------------------------------------------------------------------------------------------

@@ -208,8 +208,8 @@ def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=No
     """Exact, dense recomputation of selected outputs (the fallback of the certified fast paths).
 
     For each row (b, t, h, c) of idx (n, 4): sum_t' softmax_t'(K[b,t',h,c] + bias[t,t']) V[b,t',h,c,:],
-    with the max over this row of logits (the exact key-axis max). bias_rows(t, h) -> (m, Lk) gives the
-    position bias of query rows t (0 where the variant has none); `extra` = (logit (B, H, C),
+    with the max over this row of logits (the exact key-axis max). bias_rows(b, t, h) -> (m, Lk) gives the
+    position bias of query rows t of samples b (0 where the variant has none); `extra` = (logit (B, H, C),
     value (B, H, C, D)) is a pseudo-key before every key (a folded prefix state). Entries are processed
     in chunks so that the (m, Lk) blocks stay small. Returns (n, D).
     """
@@ -219,7 +219,7 @@ def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=No
     out = []
     for start in range(0, idx.shape[0], rows):  # chunks of entries, not positions
         b, t, h, c = idx[start : start + rows].unbind(1)
-        logits = k[b, :, h, c] + bias_rows(t, h)  # (m, Lk)
+        logits = k[b, :, h, c] + bias_rows(b, t, h)  # (m, Lk)
         allowed = valid[b]
         if causal:
             allowed = allowed & (positions[None, :] <= (t + query_offset)[:, None])
@@ -366,11 +366,11 @@ def aft_full(
 ):
     r"""AFT-full: Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_tt') V_t' / sum_t' exp(K_t' + w_tt').
 
-    Shapes: q (B, Lq, d); k, v (B, Lk, d); w (Lq, Lk) position bias (shared by all channels; the model
-    passes u v^T or a learned matrix). Lq < Lk (causal only) means the queries are the last Lq positions:
+    Shapes: q (B, Lq, d); k, v (B, Lk, d); w (Lq, Lk) position bias shared by all channels (the model
+    passes u v^T or a learned matrix), or (B, Lq, Lk) per sample (left-padded batches). Lq < Lk (causal only) means the queries are the last Lq positions:
     query i sits at position Lk - Lq + i and sees keys t' <= Lk - Lq + i. With `initial_state` (an
     `AFTState` whose window holds the P past keys) the P past keys are prepended and w must be
-    (Lq, P + Lk). Returns Y (B, Lq, d), and the new state if `return_state`.
+    (..., Lq, P + Lk). Returns Y (B, Lq, d), and the new state if `return_state`.
 
     Cost O(Lq Lk d) time in matmuls, O(Lq Lk) for the bias blocks and O(Lk d) otherwise: no (B, L, L, d)
     tensor. Layout: for a block of queries, exp(w - rowmax(w)) (cq x Lk, shared by batch and channels)
@@ -391,8 +391,8 @@ def aft_full(
         key_padding_mask = torch.cat([initial_state.valid, pad_mask], 1)
     batch, lq, d = q.shape
     lk = k.shape[1]
-    if tuple(w.shape) != (lq, lk):
-        raise ValueError(f"w has shape {tuple(w.shape)}; expected (queries, keys) = {(lq, lk)}.")
+    if tuple(w.shape[-2:]) != (lq, lk) or w.dim() not in (2, 3) or (w.dim() == 3 and w.shape[0] != batch):
+        raise ValueError(f"w has shape {tuple(w.shape)}; expected ([batch,] queries, keys) = {(lq, lk)}.")
     if lk < lq or (lk > lq and not causal):
         raise ValueError(f"{lk} keys for {lq} queries: more keys than queries needs causal=True (a cached prefix).")
     dtype = _compute_dtype(q, k, v, w)
@@ -410,14 +410,14 @@ def aft_full(
     for start in range(0, lq, chunk):  # blocks of queries bound the (chunk, Lk) bias block
         stop = min(start + chunk, lq)
         kend = offset + stop if causal else lk
-        wb = wf[start:stop, :kend]
+        wb = wf[..., start:stop, :kend]
         if causal:
             wb = wb.masked_fill(
                 key_pos[None, :kend] > (offset + torch.arange(start, stop, device=q.device))[:, None], NEG_INF
             )
         # Row reference: max of w over the visible keys of each query (>= every term's w).
-        e1 = torch.exp(wb - _finite_or_zero(wb.amax(-1, keepdim=True)).detach())  # (cq, kend), <= 1
-        blocks.append(torch.matmul(ev_t[:, :, :kend], e1.transpose(0, 1)))  # (B, 2d, cq)
+        e1 = torch.exp(wb - _finite_or_zero(wb.amax(-1, keepdim=True)).detach())  # ([B,] cq, kend), <= 1
+        blocks.append(torch.matmul(ev_t[:, :, :kend], e1.transpose(-1, -2)))  # (B, 2d, cq)
     out = torch.cat(blocks, -1).transpose(1, 2)  # (B, Lq, 2d)
     num = out[..., :d].reshape(batch, lq, 1, d, 1)
     den = out[..., d:].reshape(batch, lq, 1, d)
@@ -427,7 +427,9 @@ def aft_full(
         num,
         den,
         _has_key(valid, causal, offset, lq),
-        lambda idx: _exact_entries(k4, v5, valid, idx, lambda t, h: wf[t], causal, offset),
+        lambda idx: _exact_entries(
+            k4, v5, valid, idx, lambda b, t, h: wf[b, t] if wf.dim() == 3 else wf[t], causal, offset
+        ),
     )
     y = (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, lq, d)).to(q.dtype)
     if not return_state:
@@ -441,7 +443,7 @@ def aft_full(
 def aft_full_step(q, k, v, w_row, state, valid=None):
     """One causal AFT-full decoding step (position t = number of past keys P).
 
-    q, k, v (B, d) for the new token; w_row (P + 1,) = w[t, :t + 1]; `state` from `aft_empty_state(B, d, d)`
+    q, k, v (B, d) for the new token; w_row (P + 1,) = w[t, :t + 1] (or (B, P + 1) per sample); `state` from `aft_empty_state(B, d, d)`
     or a previous step (its window holds every past key). valid (B,) marks a padding token (0).
     Exact: logits K_t' + w_tt' (B, P + 1, d) with the max over the key axis; O(P d) per token.
     Returns (Y (B, d), new state).
@@ -451,12 +453,12 @@ def aft_full_step(q, k, v, w_row, state, valid=None):
     keys = torch.cat([state.keys, k[:, None].to(state.keys.dtype)], 1)
     values = torch.cat([state.values, v[:, None].to(state.values.dtype)], 1)
     mask = torch.cat([state.valid, new_valid[:, None]], 1)
-    if tuple(w_row.shape) != (keys.shape[1],):
+    if w_row.shape[-1] != keys.shape[1] or w_row.dim() not in (1, 2):
         raise ValueError(
             f"w_row has shape {tuple(w_row.shape)}; expected ({keys.shape[1]},) for position {keys.shape[1] - 1}."
         )
     dtype = _compute_dtype(q, k, v, w_row)
-    logits = keys.to(dtype) + w_row.to(dtype)[None, :, None]
+    logits = keys.to(dtype) + w_row.to(dtype).reshape(-1, keys.shape[1], 1)
     m = _masked_amax(logits, mask[..., None], 1, keepdim=True).detach()
     e = _shifted_exp(logits, m, mask[..., None])
     den = e.sum(1)
@@ -518,7 +520,7 @@ def aft_simple(
         num,
         den,
         _has_key(valid, True, prefix_nonempty=None if init is None else init.den[:, 0, :].gt(0).any(-1)),
-        lambda idx: _exact_entries(kf, vf, valid, idx, lambda t, h: 0.0, True, extra=extra),
+        lambda idx: _exact_entries(kf, vf, valid, idx, lambda b, t, h: 0.0, True, extra=extra),
     )
     y = (gate * avg.reshape(batch, length, d)).to(q.dtype)
     if not return_state:
@@ -560,7 +562,8 @@ def aft_simple_step(q, k, v, state, valid=None):
 def _window_part(k, v, valid, band, window, causal):
     """Sums over the window t' - t in offsets(window, causal) of exp(K_t' + band[t, j]) [V_t'].
 
-    band (H, Lb, n_w) with Lb = L (position dependent, AFT-local) or 1 (translation invariant, AFT-conv).
+    band (Bb, H, Lb, n_w): Bb = 1 (shared) or B (per sample, e.g. left-padded batches), Lb = L (position
+    dependent, AFT-local) or 1 (translation invariant, AFT-conv).
     Blocked layout: queries in blocks of bs >= s - 1 positions; block i only needs keys in blocks
     i-1, i (and i+1 bidirectional), a (nk * bs)-key strip. Per block, exp(bias - rowmax) (bs x nk*bs, 0
     outside the window) times [exp(K - stripmax) * V, exp(K - stripmax)] is one batched matmul: O(L s d)
@@ -589,25 +592,26 @@ def _window_part(k, v, valid, band, window, causal):
     kk = torch.arange(strip, device=k.device)
     col = kk[None, :] - bs - qi[:, None] + window - 1  # (bs, strip)
     in_window = (col >= 0) & (col < n_w)
-    lb = band.shape[1]
+    bb, lb = band.shape[0], band.shape[2]
     if lb == 1:
-        bias = band[:, :, None, :].expand(heads, 1, bs, n_w)
-        in_range = in_window[None, None]
+        bias = band[:, :, :, None, :].expand(bb, heads, 1, bs, n_w)
+        in_range = in_window
     else:
-        bias = F.pad(band, (0, 0, 0, n * bs - length)).reshape(heads, n, bs, n_w)
+        bias = F.pad(band, (0, 0, 0, n * bs - length)).reshape(bb, heads, n, bs, n_w)
         key_pos = (torch.arange(n, device=k.device)[:, None] - 1) * bs + kk[None, :]  # (n, strip)
-        in_range = in_window[None] & ((key_pos >= 0) & (key_pos < length))[:, None, :]  # (n, bs, strip)
-        in_range = in_range[None]
-    bias = bias.gather(-1, col.clamp(0, n_w - 1).expand(heads, bias.shape[1], bs, strip))
+        in_range = in_window & ((key_pos >= 0) & (key_pos < length))[:, None, :]  # (n, bs, strip)
+    bias = bias.gather(-1, col.clamp(0, n_w - 1).expand(bb, heads, bias.shape[2], bs, strip))
     # entries outside the window or whose key is outside the sequence must not exceed the row reference
     bias = bias.masked_fill(~in_range, NEG_INF)
-    alpha = _finite_or_zero(bias.amax(-1)).detach()  # (H, n|1, bs) row reference
-    e1 = torch.exp(bias - alpha[..., None])  # (H, n|1, bs, strip), 0 outside the window
-    if lb == 1:
-        out = torch.einsum("hqs,bnhcds->bnqhcd", e1[:, 0], ev)
+    alpha = _finite_or_zero(bias.amax(-1)).detach()  # (Bb, H, n|1, bs) row reference
+    e1 = torch.exp(bias - alpha[..., None])  # (Bb, H, n|1, bs, strip), 0 outside the window
+    if lb == 1 and bb == 1:
+        out = torch.einsum("hqs,bnhcds->bnqhcd", e1[0, :, 0], ev)
+    elif bb == 1:
+        out = torch.einsum("hnqs,bnhcds->bnqhcd", e1[0], ev)
     else:
-        out = torch.einsum("hnqs,bnhcds->bnqhcd", e1, ev)
-    ref = alpha.permute(1, 2, 0)[None, :, :, :, None] + beta[:, :, None]  # (B, n, bs, H, C)
+        out = torch.einsum("bhnqs,bnhcds->bnqhcd", e1.expand(-1, -1, n, -1, -1), ev)
+    ref = alpha.permute(0, 2, 3, 1)[..., None] + beta[:, :, None]  # (B, n, bs, H, C)
     flat = (batch, n * bs, heads, channels)
     return (
         ref.reshape(flat)[:, :length],
@@ -616,14 +620,15 @@ def _window_part(k, v, valid, band, window, causal):
     )
 
 
-def _banded_bias_rows(band, window):
-    """bias_rows(t, h) for the exact fallback: band[h, t, j] at key t + j - (s - 1), 0 elsewhere."""
+def _banded_bias_rows(band, window, length):
+    """bias_rows(b, t, h) for the exact fallback: band[b, h, t, j] at key t + j - (s - 1), 0 elsewhere."""
 
-    def rows(t, h, length):
+    def rows(b, t, h):
         cols = torch.arange(length, device=band.device)[None, :] - t[:, None] + window - 1
         inside = (cols >= 0) & (cols < band.shape[-1])
-        tb = t if band.shape[1] > 1 else torch.zeros_like(t)
-        values = band[h[:, None], tb[:, None], cols.clamp(0, band.shape[-1] - 1)]
+        bb = b if band.shape[0] > 1 else torch.zeros_like(b)
+        tb = t if band.shape[2] > 1 else torch.zeros_like(t)
+        values = band[bb[:, None], h[:, None], tb[:, None], cols.clamp(0, band.shape[-1] - 1)]
         return torch.where(inside, values, torch.zeros((), dtype=band.dtype, device=band.device))
 
     return rows
@@ -643,14 +648,14 @@ def _banded(k, v, valid, band, window, causal, chunk_size, init):
         rev = _prefix_scan(k.flip(1), v.flip(1), valid.flip(1), chunk_size)
         parts.append(_shift(tuple(x.flip(1) for x in rev), -window, empty))
     _, num, den = _merge(parts)
-    rows = _banded_bias_rows(band, window)
+    rows = _banded_bias_rows(band, window, length)
     extra = None if init is None else _sums_as_key(init)
     prefix_nonempty = None if init is None else (init.den > 0).flatten(1).any(-1)
     return _finalize(
         num,
         den,
         _has_key(valid, causal, prefix_nonempty=prefix_nonempty),
-        lambda idx: _exact_entries(k, v, valid, idx, lambda t, h: rows(t, h, length), causal, extra=extra),
+        lambda idx: _exact_entries(k, v, valid, idx, rows, causal, extra=extra),
     )
 
 
@@ -674,7 +679,7 @@ def _windowed(q, k4, v5, valid, band, window, n_w, causal, initial_state, return
     ext_k = torch.cat([state.keys.to(dtype).reshape(batch, nb, heads, channels), k4], 1)
     ext_v = torch.cat([state.values.to(dtype).reshape(batch, nb, heads, channels, dv), v5], 1)
     ext_valid = torch.cat([state.valid, valid], 1)
-    if band.shape[1] > 1:
+    if band.shape[2] > 1:
         band = F.pad(band, (0, 0, nb, 0))
     init = _state_to_sums(state, heads, channels, dv, dtype)
     avg = _banded(ext_k, ext_v, ext_valid, band, window, causal, chunk_size, init)[:, nb:]
@@ -711,7 +716,7 @@ def aft_local(
         Y_t = sigmoid(Q_t) * [sum_{t' out} e^{K_t'} V_t' + sum_{t' in} e^{K_t' + w_tt'} V_t']
                            / [sum_{t' out} e^{K_t'}     + sum_{t' in} e^{K_t' + w_tt'}]
 
-    Shapes: q, k, v (B, L, d); w_band (L, n_w), band[t, j] = w[t, t + j - (s - 1)] (see
+    Shapes: q, k, v (B, L, d); w_band (L, n_w) or per sample (B, L, n_w), band[t, j] = w[t, t + j - (s - 1)] (see
     `local_window_offsets`: n_w = s causal, 2s - 1 bidirectional; columns whose key falls outside the
     sequence are ignored). Returns Y (B, L, d) (and the `AFTState` with the last s - 1 keys if
     `return_state`; `initial_state` continues a causal sequence, w_band then covers the new tokens only).
@@ -725,13 +730,27 @@ def aft_local(
         raise ValueError(f"window must be a positive int; got {window!r} (AFT-simple is window 0: use aft_simple).")
     batch, length, d = q.shape
     n_w = window if causal else 2 * window - 1
-    if tuple(w_band.shape) != (length, n_w):
-        raise ValueError(f"w_band has shape {tuple(w_band.shape)}; expected (length, n_w) = {(length, n_w)}.")
+    if (
+        tuple(w_band.shape[-2:]) != (length, n_w)
+        or w_band.dim() not in (2, 3)
+        or (w_band.dim() == 3 and w_band.shape[0] != batch)
+    ):
+        raise ValueError(f"w_band has shape {tuple(w_band.shape)}; expected ([batch,] length, n_w) = {(length, n_w)}.")
     dtype = _compute_dtype(q, k, v, w_band)
     valid = _key_valid(key_padding_mask, batch, length, q.device)
     k4, v5 = k.to(dtype)[:, :, None, :], v.to(dtype)[:, :, None, :, None]
     return _windowed(
-        q, k4, v5, valid, w_band.to(dtype)[None], window, n_w, causal, initial_state, return_state, chunk_size
+        q,
+        k4,
+        v5,
+        valid,
+        w_band.to(dtype).reshape(-1, 1, length, n_w),
+        window,
+        n_w,
+        causal,
+        initial_state,
+        return_state,
+        chunk_size,
     )
 
 
@@ -768,7 +787,7 @@ def aft_conv1d(
     valid = _key_valid(key_padding_mask, batch, length, q.device)
     k4 = k.to(dtype)[..., None]  # (B, L, h, 1)
     v5 = v.to(dtype).reshape(batch, length, heads, 1, d // heads)
-    band = kernel.to(dtype)[:, None, :]  # (h, 1, ks): translation invariant
+    band = kernel.to(dtype)[None, :, None, :]  # (1, h, 1, ks): shared, translation invariant
     return _windowed(q, k4, v5, valid, band, window, ks, causal, initial_state, return_state, chunk_size)
 
 
@@ -785,7 +804,7 @@ def _window_step(q, k4, v5, band_row, state, valid, heads, channels):
     win_v = torch.cat([state.values.to(dtype).reshape(batch, nb, heads, channels, dv), v5[:, None]], 1)
     win_valid = torch.cat([state.valid, new_valid], 1)
     sums = _state_to_sums(state, heads, channels, dv, dtype)
-    logits = win_k + band_row.to(dtype).transpose(0, 1)[None, :, :, None]  # (B, n_w, H, C)
+    logits = win_k + band_row.to(dtype).transpose(1, 2)[..., None]  # band_row (Bb, H, n_w) -> (B, n_w, H, C)
     mask = win_valid[:, :, None, None]
     ref = torch.maximum(sums.ref, _masked_amax(logits, mask, 1)).detach()  # exact max: window + folded keys
     e = _shifted_exp(logits, ref[:, None], mask)
@@ -805,7 +824,7 @@ def _window_step(q, k4, v5, band_row, state, valid, heads, channels):
 def aft_local_step(q, k, v, w_band_row, state, valid=None):
     """One causal AFT-local decoding step at position t.
 
-    q, k, v (B, d); w_band_row (s,) = w[t, t - s + 1 .. t]; state holds the last s - 1 keys/values and the
+    q, k, v (B, d); w_band_row (s,) = w[t, t - s + 1 .. t] (or (B, s) per sample); state holds the last s - 1 keys/values and the
     running sums of the keys before them (`aft_empty_state(B, d, d, s - 1)` at the start). Exact key-axis
     max over the s window logits and the running max. O(s d) per token, independent of the prefix length.
     Returns (Y (B, d), new state).
@@ -813,7 +832,14 @@ def aft_local_step(q, k, v, w_band_row, state, valid=None):
     batch, d = q.shape
     dtype = _compute_dtype(q, k, v, w_band_row)
     return _window_step(
-        q, k.to(dtype)[:, None, :], v.to(dtype)[:, None, :, None], w_band_row[None], state, valid, 1, d
+        q,
+        k.to(dtype)[:, None, :],
+        v.to(dtype)[:, None, :, None],
+        w_band_row.reshape(-1, 1, w_band_row.shape[-1]),
+        state,
+        valid,
+        1,
+        d,
     )
 
 
@@ -825,7 +851,14 @@ def aft_conv1d_step(q, k, v, kernel, state, valid=None):
     heads = k.shape[-1]
     dtype = _compute_dtype(q, k, v, kernel)
     return _window_step(
-        q, k.to(dtype)[..., None], v.to(dtype).reshape(batch, heads, 1, d // heads), kernel, state, valid, heads, 1
+        q,
+        k.to(dtype)[..., None],
+        v.to(dtype).reshape(batch, heads, 1, d // heads),
+        kernel[None],
+        state,
+        valid,
+        heads,
+        1,
     )
 
 
@@ -882,7 +915,7 @@ def aft_conv2d(q, k, v, kernel, grid_size, *, key_padding_mask=None):
     den = glob * e.sum(1, keepdim=True) + conv(e, kappa, heads)
     magnitude = glob * e.sum(1, keepdim=True) + conv(e, kappa.abs(), heads)
 
-    def bias_rows(t, h):
+    def bias_rows(b, t, h):
         ky = torch.arange(length, device=q.device) // gw
         kx = torch.arange(length, device=q.device) % gw
         dy = ky[None, :] - (t // gw)[:, None] + pad
