@@ -2,9 +2,18 @@
 
 import pytest
 
+
+def _is_vision(head) -> bool:
+    return head.__name__.endswith("ForImageClassification")
+
+
 FIXTURE_SOURCES = {
     "variant": lambda cls: list(cls.variants),
     "head": lambda cls: list(cls.all_heads),
+    "loss_head": lambda cls: [h for h in cls.all_heads if not h.__name__.endswith("Model")],
+    "text_head": lambda cls: [h for h in cls.all_heads if not _is_vision(h)],
+    "vision_head": lambda cls: [h for h in cls.all_heads if _is_vision(h)],
+    "lm_head": lambda cls: [h for h in cls.all_heads if h.__name__.endswith(("ForCausalLM", "ForMaskedLM"))],
     "causal_head": lambda cls: [h for h in cls.all_heads if h.__name__.endswith("ForCausalLM")],
 }
 
@@ -17,7 +26,7 @@ def pytest_generate_tests(metafunc):
         if fixture in metafunc.fixturenames:
             values = source(cls)
             ids = [getattr(v, "__name__", str(v)) for v in values]
-            if not values:
+            if not values:  # e.g. an architecture without a vision head: the test does not apply
                 metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(reason=f"no {fixture}"))])
             else:
                 metafunc.parametrize(fixture, values, ids=ids)

@@ -9,7 +9,8 @@ An architecture's test file subclasses `GenericModelTests` and sets:
     invalid_configs = [({"hidden_size": -1}, "hidden_size"), ...]   # kwargs -> text the ValueError must name
     def get_config(self, variant, head) -> PreTrainedConfig   # tiny config for that head
 
-`conftest.py` parametrises the fixtures `variant`, `head`, `causal_head`, `text_head` over those lists.
+`conftest.py` parametrises the fixtures `variant`, `head` (every head), `loss_head` (heads with a loss: all but the
+base model), `text_head`, `vision_head`, `lm_head` (causal and masked LM) and `causal_head` over those lists.
 """
 
 import json
@@ -143,9 +144,8 @@ class GenericModelTests:
         assert type(loaded) is head
         assert type(auto.from_config(model.config)) is head
 
-    def test_head_from_base_and_base_from_head(self, variant, head, tmp_path):
-        if head_kind(head) == "Model":
-            pytest.skip("the base model is the other side of this test for every head")
+    def test_head_from_base_and_base_from_head(self, variant, loss_head, tmp_path):
+        head = loss_head
         base_class = self.all_heads[0]
         assert head_kind(base_class) == "Model", "all_heads[0] must be the base model"
         config = self.get_config(variant, head)
@@ -226,9 +226,8 @@ class GenericModelTests:
             torch.testing.assert_close(remote, value, rtol=0, atol=0)
 
     # ----------------------------------------------------------------- training
-    def test_loss_is_scalar_and_backward_reaches_every_parameter(self, variant, head):
-        if head_kind(head) == "Model":
-            pytest.skip("the base model has no loss")
+    def test_loss_is_scalar_and_backward_reaches_every_parameter(self, variant, loss_head):
+        head = loss_head
         model = self.make_model(variant, head).train()
         inputs = self.make_inputs(model.config, head)
         outputs = model(**inputs, labels=self.make_labels(model.config, head, inputs))
@@ -239,9 +238,8 @@ class GenericModelTests:
         nonfinite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         assert not nonfinite, nonfinite
 
-    def test_trainer_lowers_loss(self, variant, head, tmp_path):
-        if head_kind(head) == "Model":
-            pytest.skip("the base model has no loss")
+    def test_trainer_lowers_loss(self, variant, loss_head, tmp_path):
+        head = loss_head
         model = self.make_model(variant, head)
         rows = []
         for seed in range(4):
@@ -277,9 +275,8 @@ class GenericModelTests:
         after = mean_loss()
         assert after < 0.9 * before, (before, after)
 
-    def test_gradient_checkpointing_same_gradients(self, variant, head):
-        if head_kind(head) == "Model":
-            pytest.skip("the base model has no loss")
+    def test_gradient_checkpointing_same_gradients(self, variant, loss_head):
+        head = loss_head
         grads = []
         for checkpointing in (False, True):
             model = self.make_model(variant, head).train()
@@ -299,10 +296,20 @@ class GenericModelTests:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
     # ----------------------------------------------------------------- causality, batching, padding
-    def test_causality(self, variant, head):
+    def test_causality(self, variant, text_head):
+        head = text_head
         model = self.make_model(variant, head)
-        if self.is_vision(head) or not self.is_causal(head, model) or head_kind(head) == "ForSequenceClassification":
-            pytest.skip(f"{head.__name__} in this config is not a per-position causal model")
+        if not self.is_causal(head, model) or head_kind(head) == "ForSequenceClassification":
+            # Bidirectional heads: the opposite property, future tokens change earlier outputs, is checked instead.
+            inputs = self.make_inputs(model.config, head)
+            changed = inputs["input_ids"].clone()
+            changed[:, -1] = (changed[:, -1] + 1 - 3) % (model.config.vocab_size - 3) + 3
+            out, full = self.forward(model, {"input_ids": changed}), self.forward(model, inputs)
+            first = out[:, 0] if out.ndim > 2 else out
+            assert not torch.allclose(first, full[:, 0] if full.ndim > 2 else full), (
+                "bidirectional: the future must matter"
+            )
+            return
         inputs = self.make_inputs(model.config, head)
         full = self.forward(model, inputs)
         for t in (0, self.seq_length // 2, self.seq_length - 2):
@@ -328,9 +335,8 @@ class GenericModelTests:
             return torch.cat([pad, ids]), mask.flip(0)
         return torch.cat([ids, pad]), mask
 
-    def test_right_padding_leaves_real_positions_unchanged(self, variant, head):
-        if self.is_vision(head):
-            pytest.skip("images have no padding")
+    def test_right_padding_leaves_real_positions_unchanged(self, variant, text_head):
+        head = text_head
         model = self.make_model(variant, head)
         inputs = self.make_inputs(model.config, head, batch_size=2)
         ids = inputs["input_ids"]
@@ -478,9 +484,8 @@ class GenericModelTests:
         assert isinstance(as_tuple, tuple)
         torch.testing.assert_close(as_tuple[0], main_output(as_dict), rtol=0, atol=0)
 
-    def test_inputs_embeds_equal_input_ids(self, variant, head):
-        if self.is_vision(head):
-            pytest.skip("vision heads take pixel_values")
+    def test_inputs_embeds_equal_input_ids(self, variant, text_head):
+        head = text_head
         model = self.make_model(variant, head)
         inputs = self.make_inputs(model.config, head)
         embeds = model.get_input_embeddings()(inputs["input_ids"])
@@ -488,9 +493,8 @@ class GenericModelTests:
             self.forward(model, {"inputs_embeds": embeds}), self.forward(model, inputs), rtol=0, atol=0
         )
 
-    def test_resize_token_embeddings(self, variant, head):
-        if self.is_vision(head):
-            pytest.skip("vision heads have no token embeddings")
+    def test_resize_token_embeddings(self, variant, text_head):
+        head = text_head
         model = self.make_model(variant, head)
         old = model.config.vocab_size
         model.resize_token_embeddings(old + 7)
@@ -502,9 +506,8 @@ class GenericModelTests:
         if head_kind(head) in ("ForCausalLM", "ForMaskedLM"):
             assert out.shape[-1] == old + 7
 
-    def test_tied_embeddings(self, variant, head, tmp_path):
-        if head_kind(head) not in ("ForCausalLM", "ForMaskedLM"):
-            pytest.skip("only LM heads tie weights")
+    def test_tied_embeddings(self, variant, lm_head, tmp_path):
+        head = lm_head
         model = self.make_model(variant, head)
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
         model.save_pretrained(tmp_path)
@@ -548,17 +551,17 @@ class GenericModelTests:
             with pytest.raises(ValueError, match=named):
                 config_class(**kwargs)
 
-    def test_wrong_image_size_raises(self, variant, head):
-        if not self.is_vision(head):
-            pytest.skip("text heads take no images")
+    def test_wrong_image_size_raises(self, variant, vision_head):
+        head = vision_head
         model = self.make_model(variant, head)
         size = model.config.image_size
         with pytest.raises(ValueError, match=str(size)):
             model(pixel_values=torch.randn(1, model.config.num_channels, size + 2, size + 2))
 
-    def test_too_long_sequence_raises(self, variant, head):
-        if self.max_seq_length is None or self.is_vision(head):
-            pytest.skip("no maximum length")
+    def test_too_long_sequence_raises(self, variant, text_head):
+        head = text_head
+        if self.max_seq_length is None:
+            pytest.skip("this architecture has no maximum length")
         model = self.make_model(variant, head)
         too_long = self.make_inputs(model.config, head, batch_size=1, seq_length=self.max_seq_length + 1)
         with pytest.raises(ValueError, match=str(self.max_seq_length)):
