@@ -1,0 +1,559 @@
+"""The fast ops of Combiner (Ren et al., "Combiner: Full Attention Transformer with Sparse Computation Cost",
+NeurIPS 2021): pure functions on tensors, no modules and no parameters of their own.
+
+Every head of every variant attends to *every* allowed position, directly or through a span abstraction:
+
+    A(x_i) = sum_{j in Omega0(i)} p(j | i) v_j + sum_r p(Omega_r | i) v_{Omega_r}
+
+    logits:      direct  q_i . k_j / sqrt(d)           span  q_i . k_{Omega_r} / sqrt(d)
+    span key:    k_Omega = pool_{j in Omega} k_j       (pool = max (paper default), mean or sum)
+    span value:  v_Omega = sum_{j in Omega} softmax_j(q_Omega . k_j / sqrt(d)) v_j,   q_Omega = pool_{j in Omega} q_j
+
+with **one** softmax over the concatenation [direct logits, span logits] and no log|Omega| correction. The
+implied attention matrix is `p(j|i) = p_direct(j|i) + sum_{r: j in Omega_r} p(Omega_r|i) * p(j|Omega_r)`: a proper
+distribution over every allowed key, never zero on one (the full-attention property).
+
+Shapes: `q, k` are `(B, H, L, D)`, `v` is `(B, H, L, Dv)`; `key_mask` is `(B, L)` with 1 for real positions and
+0 for padding. `1/sqrt(D)` is applied once, to `q`, before anything else (pooling commutes with it).
+
+Conventions shared by the four variants (the papers leave them open; tests pin them down):
+
+- **Padding.** Lengths that are not a multiple of the block size are padded internally to `Lp` and masked. A padded
+  position is excluded from every direct softmax, every pooled summary (queries and keys) and every within-span
+  softmax; a span without a real position gets no weight. Outputs at padded query positions are finite but
+  unspecified. (The model packs each sample's real tokens to the front, so blocks are aligned on the first real
+  token and a left-padded sample equals the sample alone.)
+- **Bidirectional form.** The spans exclude the directly attended region: no position is counted twice. (The
+  official TF code puts the own segment / own row among the spans as well; we do not.)
+- **Numerics.** Logits are computed in the input dtype, the softmaxes in float32 (at least) with max subtraction,
+  and masked entries are filled with the dtype's most negative value rather than -inf, so no row ever produces NaN.
+- **Cost.** No `L x L` tensor is ever built: segments/rows are reshaped into blocks and the direct and span logits
+  of a block are concatenated for one softmax. Memory is O(L (s + L/s)) for Fixed, Axial and Mixture (O(L sqrt L)
+  at `s ~ sqrt L`) and O(L log L) for Logsparse. There is no Python loop over positions or segments; Logsparse loops
+  over its ceil(log2 L) levels, which is O(log L) iterations of vectorised work.
+
+Decoding with a cache uses the `*_step` functions at the end of this file: one new token per sample against the
+summaries of completed spans, O(s + L/s) (Fixed, Axial, Mixture) or O(log L) spans (Logsparse) per step.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+COMBINER_TYPES = ("fixed", "logsparse", "axial", "mixture")
+SPAN_SUMMARIES = ("max", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small helpers: masks, padding, pooling, softmax
+# ----------------------------------------------------------------------------------------------------------------------
+def _check_summary(span_summary: str) -> None:
+    if span_summary not in SPAN_SUMMARIES:
+        raise ValueError(f"Unknown span_summary {span_summary!r}; expected one of {SPAN_SUMMARIES}.")
+
+
+def _real_mask(key_mask: torch.Tensor | None, batch_size: int, length: int, device) -> torch.Tensor:
+    """`(B, L)` bool, True for real positions."""
+    if key_mask is None:
+        return torch.ones(batch_size, length, dtype=torch.bool, device=device)
+    if key_mask.shape != (batch_size, length):
+        raise ValueError(f"key_mask must have shape {(batch_size, length)}, got {tuple(key_mask.shape)}.")
+    return key_mask.bool()
+
+
+def _pad_length(x: torch.Tensor, target: int, dim: int = -2) -> torch.Tensor:
+    """Zero-pad `x` along `dim` to length `target`."""
+    missing = target - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Masked softmax over the last dim, in float32 (or wider) with max subtraction, returned in `logits.dtype`.
+
+    Masked entries get the most negative finite value instead of -inf: a row with at least one allowed entry gives
+    them exactly 0, and a row with none (a padded query, an empty span) gives finite junk instead of NaN.
+    """
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    wide = logits.to(compute_dtype).masked_fill(~allowed, torch.finfo(compute_dtype).min)
+    return torch.softmax(wide, dim=-1).to(logits.dtype)
+
+
+def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One softmax over the concatenation of several logit blocks (direct and span logits) along the last dim.
+
+    Each part is `(logits, allowed)`; logits of all parts share their leading dims (masks broadcast to them).
+    Returns the probabilities split back into the parts, in `dtype`.
+    """
+    logits = torch.cat([part for part, _ in parts], dim=-1)
+    allowed = torch.cat([mask.expand(*part.shape) for part, mask in parts], dim=-1)
+    probs = _softmax(logits, allowed).to(dtype)
+    return list(probs.split([part.shape[-1] for part, _ in parts], dim=-1))
+
+
+def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> torch.Tensor:
+    """Pool `x` over `dim` using only the entries where `real` (broadcastable bool) is True.
+
+    max: elementwise max; mean: average; sum: sum. A span with no real entry pools to 0 (callers give it no weight).
+    """
+    real = real.expand_as(x)
+    if span_summary == "max":
+        pooled = x.masked_fill(~real, float("-inf")).amax(dim=dim)
+        return torch.where(real.any(dim=dim), pooled, torch.zeros_like(pooled))
+    total = x.masked_fill(~real, 0.0).sum(dim=dim)
+    if span_summary == "sum":
+        return total
+    return total / real.sum(dim=dim).clamp(min=1).to(x.dtype)
+
+
+def cumulative_pool(
+    x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str, reverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """*Exclusive* running pool along `dim`: entry `t` pools the real entries strictly before `t` (strictly after it
+    with `reverse=True`). `real` is a bool mask broadcastable to `x` with the full size along `dim`. Returns the pooled
+    tensor and a bool tensor (shaped like `real`) saying whether that span holds a real entry.
+
+    This is the summary of the spans "column above the current row" and "row left / right of the current column"
+    of Combiner-Mixture: O(size of x), no quadratic work. (The official TF code's `approx_cummax` is a cumsum; this
+    is a real running max for `max`, as in the official JAX code.)
+    """
+    if reverse:
+        x, real = x.flip(dim), real.flip(dim)
+    length = x.shape[dim]
+
+    def shift(t: torch.Tensor, fill) -> torch.Tensor:
+        # Exclusive: move everything one step along `dim`, the first entry becoming the empty span.
+        first = torch.full_like(t.narrow(dim, 0, 1), fill)
+        return torch.cat([first, t.narrow(dim, 0, length - 1)], dim=dim)
+
+    count = shift(real.long().cumsum(dim), 0)
+    if span_summary == "max":
+        running = x.masked_fill(~real, float("-inf")).cummax(dim=dim).values
+        pooled = shift(running, float("-inf"))
+        pooled = torch.where(count > 0, pooled, torch.zeros_like(pooled))
+    else:
+        pooled = shift(x.masked_fill(~real, 0.0).cumsum(dim), 0.0)
+        if span_summary == "mean":
+            pooled = pooled / count.clamp(min=1).to(x.dtype)
+    nonempty = count > 0
+    if reverse:
+        pooled, nonempty = pooled.flip(dim), nonempty.flip(dim)
+    return pooled, nonempty
+
+
+def block_summaries(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor, span_summary: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Abstractions of spans laid out as blocks along dim -2: `q, k` `(..., n, s, D)`, `v` `(..., n, s, Dv)`,
+    `real` `(..., n, s)` bool (broadcastable over heads).
+
+    Returns `k_Omega (..., n, D)`, `v_Omega (..., n, Dv)` and `nonempty (..., n)`:
+    `k_Omega = pool(k)`, `v_Omega = softmax_j(pool(q) . k_j) v_j` over the real `j` of each block (`q` pre-scaled).
+    """
+    real_e = real[..., None]
+    span_query = pool(q, real_e, dim=-2, span_summary=span_summary)
+    span_key = pool(k, real_e, dim=-2, span_summary=span_summary)
+    inner = torch.einsum("...d,...jd->...j", span_query, k)  # (..., n, s)
+    weights = _softmax(inner, real.expand_as(inner)).to(v.dtype)
+    span_value = torch.einsum("...j,...jd->...d", weights, v)
+    return span_key, span_value, real.any(dim=-1)
+
+
+def _prepare(q, k, v, key_mask, block_size: int | None):
+    """Scale q once, build the real mask and pad q, k, v, mask to a multiple of `block_size`."""
+    batch_size, _, length, head_dim = q.shape
+    if k.shape[:3] != q.shape[:3] or k.shape[-1] != head_dim or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k, v must be (B, H, L, D) alike, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    real = _real_mask(key_mask, batch_size, length, q.device)
+    q = q * head_dim**-0.5
+    if block_size is None:
+        return q, k, v, real, length
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
+    padded = -(-length // block_size) * block_size
+    q, k, v = (_pad_length(t, padded) for t in (q, k, v))
+    real = _pad_length(real, padded, dim=-1)
+    return q, k, v, real, padded
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Fixed
+# ----------------------------------------------------------------------------------------------------------------------
+def fixed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    block_size: int,
+    key_mask: torch.Tensor | None = None,
+    span_summary: str = "max",
+) -> torch.Tensor:
+    r"""Combiner-Fixed: segments of `s = block_size` positions.
+
+    For `i` in segment `n`:
+        Omega0(i) = segment n (its causal prefix `j <= i` when causal)
+        spans     = every other segment m != n (strictly earlier ones, m < n, when causal)
+
+    Blocked layout: `(B, H, L, D) -> (B, H, N, s, D)` with `N = Lp / s`. Per segment the direct logits are
+    `(N, s, s)` and the span logits `(N, s, N)`; they are concatenated to `(B, H, N, s, s + N)` for one softmax.
+    Cost O(L (s + N)) time and memory.
+
+    Returns `(B, H, L, Dv)`.
+    """
+    _check_summary(span_summary)
+    batch_size, num_heads, length, _ = q.shape
+    q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
+    s, n = block_size, padded // block_size
+    qb, kb, vb = (t.unflatten(2, (n, s)) for t in (q, k, v))  # (B, H, N, s, .)
+    real_b = real.view(batch_size, 1, n, s)
+
+    span_key, span_value, nonempty = block_summaries(qb, kb, vb, real_b, span_summary)  # (B, H, N, .), (B, 1, N)
+
+    direct = qb @ kb.transpose(-1, -2)  # (B, H, N, s, s)
+    direct_ok = real_b[:, :, :, None, :]  # key j is real
+    if causal:
+        direct_ok = direct_ok & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    span_logits = torch.einsum("bhnid,bhmd->bhnim", qb, span_key)  # (B, H, N, s, N)
+    seg = torch.arange(n, device=q.device)
+    other = seg[None, :] < seg[:, None] if causal else seg[None, :] != seg[:, None]  # [own n, span m]
+    span_ok = other[:, None, :] & nonempty[:, :, None, None, :]  # (B, 1, N, 1, N)
+
+    p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], v.dtype)
+    out = p_direct @ vb + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
+    return out.flatten(2, 3)[:, :, :length]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Logsparse
+# ----------------------------------------------------------------------------------------------------------------------
+def num_logsparse_levels(length: int) -> int:
+    """ceil(log2 L): the number of dyadic span sizes 1, 2, 4, ... a sequence of length L needs."""
+    return max(0, (length - 1).bit_length())
+
+
+def logsparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_mask: torch.Tensor | None = None,
+    span_summary: str = "max",
+) -> torch.Tensor:
+    r"""Combiner-Logsparse: dyadic spans.
+
+    At level `l = 0 .. ceil(log2 L) - 1` the sequence is cut into aligned blocks of size `2^l`; position `i` lies in
+    block `b = i >> l`, whose sibling is block `b xor 1`. For each `i`:
+        Omega0(i) = {i}
+        spans     = the sibling block at every level (causal: only the levels where the sibling is on the left,
+                    i.e. bit l of i is 1)
+    The causal spans are the binary decomposition of the prefix `[0, i)` into at most log2 L aligned blocks; the
+    bidirectional ones partition `[0, Lp) \ {i}` (the highest differing bit of i and j names j's only span). Level 0
+    spans are single tokens (their abstraction is the token itself).
+
+    Each level costs O(L): block summaries `(B, H, ceil(L / 2^l), .)` and one gathered logit per position; the
+    joint softmax is over `(B, H, L, 1 + levels)`. Memory O(L log L). The loop is over the O(log L) levels only.
+
+    Returns `(B, H, L, Dv)`.
+    """
+    _check_summary(span_summary)
+    batch_size, num_heads, length, _ = q.shape
+    q, k, v, real, _ = _prepare(q, k, v, key_mask, None)
+    position = torch.arange(length, device=q.device)
+
+    logits = [(q * k).sum(-1, keepdim=True)]  # (B, H, L, 1): the direct part, position i itself
+    allowed = [real[:, None, :, None]]
+    span_values, span_index = [], []
+    for level in range(num_logsparse_levels(length)):
+        size = 2**level
+        num_blocks = -(-length // size)
+        blocks = [_pad_length(t, num_blocks * size).unflatten(2, (num_blocks, size)) for t in (q, k, v)]
+        real_b = _pad_length(real, num_blocks * size, dim=-1).view(batch_size, 1, num_blocks, size)
+        span_key, span_value, nonempty = block_summaries(*blocks, real_b, span_summary)
+        sibling = (position >> level) ^ 1
+        valid = sibling < num_blocks
+        if causal:
+            valid = valid & ((position >> level) & 1).bool()  # the sibling is the left one
+        index = sibling.clamp(max=num_blocks - 1)
+        logits.append((q * span_key.index_select(2, index)).sum(-1, keepdim=True))
+        allowed.append((valid & nonempty[..., index])[..., None])  # (B, 1, L, 1)
+        span_values.append(span_value)
+        span_index.append(index)
+
+    probs = _joint_softmax(list(zip(logits, allowed)), v.dtype)
+    out = probs[0] * v
+    for p, span_value, index in zip(probs[1:], span_values, span_index):
+        out = out + p * span_value.index_select(2, index)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Axial (row-major)
+# ----------------------------------------------------------------------------------------------------------------------
+def axial_abstraction_keys(
+    row_output: torch.Tensor,
+    hidden_states: torch.Tensor,
+    out_weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    key_weight: torch.Tensor,
+    *,
+    norm_eps: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Keys of Combiner-Axial's column abstractions: `k_(r,c) = W_k LayerNorm(x_(r,c) + W_o a_(r,c))`.
+
+    Args:
+        row_output: `(B, H, Lp, Dv)`, `a_(r,c)`: the attention of the query at (r, c) over its whole row r.
+        hidden_states: `(B, L, d)`, `x`: the attention layer's input (`L <= Lp`; zero-padded to `Lp`).
+        out_weight: `(d, H * Dv)`, `W_o`. norm_weight, norm_bias: `(d,)`. key_weight: `(H * D, d)`, `W_k`.
+        key_mask: `(B, L)`; padded positions use `x = 0`, so the pad content never matters.
+
+    Returns:
+        `(B, H, Lp, D)`.
+    """
+    batch_size, num_heads, padded, _ = row_output.shape
+    merged = row_output.transpose(1, 2).flatten(2)  # (B, Lp, H * Dv)
+    x = hidden_states
+    if key_mask is not None:
+        x = x.masked_fill(~key_mask.bool()[..., None], 0.0)
+    x = _pad_length(x, padded, dim=1)
+    y = F.linear(merged.to(out_weight.dtype), out_weight) + x.to(out_weight.dtype)
+    y = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, norm_eps)
+    keys = F.linear(y, key_weight)  # (B, Lp, H * D)
+    return keys.unflatten(-1, (num_heads, -1)).transpose(1, 2).to(row_output.dtype)
+
+
+def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn):
+    """Values and keys of the column abstractions of every row: `(B, H, R, C, Dv)`, `(B, H, R, C, D)`.
+
+    The abstraction (r, c) summarises the whole row r for queries in column c: its value is the attention of the
+    query at (r, c) over row r (no causal mask: an abstracted row lies entirely before the queries that use it). A
+    padded slot (r, c) uses a zero query, i.e. the plain mean of row r's real values, so that row r stays reachable
+    from column c whatever the padding.
+    """
+    batch_size, num_heads, rows, cols, _ = qb.shape
+    slot_real = real_b[..., None]  # (B, 1, R, C, 1)
+    abs_logits = row_logits.masked_fill(~slot_real, 0.0)  # zero query at padded slots
+    weights = _softmax(abs_logits, real_b[:, :, :, None, :].expand_as(abs_logits)).to(vb.dtype)
+    row_output = weights @ vb  # (B, H, R, C, Dv)
+    keys = abstraction_key_fn(row_output.flatten(2, 3))
+    expected = (batch_size, num_heads, rows * cols, qb.shape[-1])
+    if tuple(keys.shape) != expected:
+        raise ValueError(f"abstraction_key_fn must return {expected}, got {tuple(keys.shape)}.")
+    return row_output, keys.unflatten(2, (rows, cols))
+
+
+def axial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    block_size: int,
+    abstraction_key_fn: Callable[[torch.Tensor], torch.Tensor],
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Combiner-Axial (row-major): view the sequence as `R` rows of `C = block_size` columns, position
+    `i = r * C + c`.
+
+    For `i = (r, c)`:
+        Omega0(i) = row r (its causal prefix, columns `<= c`, when causal)
+        spans     = every other row t != r (earlier rows t < r when causal), one span per row, seen through the
+                    abstraction of row t *for column c*: value `a_(t,c)` = attention of `q_(t,c)` over row t, key
+                    `abstraction_key_fn(a)_(t,c)` (the paper: a projection of LayerNorm(x + W_o a), see
+                    `axial_abstraction_keys`; its parameters live in the module).
+
+    Blocked layout `(B, H, R, C, .)`: direct logits `(R, C, C)`, span logits `(R, C, R)` (query (r, c) against
+    abstractions (t, c)), one softmax over `(B, H, R, C, C + R)`. Cost O(L (C + R)).
+
+    Args:
+        abstraction_key_fn: maps the row-attention outputs `(B, H, Lp, Dv)` to the abstraction keys `(B, H, Lp, D)`
+            (`Lp` = L padded to a multiple of `C`).
+
+    Returns `(B, H, L, Dv)`.
+    """
+    batch_size, num_heads, length, _ = q.shape
+    q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
+    cols, rows = block_size, padded // block_size
+    qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
+    real_b = real.view(batch_size, 1, rows, cols)
+
+    row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C)
+    abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn)
+
+    direct_ok = real_b[:, :, :, None, :]
+    if causal:
+        direct_ok = direct_ok & torch.ones(cols, cols, dtype=torch.bool, device=q.device).tril()
+    span_logits = torch.einsum("bhrcd,bhtcd->bhrct", qb, abs_key)  # (B, H, R, C, R)
+    row = torch.arange(rows, device=q.device)
+    other = row[None, :] < row[:, None] if causal else row[None, :] != row[:, None]  # [own r, span t]
+    span_ok = other[:, None, :] & real_b.any(-1)[:, :, None, None, :]
+
+    p_direct, p_span = _joint_softmax([(row_logits, direct_ok), (span_logits, span_ok)], v.dtype)
+    out = p_direct @ vb + torch.einsum("bhrct,bhtcd->bhrcd", p_span, abs_value)
+    return out.flatten(2, 3)[:, :, :length]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Mixture
+# ----------------------------------------------------------------------------------------------------------------------
+def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, dim: int, reverse: bool):
+    """Summaries of the spans "strictly before (after, if reverse) each entry along `dim`" of a `(B, H, R, C, .)`
+    grid, `dim` in {2 (rows: column spans), 3 (columns: row spans)}: keys `(B, H, R, C, D)`, values
+    `(B, H, R, C, Dv)`, nonempty `(B, 1, R, C)`.
+
+    The value of the span ending at entry e is the softmax over the span's real keys of `q_pool(e) . k`; the logits
+    against every entry of the line are `(B, H, R, C, line length)`, i.e. O(L sqrt L).
+    """
+    real_e = real_b[..., None]
+    span_query, nonempty = cumulative_pool(qb, real_e, dim, span_summary, reverse)
+    span_key, _ = cumulative_pool(kb, real_e, dim, span_summary, reverse)
+    nonempty = nonempty[..., 0]  # (B, 1, R, C)
+    size = qb.shape[dim]
+    idx = torch.arange(size, device=qb.device)
+    inside = idx[None, :] > idx[:, None] if reverse else idx[None, :] < idx[:, None]  # [entry e, member j]
+    if dim == 2:  # column spans: entry (r, c), members (t, c)
+        logits = torch.einsum("bhrcd,bhtcd->bhrct", span_query, kb)
+        ok = inside[:, None, :] & real_b.transpose(2, 3)[:, :, None, :, :]  # (B, 1, R, C, R)
+        weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
+        value = torch.einsum("bhrct,bhtcd->bhrcd", weights, vb)
+    else:  # row spans: entry (r, c), members (r, m)
+        logits = span_query @ kb.transpose(-1, -2)  # (B, H, R, C, C)
+        ok = inside & real_b[:, :, :, None, :]
+        weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
+        value = weights @ vb
+    return span_key, value, nonempty
+
+
+def mixture_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    block_size: int,
+    key_mask: torch.Tensor | None = None,
+    span_summary: str = "max",
+) -> torch.Tensor:
+    r"""Combiner-Mixture on the `R x C` grid of Axial (`C = block_size`, `i = (r, c)`).
+
+    Causal, for `i = (r, c)`:
+        Omega0(i) = own-row prefix {(r, m): m <= c}  and  own column above {(t, c): t < r}
+        spans     = column spans  {(t, m): t < r} for every column m != c                       (C - 1 spans)
+                    row spans     {(t, m): m < c} and {(t, m): m > c} for every earlier row t < r (2 r spans)
+    Bidirectional: Omega0 = the whole own row and own column; column spans above *and* below row r for every
+    m != c; left and right row spans for every row t != r.
+
+    This is the official mixture: a *mixture of two partitions* of the non-direct positions (by column and by row),
+    so each non-direct position lies in exactly one column span and one row span, and its weight is the sum of the
+    two paths; direct positions are in no span. All spans' abstractions are pooled keys / pooled-query attention
+    values, computed with running (exclusive) pools along the rows or columns.
+
+    Logits: row direct `(R, C, C)`, column direct `(R, C, R)`, column spans `(R, C, C)` (x2 bidirectional), row
+    spans `(R, C, R)` x2; one softmax over their concatenation. Cost O(L (C + R)).
+
+    Returns `(B, H, L, Dv)`.
+    """
+    _check_summary(span_summary)
+    batch_size, num_heads, length, _ = q.shape
+    q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
+    cols, rows = block_size, padded // block_size
+    qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
+    real_b = real.view(batch_size, 1, rows, cols)
+    row_idx = torch.arange(rows, device=q.device)
+    col_idx = torch.arange(cols, device=q.device)
+    earlier = row_idx[None, :] < row_idx[:, None]  # [own r, t]
+    other_row = earlier if causal else row_idx[None, :] != row_idx[:, None]
+
+    parts, values = [], []
+    # Direct: own row (prefix when causal) ...
+    row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C) [r, c, m]
+    row_ok = real_b[:, :, :, None, :]
+    if causal:
+        row_ok = row_ok & (col_idx[None, :] <= col_idx[:, None])
+    parts.append((row_logits, row_ok))
+    values.append(lambda p: p @ vb)
+    # ... and own column (above when causal), other rows only.
+    col_logits = torch.einsum("bhrcd,bhtcd->bhrct", qb, kb)  # (B, H, R, C, R) [r, c, t]
+    col_ok = other_row[:, None, :] & real_b.transpose(2, 3)[:, :, None, :, :]
+    parts.append((col_logits, col_ok))
+    values.append(lambda p: torch.einsum("bhrct,bhtcd->bhrcd", p, vb))
+
+    other_col = col_idx[None, :] != col_idx[:, None]  # [own c, span column m]
+    for reverse in (False, True) if not causal else (False,):
+        # Column spans: column m, rows above r (below r when reverse); one per m != c.
+        key, value, nonempty = _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=2, reverse=reverse)
+        logits = qb @ key.transpose(-1, -2)  # (B, H, R, C, C) [r, c, m]: query (r, c), span (r, m)
+        ok = other_col & nonempty[:, :, :, None, :]
+        parts.append((logits, ok))
+        values.append(lambda p, value=value: p @ value)
+    for reverse in (False, True):
+        # Row spans: row t != r (t < r when causal), columns left of c (right of c when reverse).
+        key, value, nonempty = _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=3, reverse=reverse)
+        logits = torch.einsum("bhrcd,bhtcd->bhrct", qb, key)  # (B, H, R, C, R): query (r, c), span (t, c)
+        ok = other_row[:, None, :] & nonempty.transpose(2, 3)[:, :, None, :, :]
+        parts.append((logits, ok))
+        values.append(lambda p, value=value: torch.einsum("bhrct,bhtcd->bhrcd", p, value))
+
+    probs = _joint_softmax(parts, v.dtype)
+    out = sum(merge(p) for merge, p in zip(values, probs))
+    return out.flatten(2, 3)[:, :, :length]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------------------
+def combiner_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    combiner_type: str,
+    causal: bool,
+    block_size: int,
+    key_mask: torch.Tensor | None = None,
+    span_summary: str = "max",
+    abstraction_key_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op."""
+    if combiner_type == "fixed":
+        return fixed_attention(
+            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary
+        )
+    if combiner_type == "logsparse":
+        return logsparse_attention(q, k, v, causal=causal, key_mask=key_mask, span_summary=span_summary)
+    if combiner_type == "axial":
+        if abstraction_key_fn is None:
+            raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
+        return axial_attention(
+            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, abstraction_key_fn=abstraction_key_fn
+        )
+    if combiner_type == "mixture":
+        return mixture_attention(
+            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary
+        )
+    raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+
+
+__all__ = [
+    "COMBINER_TYPES",
+    "SPAN_SUMMARIES",
+    "axial_abstraction_keys",
+    "axial_attention",
+    "block_summaries",
+    "combiner_attention",
+    "cumulative_pool",
+    "fixed_attention",
+    "logsparse_attention",
+    "mixture_attention",
+    "num_logsparse_levels",
+    "pool",
+]

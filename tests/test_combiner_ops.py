@@ -1,0 +1,311 @@
+"""Combiner ops: agreement with the dense reference, the full-attention property, no double counting, numerics,
+sub-quadratic memory and input validation."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_efficient.models.combiner.ops_combiner import (
+    COMBINER_TYPES,
+    axial_abstraction_keys,
+    combiner_attention,
+    cumulative_pool,
+)
+from tests.references.combiner_reference import (
+    allowed_pairs,
+    combiner_reference,
+    combiner_sets,
+    implied_attention,
+)
+
+BATCH, HEADS, DIM = 2, 2, 4
+BLOCK = 4
+
+
+def make_qkv(length, seed=0, dim=DIM, value_dim=DIM, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(BATCH, HEADS, length, dim, generator=generator) * scale for _ in range(2))
+    v = torch.randn(BATCH, HEADS, length, value_dim, generator=generator)
+    return q, k, v
+
+
+def make_mask(length, kind):
+    """None, right padding, left padding, or holes (an arbitrary key padding mask)."""
+    if kind == "none":
+        return None
+    mask = torch.ones(BATCH, length, dtype=torch.long)
+    if kind == "right":
+        mask[0, length - 3 :] = 0
+        mask[1, length - 6 :] = 0
+    elif kind == "left":
+        mask[0, :2] = 0
+        mask[1, :5] = 0
+    elif kind == "holes":
+        mask[0, [1, 6, 7]] = 0
+        mask[1, :3] = 0
+        mask[1, length - 2 :] = 0
+    return mask
+
+
+def axial_key_fn(length, value_dim=DIM, key_mask=None, seed=3):
+    """The paper's abstraction keys `W_k LN(x + W_o a)` with random weights (what the module passes in)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = HEADS * DIM
+    return functools.partial(
+        axial_abstraction_keys,
+        hidden_states=torch.randn(BATCH, length, width, generator=generator),
+        out_weight=torch.randn(width, HEADS * value_dim, generator=generator) * 0.5,
+        norm_weight=1 + 0.1 * torch.randn(width, generator=generator),
+        norm_bias=0.1 * torch.randn(width, generator=generator),
+        key_weight=torch.randn(width, width, generator=generator) * 0.5,
+        norm_eps=1e-5,
+        key_mask=key_mask,
+    )
+
+
+def kwargs_for(variant, causal, length, mask, span_summary="max", block_size=BLOCK, value_dim=DIM):
+    return dict(
+        combiner_type=variant,
+        causal=causal,
+        block_size=block_size,
+        key_mask=mask,
+        span_summary=span_summary,
+        abstraction_key_fn=axial_key_fn(length, value_dim, mask) if variant == "axial" else None,
+    )
+
+
+def real_rows(mask, length):
+    return torch.ones(BATCH, length, dtype=torch.bool) if mask is None else mask.bool()
+
+
+# ---------------------------------------------------------------------- agreement with the dense reference
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("length, mask_kind", [(16, "none"), (13, "none"), (13, "right"), (14, "left"), (15, "holes")])
+def test_fast_op_matches_reference(variant, causal, length, mask_kind):
+    q, k, v = make_qkv(length)
+    mask = make_mask(length, mask_kind)
+    kwargs = kwargs_for(variant, causal, length, mask)
+    fast = combiner_attention(q, k, v, **kwargs)
+    reference = combiner_reference(q, k, v, **kwargs)
+    assert fast.shape == v.shape and fast.dtype == torch.float32
+    assert torch.isfinite(fast).all()
+    rows = real_rows(mask, length)[:, None, :, None].expand_as(reference)
+    torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["fixed", "logsparse", "mixture"])
+@pytest.mark.parametrize("span_summary", ["mean", "sum"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_span_summaries_match_reference(variant, span_summary, causal):
+    length = 14
+    q, k, v = make_qkv(length, seed=1)
+    mask = make_mask(length, "holes")
+    kwargs = kwargs_for(variant, causal, length, mask, span_summary=span_summary)
+    fast = combiner_attention(q, k, v, **kwargs)
+    reference = combiner_reference(q, k, v, **kwargs)
+    rows = real_rows(mask, length)[:, None, :, None].expand_as(reference)
+    torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("length, block_size", [(5, 8), (7, 1), (1, 4), (9, 3)])
+def test_odd_block_sizes_and_lengths(variant, length, block_size):
+    """Block larger than the sequence, block 1, a single token, a non power of two block."""
+    q, k, v = make_qkv(length, seed=2)
+    for causal in (True, False):
+        kwargs = kwargs_for(variant, causal, length, None, block_size=block_size)
+        torch.testing.assert_close(
+            combiner_attention(q, k, v, **kwargs).double(), combiner_reference(q, k, v, **kwargs), rtol=0, atol=1e-5
+        )
+
+
+def test_float64_agrees_to_round_off():
+    q, k, v = (t.double() for t in make_qkv(13, seed=4))
+    mask = make_mask(13, "right")
+    for variant, causal in itertools.product(COMBINER_TYPES, (True, False)):
+        kwargs = kwargs_for(variant, causal, 13, mask)
+        if variant == "axial":
+            kwargs["abstraction_key_fn"] = lambda a: torch.tanh(a)  # a float64-friendly key map
+        fast = combiner_attention(q, k, v, **kwargs)
+        reference = combiner_reference(q, k, v, **kwargs)
+        rows = real_rows(mask, 13)[:, None, :, None].expand_as(reference)
+        torch.testing.assert_close(fast[rows], reference[rows], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- full attention, no double counting
+def fast_implied_matrix(variant, causal, length, mask, seed=5):
+    """The fast op's own implied matrix: feed one-hot values (v = I), so out[i] = row i of the attention matrix."""
+    q, k, _ = make_qkv(length, seed=seed)
+    eye = torch.eye(length).expand(BATCH, HEADS, length, length)
+    kwargs = kwargs_for(variant, causal, length, mask, value_dim=length)
+    if variant == "axial":
+        # keys from a fixed map of the row outputs (here: rows of attention probabilities, width L)
+        proj = torch.randn(length, DIM, generator=torch.Generator().manual_seed(9))
+        kwargs["abstraction_key_fn"] = lambda a: torch.tanh(a @ proj.to(a.dtype)) * 3
+    return combiner_attention(q, k, eye, **kwargs), q, k, eye, kwargs
+
+
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("mask_kind", ["none", "right", "holes"])
+def test_full_attention_property(variant, causal, mask_kind):
+    """Every allowed (i, j) pair gets non-zero weight, nothing else gets any, and each real row sums to 1."""
+    length = 15
+    mask = make_mask(length, mask_kind)
+    fast, q, k, eye, kwargs = fast_implied_matrix(variant, causal, length, mask)
+    reference = implied_attention(q, k, eye, **kwargs)
+    allowed = allowed_pairs(length, causal, mask, BATCH)[:, None].expand_as(reference)
+    rows = real_rows(mask, length)[:, None, :, None].expand_as(reference)
+    for matrix in (reference, fast.double()):
+        assert (matrix[allowed] > 1e-12).all(), "some allowed pair has no weight"
+        assert (matrix[rows & ~allowed].abs() < 1e-12).all(), "weight on a future or padded key"
+        row_sums = matrix.sum(-1)[real_rows(mask, length)[:, None, :].expand(BATCH, HEADS, length)]
+        torch.testing.assert_close(row_sums, torch.ones_like(row_sums), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("length", [12, 13])
+def test_no_position_counted_twice(variant, causal, length):
+    """The spans exclude Omega0 and do not overlap: each allowed key is covered exactly once (direct or one span).
+    Mixture is a mixture of two partitions: a non-direct key lies in exactly one column span and one row span."""
+    for i, (direct, spans) in enumerate(combiner_sets(variant, causal, length, BLOCK)):
+        allowed = {j for j in range(length) if j <= i or not causal}
+        direct = [j for j in direct if j < length]
+        assert i in direct and len(set(direct)) == len(direct)
+        span_cover = [j for span in spans for j in span["positions"] if j < length]
+        assert set(direct) | set(span_cover) == allowed, i
+        assert not set(direct) & set(span_cover), f"query {i}: a span overlaps the direct set"
+        multiplicity = 2 if variant == "mixture" else 1
+        for j in allowed - set(direct):
+            assert span_cover.count(j) == multiplicity, (i, j)
+
+
+def test_bidirectional_differs_from_double_counting():
+    """Putting the own segment among the spans (the official TF bidirectional code) changes the result: our form
+    is not that one, and the own segment is attended only directly."""
+    length = 12
+    q, k, v = make_qkv(length, seed=6)
+    ours = implied_attention(q, k, v, combiner_type="fixed", causal=False, block_size=BLOCK)
+    fast = combiner_attention(q, k, v, combiner_type="fixed", causal=False, block_size=BLOCK)
+    torch.testing.assert_close(fast.double(), ours @ v.double(), rtol=0, atol=1e-5)
+    # the own segment's keys get exactly their direct softmax share: recompute that share by hand for query 0
+    scale = DIM**-0.5
+    logits_direct = (q[0, 0, 0] @ k[0, 0, :BLOCK].T) * scale
+    span_keys = k[0, 0].view(3, BLOCK, DIM).max(dim=1).values
+    logits_spans = (q[0, 0, 0] @ span_keys[1:].T) * scale  # segments 1 and 2 only
+    share = torch.cat([logits_direct, logits_spans]).softmax(-1)[:BLOCK]
+    torch.testing.assert_close(ours[0, 0, 0, :BLOCK].float(), share, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_stable_and_accurate(variant, dtype):
+    length = 16
+    mask = make_mask(length, "right")
+    rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+    for causal, scale in itertools.product((True, False), (40.0, 2.0)):
+        q, k, v = make_qkv(length, seed=7, scale=scale)  # scale 40: logits of order 1e3, far beyond exp's range
+        kwargs = kwargs_for(variant, causal, length, mask)
+        if variant == "axial":
+            kwargs["abstraction_key_fn"] = lambda a, scale=scale: a * scale
+        reference = combiner_attention(q, k, v, **kwargs)
+        low = combiner_attention(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
+        assert low.dtype == dtype and torch.isfinite(low).all()
+        # a convex combination of the values, whatever the logits
+        assert (low.float().abs()[rows] <= v.abs().amax() * 1.01).all()
+        if scale == 2.0:  # moderate logits: close to float32 (half-precision rounding of q, k, v and logits)
+            assert (low.float() - reference)[rows].abs().max() < (0.05 if dtype == torch.float16 else 0.2)
+
+
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+def test_gradcheck(variant):
+    length = 7
+    q, k, v = (t[:1, :1].double().requires_grad_() for t in make_qkv(length, seed=8))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    for causal in (True, False):
+        extra = {"abstraction_key_fn": torch.tanh} if variant == "axial" else {}
+
+        def fn(q, k, v, causal=causal, extra=extra):
+            return combiner_attention(
+                q,
+                k,
+                v,
+                combiner_type=variant,
+                causal=causal,
+                block_size=3,
+                key_mask=mask,
+                span_summary="mean",
+                **extra,
+            )[:, :, :6]
+
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_running_pool_is_exclusive_and_masked():
+    x = torch.tensor([[3.0, -1.0, 5.0, 2.0]])
+    real = torch.tensor([[True, True, False, True]])
+    pooled, nonempty = cumulative_pool(x, real, dim=1, span_summary="max")
+    assert pooled.tolist() == [[0.0, 3.0, 3.0, 3.0]] and nonempty.tolist() == [[False, True, True, True]]
+    pooled, _ = cumulative_pool(x, real, dim=1, span_summary="max", reverse=True)
+    assert pooled.tolist() == [[2.0, 2.0, 2.0, 0.0]]
+    pooled, _ = cumulative_pool(x, real, dim=1, span_summary="mean")
+    assert pooled.tolist() == [[0.0, 3.0, 1.0, 1.0]]
+
+
+# ---------------------------------------------------------------------- sub-quadratic for real
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+def test_never_builds_an_l_by_l_tensor(variant):
+    """Forward and backward at L = 2048, block 32 (64 rows): every tensor is O(L (s + L/s)) (O(L log L) for
+    Logsparse), far below the L^2 = 4.2M entries of dense attention."""
+    length, block, dim = 2048, 32, 4
+    q, k, v = (torch.randn(1, 1, length, dim, requires_grad=True) for _ in range(3))
+    extra = {"abstraction_key_fn": torch.tanh} if variant == "axial" else {}
+    mask = torch.ones(1, length, dtype=torch.long)
+    mask[0, -5:] = 0
+    with LargestTensor() as probe:
+        out = combiner_attention(q, k, v, combiner_type=variant, causal=True, block_size=block, key_mask=mask, **extra)
+        out.sum().backward()
+    if variant == "logsparse":
+        levels = 11
+        assert probe.largest <= length * max(dim, levels + 1), probe.largest
+    else:
+        # Mixture's joint logits are the largest: (R, C, 2C + 3R) entries
+        assert probe.largest <= 3 * length * (block + length // block), probe.largest
+    assert probe.largest <= length * length / 8
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_raises_naming_the_value():
+    q, k, v = make_qkv(8)
+    with pytest.raises(ValueError, match="'dense'"):
+        combiner_attention(q, k, v, combiner_type="dense", causal=True, block_size=4)
+    with pytest.raises(ValueError, match="'median'"):
+        combiner_attention(q, k, v, combiner_type="fixed", causal=True, block_size=4, span_summary="median")
+    with pytest.raises(ValueError, match="block_size.*0"):
+        combiner_attention(q, k, v, combiner_type="fixed", causal=True, block_size=0)
+    with pytest.raises(ValueError, match="abstraction_key_fn"):
+        combiner_attention(q, k, v, combiner_type="axial", causal=True, block_size=4)
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(2, 8\)"):
+        combiner_attention(q, k, v, combiner_type="mixture", causal=True, block_size=4, key_mask=torch.ones(2, 7))
