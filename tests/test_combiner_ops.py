@@ -12,6 +12,8 @@ from hf_efficient.models.combiner.ops_combiner import (
     COMBINER_TYPES,
     axial_abstraction_keys,
     combiner_attention,
+    combiner_prefill_state,
+    combiner_step,
     cumulative_pool,
 )
 from tests.references.combiner_reference import (
@@ -50,31 +52,28 @@ def make_mask(length, kind):
     return mask
 
 
-def axial_key_fn(length, value_dim=DIM, key_mask=None, seed=3):
-    """The paper's abstraction keys `W_k LN(x + W_o a)` with random weights (what the module passes in)."""
+def axial_keys(length, value_dim=DIM, seed=3):
+    """The paper's abstraction keys `W_k LN(x + W_o a)` with random weights (what the module passes in), and x."""
     generator = torch.Generator().manual_seed(seed)
     width = HEADS * DIM
-    return functools.partial(
+    key_fn = functools.partial(
         axial_abstraction_keys,
-        hidden_states=torch.randn(BATCH, length, width, generator=generator),
         out_weight=torch.randn(width, HEADS * value_dim, generator=generator) * 0.5,
         norm_weight=1 + 0.1 * torch.randn(width, generator=generator),
         norm_bias=0.1 * torch.randn(width, generator=generator),
         key_weight=torch.randn(width, width, generator=generator) * 0.5,
         norm_eps=1e-5,
-        key_mask=key_mask,
     )
+    return key_fn, torch.randn(BATCH, length, width, generator=generator)
 
 
 def kwargs_for(variant, causal, length, mask, span_summary="max", block_size=BLOCK, value_dim=DIM):
-    return dict(
-        combiner_type=variant,
-        causal=causal,
-        block_size=block_size,
-        key_mask=mask,
-        span_summary=span_summary,
-        abstraction_key_fn=axial_key_fn(length, value_dim, mask) if variant == "axial" else None,
+    kwargs = dict(
+        combiner_type=variant, causal=causal, block_size=block_size, key_mask=mask, span_summary=span_summary
     )
+    if variant == "axial":
+        kwargs["abstraction_key_fn"], kwargs["hidden_states"] = axial_keys(length, value_dim)
+    return kwargs
 
 
 def real_rows(mask, length):
@@ -129,7 +128,7 @@ def test_float64_agrees_to_round_off():
     for variant, causal in itertools.product(COMBINER_TYPES, (True, False)):
         kwargs = kwargs_for(variant, causal, 13, mask)
         if variant == "axial":
-            kwargs["abstraction_key_fn"] = lambda a: torch.tanh(a)  # a float64-friendly key map
+            kwargs["abstraction_key_fn"] = lambda a, x: torch.tanh(a)  # a float64-friendly key map
         fast = combiner_attention(q, k, v, **kwargs)
         reference = combiner_reference(q, k, v, **kwargs)
         rows = real_rows(mask, 13)[:, None, :, None].expand_as(reference)
@@ -145,7 +144,7 @@ def fast_implied_matrix(variant, causal, length, mask, seed=5):
     if variant == "axial":
         # keys from a fixed map of the row outputs (here: rows of attention probabilities, width L)
         proj = torch.randn(length, DIM, generator=torch.Generator().manual_seed(9))
-        kwargs["abstraction_key_fn"] = lambda a: torch.tanh(a @ proj.to(a.dtype)) * 3
+        kwargs["abstraction_key_fn"] = lambda a, x: torch.tanh(a @ proj.to(a.dtype)) * 3
     return combiner_attention(q, k, eye, **kwargs), q, k, eye, kwargs
 
 
@@ -214,7 +213,7 @@ def test_half_precision_is_stable_and_accurate(variant, dtype):
         q, k, v = make_qkv(length, seed=7, scale=scale)  # scale 40: logits of order 1e3, far beyond exp's range
         kwargs = kwargs_for(variant, causal, length, mask)
         if variant == "axial":
-            kwargs["abstraction_key_fn"] = lambda a, scale=scale: a * scale
+            kwargs["abstraction_key_fn"] = lambda a, x, scale=scale: a * scale
         reference = combiner_attention(q, k, v, **kwargs)
         low = combiner_attention(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
         assert low.dtype == dtype and torch.isfinite(low).all()
@@ -230,7 +229,7 @@ def test_gradcheck(variant):
     q, k, v = (t[:1, :1].double().requires_grad_() for t in make_qkv(length, seed=8))
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
     for causal in (True, False):
-        extra = {"abstraction_key_fn": torch.tanh} if variant == "axial" else {}
+        extra = {"abstraction_key_fn": lambda a, x: torch.tanh(a)} if variant == "axial" else {}
 
         def fn(q, k, v, causal=causal, extra=extra):
             return combiner_attention(
@@ -281,7 +280,7 @@ def test_never_builds_an_l_by_l_tensor(variant):
     Logsparse), far below the L^2 = 4.2M entries of dense attention."""
     length, block, dim = 2048, 32, 4
     q, k, v = (torch.randn(1, 1, length, dim, requires_grad=True) for _ in range(3))
-    extra = {"abstraction_key_fn": torch.tanh} if variant == "axial" else {}
+    extra = {"abstraction_key_fn": lambda a, x: torch.tanh(a)} if variant == "axial" else {}
     mask = torch.ones(1, length, dtype=torch.long)
     mask[0, -5:] = 0
     with LargestTensor() as probe:
@@ -309,3 +308,69 @@ def test_bad_input_raises_naming_the_value():
         combiner_attention(q, k, v, combiner_type="axial", causal=True, block_size=4)
     with pytest.raises(ValueError, match=r"key_mask must have shape \(2, 8\)"):
         combiner_attention(q, k, v, combiner_type="mixture", causal=True, block_size=4, key_mask=torch.ones(2, 7))
+
+
+# ---------------------------------------------------------------------- decoding steps
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("span_summary", ["max", "mean"])
+def test_prefill_state_and_steps_equal_full_causal_op(variant, span_summary):
+    """Per-sample prefixes of different lengths (packed to the front), then one token per step, one sample idling
+    on a padding step: every step's output equals the causal op over the whole sequence at that position."""
+    batch, total = 3, 23
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(batch, HEADS, total, DIM, generator=generator) for _ in range(3))
+    kwargs = dict(combiner_type=variant, block_size=BLOCK, span_summary=span_summary)
+    hidden = None
+    if variant == "axial":
+        key_fn, _ = axial_keys(total)
+        hidden = torch.randn(batch, total, HEADS * DIM, generator=generator)
+        kwargs["abstraction_key_fn"] = key_fn
+    full = combiner_attention(q, k, v, causal=True, hidden_states=hidden, **kwargs)
+    lengths = torch.tensor([5, 9, 1])
+    prefix = 9
+    state = combiner_prefill_state(
+        q[:, :, :prefix],
+        k[:, :, :prefix],
+        v[:, :, :prefix],
+        lengths,
+        hidden_states=None if hidden is None else hidden[:, :prefix],
+        **kwargs,
+    )
+    position = lengths.clone()
+    rows = torch.arange(batch)
+    with torch.no_grad():
+        for step in range(14):
+            valid = torch.ones(batch, dtype=torch.bool)
+            if step == 3:
+                valid[1] = False  # a padding token: sample 1 must not move
+            at = position
+            out, state = combiner_step(
+                q[rows, :, at],
+                k[rows, :, at],
+                v[rows, :, at],
+                state,
+                valid=valid,
+                hidden_states=None if hidden is None else hidden[rows, at],
+                **kwargs,
+            )
+            torch.testing.assert_close(out[valid], full[rows, :, at][valid], rtol=0, atol=1e-5)
+            position = position + valid.long()
+    assert state["length"].tolist() == position.tolist()
+
+
+def test_step_cost_does_not_grow_with_the_prefix():
+    """Fixed decoding attends to s + L/s entries: the span-summary buffer holds L/s entries, not L."""
+    q, k, v = (torch.randn(1, 1, 256, DIM) for _ in range(3))
+    state = combiner_prefill_state(q, k, v, torch.tensor([256]), combiner_type="fixed", block_size=16)
+    assert state["span_k"].shape[2] == 16 and state["seg_k"].shape[2] == 16
+    state = combiner_prefill_state(
+        q,
+        k,
+        v,
+        torch.tensor([256]),
+        combiner_type="axial",
+        block_size=16,
+        abstraction_key_fn=lambda a, x: a,
+        hidden_states=torch.randn(1, 256, DIM),
+    )
+    assert state["abs_k"].shape[2:4] == (16, 16) and state["row_k"].shape[2] == 16

@@ -101,8 +101,10 @@ def implied_attention(
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
     abstraction_key_fn=None,
+    hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The dense implied attention matrix `(B, H, L, L)` (float64). Rows of padded queries are left at zero."""
+    input_dtype = v.dtype
     q, k, v = q.double(), k.double(), v.double()
     batch_size, num_heads, length, head_dim = q.shape
     scale = 1.0 / math.sqrt(head_dim)
@@ -126,7 +128,11 @@ def implied_attention(
                 query = q[b, :, slot] if slot < length and mask[b, slot] else torch.zeros_like(q[b, :, 0])
                 logits = torch.stack([query[h] @ k[b, h, members].T for h in range(num_heads)]) * scale
                 row_output[b, :, slot] = torch.einsum("hj,hjd->hd", logits.softmax(-1), v[b][:, members])
-        abstraction_keys = abstraction_key_fn(row_output.to(q.dtype)).double()
+        hidden = None
+        if hidden_states is not None:  # x on the padded grid, zero at padded positions
+            hidden = torch.zeros(batch_size, padded, hidden_states.shape[-1], dtype=hidden_states.dtype)
+            hidden[:, :length] = hidden_states * mask[..., None]
+        abstraction_keys = abstraction_key_fn(row_output.to(input_dtype), hidden).double()
 
     attn = torch.zeros(batch_size, num_heads, length, length, dtype=torch.float64)
     for b in range(batch_size):

@@ -306,32 +306,37 @@ def axial_abstraction_keys(
     key_weight: torch.Tensor,
     *,
     norm_eps: float,
-    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Keys of Combiner-Axial's column abstractions: `k_(r,c) = W_k LayerNorm(x_(r,c) + W_o a_(r,c))`.
 
+    This is the `abstraction_key_fn` the module passes to the Axial op, with its parameters bound.
+
     Args:
-        row_output: `(B, H, Lp, Dv)`, `a_(r,c)`: the attention of the query at (r, c) over its whole row r.
-        hidden_states: `(B, L, d)`, `x`: the attention layer's input (`L <= Lp`; zero-padded to `Lp`).
+        row_output: `(B, H, n, Dv)`, `a_(r,c)`: the attention of the query at (r, c) over its whole row r.
+        hidden_states: `(B, n, d)`, `x`: the attention layer's input at the same positions (the ops pass zeros at
+            padded positions, so the pad content never matters).
         out_weight: `(d, H * Dv)`, `W_o`. norm_weight, norm_bias: `(d,)`. key_weight: `(H * D, d)`, `W_k`.
-        key_mask: `(B, L)`; padded positions use `x = 0`, so the pad content never matters.
 
     Returns:
-        `(B, H, Lp, D)`.
+        `(B, H, n, D)`.
     """
-    batch_size, num_heads, padded, _ = row_output.shape
-    merged = row_output.transpose(1, 2).flatten(2)  # (B, Lp, H * Dv)
-    x = hidden_states
-    if key_mask is not None:
-        x = x.masked_fill(~key_mask.bool()[..., None], 0.0)
-    x = _pad_length(x, padded, dim=1)
-    y = F.linear(merged.to(out_weight.dtype), out_weight) + x.to(out_weight.dtype)
+    num_heads = row_output.shape[1]
+    merged = row_output.transpose(1, 2).flatten(2)  # (B, n, H * Dv)
+    y = F.linear(merged.to(out_weight.dtype), out_weight) + hidden_states.to(out_weight.dtype)
     y = F.layer_norm(y, (y.shape[-1],), norm_weight, norm_bias, norm_eps)
-    keys = F.linear(y, key_weight)  # (B, Lp, H * D)
+    keys = F.linear(y, key_weight)  # (B, n, H * D)
     return keys.unflatten(-1, (num_heads, -1)).transpose(1, 2).to(row_output.dtype)
 
 
-def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn):
+def _masked_hidden(hidden_states, real, padded):
+    """`(B, L, d)` -> `(B, Lp, d)`, zero at padded positions (None stays None)."""
+    if hidden_states is None:
+        return None
+    hidden_states = _pad_length(hidden_states, padded, dim=1)
+    return hidden_states.masked_fill(~real[..., None], 0.0)
+
+
+def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden_states):
     """Values and keys of the column abstractions of every row: `(B, H, R, C, Dv)`, `(B, H, R, C, D)`.
 
     The abstraction (r, c) summarises the whole row r for queries in column c: its value is the attention of the
@@ -344,7 +349,7 @@ def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn):
     abs_logits = row_logits.masked_fill(~slot_real, 0.0)  # zero query at padded slots
     weights = _softmax(abs_logits, real_b[:, :, :, None, :].expand_as(abs_logits)).to(vb.dtype)
     row_output = weights @ vb  # (B, H, R, C, Dv)
-    keys = abstraction_key_fn(row_output.flatten(2, 3))
+    keys = abstraction_key_fn(row_output.flatten(2, 3), hidden_states)
     expected = (batch_size, num_heads, rows * cols, qb.shape[-1])
     if tuple(keys.shape) != expected:
         raise ValueError(f"abstraction_key_fn must return {expected}, got {tuple(keys.shape)}.")
@@ -358,7 +363,8 @@ def axial_attention(
     *,
     causal: bool,
     block_size: int,
-    abstraction_key_fn: Callable[[torch.Tensor], torch.Tensor],
+    abstraction_key_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    hidden_states: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Combiner-Axial (row-major): view the sequence as `R` rows of `C = block_size` columns, position
@@ -375,8 +381,10 @@ def axial_attention(
     abstractions (t, c)), one softmax over `(B, H, R, C, C + R)`. Cost O(L (C + R)).
 
     Args:
-        abstraction_key_fn: maps the row-attention outputs `(B, H, Lp, Dv)` to the abstraction keys `(B, H, Lp, D)`
-            (`Lp` = L padded to a multiple of `C`).
+        abstraction_key_fn: `(row_output (B, H, Lp, Dv), hidden_states (B, Lp, d) or None) -> keys (B, H, Lp, D)`,
+            e.g. `axial_abstraction_keys` with the module's parameters bound (`Lp` = L padded to a multiple of C).
+        hidden_states: `(B, L, d)`, the layer input `x` the keys are computed from; zero-padded to `Lp` and zeroed
+            at padded positions before the call.
 
     Returns `(B, H, L, Dv)`.
     """
@@ -387,7 +395,8 @@ def axial_attention(
     real_b = real.view(batch_size, 1, rows, cols)
 
     row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C)
-    abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn)
+    hidden = _masked_hidden(hidden_states, real, padded)
+    abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden)
 
     direct_ok = real_b[:, :, :, None, :]
     if causal:
@@ -521,7 +530,8 @@ def combiner_attention(
     block_size: int,
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
-    abstraction_key_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    abstraction_key_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op."""
     if combiner_type == "fixed":
@@ -534,13 +544,379 @@ def combiner_attention(
         if abstraction_key_fn is None:
             raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
         return axial_attention(
-            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, abstraction_key_fn=abstraction_key_fn
+            q,
+            k,
+            v,
+            causal=causal,
+            block_size=block_size,
+            key_mask=key_mask,
+            abstraction_key_fn=abstraction_key_fn,
+            hidden_states=hidden_states,
         )
     if combiner_type == "mixture":
         return mixture_attention(
             q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary
         )
     raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding: the state after a prefix, and one new token per sample
+# ----------------------------------------------------------------------------------------------------------------------
+# A state is a dict of tensors with the batch on dim 0 (so a generic cache can reorder / expand / select it). Every
+# sample has its own position `length[b]` (the number of real tokens it has seen): the model packs real tokens to
+# the front, so a left-padded prompt starts its blocks at its first real token, exactly as the sample alone. Stored
+# queries are already scaled by 1/sqrt(D). Buffers that grow (completed-span summaries, raw keys) double their
+# capacity when full, and are written in place outside autograd, so a step never copies O(L) data.
+#
+#   fixed:     seg_q/k/v (B,H,s,.) ring of the current segment; span_k/v (B,H,N,.) summaries of its segments.
+#   axial:     row_q/k/v (B,H,C,.) and row_x (B,C,d) ring of the current row; abs_k/v (B,H,R,C,.) abstractions.
+#   logsparse: q/k/v (B,H,cap,.) every token (a span is summarised when it completes, from its raw tokens);
+#              level{l}_k/v (B,H,n_l,.) summaries of the completed aligned blocks of size 2^l, l >= 1.
+#   mixture:   q/k/v (B,H,cap,.) every token (own column, column spans); col_k/v (B,H,C,.) column spans above
+#              the current row; left_k/v, right_k/v (B,H,R,C,.) row spans of completed rows.
+#
+# Per step: Fixed O(s + L/s), Axial O(C + R), Mixture O(C + R) attended entries; Logsparse 1 + log2 L. Summaries
+# are computed once, when their span completes (amortised O(1) per span entry and step).
+
+
+def _grow(buffer: torch.Tensor, size: int, dim: int = 2, multiple: int = 1) -> torch.Tensor:
+    """Make `buffer.shape[dim] >= size` (doubling, rounded up to `multiple`); new entries are zero."""
+    current = buffer.shape[dim]
+    if current >= size:
+        return buffer
+    target = max(size, 2 * current)
+    target = -(-target // multiple) * multiple
+    return _pad_length(buffer, target, dim=dim)
+
+
+def _write(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, where: torch.Tensor, dim: int = 2):
+    """`buffer[b, (h,) index[b]] = values[b]` for the samples where `where` (B,) is True; `dim` in {1, 2}.
+
+    In place when no gradient is involved (the cache case), so the cost is O(|values|), not O(|buffer|).
+    """
+    rows = where.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return buffer
+    if dim == 1:
+        indices = (rows, index[rows])
+    else:
+        heads = torch.arange(buffer.shape[1], device=buffer.device)
+        indices = (rows[:, None], heads[None, :], index[rows][:, None])
+    new = values[rows].to(buffer.dtype)
+    if torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad):
+        return buffer.index_put(indices, new)
+    return buffer.index_put_(indices, new)
+
+
+def _gather(buffer: torch.Tensor, index: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """`(B, H, N, ...)`, index `(B, K)` -> `(B, H, K, ...)`: per-sample entries along `dim`."""
+    shape = list(buffer.shape)
+    shape[dim] = index.shape[1]
+    view = [index.shape[0]] + [1] * (buffer.ndim - 1)
+    view[dim] = index.shape[1]
+    return buffer.gather(dim, index.view(view).expand(shape))
+
+
+def _step_softmax(parts, dtype):
+    """Joint softmax of a step: parts of `(logits (B, H, n), allowed (B, n))`."""
+    return _joint_softmax([(logits, allowed[:, None, :]) for logits, allowed in parts], dtype)
+
+
+def _all_real(batch_size: int, *shape: int, device=None) -> torch.Tensor:
+    return torch.ones(batch_size, 1, *shape, dtype=torch.bool, device=device)
+
+
+def combiner_prefill_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    combiner_type: str,
+    block_size: int,
+    span_summary: str = "max",
+    abstraction_key_fn: Callable | None = None,
+    hidden_states: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The decoding state after a prefix (computed in one vectorised pass, no loop over positions).
+
+    Args:
+        q, k, v: `(B, H, T, .)` of the prefix, each sample's `lengths[b]` real tokens first (right padding).
+        lengths: `(B,)` long, the number of real tokens of each sample.
+        hidden_states: `(B, T, d)` (Axial: the layer input, needed for the abstraction keys of its current row).
+    """
+    _check_summary(span_summary)
+    batch_size, num_heads, total, _ = q.shape
+    device = q.device
+    q = q * q.shape[-1] ** -0.5
+    lengths = lengths.to(device=device, dtype=torch.long)
+    if combiner_type == "logsparse":
+        real = torch.arange(total, device=device)[None] < lengths[:, None]
+        state = {"q": q, "k": k, "v": v, "length": lengths}
+        for level in range(1, num_logsparse_levels(total + 1)):
+            size = 2**level
+            num_blocks = -(-total // size)
+            blocks = [_pad_length(t, num_blocks * size).unflatten(2, (num_blocks, size)) for t in (q, k, v)]
+            real_b = _pad_length(real, num_blocks * size, dim=-1).view(batch_size, 1, num_blocks, size)
+            state[f"level{level}_k"], state[f"level{level}_v"], _ = block_summaries(*blocks, real_b, span_summary)
+        return state
+    if combiner_type not in ("fixed", "axial", "mixture"):
+        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+
+    s = block_size
+    padded = -(-total // s) * s
+    n = padded // s
+    q, k, v = (_pad_length(t, padded) for t in (q, k, v))
+    real = torch.arange(padded, device=device)[None] < lengths[:, None]
+    qb, kb, vb = (t.unflatten(2, (n, s)) for t in (q, k, v))
+    real_b = real.view(batch_size, 1, n, s)
+    current = lengths // s  # the segment / row the next token falls into
+    ring = (current * s)[:, None] + torch.arange(s, device=device)  # its positions
+    ring = ring.clamp(max=padded - 1)  # slots not yet written are never read
+    state = {"length": lengths}
+    if combiner_type == "fixed":
+        state["span_k"], state["span_v"], _ = block_summaries(qb, kb, vb, real_b, span_summary)
+        state["seg_q"], state["seg_k"], state["seg_v"] = (_gather(t, ring) for t in (q, k, v))
+        return state
+    if combiner_type == "axial":
+        if abstraction_key_fn is None:
+            raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
+        if hidden_states is None:
+            raise ValueError("combiner_type='axial' needs the layer's `hidden_states` to build its decoding state.")
+        hidden = _masked_hidden(hidden_states, real, padded)
+        row_logits = qb @ kb.transpose(-1, -2)
+        state["abs_v"], state["abs_k"] = _axial_row_abstractions(
+            qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden
+        )
+        state["row_q"], state["row_k"], state["row_v"] = (_gather(t, ring) for t in (q, k, v))
+        state["row_x"] = hidden.gather(1, ring[..., None].expand(-1, -1, hidden.shape[-1]))
+        return state
+    # mixture
+    state.update(q=q, k=k, v=v)
+    for side, reverse in (("left", False), ("right", True)):
+        key, value, _ = _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=3, reverse=reverse)
+        state[f"{side}_k"], state[f"{side}_v"] = key, value
+    above = real_b & (torch.arange(n, device=device)[None, :] < current[:, None])[:, None, :, None]
+    state["col_k"], state["col_v"] = _column_summaries(qb, kb, vb, above, span_summary)
+    return state
+
+
+def _column_summaries(qb, kb, vb, real_b, span_summary):
+    """Mixture: summary of each column over the rows where `real_b` `(B, 1, R, C)`: keys `(B, H, C, D)`, values."""
+    span_query = pool(qb, real_b[..., None], dim=2, span_summary=span_summary)
+    span_key = pool(kb, real_b[..., None], dim=2, span_summary=span_summary)
+    logits = torch.einsum("bhcd,bhtcd->bhct", span_query, kb)
+    weights = _softmax(logits, real_b.permute(0, 1, 3, 2).expand_as(logits)).to(vb.dtype)
+    return span_key, torch.einsum("bhct,bhtcd->bhcd", weights, vb)
+
+
+def combiner_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    *,
+    combiner_type: str,
+    block_size: int,
+    span_summary: str = "max",
+    valid: torch.Tensor | None = None,
+    abstraction_key_fn: Callable | None = None,
+    hidden_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One causal decoding step: the new token of each sample (at position `state["length"][b]`) attends to the
+    state, which it then joins.
+
+    Args:
+        q, k: `(B, H, D)`, v: `(B, H, Dv)` of the new token. hidden_states: `(B, d)` (Axial).
+        state: from `combiner_prefill_state` or an earlier step (updated in place where possible, and returned).
+        valid: `(B,)` bool; False marks a padding token: that sample's state is left unchanged.
+
+    Returns:
+        `(B, H, Dv)` and the new state. The output equals the full causal op at that position.
+    """
+    _check_summary(span_summary)
+    batch_size = q.shape[0]
+    q = q * q.shape[-1] ** -0.5
+    valid = torch.ones(batch_size, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
+    state = dict(state)
+    if combiner_type == "fixed":
+        out = _fixed_step(q, k, v, state, block_size, span_summary, valid)
+    elif combiner_type == "logsparse":
+        out = _logsparse_step(q, k, v, state, span_summary, valid)
+    elif combiner_type == "axial":
+        if abstraction_key_fn is None or hidden_states is None:
+            raise ValueError("combiner_type='axial' needs `abstraction_key_fn` and `hidden_states` to decode.")
+        out = _axial_step(q, k, v, hidden_states, state, block_size, abstraction_key_fn, valid)
+    elif combiner_type == "mixture":
+        out = _mixture_step(q, k, v, state, block_size, span_summary, valid)
+    else:
+        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+    state["length"] = state["length"] + valid.long()
+    return out, state
+
+
+def _fixed_step(q, k, v, state, s, span_summary, valid):
+    length = state["length"]
+    slot, seg = length % s, length // s
+    for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v)):
+        state[name] = _write(state[name], slot, t, valid)
+    arange_s = torch.arange(s, device=q.device)
+    direct = torch.einsum("bhd,bhjd->bhj", q, state["seg_k"])  # own segment, slots <= current
+    span_k, span_v = state["span_k"], state["span_v"]
+    span = torch.einsum("bhd,bhnd->bhn", q, span_k)  # earlier segments
+    p_direct, p_span = _step_softmax(
+        [
+            (direct, arange_s[None] <= slot[:, None]),
+            (span, torch.arange(span_k.shape[2], device=q.device)[None] < seg[:, None]),
+        ],
+        v.dtype,
+    )
+    out = torch.einsum("bhj,bhjd->bhd", p_direct, state["seg_v"]) + torch.einsum("bhn,bhnd->bhd", p_span, span_v)
+
+    done = valid & (slot == s - 1)  # the segment is complete: summarise it once
+    if bool(done.any()):
+        rows = done.nonzero().squeeze(1)
+        seg_blocks = [state[name][rows][:, :, None] for name in ("seg_q", "seg_k", "seg_v")]
+        key, value, _ = block_summaries(*seg_blocks, _all_real(len(rows), 1, s, device=q.device), span_summary)
+        needed = int(seg.max()) + 1
+        state["span_k"], state["span_v"] = _grow(span_k, needed), _grow(span_v, needed)
+        state["span_k"] = _write(state["span_k"], seg, _expand_rows(key[:, :, 0], rows, q.shape[0]), done)
+        state["span_v"] = _write(state["span_v"], seg, _expand_rows(value[:, :, 0], rows, q.shape[0]), done)
+    return out
+
+
+def _expand_rows(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Values computed for the samples `rows` only, scattered into a batch-sized tensor (other rows zero)."""
+    full = values.new_zeros((batch_size,) + tuple(values.shape[1:]))
+    full[rows] = values
+    return full
+
+
+def _logsparse_step(q, k, v, state, span_summary, valid):
+    length = state["length"]
+    needed = int(length.max()) + 1
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        state[name] = _write(_grow(state[name], needed), length, t, valid)
+
+    parts = [((q * k).sum(-1, keepdim=True), torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device))]  # {i}
+    values = [v[:, :, None]]
+    for level in range(int(length.max()).bit_length()):  # O(log L) levels, one span each
+        has_span = ((length >> level) & 1).bool()  # bit l of i set: the left sibling block exists
+        block = ((length >> level) - 1).clamp(min=0)
+        key_buf, value_buf = (
+            (state["k"], state["v"]) if level == 0 else (state[f"level{level}_k"], state[f"level{level}_v"])
+        )
+        block = block.clamp(max=key_buf.shape[2] - 1)[:, None]
+        key, value = _gather(key_buf, block), _gather(value_buf, block)  # (B, H, 1, .)
+        parts.append(((q[:, :, None] * key).sum(-1), has_span[:, None]))
+        values.append(value)
+    probs = _step_softmax(parts, v.dtype)
+    out = sum((p[..., None] * value).sum(2) for p, value in zip(probs, values))
+
+    end = length + 1
+    for level in range(1, int(end.max()).bit_length()):
+        size = 2**level
+        done = valid & (end % size == 0)  # a block of size 2^l just completed: summarise it from its tokens
+        if not bool(done.any()):
+            continue
+        rows = done.nonzero().squeeze(1)
+        positions = (end[rows] - size)[:, None] + torch.arange(size, device=q.device)
+        blocks = [_gather(state[name][rows], positions)[:, :, None] for name in ("q", "k", "v")]
+        key, value, _ = block_summaries(*blocks, _all_real(len(rows), 1, size, device=q.device), span_summary)
+        index = end // size - 1
+        for name, summary in ((f"level{level}_k", key), (f"level{level}_v", value)):
+            buffer = state.get(name)
+            if buffer is None:
+                buffer = summary.new_zeros(q.shape[0], summary.shape[1], 1, summary.shape[-1])
+            buffer = _grow(buffer, int(index[rows].max()) + 1)
+            state[name] = _write(buffer, index, _expand_rows(summary[:, :, 0], rows, q.shape[0]), done)
+    return out
+
+
+def _axial_step(q, k, v, x, state, cols, abstraction_key_fn, valid):
+    length = state["length"]
+    col, row = length % cols, length // cols
+    for name, t in (("row_q", q), ("row_k", k), ("row_v", v)):
+        state[name] = _write(state[name], col, t, valid)
+    state["row_x"] = _write(state["row_x"], col, x, valid, dim=1)
+    abs_k = _gather(state["abs_k"], col[:, None], dim=3)[:, :, :, 0]  # (B, H, R, D): abstractions of column c
+    abs_v = _gather(state["abs_v"], col[:, None], dim=3)[:, :, :, 0]
+    direct = torch.einsum("bhd,bhjd->bhj", q, state["row_k"])
+    span = torch.einsum("bhd,bhrd->bhr", q, abs_k)
+    p_direct, p_span = _step_softmax(
+        [
+            (direct, torch.arange(cols, device=q.device)[None] <= col[:, None]),
+            (span, torch.arange(abs_k.shape[2], device=q.device)[None] < row[:, None]),
+        ],
+        v.dtype,
+    )
+    out = torch.einsum("bhj,bhjd->bhd", p_direct, state["row_v"]) + torch.einsum("bhr,bhrd->bhd", p_span, abs_v)
+
+    done = valid & (col == cols - 1)  # the row is complete: build its C column abstractions once
+    if bool(done.any()):
+        rows = done.nonzero().squeeze(1)
+        qb, kb, vb = (state[name][rows][:, :, None] for name in ("row_q", "row_k", "row_v"))
+        real_b = _all_real(len(rows), 1, cols, device=q.device)
+        value, key = _axial_row_abstractions(
+            qb, kb, vb, real_b, qb @ kb.transpose(-1, -2), abstraction_key_fn, state["row_x"][rows]
+        )
+        needed = int(row.max()) + 1
+        for name, summary in (("abs_k", key), ("abs_v", value)):
+            buffer = _grow(state[name], needed)
+            state[name] = _write(buffer, row, _expand_rows(summary[:, :, 0], rows, q.shape[0]), done)
+    return out
+
+
+def _mixture_step(q, k, v, state, cols, span_summary, valid):
+    length = state["length"]
+    col, row = length % cols, length // cols
+    needed = int(length.max()) + 1
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        state[name] = _write(_grow(state[name], needed, multiple=cols), length, t, valid)
+    device, arange_c = q.device, torch.arange(cols, device=q.device)
+    num_rows = state["k"].shape[2] // cols
+
+    row_pos = (row * cols)[:, None] + arange_c  # own row
+    col_pos = torch.arange(num_rows, device=device)[None] * cols + col[:, None]  # own column
+    left_rows = torch.arange(state["left_k"].shape[2], device=device)
+    parts, values = [], []
+    for positions, allowed in ((row_pos, arange_c[None] <= col[:, None]), (col_pos, col_pos < row_pos[:, :1])):
+        parts.append((torch.einsum("bhd,bhjd->bhj", q, _gather(state["k"], positions)), allowed))
+        values.append(_gather(state["v"], positions))
+    # column spans: every other column, rows above
+    parts.append(
+        (torch.einsum("bhd,bhmd->bhm", q, state["col_k"]), (arange_c[None] != col[:, None]) & (row > 0)[:, None])
+    )
+    values.append(state["col_v"])
+    # row spans of the earlier rows, left and right of the own column
+    earlier = left_rows[None] < row[:, None]
+    for side, has in (("left", col > 0), ("right", col < cols - 1)):
+        key = _gather(state[f"{side}_k"], col[:, None], dim=3)[:, :, :, 0]
+        parts.append((torch.einsum("bhd,bhtd->bht", q, key), earlier & has[:, None]))
+        values.append(_gather(state[f"{side}_v"], col[:, None], dim=3)[:, :, :, 0])
+    probs = _step_softmax(parts, v.dtype)
+    out = sum(torch.einsum("bhj,bhjd->bhd", p, value) for p, value in zip(probs, values))
+
+    done = valid & (col == cols - 1)  # the row is complete: its row spans, and the column spans grow by a row
+    if bool(done.any()):
+        rows = done.nonzero().squeeze(1)
+        grid = [state[name][rows].unflatten(2, (num_rows, cols)) for name in ("q", "k", "v")]  # (b', H, R, C, .)
+        own = [_gather(t, row[rows][:, None]) for t in grid]  # (b', H, 1, C, .)
+        real_row = _all_real(len(rows), 1, cols, device=device)
+        batch = q.shape[0]
+        for side, reverse in (("left", False), ("right", True)):
+            key, value, _ = _running_span_summaries(*own, real_row, span_summary, dim=3, reverse=reverse)
+            for name, summary in ((f"{side}_k", key), (f"{side}_v", value)):
+                buffer = _grow(state[name], int(row.max()) + 1)
+                state[name] = _write(buffer, row, _expand_rows(summary[:, :, 0], rows, batch), done)
+        above = (torch.arange(num_rows, device=device)[None] <= row[rows][:, None])[:, None, :, None]
+        key, value = _column_summaries(*grid, above.expand(-1, -1, -1, cols), span_summary)
+        for name, summary in (("col_k", key), ("col_v", value)):
+            buffer = state[name].clone() if state[name].requires_grad else state[name]
+            buffer[rows] = summary.to(buffer.dtype)
+            state[name] = buffer
+    return out
 
 
 __all__ = [
@@ -550,6 +926,8 @@ __all__ = [
     "axial_attention",
     "block_summaries",
     "combiner_attention",
+    "combiner_prefill_state",
+    "combiner_step",
     "cumulative_pool",
     "fixed_attention",
     "logsparse_attention",
