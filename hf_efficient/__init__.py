@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # model_type -> subpackage of hf_efficient.models. Each subpackage exports `<Arch>Config` and `AUTO_MAPPING`.
 ARCHITECTURES = {
     "gmlp": "gmlp",
+    "aft": "aft",
 }
 
 

@@ -1,0 +1,748 @@
+"""Attention Free Transformer (Zhai et al., 2021, "An Attention Free Transformer") as transformers models.
+
+Reads top to bottom in the order data flows: decoding cache -> position bias -> AFT layer -> FFN -> block ->
+PreTrainedModel -> base model -> heads. The AFT maths (all four variants, stable and certified, plus the decoding
+steps) lives in `ops_aft.py`.
+"""
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    ImageClassifierOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_aft import AFTConfig
+from .ops_aft import (
+    AFTState,
+    aft_conv1d,
+    aft_conv1d_step,
+    aft_conv2d,
+    aft_full,
+    aft_full_step,
+    aft_local,
+    aft_local_step,
+    aft_simple,
+    aft_simple_step,
+    local_window_offsets,
+)
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCacheLayer with GMLP->AFT
+class AFTCacheLayer(CacheLayerMixin):
+    """One layer's decoding state: named tensors, each with the batch on dim 0.
+
+    The layer that owns the state decides what the tensors mean (past gate inputs, running sums, rolling windows,
+    span summaries...); this class only keeps them, counts the tokens seen, and applies the batch operations that
+    `generate()` needs (beam reordering, batch expansion and selection) to every tensor alike.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.states: dict[str, torch.Tensor] = {}
+        self.num_seen_tokens = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} keeps named states, not keys/values: use `cache.update_states(layer_idx, ...)`."
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.num_seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.states = {}
+        self.num_seen_tokens = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError(f"{type(self).__name__} cannot be cropped (its states are not per token).")
+
+    def offload(self):
+        self.states = {name: t.to("cpu", non_blocking=True) for name, t in self.states.items()}
+
+    def prefetch(self):
+        if self.is_initialized:
+            self.states = {name: t.to(self.device, non_blocking=True) for name, t in self.states.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.states = {name: t.index_select(0, beam_idx.to(t.device)) for name, t in self.states.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.states = {name: t.repeat_interleave(repeats, dim=0) for name, t in self.states.items()}
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.states = {name: t[indices, ...] for name, t in self.states.items()}
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCache with GMLP->AFT, a gMLP->an AFT
+class AFTCache(Cache):
+    """Decoding cache of an AFT model, one `AFTCacheLayer` of named states per block.
+
+    A `transformers.cache_utils.Cache`, so `generate()` (greedy, sampling, beam search), `get_seq_length()` and
+    continuing from a returned cache work as with a KV cache.
+    """
+
+    def __init__(self, config: AFTConfig | None = None, num_layers: int | None = None):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("AFTCache needs a `config` or `num_layers`.")
+            num_layers = config.num_hidden_layers
+        super().__init__(layers=[AFTCacheLayer() for _ in range(num_layers)])
+
+    def get_states(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """The states stored for `layer_idx` (empty before the first forward)."""
+        return self.layers[layer_idx].states
+
+    def update_states(self, layer_idx: int, num_new_tokens: int, **states: torch.Tensor) -> None:
+        """Replace the states of `layer_idx` after it consumed `num_new_tokens` more tokens."""
+        layer = self.layers[layer_idx]
+        layer.states.update(states)
+        layer.num_seen_tokens += num_new_tokens
+        if states and not layer.is_initialized:
+            layer.is_initialized = True
+            layer.device = next(iter(states.values())).device
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp.drop_path
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    return hidden_states * keep / keep_prob
+
+
+class AFTPositionBias(nn.Module):
+    """The learned position bias `w` of AFT-full / AFT-local, shared by all channels of a layer.
+
+    Factorised `w = u v^T` with `u, v` of shape `(n, d')` (the paper's default), or a learned `(n, n)` matrix when
+    `position_bias_dim` is None; `n = max_position_embeddings`. Positions are contiguous per sample:
+    position `start_b + i` for index `i` (`start_b < 0` for left-padded samples, whose padding is masked anyway);
+    indices outside `[0, n)` are clamped (they only ever meet masked keys or discarded queries).
+    """
+
+    def __init__(self, config: AFTConfig):
+        super().__init__()
+        n = config.max_position_embeddings
+        self.max_positions = n
+        if config.position_bias_dim is None:
+            self.weight = nn.Parameter(torch.empty(n, n))
+            self.u = self.v = None
+        else:
+            self.weight = None
+            self.u = nn.Parameter(torch.empty(n, config.position_bias_dim))
+            self.v = nn.Parameter(torch.empty(n, config.position_bias_dim))
+
+    def _index(self, start: torch.Tensor, offsets: torch.Tensor) -> torch.LongTensor:
+        """(Bp, *offsets.shape) clamped positions `start_b + offsets`."""
+        return (start.view(-1, *([1] * offsets.dim())) + offsets).clamp(0, self.max_positions - 1)
+
+    def matrix(self, query_start: torch.Tensor, num_queries: int, key_start: torch.Tensor, num_keys: int):
+        """AFT-full bias `(Bp, Lq, Lk)`: `w[query_start + i, key_start + j]`."""
+        device = query_start.device
+        rows = self._index(query_start, torch.arange(num_queries, device=device))
+        cols = self._index(key_start, torch.arange(num_keys, device=device))
+        if self.weight is not None:
+            return self.weight[rows[:, :, None], cols[:, None, :]]
+        return torch.matmul(self.u[rows], self.v[cols].transpose(1, 2))
+
+    def band(self, start: torch.Tensor, length: int, window: int, causal: bool) -> torch.Tensor:
+        """AFT-local bias band `(Bp, L, n_w)`: `band[t, j] = w[p_t, p_t + o_j]` with `p_t = start + t` and the window
+        offsets `o_j` of `local_window_offsets` (no `(L, n_w, d')` tensor: blocked matmul for the factorised form).
+        """
+        device = start.device
+        offsets = torch.tensor(list(local_window_offsets(window, causal)), device=device)
+        if self.weight is not None:
+            rows = self._index(start, torch.arange(length, device=device))
+            cols = (rows[..., None] + offsets).clamp(0, self.max_positions - 1)
+            return self.weight[rows[..., None], cols]
+        # Query blocks of `window` positions against the strip of keys [block - window, block + 2 window):
+        # (Bp, n, s, d') @ (Bp, n, d', 3s) -> (Bp, n, s, 3s), then pick each row's n_w band columns.
+        n = -(-length // window)
+        strip = (2 if causal else 3) * window
+        u = self.u[self._index(start, torch.arange(n * window, device=device))].view(-1, n, window, self.u.shape[1])
+        key_range = torch.arange(-window, (n + (0 if causal else 1)) * window, device=device)
+        v = self.v[self._index(start, key_range)]  # (Bp, (n + 2|3) * s, d')
+        blocks = torch.matmul(u, v.unfold(1, strip, window))  # (Bp, n, s, strip)
+        column = torch.arange(window, device=device)[:, None] + window + offsets[None, :]  # strip index of o_j
+        band = blocks.gather(-1, column.expand(*blocks.shape[:2], window, offsets.numel()))
+        return band.reshape(blocks.shape[0], n * window, -1)[:, :length]
+
+    def row(self, position: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """One query's bias `(Bp, K)` over key positions `position + offsets` (decoding)."""
+        rows = self._index(position, torch.zeros(1, dtype=torch.long, device=position.device))
+        cols = self._index(position, offsets)
+        if self.weight is not None:
+            return self.weight[rows, cols]
+        return (self.u[rows] * self.v[cols]).sum(-1)
+
+
+class AFTLayer(nn.Module):
+    """The AFT token mixer: `o_proj(sigmoid(Q) * AFT-average(K, V, w))` with `Q, K, V` linear projections.
+
+    AFT-conv: `K` has `num_heads` channels and `w` is a per-head kernel, reparameterised
+    `gamma * (w - mean) / std + beta` with `gamma = beta = 0` at init (AFT-conv starts as AFT-simple).
+    """
+
+    def __init__(self, config: AFTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.aft_type = config.aft_type
+        self.window = config.local_window
+        self.grid_size = config.grid_size
+        key_channels = config.num_heads if config.aft_type == "conv" else d
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, key_channels)
+        self.v_proj = nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+        self.position_bias = AFTPositionBias(config) if config.aft_type in ("full", "local") else None
+        if config.aft_type == "conv":
+            size = config.conv_kernel_size
+            shape = (config.num_heads, size, size) if config.is_vision else (config.num_heads, size)
+            self.conv_weight = nn.Parameter(torch.empty(shape))
+            self.conv_gamma = nn.Parameter(torch.empty(config.num_heads))
+            self.conv_beta = nn.Parameter(torch.empty(config.num_heads))
+
+    def conv_kernel(self) -> torch.Tensor:
+        """The reparameterised AFT-conv kernel `gamma * (w - mean) / std + beta`, per head."""
+        flat = self.conv_weight.flatten(1)
+        mean = flat.mean(-1, keepdim=True)
+        std = flat.std(-1, unbiased=False, keepdim=True)
+        kernel = self.conv_gamma[:, None] * (flat - mean) / (std + 1e-5) + self.conv_beta[:, None]
+        return kernel.view_as(self.conv_weight)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        causal: bool,
+        start: torch.Tensor | None,
+        past_length: int = 0,
+        key_mask: torch.Tensor | None = None,
+        state: AFTState | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, AFTState | None]:
+        """
+        Args:
+            hidden_states: `(B, L, d)` (normalised) inputs of the `L` new tokens.
+            start: `(Bp,)` position of index 0 of the sequence (Bp = 1 shared, or B), for the position bias.
+            past_length: tokens already folded into `state`.
+            key_mask: `(B, L)` bool, False on padding of the new tokens (None: no padding).
+            state: decoding state from earlier tokens (causal only); `return_state` returns the updated one.
+        """
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        num_new = hidden_states.shape[1]
+        step = state is not None and num_new == 1  # O(1) / O(s) / O(t) decoding step
+        valid = key_mask[:, 0] if (step and key_mask is not None) else None
+        stateful = dict(initial_state=state, return_state=return_state) if (state is not None or return_state) else {}
+        new_state = None
+        if self.aft_type == "simple":
+            if step:
+                out, new_state = aft_simple_step(query[:, 0], key[:, 0], value[:, 0], state, valid)
+            else:
+                out = aft_simple(query, key, value, causal=causal, key_padding_mask=key_mask, **stateful)
+        elif self.aft_type == "local":
+            if step:
+                offsets = torch.tensor(list(local_window_offsets(self.window, True)), device=start.device)
+                band = self.position_bias.row(start + past_length, offsets)
+                out, new_state = aft_local_step(query[:, 0], key[:, 0], value[:, 0], band, state, valid)
+            else:
+                band = self.position_bias.band(start + past_length, num_new, self.window, causal)
+                band = band if band.shape[0] > 1 else band[0]
+                out = aft_local(
+                    query, key, value, band, self.window, causal=causal, key_padding_mask=key_mask, **stateful
+                )
+        elif self.aft_type == "conv":
+            kernel = self.conv_kernel()
+            if self.grid_size is not None:
+                out = aft_conv2d(query, key, value, kernel, self.grid_size, key_padding_mask=key_mask)
+            elif step:
+                out, new_state = aft_conv1d_step(query[:, 0], key[:, 0], value[:, 0], kernel, state, valid)
+            else:
+                out = aft_conv1d(query, key, value, kernel, causal=causal, key_padding_mask=key_mask, **stateful)
+        else:  # full: the bias of the new queries against every key so far
+            w = self.position_bias.matrix(start + past_length, num_new, start, past_length + num_new)
+            if step:
+                out, new_state = aft_full_step(query[:, 0], key[:, 0], value[:, 0], w[:, 0], state, valid)
+            else:
+                w = w if w.shape[0] > 1 else w[0]
+                out = aft_full(query, key, value, w, causal=causal, key_padding_mask=key_mask, **stateful)
+        if step:
+            out = out[:, None]
+        elif return_state:
+            out, new_state = out
+        return self.o_proj(out), new_state
+
+
+class AFTMLP(nn.Module):
+    """The block's feed-forward network: `fc2(act(fc1(x)))`."""
+
+    def __init__(self, config: AFTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class AFTBlock(GradientCheckpointingLayer):
+    """Pre-LN block: `x + AFT(LN(x))`, then `x + FFN(LN(x))`, each branch with dropout and stochastic depth."""
+
+    def __init__(self, config: AFTConfig, layer_idx: int, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.aft = AFTLayer(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = AFTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        causal: bool = False,
+        start: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        cache: "AFTCache | None" = None,
+    ) -> torch.Tensor:
+        """`hidden_states`: `(B, L, d)`; `start`: `(Bp,)` position of index 0; `key_mask`: `(B, L)` of the new tokens."""
+        past = cache.get_states(self.layer_idx) if cache is not None else {}
+        state = AFTState(**{name: past[name] for name in AFTState._fields}) if "max" in past else None
+        mixed, new_state = self.aft(
+            self.norm1(hidden_states),
+            causal=causal,
+            start=start,
+            past_length=cache.get_seq_length(self.layer_idx) if cache is not None else 0,
+            key_mask=key_mask,
+            state=state,
+            return_state=cache is not None,
+        )
+        hidden_states = hidden_states + drop_path(self.dropout(mixed), self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(
+            self.dropout(self.mlp(self.norm2(hidden_states))), self.drop_path_rate, self.training
+        )
+        if cache is not None:
+            cache.update_states(self.layer_idx, hidden_states.shape[1], **new_state._asdict())
+        return hidden_states
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPPatchEmbeddings with GMLP->AFT
+class AFTPatchEmbeddings(nn.Module):
+    """Patch stem (timm's `stem.proj`): `(B, C, H, W)` -> `(B, (H / p) * (W / p), d)`."""
+
+    def __init__(self, config: AFTConfig):
+        super().__init__()
+        self.image_size = config.image_size
+        self.num_channels = config.num_channels
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+
+
+class AFTPreTrainedModel(PreTrainedModel):
+    config_class = AFTConfig
+    config: AFTConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AFTBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, AFTPositionBias):
+            # The paper: u, v ~ N(0, 1e-2) (std), so every layer starts close to AFT-simple.
+            for param in (module.weight, module.u, module.v):
+                if param is not None:
+                    init.normal_(param, mean=0.0, std=self.config.position_bias_init_std)
+        elif isinstance(module, AFTLayer) and module.aft_type == "conv":
+            # gamma = beta = 0: the reparameterised kernel is 0 at init, i.e. AFT-conv starts as AFT-simple.
+            init.normal_(module.conv_weight, mean=0.0, std=1.0)
+            init.zeros_(module.conv_gamma)
+            init.zeros_(module.conv_beta)
+        elif isinstance(module, AFTModel) and module.class_token is not None:
+            init.normal_(module.class_token, mean=0.0, std=self.config.initializer_range)
+        else:
+            super()._init_weights(module)
+
+    # `generate()` must not build a DynamicCache for us: the base model creates its own `Cache` subclass.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+
+class AFTModel(AFTPreTrainedModel):
+    """The AFT stack: embeddings (tokens, or a patch stem for images), pre-LN AFT blocks, final LayerNorm.
+
+    `causal` (default: `config.causal`) selects the causal AFT (sums over `t' <= t`).
+    Positions are contiguous per sample and start after any left padding, so a left-padded sample sees the
+    same position biases as alone (explicit `position_ids` are not supported: they follow from `attention_mask`).
+    """
+
+    def __init__(self, config: AFTConfig, causal: bool | None = None):
+        super().__init__(config)
+        self.causal = config.causal if causal is None else causal
+        self.embed_tokens = (
+            nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+            if config.vocab_size is not None
+            else None
+        )
+        self.patch_embed = AFTPatchEmbeddings(config) if config.is_vision else None
+        self.class_token = nn.Parameter(torch.empty(1, 1, config.hidden_size)) if config.uses_class_token else None
+        with_positions = config.uses_class_token or (config.position_embeddings and not config.is_vision)
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if with_positions else None
+        )
+        # Stochastic depth grows linearly over the blocks (plain Python: also works on the meta device).
+        rates = [
+            config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)
+        ]
+        self.layers = nn.ModuleList(
+            [AFTBlock(config, idx, drop_path_rate=rates[idx]) for idx in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _embed(self, input_ids, inputs_embeds, pixel_values) -> torch.Tensor:
+        if sum(x is not None for x in (input_ids, inputs_embeds, pixel_values)) != 1:
+            raise ValueError("Pass exactly one of `input_ids`, `inputs_embeds` or `pixel_values`.")
+        if pixel_values is not None:
+            if self.patch_embed is None:
+                raise ValueError("This AFT config has no `image_size`/`patch_size`: it cannot take `pixel_values`.")
+            embeds = self.patch_embed(pixel_values)
+            if self.class_token is not None:
+                embeds = torch.cat([self.class_token.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], 1)
+            return embeds
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if self.embed_tokens is None:
+            raise ValueError("This AFT config has `vocab_size=None` (vision only): it cannot take `input_ids`.")
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: AFTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """
+        Args:
+            input_ids: `(B, L)` token ids; or `inputs_embeds` `(B, L, d)`; or `pixel_values` `(B, C, H, W)`.
+            attention_mask: `(B, T)` 1 for real tokens, 0 for padding, over past + current tokens when a cache is
+                passed (`T = past + L`), else over the `L` current tokens.
+            cache: an `AFTCache` from an earlier call (causal models only).
+            use_cache: return a cache (default: `config.use_cache` for causal models outside training).
+        """
+        if kwargs.get("position_ids") is not None:
+            raise ValueError(
+                "AFT does not take `position_ids`: positions are contiguous per sample and start after the left "
+                "padding given by `attention_mask`."
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states = self._embed(input_ids, inputs_embeds, pixel_values)
+        batch_size, seq_len, _ = hidden_states.shape
+        device = hidden_states.device
+
+        if use_cache is None:
+            use_cache = self.causal and getattr(self.config, "use_cache", True) and not self.training
+        if (use_cache or cache is not None) and not self.causal:
+            if cache is not None:
+                raise ValueError("A cache can only be used with a causal AFT (bidirectional AFT sees the future).")
+            use_cache = False
+        if use_cache and not isinstance(cache, AFTCache):
+            # `generate()` or a user may hand us another (empty) Cache type: replace it by ours.
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(f"AFT needs an AFTCache to continue decoding, got a filled {type(cache).__name__}.")
+            cache = AFTCache(self.config)
+        if not use_cache and cache is not None and not isinstance(cache, AFTCache):
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
+        total_len = past_length + seq_len
+
+        if attention_mask is not None and attention_mask.shape[-1] != total_len:
+            raise ValueError(
+                f"attention_mask has length {attention_mask.shape[-1]}, expected {total_len} "
+                f"(past {past_length} + current {seq_len})."
+            )
+        key_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask[:, -seq_len:] != 0
+        if self.config.needs_positions and total_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Sequence length {total_len} exceeds max_position_embeddings={self.config.max_position_embeddings} "
+                f"of this AFT-{self.config.aft_type} model (the size of its position "
+                f"{'bias' if self.config.aft_type in ('full', 'local') else 'embeddings'})."
+            )
+
+        # Position of index 0 of the sequence: minus the number of leading pads (kept in the cache while decoding).
+        past = cache.get_states(0) if cache is not None else {}
+        if "position_start" in past:
+            start = past["position_start"]
+        elif attention_mask is not None and not bool(attention_mask[:, 0].all()):
+            start = -(attention_mask != 0).long().argmax(-1)
+        else:
+            start = torch.zeros(1, dtype=torch.long, device=device)
+        if self.embed_positions is not None:
+            positions = (start[:, None] + past_length + torch.arange(seq_len, device=device)).clamp(min=0)
+            hidden_states = hidden_states + self.embed_positions(positions)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, causal=self.causal, start=start, key_mask=key_mask, cache=cache)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        if cache is not None:
+            # Model-level bookkeeping, kept in layer 0's states so beam search reorders it with everything else.
+            cache.update_states(0, 0, position_start=start.expand(batch_size).clone())
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            # As in transformers, the last hidden state is the normalised output.
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
+    """AFT language model (causal). Decoding keeps running sums per layer: O(d) state and time per token for
+    AFT-simple, O(s d) for AFT-local / AFT-conv (the window), O(t d) for AFT-full (its bias needs every key)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AFTConfig):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise ValueError("AFTForCausalLM needs a `vocab_size`.")
+        self.model = AFTModel(config, causal=True)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: AFTCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            position_ids=kwargs.pop("position_ids", None),
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+class AFTForMaskedLM(AFTPreTrainedModel):
+    """AFT masked language model (bidirectional)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AFTConfig):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise ValueError("AFTForMaskedLM needs a `vocab_size`.")
+        self.model = AFTModel(config, causal=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            position_ids=kwargs.pop("position_ids", None),
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp._mean_pool
+def _mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real positions: `(B, L, d)` -> `(B, d)`."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)[..., None]
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class AFTForSequenceClassification(AFTPreTrainedModel):
+    """AFT with a linear classifier on the mean of the real positions' final hidden states."""
+
+    def __init__(self, config: AFTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = AFTModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            position_ids=kwargs.pop("position_ids", None),
+        )
+        logits = self.score(_mean_pool(outputs.last_hidden_state, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+class AFTForImageClassification(AFTPreTrainedModel):
+    """Vision AFT: patch stem, bidirectional blocks with stochastic depth, LayerNorm, linear head on the class token
+    (full/local/simple, DeiT style) or on the mean of the patches (AFT-conv, as the paper)."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: AFTConfig):
+        super().__init__(config)
+        if not config.is_vision:
+            raise ValueError("AFTForImageClassification needs `image_size` and `patch_size` in its config.")
+        self.num_labels = config.num_labels
+        self.model = AFTModel(config, causal=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        hidden_states = outputs.last_hidden_state
+        pooled = hidden_states[:, 0] if self.config.uses_class_token else hidden_states.mean(dim=1)
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "AFTCache",
+    "AFTForCausalLM",
+    "AFTForImageClassification",
+    "AFTForMaskedLM",
+    "AFTForSequenceClassification",
+    "AFTModel",
+    "AFTPreTrainedModel",
+]

@@ -1,0 +1,271 @@
+"""Attention Free Transformer: the generic tester for every head and every aft_type, plus AFT specifics."""
+
+import pytest
+import torch
+from transformers import set_seed
+
+from hf_efficient.models.aft import (
+    AFTConfig,
+    AFTForCausalLM,
+    AFTForImageClassification,
+    AFTForMaskedLM,
+    AFTForSequenceClassification,
+    AFTModel,
+)
+from hf_efficient.models.aft.modeling_aft import AFTLayer
+from tests.model_tester import GenericModelTests
+from tests.references.aft_reference import (
+    aft_reference,
+    conv1d_bias,
+    conv2d_bias,
+    local_bias,
+    per_head_to_channels,
+)
+
+MAX_LEN = 16
+ALL_HEADS = [AFTModel, AFTForCausalLM, AFTForMaskedLM, AFTForSequenceClassification, AFTForImageClassification]
+INVALID_CONFIGS = [
+    ({"aft_type": "linear"}, "aft_type"),
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"aft_type": "local", "local_window": 0}, "local_window"),
+    ({"aft_type": "full", "position_bias_dim": -3}, "position_bias_dim"),
+    ({"aft_type": "conv", "hidden_size": 30, "num_heads": 4}, "num_heads"),
+    ({"aft_type": "conv", "conv_kernel_size": 4}, "conv_kernel_size"),
+    ({"image_size": 32}, "patch_size"),
+    ({"image_size": 32, "patch_size": 5}, "patch_size"),
+    (
+        {"aft_type": "full", "image_size": 32, "patch_size": 4, "max_position_embeddings": 64},
+        "max_position_embeddings",
+    ),
+    ({"image_size": 32, "patch_size": 4, "causal": True}, "causal"),
+    ({"drop_path_rate": 1.5}, "drop_path_rate"),
+]
+
+
+def tiny_config(head, **overrides) -> AFTConfig:
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        max_position_embeddings=MAX_LEN,
+        num_labels=3,
+        num_heads=4,
+        conv_kernel_size=3,
+        local_window=3,
+        position_bias_dim=8,
+        # a larger position-bias init than the paper's 1e-2, so that tests see the bias at work
+        position_bias_init_std=0.5,
+    )
+    kwargs.update(overrides)
+    if head is AFTForImageClassification:
+        # 3 x 3 patches (+ a class token for full/local/simple)
+        kwargs.update(vocab_size=None, image_size=6, patch_size=2, num_channels=3, drop_path_rate=0.1)
+    if head in (AFTModel, AFTForSequenceClassification):
+        kwargs["causal"] = False
+    return AFTConfig(**kwargs)
+
+
+def perturb_conv_kernels(model, seed):
+    """AFT-conv starts as AFT-simple (gamma = beta = 0): give the kernels a non-zero value for the tests."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AFTLayer) and module.aft_type == "conv":
+                module.conv_gamma.copy_(torch.rand(module.conv_gamma.shape, generator=generator) + 0.5)
+                module.conv_beta.copy_(torch.randn(module.conv_beta.shape, generator=generator))
+    return model
+
+
+class AFTTests(GenericModelTests):
+    model_type = "aft"
+    all_heads = ALL_HEADS
+    invalid_configs = INVALID_CONFIGS
+
+    def get_config(self, variant, head):
+        return tiny_config(head, **self.variants[variant])
+
+    def make_model(self, variant, head, seed=0, **overrides):
+        return perturb_conv_kernels(super().make_model(variant, head, seed=seed, **overrides), seed)
+
+
+class TestAFTWithPositionBias(AFTTests):
+    """AFT-full (factorised and full-matrix bias) and AFT-local: inputs are limited to max_position_embeddings."""
+
+    variants = {
+        "full": {"aft_type": "full"},
+        "full-matrix": {"aft_type": "full", "position_bias_dim": None},
+        "local": {"aft_type": "local"},
+    }
+    max_seq_length = MAX_LEN
+
+
+class TestAFTUnbounded(AFTTests):
+    """AFT-simple and AFT-conv: no position bias, any length."""
+
+    variants = {"simple": {"aft_type": "simple"}, "conv": {"aft_type": "conv"}}
+    max_seq_length = None
+
+
+# ---------------------------------------------------------------------- the model computes the paper's equation
+def _layer_reference(layer, config, x, causal):
+    """The AFT layer recomputed from its parameters with the dense reference (explicit exp(K + w) weights)."""
+    length = x.shape[1]
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+    if config.aft_type == "simple":
+        y = aft_reference(q, k, v, torch.zeros(length, length), causal)
+    elif config.aft_type in ("full", "local"):
+        bias = layer.position_bias
+        w = bias.weight if bias.weight is not None else bias.u @ bias.v.T
+        w = w[:length, :length].double()
+        if config.aft_type == "local":
+            s = config.local_window
+            band = torch.stack(
+                [
+                    torch.stack([w[t, t + o] if 0 <= t + o < length else w.new_zeros(()) for o in range(-s + 1, s)])
+                    for t in range(length)
+                ]
+            )
+            band = band[:, : s if causal else None]
+            w = local_bias(band, s, causal)
+        y = aft_reference(q, k, v, w, causal)
+    else:
+        kernel = layer.conv_kernel()
+        if config.is_vision:
+            w_heads = conv2d_bias(kernel, config.grid_size)
+        elif causal:
+            # the causal text kernel covers the current and the ks - 1 previous tokens
+            w_heads = conv1d_bias(kernel, length, causal=True)
+        else:
+            w_heads = conv1d_bias(kernel, length, causal=False)
+        k, w = per_head_to_channels(k, w_heads, config.hidden_size)
+        y = aft_reference(q, k, v, w, causal)
+    return layer.o_proj(y.float())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"aft_type": "full"},
+        {"aft_type": "full", "position_bias_dim": None},
+        {"aft_type": "local"},
+        {"aft_type": "local", "position_bias_dim": None},
+        {"aft_type": "local", "local_window": 20},
+        {"aft_type": "simple"},
+        {"aft_type": "conv"},
+    ],
+    ids=["full", "full-matrix", "local", "local-matrix", "local-window20", "simple", "conv"],
+)
+def test_layer_matches_dense_reference(variant, causal):
+    config = tiny_config(AFTModel, **variant)
+    set_seed(0)
+    model = perturb_conv_kernels(AFTModel(config), 0).eval()
+    layer = model.layers[0].aft
+    x = torch.randn(2, 11, config.hidden_size)
+    with torch.no_grad():
+        got, _ = layer(x, causal=causal, start=torch.zeros(1, dtype=torch.long))
+        torch.testing.assert_close(got, _layer_reference(layer, config, x, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aft_type", ["full", "local", "simple", "conv"])
+def test_image_layer_matches_dense_reference(aft_type):
+    config = tiny_config(AFTForImageClassification, aft_type=aft_type)
+    set_seed(0)
+    model = perturb_conv_kernels(AFTForImageClassification(config), 0).eval()
+    layer = model.model.layers[1].aft
+    length = 9 if aft_type == "conv" else 10  # AFT-conv: the 3 x 3 grid; others: class token + 9 patches
+    x = torch.randn(2, length, config.hidden_size)
+    with torch.no_grad():
+        got, _ = layer(x, causal=False, start=torch.zeros(1, dtype=torch.long))
+        torch.testing.assert_close(got, _layer_reference(layer, config, x, False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [1, 3, 7])
+def test_factorised_band_equals_dense_bias(window, causal):
+    config = tiny_config(AFTModel, aft_type="local", local_window=window)
+    set_seed(0)
+    bias = AFTModel(config).layers[0].aft.position_bias
+    w = bias.u @ bias.v.T
+    start = torch.tensor([0, 3, -2])
+    with torch.no_grad():
+        band = bias.band(start, 10, window, causal)
+    offsets = range(-(window - 1), 1 if causal else window)
+    for b, s0 in enumerate(start.tolist()):
+        for t in range(10):
+            for j, o in enumerate(offsets):
+                p, q = s0 + t, s0 + t + o
+                if 0 <= p < MAX_LEN and 0 <= q < MAX_LEN:
+                    torch.testing.assert_close(band[b, t, j], w[p, q])
+
+
+def test_left_padded_batch_uses_each_samples_own_positions():
+    """With a position bias, a left-padded sample equals the sample alone (positions start after the padding)."""
+    config = tiny_config(AFTForCausalLM, aft_type="full")
+    set_seed(0)
+    model = AFTForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (1, 8))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = model(ids).logits
+        both = model(
+            torch.cat([padded, torch.randint(3, 64, (1, 11))]), attention_mask=torch.cat([mask, mask.new_ones(1, 11)])
+        ).logits
+    torch.testing.assert_close(both[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- decoding state size
+def _cache_numel(cache, layer_idx=1):
+    return {name: t.numel() for name, t in cache.get_states(layer_idx).items()}
+
+
+@pytest.mark.parametrize("aft_type", ["simple", "local", "conv", "full"])
+def test_decoding_state_size(aft_type):
+    """simple: O(d) per layer, local/conv: the last s - 1 keys plus O(d) sums, full: every past key."""
+    config = tiny_config(AFTForCausalLM, aft_type=aft_type, max_position_embeddings=64)
+    set_seed(0)
+    model = AFTForCausalLM(config).eval()
+    sizes = []
+    for length in (4, 20):
+        with torch.no_grad():
+            out = model(torch.randint(3, 64, (1, length)), use_cache=True)
+        sizes.append(_cache_numel(out.cache))
+    d = config.hidden_size
+    key_channels = config.num_heads if aft_type == "conv" else d
+    window = {"simple": 0, "local": config.local_window - 1, "conv": config.conv_kernel_size - 1}.get(aft_type)
+    if aft_type == "full":
+        assert sizes[1]["keys"] == 20 * d and sizes[0]["keys"] == 4 * d
+    else:
+        assert sizes[0] == sizes[1], "the state must not grow with the prefix"
+        assert sizes[1]["keys"] == window * key_channels
+        assert sizes[1]["max"] + sizes[1]["num"] + sizes[1]["den"] == 2 * key_channels + d
+
+
+@pytest.mark.parametrize("aft_type", ["simple", "conv"])
+def test_unbounded_variants_accept_sequences_beyond_max_position_embeddings(aft_type):
+    config = tiny_config(AFTForCausalLM, aft_type=aft_type)
+    set_seed(0)
+    model = AFTForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (1, 3 * MAX_LEN))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cached = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], cache=cached.cache).logits
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_are_rejected():
+    model = AFTForCausalLM(tiny_config(AFTForCausalLM, aft_type="local"))
+    with pytest.raises(ValueError, match="position_ids"):
+        model(torch.randint(3, 64, (1, 4)), position_ids=torch.arange(4)[None])
+
+
+def test_conv_starts_as_simple():
+    """gamma = beta = 0 at init: the reparameterised kernel is 0, so AFT-conv equals AFT-simple."""
+    config = tiny_config(AFTModel, aft_type="conv")
+    set_seed(0)
+    layer = AFTModel(config).layers[0].aft
+    assert torch.equal(layer.conv_kernel(), torch.zeros_like(layer.conv_weight))
