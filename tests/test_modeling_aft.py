@@ -269,3 +269,44 @@ def test_conv_starts_as_simple():
     set_seed(0)
     layer = AFTModel(config).layers[0].aft
     assert torch.equal(layer.conv_kernel(), torch.zeros_like(layer.conv_weight))
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS = {
+    "aft-local-enwik8": (
+        AFTForCausalLM,
+        {
+            "aft_type": "local",
+            "num_hidden_layers": 24,
+            "hidden_size": 256,
+            "local_window": 32,
+            "position_bias_dim": 256,
+        },
+    ),
+    "aft-simple-enwik8": (AFTForCausalLM, {"aft_type": "simple", "num_hidden_layers": 24, "hidden_size": 256}),
+    "aft-full-tiny": (
+        AFTForImageClassification,
+        {"aft_type": "full", "num_hidden_layers": 12, "hidden_size": 192, "image_size": 224, "patch_size": 16},
+    ),
+    "aft-conv-small": (
+        AFTForImageClassification,
+        {"aft_type": "conv", "num_hidden_layers": 12, "hidden_size": 384, "num_heads": 384, "conv_kernel_size": 15},
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_load_with_the_papers_sizes(preset):
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    folder = Path(__file__).resolve().parents[1] / "model_cards" / preset
+    config = AutoConfig.from_pretrained(folder)
+    head, expected = PRESETS[preset]
+    assert isinstance(config, AFTConfig)
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert (folder / "README.md").read_text().count("arXiv:2105.14103") >= 1
+    with torch.device("meta"):
+        model = head(config)
+    assert type(model) is head
