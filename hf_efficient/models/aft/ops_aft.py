@@ -319,8 +319,9 @@ def _prefix_scan(k, v, valid, chunk_size=None, init=None):
     j = torch.arange(n, device=k.device)
     earlier = (j[None, :] < j[:, None])[None, :, :, None, None] & torch.isfinite(ref)[:, None]  # (B, j, i, H, C)
     decay = torch.exp(torch.where(earlier, ref[:, None] - ref[:, :, None], NEG_INF))
-    carry_den = torch.einsum("bjihc,bihc->bjhc", decay, den[:, :, -1])
-    carry_num = torch.einsum("bjihc,bihcd->bjhcd", decay, num[:, :, -1])
+    # (an elementwise product and sum: a batched matmul with (b, h, c) as batch is much slower on CPU)
+    carry_den = (decay * den[:, None, :, -1]).sum(2)
+    carry_num = (decay[..., None] * num[:, None, :, -1]).sum(2)
     if init is not None:
         scale = torch.exp(torch.where(torch.isfinite(init.ref)[:, None], init.ref[:, None] - ref, NEG_INF))
         carry_den = carry_den + scale * init.den[:, None]
