@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 ARCHITECTURES = {
     "gmlp": "gmlp",
     "aft": "aft",
+    "combiner": "combiner",
 }
 
 

@@ -1,0 +1,28 @@
+from .configuration_combiner import CombinerConfig
+from .modeling_combiner import (
+    CombinerCache,
+    CombinerForCausalLM,
+    CombinerForMaskedLM,
+    CombinerForSequenceClassification,
+    CombinerModel,
+    CombinerPreTrainedModel,
+)
+
+# Auto class -> model class, used by `hf_efficient.register()` and by `save_pretrained_with_code` (auto_map).
+AUTO_MAPPING = {
+    "AutoModel": CombinerModel,
+    "AutoModelForCausalLM": CombinerForCausalLM,
+    "AutoModelForMaskedLM": CombinerForMaskedLM,
+    "AutoModelForSequenceClassification": CombinerForSequenceClassification,
+}
+
+__all__ = [
+    "AUTO_MAPPING",
+    "CombinerCache",
+    "CombinerConfig",
+    "CombinerForCausalLM",
+    "CombinerForMaskedLM",
+    "CombinerForSequenceClassification",
+    "CombinerModel",
+    "CombinerPreTrainedModel",
+]

@@ -1,0 +1,577 @@
+"""Combiner (Ren et al., "Combiner: Full Attention Transformer with Sparse Computation Cost", NeurIPS 2021) as
+transformers models.
+
+Reads top to bottom in the order data flows: decoding cache -> attention -> MLP -> block -> PreTrainedModel ->
+base model -> heads. The attention math lives in `ops_combiner.py` (pure tensor functions).
+"""
+
+import functools
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+from transformers.modeling_utils import PreTrainedModel
+
+from .configuration_combiner import CombinerConfig
+from .ops_combiner import axial_abstraction_keys, combiner_attention, combiner_prefill_state, combiner_step
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCacheLayer with GMLP->Combiner
+class CombinerCacheLayer(CacheLayerMixin):
+    """One layer's decoding state: named tensors, each with the batch on dim 0.
+
+    The layer that owns the state decides what the tensors mean (past gate inputs, running sums, rolling windows,
+    span summaries...); this class only keeps them, counts the tokens seen, and applies the batch operations that
+    `generate()` needs (beam reordering, batch expansion and selection) to every tensor alike.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.states: dict[str, torch.Tensor] = {}
+        self.num_seen_tokens = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} keeps named states, not keys/values: use `cache.update_states(layer_idx, ...)`."
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.num_seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.states = {}
+        self.num_seen_tokens = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError(f"{type(self).__name__} cannot be cropped (its states are not per token).")
+
+    def offload(self):
+        self.states = {name: t.to("cpu", non_blocking=True) for name, t in self.states.items()}
+
+    def prefetch(self):
+        if self.is_initialized:
+            self.states = {name: t.to(self.device, non_blocking=True) for name, t in self.states.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.states = {name: t.index_select(0, beam_idx.to(t.device)) for name, t in self.states.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.states = {name: t.repeat_interleave(repeats, dim=0) for name, t in self.states.items()}
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.states = {name: t[indices, ...] for name, t in self.states.items()}
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCache with GMLP->Combiner, gMLP->Combiner
+class CombinerCache(Cache):
+    """Decoding cache of a Combiner model, one `CombinerCacheLayer` of named states per block.
+
+    A `transformers.cache_utils.Cache`, so `generate()` (greedy, sampling, beam search), `get_seq_length()` and
+    continuing from a returned cache work as with a KV cache.
+    """
+
+    def __init__(self, config: CombinerConfig | None = None, num_layers: int | None = None):
+        if num_layers is None:
+            if config is None:
+                raise ValueError("CombinerCache needs a `config` or `num_layers`.")
+            num_layers = config.num_hidden_layers
+        super().__init__(layers=[CombinerCacheLayer() for _ in range(num_layers)])
+
+    def get_states(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """The states stored for `layer_idx` (empty before the first forward)."""
+        return self.layers[layer_idx].states
+
+    def update_states(self, layer_idx: int, num_new_tokens: int, **states: torch.Tensor) -> None:
+        """Replace the states of `layer_idx` after it consumed `num_new_tokens` more tokens."""
+        layer = self.layers[layer_idx]
+        layer.states.update(states)
+        layer.num_seen_tokens += num_new_tokens
+        if states and not layer.is_initialized:
+            layer.is_initialized = True
+            layer.device = next(iter(states.values())).device
+
+
+class CombinerAttention(nn.Module):
+    """Multi-head Combiner attention: q/k/v projections, the Combiner op of `config.combiner_type`, output projection.
+
+    Axial adds the parameters of its column-abstraction keys, `W_k LayerNorm(x + W_o a)`: `axial_out_proj` (`W_o`),
+    `axial_norm` and `axial_key_proj` (`W_k`), bias-free as in the official code.
+
+    With a cache, the first call (the prompt) runs the fast op and stores the decoding state; later calls attend
+    one new token at a time against that state (O(s + L/s), or O(log L) for Logsparse, per token).
+    """
+
+    def __init__(self, config: CombinerConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.combiner_type = config.combiner_type
+        self.block_size = config.block_size
+        self.span_summary = config.span_summary
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        width, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(width, width, bias=bias)
+        self.k_proj = nn.Linear(width, width, bias=bias)
+        self.v_proj = nn.Linear(width, width, bias=bias)
+        self.o_proj = nn.Linear(width, width, bias=bias)
+        if config.combiner_type == "axial":
+            self.axial_out_proj = nn.Linear(width, width, bias=False)
+            self.axial_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+            self.axial_key_proj = nn.Linear(width, width, bias=False)
+
+    def abstraction_key_fn(self):
+        """Axial: `(row_output, x) -> W_k LayerNorm(x + W_o row_output)` with this layer's parameters bound."""
+        if self.combiner_type != "axial":
+            return None
+        return functools.partial(
+            axial_abstraction_keys,
+            out_weight=self.axial_out_proj.weight,
+            norm_weight=self.axial_norm.weight,
+            norm_bias=self.axial_norm.bias,
+            key_weight=self.axial_key_proj.weight,
+            norm_eps=self.axial_norm.eps,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        causal: bool,
+        key_mask: torch.Tensor | None,
+        cache: CombinerCache | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: `(B, L, d)`, each sample's real tokens first (the base model packs them).
+            key_mask: `(B, L)`, 1 for real tokens (right padding), or None.
+            cache: a `CombinerCache`: empty -> store the state of these L tokens; filled -> decode them.
+        """
+        batch_size, seq_len, _ = hidden_states.shape
+        q, k, v = (
+            proj(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        options = dict(
+            combiner_type=self.combiner_type,
+            block_size=self.block_size,
+            span_summary=self.span_summary,
+            abstraction_key_fn=self.abstraction_key_fn(),
+        )
+        state = cache.get_states(self.layer_idx) if cache is not None else {}
+        if not state:
+            out = combiner_attention(q, k, v, causal=causal, key_mask=key_mask, hidden_states=hidden_states, **options)
+            if cache is not None:
+                lengths = (
+                    key_mask.long().sum(-1)
+                    if key_mask is not None
+                    else torch.full((batch_size,), seq_len, device=q.device)
+                )
+                state = combiner_prefill_state(q, k, v, lengths, hidden_states=hidden_states, **options)
+                cache.update_states(self.layer_idx, seq_len, **state)
+        else:
+            # `generate()` feeds one token per step. Continuing with several tokens at once runs the same O(s + L/s)
+            # step per token (the only loop over positions, and only on this cached path).
+            outs = []
+            for t in range(seq_len):
+                valid = key_mask[:, t] if key_mask is not None else None
+                step_out, state = combiner_step(
+                    q[:, :, t],
+                    k[:, :, t],
+                    v[:, :, t],
+                    state,
+                    valid=valid,
+                    hidden_states=hidden_states[:, t],
+                    **options,
+                )
+                outs.append(step_out)
+            out = torch.stack(outs, dim=2)
+            cache.update_states(self.layer_idx, seq_len, **state)
+        return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
+
+
+class CombinerMLP(nn.Module):
+    """`W_2 act(W_1 x)`."""
+
+    def __init__(self, config: CombinerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class CombinerBlock(GradientCheckpointingLayer):
+    """Pre-LN block of the official code: `x + Dropout(Attn(LN(x)))`, then `x + Dropout(MLP(LN(x)))`."""
+
+    def __init__(self, config: CombinerConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = CombinerAttention(config, layer_idx)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CombinerMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        causal: bool = False,
+        key_mask: torch.Tensor | None = None,
+        cache: CombinerCache | None = None,
+    ) -> torch.Tensor:
+        attended = self.attn(self.attn_norm(hidden_states), causal=causal, key_mask=key_mask, cache=cache)
+        hidden_states = hidden_states + self.dropout(attended)
+        return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+
+
+class CombinerPreTrainedModel(PreTrainedModel):
+    config_class = CombinerConfig
+    config: CombinerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CombinerBlock"]
+
+    # `generate()` must not build a DynamicCache for us: the base model creates its own `Cache` subclass.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+
+def _pack_real_tokens(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Per-sample order that puts the real tokens first (stable): `(B, L)` indices into the sequence."""
+    return torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+
+
+def _gather_tokens(x: torch.Tensor, order: torch.LongTensor) -> torch.Tensor:
+    """`x[b, order[b]]` for `(B, L, ...)` tensors."""
+    index = order.view(order.shape + (1,) * (x.ndim - 2)).expand(order.shape + x.shape[2:])
+    return x.gather(1, index)
+
+
+class CombinerModel(CombinerPreTrainedModel):
+    """The Combiner stack: token + learned position embeddings, blocks, final LayerNorm.
+
+    Combiner's blocks (segments, rows, dyadic spans) are laid out on each sample's **real** tokens: with padding,
+    the real tokens are packed to the front (a stable per-sample permutation), run through the stack with a
+    right-padding mask, and put back in place. A padded batch therefore gives each sample the outputs it gets alone,
+    left padding included. `causal` (default: `config.causal`) selects the causal form.
+    """
+
+    def __init__(self, config: CombinerConfig, causal: bool | None = None):
+        super().__init__(config)
+        self.causal = config.causal if causal is None else causal
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList([CombinerBlock(config, idx) for idx in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: CombinerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """
+        Args:
+            input_ids: `(B, L)` token ids, or `inputs_embeds` `(B, L, d)`.
+            attention_mask: `(B, T)`, 1 for real tokens and 0 for padding, over past + current tokens when a cache is
+                passed (`T = past + L`), else over the `L` current tokens.
+            position_ids: `(B, L)` indices into the learned position table; default: the index among the sample's
+                real tokens (`cumsum(mask) - 1`). They move the embeddings only; Combiner's blocks always follow the
+                real-token order.
+            cache: a `CombinerCache` from an earlier call (causal models only).
+            use_cache: return a cache (default: `config.use_cache` for causal models outside training).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+
+        if use_cache is None:
+            use_cache = self.causal and getattr(self.config, "use_cache", True) and not self.training
+        if (use_cache or cache is not None) and not self.causal:
+            if cache is not None:
+                raise ValueError(
+                    "A cache can only be used with a causal Combiner (bidirectional spans see the future)."
+                )
+            use_cache = False
+        if use_cache and not isinstance(cache, CombinerCache):
+            # `generate()` or a user may hand us another (empty) Cache type: replace it by ours.
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"Combiner needs a CombinerCache to continue decoding, got a filled {type(cache).__name__}."
+                )
+            cache = CombinerCache(self.config)
+        if not use_cache and cache is not None and not isinstance(cache, CombinerCache):
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
+        total_len = past_length + seq_len
+        if attention_mask is not None and attention_mask.shape[-1] != total_len:
+            raise ValueError(
+                f"attention_mask has length {attention_mask.shape[-1]}, expected {total_len} "
+                f"(past {past_length} + current {seq_len})."
+            )
+        new_mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
+        if new_mask is not None and bool(new_mask.all()):
+            new_mask = None  # no padding among these tokens: the fast paths
+
+        order = None
+        decoding = cache is not None and past_length > 0
+        if decoding:
+            # Each sample continues from its own number of real tokens (the decoding state's `length`).
+            seen = cache.get_states(0)["length"].to(device)
+            valid = new_mask.long() if new_mask is not None else torch.ones(batch_size, seq_len, device=device).long()
+            default_positions = seen[:, None] + valid.cumsum(-1) - 1
+        else:
+            if new_mask is not None:
+                order = _pack_real_tokens(new_mask)
+                inputs_embeds = _gather_tokens(inputs_embeds, order)
+                new_mask = _gather_tokens(new_mask, order)
+                if position_ids is not None:
+                    position_ids = _gather_tokens(position_ids.expand(batch_size, seq_len), order)
+            default_positions = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+        if position_ids is None:
+            position_ids = default_positions
+        position_ids = position_ids.clamp(min=0)
+        if new_mask is not None:
+            position_ids = position_ids.masked_fill(new_mask == 0, 0)  # padding: any valid index will do
+        limit = self.config.max_position_embeddings
+        longest = max(int(position_ids.max()) + 1 if position_ids.numel() else 0, total_len if new_mask is None else 0)
+        if longest > limit:
+            raise ValueError(
+                f"Sequence length {longest} exceeds max_position_embeddings={limit} (the learned position table) of "
+                "this Combiner."
+            )
+
+        hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, causal=self.causal, key_mask=new_mask, cache=cache)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            # As in transformers, the last hidden state is the normalised output.
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if order is not None:
+            inverse = torch.argsort(order, dim=1)
+            hidden_states = _gather_tokens(hidden_states, inverse)
+            if output_hidden_states:
+                all_hidden_states = tuple(_gather_tokens(h, inverse) for h in all_hidden_states)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class CombinerForCausalLM(CombinerPreTrainedModel, GenerationMixin):
+    """Combiner language model (causal form). Decoding keeps the current segment / row and the summaries of the
+    completed spans: each new token costs O(s + L/s) (Fixed, Axial, Mixture) or O(log L) (Logsparse) per layer."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CombinerConfig):
+        super().__init__(config)
+        self.model = CombinerModel(config, causal=True)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: CombinerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+class CombinerForMaskedLM(CombinerPreTrainedModel):
+    """Combiner masked language model (bidirectional form: the spans exclude the directly attended region)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: CombinerConfig):
+        super().__init__(config)
+        self.model = CombinerModel(config, causal=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+# Copied from hf_efficient.models.gmlp.modeling_gmlp._mean_pool
+def _mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real positions: `(B, L, d)` -> `(B, d)`."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)[..., None]
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _last_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The last real position's hidden state: `(B, L, d)` -> `(B, d)`."""
+    if attention_mask is None:
+        return hidden_states[:, -1]
+    mask = attention_mask[:, -hidden_states.shape[1] :]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask != 0)).argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+class CombinerForSequenceClassification(CombinerPreTrainedModel):
+    """Combiner with a linear classifier on the pooled final hidden states (`config.classifier_pooling`: mean over
+    real positions, or the last real token)."""
+
+    def __init__(self, config: CombinerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = CombinerModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        pool = _last_pool if self.config.classifier_pooling == "last" else _mean_pool
+        logits = self.score(pool(outputs.last_hidden_state, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        if not return_dict:
+            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "CombinerCache",
+    "CombinerForCausalLM",
+    "CombinerForMaskedLM",
+    "CombinerForSequenceClassification",
+    "CombinerModel",
+    "CombinerPreTrainedModel",
+]
