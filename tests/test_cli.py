@@ -1,0 +1,128 @@
+"""The `hf-efficient` command: help, listing, and one-line errors for bad input (no traceback, no output folder)."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hf_efficient
+from hf_efficient import cli, training
+
+TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_embeddings=32"
+COMMANDS = ["list", "train", "evaluate", "generate", "publish"]
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_of_every_command(capsys):
+    for command in [None, *COMMANDS]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"] if command else ["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: hf-efficient"), out[:200]
+    # TrainingArguments flags in both spellings, and the pass-through of the other fields, are documented
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--per-device-train-batch-size", "--resume-from-checkpoint", "--gradient-checkpointing", "--bf16"):
+        assert flag in out
+    assert "--field_name VALUE" in out
+
+
+def test_list_shows_every_registered_architecture_and_head(capsys):
+    code, out, _ = run_cli(capsys, "list", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert set(info["architectures"]) == set(hf_efficient.ARCHITECTURES)
+    for model_type in hf_efficient.ARCHITECTURES:
+        mapping = hf_efficient.get_architecture(model_type).AUTO_MAPPING
+        entry = info["architectures"][model_type]
+        assert entry["heads"] == {auto: cls.__name__ for auto, cls in mapping.items()}
+    gmlp = info["architectures"]["gmlp"]
+    assert {"clm", "mlm", "seq-cls", "image-cls"} <= set(gmlp["tasks"])
+    assert info["presets"]["gmlp-small-clm-256"]["task"] == "clm"
+    code, text, _ = run_cli(capsys, "list")
+    assert code == 0 and "gmlp" in text and "gmlp-ti16-224" in text and "image-cls" in text
+
+
+def test_console_script_error_is_one_line(tmp_path):
+    """The installed `hf-efficient` script in a real process: exit code, one line, no traceback, no folder.
+    (`python -m hf_efficient` runs in the multi-process test of tests/test_ecosystem.py.)"""
+    result = subprocess.run(
+        ["hf-efficient", "train", "--model", "no-such-architecture", "--output-dir", "o"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith("hf-efficient: error: unknown model 'no-such-architecture'")
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def write_png_folder(root, size, labels=("a", "b"), per_label=3, odd_one=None):
+    for label in labels:
+        (root / label).mkdir(parents=True)
+        for index in range(per_label):
+            side = odd_one if (odd_one and label == labels[-1] and index == 0) else size
+            pixels = (np.arange(side * side).reshape(side, side) % 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(root / label / f"{index}.png")
+
+
+def bad_inputs(tmp_path):
+    """(argv, text the one-line error must contain) for each kind of bad input."""
+    (tmp_path / "broken.json").write_text('{"text": "an unterminated record\n')
+    (tmp_path / "no_text.csv").write_text("body,label\nhello,0\nworld,1\n")
+    (tmp_path / "data.weird").write_text("x")
+    write_png_folder(tmp_path / "digits16", 16)
+    write_png_folder(tmp_path / "mixed", 8, odd_one=12)
+    tiny = ["--config-overrides", TINY]
+    return [
+        (["train", "--model", "nope"], "unknown model 'nope'"),
+        (["train", "--model", "gmlp", "--task", "seq2seq"], "architecture 'gmlp' has no head for task 'seq2seq'"),
+        (["train", "--model", "gmlp-ti16-224", "--task", "clm"], "no token embeddings"),
+        (["train", "--model", "gmlp-small-clm-256", "--task", "image-cls"], "not a vision model"),
+        (["train", *tiny, "--dataset", str(tmp_path / "missing.json")], "does not exist"),
+        (["train", *tiny, "--dataset", str(tmp_path / "broken.json")], "could not read dataset"),
+        (["train", *tiny, "--dataset", str(tmp_path / "data.weird")], "cannot tell the format"),
+        (["train", *tiny, "--task", "seq-cls", "--dataset", str(tmp_path / "no_text.csv")], "no column 'text'"),
+        (
+            ["train", "--model", "gmlp-ti16-224", "--task", "image-cls", "--dataset", str(tmp_path / "digits16")],
+            "has 16x16 images with 1 channel(s), but the model expects 224x224 with 3",
+        ),
+        (["train", "--task", "image-cls", "--dataset", str(tmp_path / "mixed")], "is 12x12"),
+        (["train", "--config-overrides", "hidden_sise=3"], "unknown config field(s) hidden_sise"),
+        (["train", "--config-overrides", "intermediate_size=7"], "intermediate_size"),
+        (["train", *tiny, "--block-size", "64"], "exceeds the model's context"),
+        (["train", *tiny, "--max-stepz", "3"], "unrecognized arguments: --max-stepz"),
+        (["train", *tiny, "--resume-from-checkpoint"], "no checkpoint-* folder"),
+        (["evaluate", str(tmp_path / "nothing-here")], "unknown model"),
+        (["generate", "model_cards/gmlp-small-clm-256"], "has no weights"),
+    ]
+
+
+def test_bad_input_gives_one_line_error_and_no_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, expected in bad_inputs(tmp_path):
+        output = tmp_path / "out"
+        if argv[0] == "train":
+            argv = [*argv, "--output-dir", str(output)]
+        if argv[0] == "generate":
+            argv = ["generate", str(training.REPO_ROOT / argv[1])]
+        code, out, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code != 0, argv
+        assert lines and lines[-1].startswith("hf-efficient: error: "), (argv, err)
+        assert expected in lines[-1], (argv, lines[-1])
+        assert "Traceback" not in err, argv
+        assert not output.exists() and not (tmp_path / "out.partial").exists(), argv
