@@ -8,7 +8,8 @@ Default data is embedded (no download):
   `email`, `tkinter`, `unittest`); files are split into train / validation by a hash of their path (20% validation),
   so validation blocks come from files never seen in training. Chance is 25%.
 - `image-cls`: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`: 1,797 real 8 x 8
-  grey-scale images, 10 classes), 20% held out (stratified, fixed seed).
+  grey-scale images, 10 classes), 20% held out (stratified, fixed seed). Images are fed as RGB (grey replicated),
+  as transformers' image pipelines load them.
 - `seq2seq`: *continue a line of Python*: source = a line of standard-library source (at most 96 bytes), target =
   the next non-empty line. (For encoder-decoder checkpoints; no hf-efficient architecture has that head yet.)
 
@@ -398,8 +399,11 @@ def stdlib_classification_dataset(block_size: int = 128, max_blocks_per_class: i
     features = Features(
         {"input_ids": Sequence(Value("int64")), "label": ClassLabel(names=list(SEQ_CLS_MODULES))},
     )
+    # Rows are grouped by class: shuffle once (fixed seed) so that any prefix (--max-*-samples) mixes the classes.
     return {
         split: Dataset.from_dict({"input_ids": np.stack(ids), "label": labels}, features=features)
+        .shuffle(seed=0)
+        .flatten_indices()
         for split, (ids, labels) in rows.items()
     }
 
@@ -501,7 +505,10 @@ def image_processor_for(image_size: int, num_channels: int):
 
 
 def image_classification_data(options, model_image: tuple[int, int] | None, processor=None) -> TaskData:
-    """`model_image` = the model's `(image_size, num_channels)`, or `None` for a new model sized from the data."""
+    """`model_image` = the model's `(image_size, num_channels)`, or `None` for a new model sized from the data.
+
+    Images are converted to RGB (as transformers' image pipelines do), so a new model has 3 input channels even
+    for grey-scale data such as the digits, and `pipeline("image-classification")` works on it."""
     from transformers import DefaultDataCollator
 
     if options.dataset is None:
@@ -526,17 +533,19 @@ def image_classification_data(options, model_image: tuple[int, int] | None, proc
     if label_names is None:
         label_names = [str(i) for i in range(int(max(train["label"])) + 1)]
 
-    size, channels = _image_shape(train, source)
+    size = _image_size(train, source)
     for split in (train, validation):
-        _check_images(split, size, channels, source)
-    updates = {}
+        _check_images(split, size, source)
+    updates, channels = {}, 3
     if model_image is None:
         updates = {"image_size": size, "num_channels": channels}
-    elif (size, channels) != tuple(model_image):
-        raise TaskError(
-            f"{source} has {size}x{size} images with {channels} channel(s), but the model expects "
-            f"{model_image[0]}x{model_image[0]} with {model_image[1]} (its config's image_size / num_channels)"
-        )
+    else:
+        channels = model_image[1]
+        if size != model_image[0]:
+            raise TaskError(
+                f"{source} has {size}x{size} images, but the model expects {model_image[0]}x{model_image[0]} "
+                "(its config's image_size)"
+            )
     processor = processor or image_processor_for(size, channels)
 
     def transform(batch):
@@ -565,26 +574,20 @@ def _as_mode(image, channels: int):
     return image
 
 
-def _channels(image) -> int:
-    return 1 if image.mode in ("L", "1", "I", "F", "I;16") else 3
-
-
-def _image_shape(dataset, source: str) -> tuple[int, int]:
-    first = dataset[0]["image"]
-    width, height = first.size
+def _image_size(dataset, source: str) -> int:
+    width, height = dataset[0]["image"].size
     if width != height:
         raise TaskError(f"{source} has {width}x{height} images: square images are needed (image_size)")
-    return width, _channels(first)
+    return width
 
 
-def _check_images(dataset, size: int, channels: int, source: str, limit: int = 2000) -> None:
-    """Every image (the first `limit` of each split) must have the same size and channel count."""
+def _check_images(dataset, size: int, source: str, limit: int = 2000) -> None:
+    """Every image (the first `limit` of each split) must have the same size."""
     column = dataset.select(range(min(len(dataset), limit)))["image"]
     for index, image in enumerate(column):
-        if image.size != (size, size) or _channels(image) != channels:
+        if image.size != (size, size):
             raise TaskError(
-                f"{source}: image {index} is {image.size[0]}x{image.size[1]} with {_channels(image)} channel(s), "
-                f"but the others are {size}x{size} with {channels}"
+                f"{source}: image {index} is {image.size[0]}x{image.size[1]}, but the others are {size}x{size}"
             )
 
 

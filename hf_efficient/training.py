@@ -278,6 +278,8 @@ def load_task_data(task: str, options, source: ModelSource, config, train: bool 
             processor = tasks.image_processor_for(*size)
         return data, processor
     tokenizer = load_tokenizer(source, task)
+    if getattr(config, "max_position_embeddings", None):
+        tokenizer.model_max_length = config.max_position_embeddings  # lets pipelines truncate to the context
     vocab = getattr(config, "vocab_size", None) if config is not None else None
     if vocab is not None and len(tokenizer) > vocab:
         raise TaskError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
@@ -499,8 +501,7 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     eval_metrics = trainer.evaluate()
-    if TASKS[task].modality == "text" and task != "seq-cls":
-        eval_metrics.update(_loss_extras(eval_metrics, data.byte_level))
+    eval_metrics.update(_loss_extras(task, eval_metrics, data.byte_level))
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     results = {
         **metrics,
@@ -541,10 +542,13 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
     return final
 
 
-def _loss_extras(metrics: dict, byte_level: bool) -> dict:
+def _loss_extras(task: str, metrics: dict, byte_level: bool) -> dict:
+    """Perplexity (language modelling) and bits per byte (clm, seq2seq: every target byte is predicted)."""
     from .tasks import loss_metrics
 
-    return loss_metrics(metrics, "eval", byte_level)
+    if task not in ("clm", "mlm", "seq2seq"):
+        return {}
+    return loss_metrics(metrics, "eval", byte_level and task != "mlm")
 
 
 def _print_results(task: str, results: dict, folder: Path) -> None:
@@ -621,8 +625,7 @@ def evaluate_checkpoint(source, task, model, processing, options) -> dict:
             preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
         )
         metrics = trainer.evaluate()
-    if TASKS[task].modality == "text" and task != "seq-cls":
-        metrics.update(_loss_extras(metrics, data.byte_level))
+    metrics.update(_loss_extras(task, metrics, data.byte_level))
     metrics.update(task=task, dataset=data.description, dataset_path=options.dataset)
     return finite(metrics)
 

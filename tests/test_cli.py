@@ -98,7 +98,7 @@ def bad_inputs(tmp_path):
         (["train", *tiny, "--task", "seq-cls", "--dataset", str(tmp_path / "no_text.csv")], "no column 'text'"),
         (
             ["train", "--model", "gmlp-ti16-224", "--task", "image-cls", "--dataset", str(tmp_path / "digits16")],
-            "has 16x16 images with 1 channel(s), but the model expects 224x224 with 3",
+            "has 16x16 images, but the model expects 224x224",
         ),
         (["train", "--task", "image-cls", "--dataset", str(tmp_path / "mixed")], "is 12x12"),
         (["train", "--config-overrides", "hidden_sise=3"], "unknown config field(s) hidden_sise"),
