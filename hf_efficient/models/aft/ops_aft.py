@@ -565,30 +565,30 @@ def _window_part(k, v, valid, band, window, causal):
 
     band (Bb, H, Lb, n_w): Bb = 1 (shared) or B (per sample, e.g. left-padded batches), Lb = L (position
     dependent, AFT-local) or 1 (translation invariant, AFT-conv).
-    Blocked layout: queries in blocks of bs >= s - 1 positions; block i only needs keys in blocks
-    i-1, i (and i+1 bidirectional), a (nk * bs)-key strip. Per block, exp(bias - rowmax) (bs x nk*bs, 0
-    outside the window) times [exp(K - stripmax) * V, exp(K - stripmax)] is one batched matmul: O(L s d)
-    time, O(L s) + O(L d) memory. Returns (ref, num, den) relative to ref = rowmax + stripmax.
+    Blocked layout: positions in blocks of bs >= s - 1, so the window of a query in block i lies in key
+    blocks i-1, i (and i+1 bidirectional). For each neighbour delta, exp(bias - rowmax) (bs x bs, 0 outside
+    the window) times [exp(K - blockmax) * V, exp(K - blockmax)] of key block i + delta is one batched
+    matmul over the blocks; the 2-3 partial sums are merged with exp(blockmax - max over the neighbours).
+    Tensors are laid out (block, position, batch, head, channel[, value]) so the matmuls need no copies.
+    O(L s d) time, O(L s) + O(L d) memory. Returns (ref, num, den) relative to ref = rowmax + neighbour max.
     """
     batch, length, heads, channels = k.shape
     dv = v.shape[-1]
     n_w = band.shape[-1]
     bs = max(window, 8)
     n = -(-length // bs)
-    nk = 2 if causal else 3
-    strip = nk * bs
-    right = n * bs - length + (0 if causal else bs)
-    kp = F.pad(k, (0, 0, 0, 0, bs, right))
-    vp = F.pad(v, (0, 0, 0, 0, 0, 0, bs, right))
-    validp = F.pad(valid, (bs, right), value=False)
-    kw = kp.unfold(1, strip, bs)  # (B, n, H, C, strip): keys of the strip of block i start at (i-1)*bs
-    vw = vp.unfold(1, strip, bs)  # (B, n, H, C, D, strip)
-    mask = validp.unfold(1, strip, bs)[:, :, None, None, :]  # (B, n, 1, 1, strip)
-    beta = _masked_amax(kw, mask, -1).detach()  # (B, n, H, C) strip reference
-    e2 = _shifted_exp(kw, beta[..., None], mask)
-    ev = torch.cat([e2[..., None, :] * vw, e2[..., None, :]], -2)  # (B, n, H, C, D + 1, strip)
+    pad = n * bs - length
+    deltas = (-1, 0) if causal else (-1, 0, 1)
+    kb = F.pad(k, (0, 0, 0, 0, 0, pad)).view(batch, n, bs, heads, channels).permute(1, 2, 0, 3, 4).contiguous()
+    vb = F.pad(v, (0, 0, 0, 0, 0, 0, 0, pad)).view(batch, n, bs, heads, channels, dv).permute(1, 2, 0, 3, 4, 5)
+    mask = F.pad(valid, (0, pad), value=False).view(batch, n, bs).permute(1, 2, 0)[..., None, None]
+    beta = _masked_amax(kb, mask, 1).detach()  # (n, B, H, C): key-block reference
+    e = _shifted_exp(kb, beta[:, None], mask)  # (n, bs, B, H, C), <= 1
+    ev = torch.cat([e[..., None] * vb, e[..., None]], -1)  # (n, bs, B, H, C, D + 1): numerator | denominator
 
-    # bias block: query qi, strip key kk -> offset o = kk - bs - qi -> band column j = o + s - 1
+    # bias of query qi of block i against key kk of the strip of blocks i-1.. : offset o = kk - bs - qi,
+    # band column j = o + s - 1; 0 (exp -> -inf) outside the window and for keys outside the sequence
+    strip = len(deltas) * bs
     qi = torch.arange(bs, device=k.device)
     kk = torch.arange(strip, device=k.device)
     col = kk[None, :] - bs - qi[:, None] + window - 1  # (bs, strip)
@@ -598,27 +598,36 @@ def _window_part(k, v, valid, band, window, causal):
         bias = band[:, :, :, None, :].expand(bb, heads, 1, bs, n_w)
         in_range = in_window
     else:
-        bias = F.pad(band, (0, 0, 0, n * bs - length)).reshape(bb, heads, n, bs, n_w)
+        bias = F.pad(band, (0, 0, 0, pad)).reshape(bb, heads, n, bs, n_w)
         key_pos = (torch.arange(n, device=k.device)[:, None] - 1) * bs + kk[None, :]  # (n, strip)
         in_range = in_window & ((key_pos >= 0) & (key_pos < length))[:, None, :]  # (n, bs, strip)
     bias = bias.gather(-1, col.clamp(0, n_w - 1).expand(bb, heads, bias.shape[2], bs, strip))
-    # entries outside the window or whose key is outside the sequence must not exceed the row reference
-    bias = bias.masked_fill(~in_range, NEG_INF)
+    bias = bias.masked_fill(~in_range, NEG_INF)  # nothing outside may exceed the row reference
     alpha = _finite_or_zero(bias.amax(-1)).detach()  # (Bb, H, n|1, bs) row reference
-    e1 = torch.exp(bias - alpha[..., None])  # (Bb, H, n|1, bs, strip), 0 outside the window
-    if lb == 1 and bb == 1:
-        out = torch.einsum("hqs,bnhcds->bnqhcd", e1[0, :, 0], ev)
-    elif bb == 1:
-        out = torch.einsum("hnqs,bnhcds->bnqhcd", e1[0], ev)
-    else:
-        out = torch.einsum("bhnqs,bnhcds->bnqhcd", e1.expand(-1, -1, n, -1, -1), ev)
-    ref = alpha.permute(0, 2, 3, 1)[..., None] + beta[:, :, None]  # (B, n, bs, H, C)
-    flat = (batch, n * bs, heads, channels)
-    return (
-        ref.reshape(flat)[:, :length],
-        out[..., :dv].reshape(*flat, dv)[:, :length],
-        out[..., dv].reshape(flat)[:, :length],
-    )
+    e1 = torch.exp(bias - alpha[..., None])  # (Bb, H, n|1, bs, strip)
+
+    # neighbour references: top_i = max over the key blocks i + delta (-inf outside the sequence)
+    shifted = [F.pad(beta, (0, 0, 0, 0, 0, 0, max(-d, 0), max(d, 0)), value=NEG_INF)[max(d, 0) :][:n] for d in deltas]
+    top = torch.stack(shifted).amax(0)  # (n, B, H, C)
+    out = torch.zeros(n, bs, batch, heads, channels, dv + 1, dtype=ev.dtype, device=ev.device)
+    for index, delta in enumerate(deltas):  # the 2-3 neighbour blocks, not positions
+        lo, hi = max(0, -delta), min(n, n - delta)  # query blocks whose block i + delta exists
+        if lo >= hi:
+            continue
+        e1_d = e1[..., index * bs : (index + 1) * bs]
+        e1_d = e1_d[:, :, lo:hi] if e1_d.shape[2] > 1 else e1_d
+        keys = ev[lo + delta : hi + delta]  # (m, bs, B, H, C, D + 1), contiguous
+        if bb == 1 and heads == 1:  # shared bias, one head (AFT-local): a plain batched matmul
+            part = torch.matmul(e1_d[0, 0], keys.view(hi - lo, bs, -1)).view_as(keys)
+        else:
+            part = torch.einsum("zhmqk,mkzhcd->mqzhcd", e1_d, keys)
+        ref_d = shifted[index][lo:hi]
+        scale = torch.exp(torch.where(torch.isfinite(ref_d), ref_d - top[lo:hi], NEG_INF))  # <= 1
+        out[lo:hi] += scale[:, None, ..., None] * part
+    ref = alpha.permute(2, 3, 0, 1)[..., None] + top[:, None]  # (n, bs, B, H, C)
+    ref = ref.permute(2, 0, 1, 3, 4).reshape(batch, n * bs, heads, channels)[:, :length]
+    out = out.permute(2, 0, 1, 3, 4, 5).reshape(batch, n * bs, heads, channels, dv + 1)[:, :length]
+    return ref, out[..., :dv], out[..., dv]
 
 
 def _banded_bias_rows(band, window, length):
