@@ -310,3 +310,42 @@ def test_presets_load_with_the_papers_sizes(preset):
     with torch.device("meta"):
         model = head(config)
     assert type(model) is head
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("aft_type", ["full", "local", "simple", "conv"])
+def test_half_precision_model_with_huge_keys_is_finite(aft_type, dtype):
+    """Keys (and conv kernels) in the hundreds, where exp overflows float16/bfloat16 and float32: finite logits
+    that match the float32 model."""
+    config = tiny_config(AFTForCausalLM, aft_type=aft_type)
+    set_seed(0)
+    model = perturb_conv_kernels(AFTForCausalLM(config), 0).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.aft.k_proj.weight.mul_(400.0)
+            if aft_type == "conv":
+                layer.aft.conv_gamma.mul_(100.0)
+    ids = torch.randint(3, 64, (2, 12))
+    with torch.no_grad():
+        reference = model(ids).logits
+        half = model.to(dtype)(ids).logits
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, atol=0.15, rtol=0.05)
+
+
+def test_text_position_embeddings_keep_padding_and_cache_exact():
+    config = tiny_config(AFTForCausalLM, aft_type="simple", position_embeddings=True)
+    set_seed(0)
+    model = AFTForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (1, 9))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = model(ids).logits
+        left = model(padded, attention_mask=mask).logits
+        prefix = model(padded[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+        step = model(padded[:, -1:], attention_mask=mask, cache=prefix.cache).logits
+    torch.testing.assert_close(left[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[0, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.randint(3, 64, (1, MAX_LEN + 1)))
