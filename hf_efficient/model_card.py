@@ -68,6 +68,11 @@ def render(name: str, config, task: str, results: dict) -> str:
         eval_results=eval_results or None,
     )
     architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    code = (
+        " and the model's source files, so it loads with `trust_remote_code=True` where hf-efficient is not installed"
+        if getattr(config, "auto_map", None)
+        else ""
+    )
     auto_class = spec.auto_class
     lines = [
         "---",
@@ -81,8 +86,7 @@ def render(name: str, config, task: str, results: dict) -> str:
         f"A `{architecture}` ({spec.title}) trained with hf-efficient and the "
         f"transformers `Trainer`. The folder holds the weights (safetensors), config, "
         f"{'image processor' if spec.modality == 'image' else 'tokenizer'}"
-        f"{', generation config' if task == 'clm' else ''} and the model's source files, so it loads with "
-        "`trust_remote_code=True` where hf-efficient is not installed.",
+        f"{', generation config' if task == 'clm' else ''}{code}.",
         "",
         "## Results (measured)",
         "",

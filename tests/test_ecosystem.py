@@ -336,3 +336,23 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
     assert hf_efficient.ARCHITECTURES  # the launched command used the same registry
+
+
+# -------------------------------------------------------------------------------------------------------- seq2seq
+def test_seq2seq_task_on_an_encoder_decoder_checkpoint(tmp_path):
+    """No hf-efficient architecture has a Seq2SeqLM head yet: the task runs on any encoder-decoder checkpoint."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from hf_efficient.data import default_tokenizer
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=384, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    default_tokenizer().save_pretrained(tmp_path / "t5")
+    argv = ["train", "--model", str(tmp_path / "t5"), "--task", "seq2seq", "--max-steps", "3", "--block-size", "64"]
+    assert cli.main([*argv, "--max-train-samples", "64", *QUIET, "--output-dir", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "all_results.json").read_text())
+    assert results["task"] == "seq2seq" and np.isfinite(results["eval_bits_per_byte"])
+    assert "model-index:" in (tmp_path / "out" / "README.md").read_text()
