@@ -1,0 +1,1 @@
+"""Helpers of `scripts/benchmark.py`: benchmark specs, measurement workers, one module per mode, reporting."""

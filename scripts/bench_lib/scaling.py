@@ -1,0 +1,220 @@
+"""Scaling mode: forward+backward time and peak memory vs sequence length, one fresh process per point."""
+
+import math
+import time
+
+from . import measure, specs
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_step(model, level: str, batch: int, length: int, device: str, seed: int = 0):
+    """A closure running one forward + backward of `model` on random inputs of `batch x length`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    extra = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
+    if level == "block":
+        embeds = torch.randn(batch, length, config.hidden_size, generator=generator).to(device).requires_grad_(True)
+
+        def step():
+            out = model(inputs_embeds=embeds, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            hidden.float().pow(2).mean().backward()
+            model.zero_grad(set_to_none=True)
+            embeds.grad = None
+
+    else:
+        ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator).to(device)
+
+        def step():
+            out = model(input_ids=ids, labels=ids, **extra)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def scaling_point(
+    entry: dict,
+    level: str,
+    length: int,
+    sizes: dict,
+    device: str = "cpu",
+    batch: int = 1,
+    repeats: int = 3,
+    time_target: float = 20.0,
+    threads: int | None = None,
+    memory_cap: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Worker (fresh process): build one model, measure fwd+bwd time (median) and peak memory at `length`."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if not device.startswith("cuda"):
+        measure.cap_address_space(memory_cap)
+    torch.manual_seed(seed)
+    build_start = time.perf_counter()
+    config = specs.level_config(entry, level, sizes, length=length)
+    model = specs.build_model(entry, config, specs.model_head(entry, level)).to(device)
+    model.train()
+    step = make_step(model, level, batch, length, device, seed)
+    build_s = time.perf_counter() - build_start
+    memory = measure.PeakMemory(device)
+    memory.start()
+    try:
+        timing = measure.timed_repeats(step, device, repeats, time_target)
+        peak = memory.peak()
+    finally:
+        memory.stop()
+    return {
+        "status": "ok",
+        **timing,
+        "peak_memory_mb": round(peak / 2**20, 2),
+        "memory_method": memory.method,
+        "parameters": specs.count_parameters(model),
+        "build_s": round(build_s, 3),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def fit_slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of log(value) against log(length)."""
+    points = [(x, y) for x, y in points if x > 0 and y and y > 0]
+    if len(points) < 2:
+        return None
+    xs = [math.log(x) for x, _ in points]
+    ys = [math.log(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+
+
+def run(
+    entries: list[dict],
+    sizes: dict,
+    lengths: list[int],
+    levels: list[str],
+    device: str,
+    budget: float,
+    repeats: int,
+    time_target: float,
+    batch: int,
+    memory_cap: int | None,
+    start_method: str,
+    threads: int | None,
+    log=print,
+) -> list[dict]:
+    """Every (entry, level) series over `lengths`, interleaved by length so that the ratios at one length are
+    measured side by side in time. A series stops at its first timeout / OOM / error (recorded)."""
+    series = [(entry, level) for level in levels for entry in entries]
+    stopped: dict[tuple, str] = {}
+    points: list[dict] = []
+    for length in lengths:
+        for entry, level in series:
+            key = (entry["name"], level)
+            if key in stopped:
+                continue
+            record = {"name": entry["name"], "model_type": entry["model_type"], "level": level, "length": length}
+            previous = [p for p in points if (p["name"], p["level"]) == key and p["status"] == "ok"]
+            predicted = None
+            if len(previous) >= 2:
+                (l1, t1), (l2, t2) = [(p["length"], p["time_s"]) for p in previous[-2:]]
+                slope = max(1.0, math.log(t2 / t1) / math.log(l2 / l1)) if t1 > 0 and t2 > 0 else 2.0
+                predicted = t2 * (length / l2) ** slope
+            if predicted is not None and predicted > 2 * budget:
+                record.update(
+                    status="timeout",
+                    predicted=True,
+                    error=f"predicted {predicted:.0f} s for one step (> 2x the {budget:.0f} s budget): not run",
+                )
+            else:
+                kwargs = dict(
+                    entry=entry,
+                    level=level,
+                    length=length,
+                    sizes=sizes,
+                    device=device,
+                    batch=batch,
+                    repeats=repeats,
+                    time_target=min(time_target, budget * 0.4),
+                    threads=threads,
+                    memory_cap=memory_cap,
+                )
+                record.update(measure.run_fresh(scaling_point, kwargs, timeout=budget, start_method=start_method))
+            points.append(record)
+            if record["status"] != "ok":
+                stopped[key] = record["status"]
+            log(
+                f"  scaling {level:5s} {entry['name']:18s} L={length:6d} {record['status']:7s} "
+                + (
+                    f"{record['time_s']:.3f} s  {record['peak_memory_mb']:.0f} MB"
+                    if record["status"] == "ok"
+                    else record.get("error", "")[:100]
+                )
+            )
+    return points
+
+
+def summarise(entries: list[dict], points: list[dict], levels: list[str], min_fit_length: int) -> list[dict]:
+    """Per series: fitted log-log slopes (long lengths and last pair), expected slopes, ratios vs the reference."""
+    ok = {(p["name"], p["level"], p["length"]): p for p in points if p["status"] == "ok"}
+    rows = []
+    for level in levels:
+        for entry in entries:
+            series = [p for p in points if p["name"] == entry["name"] and p["level"] == level]
+            good = [p for p in series if p["status"] == "ok"]
+            fit = [p for p in good if p["length"] >= min_fit_length]
+            if len(fit) < 2:
+                fit = good[-3:]
+            row = {
+                "name": entry["name"],
+                "label": entry["label"],
+                "model_type": entry["model_type"],
+                "level": level,
+                "complexity": entry.get("complexity"),
+                "expected_slope": entry.get("expected_slope", {}),
+                "max_ok_length": good[-1]["length"] if good else None,
+                "stopped": next(
+                    (
+                        {"length": p["length"], "status": p["status"], "reason": p.get("error")}
+                        for p in series
+                        if p["status"] != "ok"
+                    ),
+                    None,
+                ),
+                "fit_lengths": [p["length"] for p in fit],
+            }
+            for metric, field in (("time", "time_s"), ("memory", "peak_memory_mb")):
+                row[f"{metric}_slope"] = _round(fit_slope([(p["length"], p[field]) for p in fit]))
+                row[f"{metric}_slope_last_pair"] = _round(fit_slope([(p["length"], p[field]) for p in good[-2:]]))
+            ratios = {}
+            for p in good:
+                ref = ok.get((specs.REFERENCE, level, p["length"]))
+                if ref is None:
+                    continue
+                ratios[str(p["length"])] = {
+                    "time": _round(p["time_s"] / ref["time_s"], 3) if ref["time_s"] else None,
+                    "memory": _round(p["peak_memory_mb"] / ref["peak_memory_mb"], 3)
+                    if ref["peak_memory_mb"]
+                    else None,
+                }
+            row["ratio_vs_reference"] = ratios
+            rows.append(row)
+    return rows
+
+
+def _round(value, digits: int = 2):
+    return None if value is None else round(value, digits)

@@ -1,0 +1,232 @@
+"""Benchmark specs: which models to build, at which sizes, from `model_cards/benchmarks/<model_type>.json`.
+
+Every registered architecture (`hf_efficient.ARCHITECTURES`) declares its benchmark entries in one JSON file next to
+its presets; an architecture without a file is reported as "no benchmark config". The softmax baselines
+(transformers' Llama with SDPA, GPT-2) are built-in entries in the same format.
+
+Entry format (see CONTRIBUTING.md, "Benchmark configs"):
+
+    {"model_type": "gmlp", "notes": ["..."], "entries": [
+      {"name": "gmlp",                     # unique variant name (also the series name in results)
+       "label": "gMLP",                    # display name
+       "variant": {"tiny_attn_size": null},   # config overrides shared by every level
+       "block": {...}, "model": {...}, "quality": {...},   # per-level config overrides
+       "causal_head": "AutoModelForCausalLM",  # null: no causal LM head (decoding is skipped)
+       "length_key": "max_position_embeddings",  # config key the benchmark sets to the sequence length (or null)
+       "fixed_length": true,               # the model cannot run beyond `length_key` (e.g. gMLP's n x n SGU)
+       "complexity": "O(L^2 d) by design", # the paper's claim, for the tables
+       "expected_slope": {"time": 2.0, "memory": 2.0},  # log-log slopes the claim implies at long lengths
+       "matmul_bound": true,               # hardware-efficiency mode reports the whole model as matmul-bound
+       "ffn_module": "layers.0.mlp"}]}     # submodule of the base model that is the FFN part (or null)
+
+Config values may be templates: a string `"{expr}"` is evaluated over the level's sizes (`hidden_size`,
+`num_hidden_layers`, `num_heads`, `intermediate_size`, `vocab_size`), e.g. `"{2 * intermediate_size}"`.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_CONFIG_DIR = ROOT / "model_cards" / "benchmarks"
+LEVELS = ("block", "model", "quality")
+
+# Shared sizes per level: every architecture and the baselines get the same width, depth, heads and FFN size.
+SIZES = {
+    "default": {
+        "block": dict(hidden_size=256, num_hidden_layers=1, num_heads=4, intermediate_size=1024, vocab_size=384),
+        "model": dict(hidden_size=256, num_hidden_layers=2, num_heads=4, intermediate_size=1024, vocab_size=384),
+        "quality": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, intermediate_size=512, vocab_size=384),
+        "recall": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, intermediate_size=256, vocab_size=384),
+    },
+    "tiny": {
+        "block": dict(hidden_size=32, num_hidden_layers=1, num_heads=2, intermediate_size=64, vocab_size=384),
+        "model": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, vocab_size=384),
+        "quality": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, vocab_size=384),
+        "recall": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, vocab_size=384),
+    },
+}
+
+_LLAMA_LEVEL = {
+    "hidden_size": "{hidden_size}",
+    "num_hidden_layers": "{num_hidden_layers}",
+    "num_attention_heads": "{num_heads}",
+    "num_key_value_heads": "{num_heads}",
+    "intermediate_size": "{intermediate_size}",
+    "tie_word_embeddings": True,
+}
+_GPT2_LEVEL = {
+    "n_embd": "{hidden_size}",
+    "n_layer": "{num_hidden_layers}",
+    "n_head": "{num_heads}",
+    "n_inner": "{intermediate_size}",
+}
+
+# Built-in softmax-attention baselines (transformers' own models), in the same format as the JSON entries.
+BASELINES = [
+    {
+        "model_type": "llama",
+        "name": "llama-sdpa",
+        "label": "Llama (SDPA)",
+        "baseline": True,
+        "attn_implementation": "sdpa",
+        "variant": {"rms_norm_eps": 1e-6},
+        "block": _LLAMA_LEVEL,
+        "model": _LLAMA_LEVEL,
+        # SwiGLU has 3 d x ffn weights where the other FFNs have 2: 2/3 of the FFN size gives the same parameters.
+        "quality": {**_LLAMA_LEVEL, "intermediate_size": "{2 * intermediate_size // 3}"},
+        "causal_head": "AutoModelForCausalLM",
+        "length_key": "max_position_embeddings",
+        "fixed_length": False,
+        "complexity": "O(L^2 d) time, O(L d) memory (SDPA never materialises the L x L scores)",
+        "expected_slope": {"time": 2.0, "memory": 1.0},
+        "matmul_bound": False,
+        "ffn_module": "layers.0.mlp",
+    },
+    {
+        "model_type": "gpt2",
+        "name": "gpt2",
+        "label": "GPT-2 (SDPA)",
+        "baseline": True,
+        "attn_implementation": "sdpa",
+        "variant": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 1, "eos_token_id": 1},
+        "block": _GPT2_LEVEL,
+        "model": _GPT2_LEVEL,
+        "quality": _GPT2_LEVEL,
+        "causal_head": "AutoModelForCausalLM",
+        "length_key": "n_positions",
+        "fixed_length": True,
+        "complexity": "O(L^2 d) time and memory (materialises its L x L mask)",
+        "expected_slope": {"time": 2.0, "memory": 2.0},
+        "matmul_bound": False,
+        "ffn_module": "h.0.mlp",
+    },
+]
+BASELINE_NAMES = [b["name"] for b in BASELINES]
+REFERENCE = "llama-sdpa"  # every ratio is "ours / Llama SDPA", measured side by side in one run
+
+
+def evaluate_templates(value, sizes: dict):
+    """Replace `"{expr}"` strings (recursively) by `expr` evaluated over `sizes` (ints only, no builtins)."""
+    if isinstance(value, dict):
+        return {k: evaluate_templates(v, sizes) for k, v in value.items()}
+    if isinstance(value, list):
+        return [evaluate_templates(v, sizes) for v in value]
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        try:
+            return eval(value[1:-1], {"__builtins__": {}}, dict(sizes))  # noqa: S307 (project-owned JSON)
+        except Exception as error:
+            raise ValueError(f"Bad template {value!r} in a benchmark config: {error}") from error
+    return value
+
+
+def validate_file(data: dict, path: Path) -> None:
+    """Raise ValueError on a malformed benchmark-config file (named field, named file)."""
+    if not isinstance(data, dict) or "entries" not in data or not isinstance(data["entries"], list):
+        raise ValueError(f"{path}: expected an object with a list `entries`.")
+    names = set()
+    for i, entry in enumerate(data["entries"]):
+        for key in ("name", "label", "model", "block", "quality"):
+            if key not in entry:
+                raise ValueError(f"{path}: entry {i} has no `{key}`.")
+        if entry["name"] in names:
+            raise ValueError(f"{path}: duplicate entry name {entry['name']!r}.")
+        names.add(entry["name"])
+        unknown = set(entry.get("expected_slope", {})) - {"time", "memory"}
+        if unknown:
+            raise ValueError(f"{path}: entry {entry['name']!r}: unknown expected_slope keys {sorted(unknown)}.")
+
+
+def discover(include_baselines: bool = True, names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """All benchmark entries of the registered architectures (plus baselines), and the skipped architectures.
+
+    Returns `(entries, skipped)`; each entry carries its `model_type`; `skipped` lists `{"model_type", "reason"}`.
+    `names` keeps only entries (or model types) whose name is listed.
+    """
+    import hf_efficient
+
+    entries, skipped = [], []
+    for model_type in sorted(hf_efficient.ARCHITECTURES):
+        path = BENCH_CONFIG_DIR / f"{model_type}.json"
+        if not path.exists():
+            skipped.append({"model_type": model_type, "reason": f"no benchmark config ({path.relative_to(ROOT)})"})
+            continue
+        data = json.loads(path.read_text())
+        validate_file(data, path)
+        for entry in data["entries"]:
+            entries.append({"model_type": model_type, "baseline": False, **entry})
+    if include_baselines:
+        entries.extend(copy.deepcopy(BASELINES))
+    if names:
+        wanted = set(names)
+        entries = [e for e in entries if e["name"] in wanted or e["model_type"] in wanted]
+    return entries, skipped
+
+
+def level_config(
+    entry: dict, level: str, sizes: dict, length: int | None = None, sizes_level: str | None = None, **overrides
+) -> dict:
+    """The config kwargs of `entry` at `level` (templates evaluated over `sizes[sizes_level or level]`), with the
+    length key set to `length`."""
+    level_sizes = sizes[sizes_level or level]
+    config = {}
+    config.update(evaluate_templates(entry.get("variant", {}), level_sizes))
+    config.update(evaluate_templates(entry[level], level_sizes))
+    if "vocab_size" in level_sizes and entry["model_type"] != "gpt2":
+        config.setdefault("vocab_size", level_sizes["vocab_size"])
+    if entry["model_type"] == "gpt2":
+        config["vocab_size"] = level_sizes["vocab_size"]
+    if length is not None and entry.get("length_key"):
+        config[entry["length_key"]] = max(int(length), int(config.get(entry["length_key"], 0) or 0))
+    config.update(overrides)
+    return config
+
+
+def build_model(entry: dict, config_kwargs: dict, head: str):
+    """Instantiate `head` (an Auto class name, e.g. "AutoModelForCausalLM") for `entry` from `config_kwargs`."""
+    import transformers
+
+    import hf_efficient  # noqa: F401  (registers the architectures)
+
+    config = transformers.AutoConfig.for_model(entry["model_type"], **config_kwargs)
+    kwargs = {}
+    if entry.get("attn_implementation"):
+        kwargs["attn_implementation"] = entry["attn_implementation"]
+    model = getattr(transformers, head).from_config(config, **kwargs)
+    return model
+
+
+def model_head(entry: dict, level: str) -> str:
+    """Auto class used at `level`: the base model for a block, the causal head (or a fallback) otherwise."""
+    if level == "block":
+        return "AutoModel"
+    return entry.get("causal_head") or entry.get("fallback_head") or "AutoModelForMaskedLM"
+
+
+def get_submodule(model, path: str | None):
+    """`path` (dotted, relative to the base model) inside `model` or its `base_model`, or None if absent."""
+    if not path:
+        return None
+    for root in (getattr(model, "base_model", None), model):
+        if root is None:
+            continue
+        try:
+            return root.get_submodule(path)
+        except AttributeError:
+            continue
+    return None
+
+
+def count_parameters(model, exclude_embeddings: bool = False) -> int:
+    seen, total = set(), 0
+    skip = set()
+    if exclude_embeddings:
+        for module in model.modules():
+            if type(module).__name__ == "Embedding":
+                skip.update(id(p) for p in module.parameters())
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
