@@ -1,6 +1,16 @@
-"""Parametrises the generic tester's fixtures from each test class's attributes."""
+"""Parametrises the generic tester's fixtures from each test class's attributes; one thread per test worker."""
 
-import pytest
+import os
+
+# `pytest -n 2` runs two workers on two cores: with torch's default of one OpenMP thread per core each, the workers
+# oversubscribe the machine and tiny ops slow down ~5x. One thread per worker (and per subprocess it starts).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+import pytest  # noqa: E402
 
 
 def _is_vision(head) -> bool:
