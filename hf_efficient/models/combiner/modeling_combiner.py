@@ -383,7 +383,7 @@ class CombinerModel(CombinerPreTrainedModel):
         if new_mask is not None:
             position_ids = position_ids.masked_fill(new_mask == 0, 0)  # padding: any valid index will do
         limit = self.config.max_position_embeddings
-        longest = max(int(position_ids.max()) + 1 if position_ids.numel() else 0, total_len if new_mask is None else 0)
+        longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
         if longest > limit:
             raise ValueError(
                 f"Sequence length {longest} exceeds max_position_embeddings={limit} (the learned position table) of "

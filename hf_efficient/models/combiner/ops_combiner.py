@@ -258,40 +258,77 @@ def logsparse_attention(
     bidirectional ones partition `[0, Lp) \ {i}` (the highest differing bit of i and j names j's only span). Level 0
     spans are single tokens (their abstraction is the token itself).
 
-    Each level costs O(L): block summaries `(B, H, ceil(L / 2^l), .)` and one gathered logit per position; the
-    joint softmax is over `(B, H, L, 1 + levels)`. Memory O(L log L). The loop is over the O(log L) levels only.
+    Blocked layout: the sequence is padded once to `P = 2^levels` (< 2L), so every level is a free view
+    `(B, H, P / 2^l, 2^l, .)`. Pooled keys / queries of level l are pooled from level l - 1 (pairs of blocks), the
+    sibling of block n is block `n xor 1` (a flip of the pair axis, no gather), and each level contributes one span
+    logit per position: the joint softmax is over `(B, H, P, 1 + levels)`. Time and memory O(L log L); the loop
+    is over the O(log L) levels only.
 
     Returns `(B, H, L, Dv)`.
     """
     _check_summary(span_summary)
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, _ = _prepare(q, k, v, key_mask, None)
-    position = torch.arange(length, device=q.device)
+    levels = num_logsparse_levels(length)
+    padded = 2**levels
+    q, k, v = (_pad_length(t, padded) for t in (q, k, v))
+    real = _pad_length(real, padded, dim=-1)
+    real_e = real[:, None, :, None]  # (B, 1, P, 1)
 
-    logits = [(q * k).sum(-1, keepdim=True)]  # (B, H, L, 1): the direct part, position i itself
-    allowed = [real[:, None, :, None]]
-    span_values, span_index = [], []
-    for level in range(num_logsparse_levels(length)):
+    logits = [(q * k).sum(-1, keepdim=True)]  # (B, H, P, 1): the direct part, position i itself
+    allowed = [real_e]
+    span_values = []
+    # Running pools of the blocks of the current level, built pairwise from the level below.
+    fill = float("-inf") if span_summary == "max" else 0.0
+    pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
+    count = real[:, None].to(q.dtype)  # (B, 1, blocks): real positions per block
+    for level in range(levels):
         size = 2**level
-        num_blocks = -(-length // size)
-        blocks = [_pad_length(t, num_blocks * size).unflatten(2, (num_blocks, size)) for t in (q, k, v)]
-        real_b = _pad_length(real, num_blocks * size, dim=-1).view(batch_size, 1, num_blocks, size)
-        span_key, span_value, nonempty = block_summaries(*blocks, real_b, span_summary)
-        sibling = (position >> level) ^ 1
-        valid = sibling < num_blocks
-        if causal:
-            valid = valid & ((position >> level) & 1).bool()  # the sibling is the left one
-        index = sibling.clamp(max=num_blocks - 1)
-        logits.append((q * span_key.index_select(2, index)).sum(-1, keepdim=True))
-        allowed.append((valid & nonempty[..., index])[..., None])  # (B, 1, L, 1)
-        span_values.append(span_value)
-        span_index.append(index)
+        num_blocks = padded // size
+        if level == 0:  # single tokens: the abstraction is the token itself
+            span_key, span_value = k, v
+        else:
+            pairs = (num_blocks, 2)
+            if span_summary == "max":
+                pooled_q, pooled_k = (t.unflatten(2, pairs).amax(3) for t in (pooled_q, pooled_k))
+            else:
+                pooled_q, pooled_k = (t.unflatten(2, pairs).sum(3) for t in (pooled_q, pooled_k))
+            count = count.unflatten(2, pairs).sum(3)
+            nonempty = (count > 0)[..., None]
+            if span_summary == "max":
+                span_query = torch.where(nonempty, pooled_q, 0.0)
+                span_key = torch.where(nonempty, pooled_k, 0.0)
+            elif span_summary == "mean":
+                span_query, span_key = (
+                    pooled_q / count.clamp(min=1)[..., None],
+                    pooled_k / count.clamp(min=1)[..., None],
+                )
+            else:
+                span_query, span_key = pooled_q, pooled_k
+            kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
+            real_b = real.view(batch_size, 1, num_blocks, size)
+            inner = torch.einsum("bhnd,bhnjd->bhnj", span_query, kb)  # pooled query vs its own block's keys
+            weights = _softmax(inner, real_b.expand_as(inner)).to(v.dtype)
+            span_value = torch.einsum("bhnj,bhnjd->bhnd", weights, vb)
+        # Sibling n xor 1: flip the pair axis of the (num_blocks / 2, 2) layout.
+        sibling_key = span_key.unflatten(2, (num_blocks // 2, 2)).flip(3).flatten(2, 3)
+        sibling_value = span_value.unflatten(2, (num_blocks // 2, 2)).flip(3).flatten(2, 3)
+        sibling_ok = (count > 0).unflatten(2, (num_blocks // 2, 2)).flip(3).flatten(2, 3)  # (B, 1, n)
+        if causal:  # only a left sibling: odd blocks
+            sibling_ok = sibling_ok & (torch.arange(num_blocks, device=q.device) % 2 == 1)
+        qb = q.unflatten(2, (num_blocks, size))
+        level_logits = torch.einsum("bhnsd,bhnd->bhns", qb, sibling_key).reshape(batch_size, num_heads, padded, 1)
+        logits.append(level_logits)
+        allowed.append(sibling_ok[..., None].expand(batch_size, 1, num_blocks, size).reshape(batch_size, 1, padded, 1))
+        span_values.append(sibling_value)
 
     probs = _joint_softmax(list(zip(logits, allowed)), v.dtype)
     out = probs[0] * v
-    for p, span_value, index in zip(probs[1:], span_values, span_index):
-        out = out + p * span_value.index_select(2, index)
-    return out
+    for level, (p, value) in enumerate(zip(probs[1:], span_values)):
+        size = 2**level
+        contribution = p.view(batch_size, num_heads, padded // size, size, 1) * value[:, :, :, None, :]
+        out = out + contribution.flatten(2, 3)
+    return out[:, :, :length]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -821,8 +858,12 @@ def _logsparse_step(q, k, v, state, span_summary, valid):
         if not bool(done.any()):
             continue
         rows = done.nonzero().squeeze(1)
-        positions = (end[rows] - size)[:, None] + torch.arange(size, device=q.device)
-        blocks = [_gather(state[name][rows], positions)[:, :, None] for name in ("q", "k", "v")]
+        # Gather the block's 2^l tokens for every sample (O(B 2^l)), then keep the completing ones: indexing the
+        # raw buffers by sample first would copy all L of them.
+        positions = ((end - size).clamp(min=0)[:, None] + torch.arange(size, device=q.device)).clamp(
+            max=state["k"].shape[2] - 1
+        )
+        blocks = [_gather(state[name], positions)[rows][:, :, None] for name in ("q", "k", "v")]
         key, value, _ = block_summaries(*blocks, _all_real(len(rows), 1, size, device=q.device), span_summary)
         index = end // size - 1
         for name, summary in ((f"level{level}_k", key), (f"level{level}_v", value)):
