@@ -32,8 +32,9 @@ Conventions shared by the four variants (the papers leave them open; tests pin t
   at `s ~ sqrt L`) and O(L log L) for Logsparse. There is no Python loop over positions or segments; Logsparse loops
   over its ceil(log2 L) levels, which is O(log L) iterations of vectorised work.
 
-Decoding with a cache uses the `*_step` functions at the end of this file: one new token per sample against the
-summaries of completed spans, O(s + L/s) (Fixed, Axial, Mixture) or O(log L) spans (Logsparse) per step.
+Decoding with a cache uses `combiner_prefill_state` and `combiner_step` (end of this file): one new token per
+sample against the summaries of completed spans, O(s + L/s) (Fixed, Axial, Mixture) or O(log L) spans (Logsparse)
+per step.
 """
 
 from collections.abc import Callable
