@@ -41,6 +41,13 @@ def _format(value) -> str:
     return str(value)
 
 
+def _steps(results: dict):
+    steps = results.get("global_step")
+    if steps is not None and results.get("stopped_by_time_budget"):
+        return f"{steps} (of {results.get('max_steps')}: stopped by the --max-train-minutes budget)"
+    return steps
+
+
 def render(name: str, config, task: str, results: dict) -> str:
     """README.md text for a checkpoint called `name` (a folder name or Hub repo id; `config`: its config)."""
     spec = TASKS[task]
@@ -102,7 +109,7 @@ def render(name: str, config, task: str, results: dict) -> str:
         ("task", task),
         ("model type", f"`{config.model_type}`"),
         ("parameters", f"{results['num_parameters'] / 1e6:.2f}M" if "num_parameters" in results else None),
-        ("training steps", results.get("global_step")),
+        ("training steps", _steps(results)),
         ("global batch size", results.get("global_batch_size")),
         ("processes (world size)", results.get("world_size")),
         ("training wall time", f"{results['train_runtime']:.0f} s" if "train_runtime" in results else None),

@@ -328,7 +328,7 @@ def default_generation_config(model, tokenizer):
         temperature=0.8,
         top_k=0,
         top_p=0.95,
-        max_new_tokens=min(200, max(1, limit // 2)),
+        max_new_tokens=min(200, max(1, limit - 16)),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=getattr(model.config, "bos_token_id", None),
@@ -450,6 +450,38 @@ def training_arguments(options, extra: dict, output_dir: Path, task: str):
         raise TaskError(f"invalid training arguments: {_short(error)}") from error
 
 
+class TimeBudget:
+    """`--max-train-minutes`: stop training (cleanly: evaluation and saving still run) once the budget is spent.
+    Rank 0's clock decides, broadcast to every process, so that all of them stop at the same step."""
+
+    def __init__(self, minutes: float):
+        from transformers import TrainerCallback
+
+        budget = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                budget.started = time.time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if budget.over():
+                    budget.stopped_at = state.global_step
+                    control.should_training_stop = True
+
+        self.seconds = minutes * 60
+        self.started = time.time()
+        self.stopped_at = None
+        self.callback = Callback()
+
+    def over(self) -> bool:
+        import torch
+
+        flag = torch.tensor([float(time.time() - self.started > self.seconds)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
+
+
 def finite(metrics: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
 
@@ -491,6 +523,7 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)
 
+    budget = TimeBudget(options.max_train_minutes) if options.max_train_minutes else None
     trainer = Trainer(
         model=model,
         args=args,
@@ -500,7 +533,7 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
         processing_class=processing,
         compute_metrics=data.compute_metrics,
         preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, *([budget.callback] if budget else [])],
     )
     main = trainer.is_world_process_zero()
     if main:
@@ -524,6 +557,8 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
         "dataset": data.description,
         "dataset_path": options.dataset,
         "global_step": trainer.state.global_step,
+        "max_steps": args.max_steps,
+        "stopped_by_time_budget": bool(budget and budget.stopped_at is not None),
         "world_size": args.world_size,
         "num_processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
@@ -571,6 +606,7 @@ def _print_results(task: str, results: dict, folder: Path) -> None:
         "eval_perplexity",
         "eval_accuracy",
         "global_step",
+        "stopped_by_time_budget",
         "world_size",
         "train_runtime",
         "wall_time_s",

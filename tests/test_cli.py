@@ -126,3 +126,24 @@ def test_bad_input_gives_one_line_error_and_no_output(tmp_path, capsys, monkeypa
         assert expected in lines[-1], (argv, lines[-1])
         assert "Traceback" not in err, argv
         assert not output.exists() and not (tmp_path / "out.partial").exists(), argv
+
+
+def test_time_budget_stops_training_cleanly(tmp_path, capsys):
+    """--max-train-minutes: training stops at the budget, and the run still evaluates and saves a complete folder."""
+    out = tmp_path / "out"
+    argv = ["train", "--config-overrides", TINY, "--max-train-bytes", "20000", "--max-eval-bytes", "2000"]
+    argv += [
+        "--max-steps",
+        "50",
+        "--max-train-minutes",
+        "1e-9",
+        "--disable-tqdm",
+        "--no-sample",
+        "--save-strategy",
+        "no",
+    ]
+    assert cli.main([*argv, "--output-dir", str(out)]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["global_step"] == 1 and results["max_steps"] == 50 and results["stopped_by_time_budget"]
+    assert "eval_bits_per_byte" in results and (out / "model.safetensors").is_file()
+    assert "stopped by the --max-train-minutes budget" in (out / "README.md").read_text()

@@ -304,6 +304,7 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     common = ["--task", "clm", "--config-overrides", TINY, *SMALL_TEXT, "--max-steps", "4", "--learning-rate", "1e-2"]
     # (--logging-steps 1: the logged train_loss is then the mean over both processes at every step.)
     common += ["--warmup-steps", "0", "--save-strategy", "no", "--seed", "0", *QUIET, "--logging-steps", "1"]
+    common += ["--max-train-minutes", "60"]  # not reached; its per-step decision is broadcast from rank 0
     config = tmp_path / "accelerate.yaml"
     config.write_text(
         "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
