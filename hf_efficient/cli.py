@@ -117,7 +117,7 @@ def build_parser() -> ArgumentParser:
         "Trainer, evaluate it, and save a Hub-ready folder (safetensors, config, tokenizer or image processor, "
         "generation config, model card with the measured metrics, model code for trust_remote_code). The run "
         "writes into <output-dir>.partial and renames it to <output-dir> only when complete. "
-        "With no options it is the main job: a 0.7M-parameter causal gMLP byte LM, 400 steps on the embedded corpus.",
+        "With no options it is the main job: a 0.7M-parameter causal gMLP byte LM, 600 steps on the embedded corpus.",
         epilog="Any other TrainingArguments field is accepted as --field_name VALUE (e.g. --optim adamw_torch, "
         "--fsdp 'full_shard auto_wrap', --deepspeed ds.json, --torch_compile), as in transformers' example scripts. "
         "Multi-process: `accelerate launch --multi_gpu --num_processes N -m hf_efficient train ...`.",
@@ -145,7 +145,7 @@ def build_parser() -> ArgumentParser:
     run = train.add_argument_group("training (TrainingArguments)")
     _add(run, "output-dir", help="the Hub-ready folder to write (default: out/<model>-<task>)")
     _add(run, "overwrite-output-dir", action="store_true", help="replace an existing output folder")
-    _add(run, "max-steps", type=int, help="optimizer steps (default: 400 for clm/mlm, else 300; <= 0: epochs)")
+    _add(run, "max-steps", type=int, help="optimizer steps (default: 600 for clm/mlm, else 300; <= 0: epochs)")
     _add(run, "num-train-epochs", type=float, default=3.0, help="epochs when --max-steps <= 0 (default: 3)")
     _add(
         run,

@@ -69,7 +69,7 @@ TASKS = {
             "text",
             "causal language modelling",
             "Python standard-library source bytes (embedded)",
-            dict(max_steps=400, per_device_train_batch_size=32, learning_rate=3e-3),
+            dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
         ),
         Task(
             "mlm",
@@ -79,7 +79,7 @@ TASKS = {
             "text",
             "masked language modelling",
             "Python standard-library source bytes (embedded)",
-            dict(max_steps=400, per_device_train_batch_size=32, learning_rate=3e-3),
+            dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
         ),
         Task(
             "seq-cls",
