@@ -1,7 +1,10 @@
 """The `hf-efficient` command: help, listing, and one-line errors for bad input (no traceback, no output folder)."""
 
 import json
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,8 +58,10 @@ def test_list_shows_every_registered_architecture_and_head(capsys):
 def test_console_script_error_is_one_line(tmp_path):
     """The installed `hf-efficient` script in a real process: exit code, one line, no traceback, no folder.
     (`python -m hf_efficient` runs in the multi-process test of tests/test_ecosystem.py.)"""
+    script = Path(sys.executable).with_name("hf-efficient")  # the script installed with this interpreter
     result = subprocess.run(
-        ["hf-efficient", "train", "--model", "no-such-architecture", "--output-dir", "o"],
+        [str(script if script.exists() else shutil.which("hf-efficient")), "train", "--model", "no-such-architecture"]
+        + ["--output-dir", "o"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -153,6 +153,19 @@ def test_evaluate_generate_and_publish(trained, tmp_path, capsys):
     assert "name: someone/tiny-gmlp" in (published / "README.md").read_text()
 
 
+def test_fine_tune_a_checkpoint_with_a_new_head(trained, tmp_path):
+    """A causal checkpoint fine-tuned as a classifier: the body's weights come from it, the head is new."""
+    out = tmp_path / "classifier"
+    argv = ["train", "--model", str(trained("clm")), "--task", "seq-cls", "--max-steps", "2"]
+    assert (
+        cli.main([*argv, "--max-train-samples", "32", *QUIET, "--save-strategy", "no", "--output-dir", str(out)]) == 0
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GMLPForSequenceClassification"] and len(config["id2label"]) == 4
+    assert json.loads((out / "all_results.json").read_text())["model_source"] == "checkpoint"
+    assert_hub_ready(out, "seq-cls")
+
+
 # ------------------------------------------------------------------------------------------ offline Hub round trip
 def place_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
     """Lay the folder out as `huggingface_hub` downloads it: blobs by hash, a snapshot of symlinks, refs/main."""
