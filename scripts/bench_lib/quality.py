@@ -161,28 +161,28 @@ def leaderboard(entries, sizes, context, steps, batch, lr, train_bytes, validati
 
 # ---------------------------------------------------------------------------------------------- associative recall
 def recall_batch(generator, batch: int, length: int, num_pairs: int):
-    """Multi-query associative recall: `num_pairs` key-value pairs at the start, random filler, then every key
-    queried once (in a random order) at the end, each followed by its value. Labels only on the answers.
+    """Multi-query associative recall with dense queries.
 
-    Layout: `k1 v1 ... kP vP  f f f ... f  q1 a1 ... qP aP` (length `length`); the model must carry the pairs
-    across the filler, so the retrieval distance grows with the context length.
+    Layout (length `L`): `k1 v1 ... kP vP`, random filler up to `L/2`, then `L/2` queries: keys drawn with
+    replacement from the `P` stored ones. After each query the label is its value, but the value never enters the
+    input (the next input token is the next query), so no answer can be copied from nearby: every one of the `L/2`
+    answers must be retrieved from the pairs at the very start, at distances from about `L/2` to `L`. The labels are
+    aligned for transformers' internal shift (`labels[t]` is predicted at position `t - 1`).
     """
     import torch
 
-    if length < 4 * num_pairs:
+    half = length // 2
+    if half < 2 * num_pairs or length < 4:
         raise ValueError(f"recall length {length} is too short for {num_pairs} pairs (needs >= {4 * num_pairs})")
     keys = torch.stack([torch.randperm(NUM_KEYS, generator=generator)[:num_pairs] for _ in range(batch)]) + KEY_BASE
     values = torch.randint(0, NUM_VALUES, (batch, num_pairs), generator=generator) + VALUE_BASE
-    order = torch.stack([torch.randperm(num_pairs, generator=generator) for _ in range(batch)])
-    queries = keys.gather(1, order)
-    answers = values.gather(1, order)
-    filler = torch.randint(0, NUM_FILLER, (batch, length - 4 * num_pairs), generator=generator) + FILLER_BASE
-    context = torch.stack([keys, values], dim=-1).flatten(1)
-    tail = torch.stack([queries, answers], dim=-1).flatten(1)
-    ids = torch.cat([context, filler, tail], dim=1)
+    pairs = torch.stack([keys, values], dim=-1).flatten(1)
+    filler = torch.randint(0, NUM_FILLER, (batch, half - 2 * num_pairs), generator=generator) + FILLER_BASE
+    chosen = torch.randint(0, num_pairs, (batch, length - half), generator=generator)
+    queries, answers = keys.gather(1, chosen), values.gather(1, chosen)
+    ids = torch.cat([pairs, filler, queries], dim=1)
     labels = torch.full_like(ids, -100)
-    answer_positions = torch.arange(length - 2 * num_pairs + 1, length, 2)
-    labels[:, answer_positions] = ids[:, answer_positions]
+    labels[:, half + 1 :] = answers[:, :-1]  # position half + i predicts the answer to query i
     return ids, labels
 
 
@@ -210,8 +210,7 @@ def recall_accuracy(model, length, num_pairs, device, batches: int, batch: int, 
 
 
 def pairs_for(length: int, num_pairs: int) -> int:
-    """`num_pairs`, or with 0 ("auto") one pair per 16 tokens (at most the 64 keys): the number of facts to store
-    grows with the context, and the supervised answers per step (batch x pairs) stay equal across lengths."""
+    """`num_pairs`, or with 0 ("auto") one pair per 16 tokens (at most the 64 keys)."""
     return num_pairs if num_pairs > 0 else max(1, min(NUM_KEYS, length // 16))
 
 

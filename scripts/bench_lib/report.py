@@ -252,11 +252,18 @@ def recall_table(data: dict, labels: dict) -> list[str]:
         rows.append(cells)
     return (
         [
-            "**Associative recall** (multi-query: "
+            "**Associative recall** (multi-query, dense: "
             + (f"{s['num_pairs']} key-value pairs" if s["num_pairs"] else "L/16 key-value pairs (at most 64)")
-            + " at the start, random filler, then every key queried once at the end; accuracy on the answers, chance = "
-            f"{1 / 64:.3f}; a fresh {s['sizes']['hidden_size']}-wide {s['sizes']['num_hidden_layers']}-layer model per "
-            f"length, {s['steps']} steps of ~{s['tokens_per_step']} tokens):",
+            + " at the start, filler up to L/2, then L/2 queries of the stored keys whose answers never enter the "
+            "input, so every answer is retrieved from the start of the context; a fresh "
+            f"{s['sizes']['hidden_size']}-wide {s['sizes']['num_hidden_layers']}-layer model per length, "
+            f"{s['steps']} steps of ~{s['tokens_per_step']} tokens. Accuracy on the answers: chance = {1 / 64:.3f}; "
+            + (
+                f"{1 / s['num_pairs']:.2f} = knows which values were stored but not which key they belong to; "
+                if s["num_pairs"]
+                else ""
+            )
+            + "above that = key-value binding):",
             "",
         ]
         + _table(["model"] + [f"L={n}" for n in lengths], rows)
