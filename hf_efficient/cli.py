@@ -80,6 +80,8 @@ def _add_data_arguments(parser, evaluate_only: bool = False):
     if not evaluate_only:
         _add(group, "max-train-samples", type=int, help="keep only the first N training examples")
     _add(group, "max-eval-samples", type=int, help="keep only the first N validation examples")
+    if evaluate_only:
+        parser.set_defaults(max_train_bytes=None, max_train_samples=None)  # (the training split is not read)
     _add(group, "mlm-probability", type=float, default=0.15, help="masked share of tokens (mlm; default: %(default)s)")
     _add(group, "seed", type=int, default=42, help="seed of model init, data order and splits (default: %(default)s)")
 

@@ -88,7 +88,7 @@ def assert_hub_ready(folder: Path, task: str):
 
 
 # ------------------------------------------------------------------------------------------ outputs and pipelines
-def test_train_outputs_are_hub_ready_and_pipelines_work(trained):
+def test_train_outputs_are_hub_ready_and_pipelines_work(trained, tmp_path):
     for task in RUNS:
         assert_hub_ready(trained(task), task)
     results = json.loads((trained("clm") / "all_results.json").read_text())
@@ -107,6 +107,13 @@ def test_train_outputs_are_hub_ready_and_pipelines_work(trained):
     classify = pipeline("text-classification", model=str(trained("seq-cls")))
     label = classify("async def main(): await asyncio.sleep(1)", truncation=True)[0]["label"]
     assert label in {"asyncio", "email", "tkinter", "unittest"}
+
+    for task in ("seq-cls", "image-cls"):  # `evaluate` reproduces each classifier's final validation accuracy
+        argv = ["evaluate", str(trained(task)), "--max-eval-samples", "32", "--disable-tqdm", "--output-file"]
+        assert cli.main([*argv, str(tmp_path / f"{task}.json")]) == 0
+        measured = json.loads((tmp_path / f"{task}.json").read_text())
+        expected = json.loads((trained(task) / "all_results.json").read_text())
+        assert measured["eval_accuracy"] == pytest.approx(expected["eval_accuracy"])
 
     images = pipeline("image-classification", model=str(trained("image-cls")))
     digit = Image.fromarray((np.eye(8) * 255).astype(np.uint8), mode="L")
