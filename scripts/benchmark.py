@@ -43,7 +43,7 @@ PROFILES = {
     "full": dict(
         sizes="default",
         lengths=[256, 512, 1024, 2048, 4096, 8192, 16384],
-        levels=["block", "model"],
+        levels=["block", "mixer", "model"],
         budget=240.0,
         repeats=3,
         time_target=12.0,

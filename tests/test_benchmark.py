@@ -71,9 +71,11 @@ def test_mode_tiny(mode, tmp_path):
     if mode in ("scaling", "hardware"):
         # every registered architecture's entries (and both baselines) ran, and ran fine at tiny sizes
         assert names == {e["name"] for e in entries}
-        assert all(row["status"] == "ok" for row in data["results"]), [
-            r for r in data["results"] if r["status"] != "ok"
-        ]
+        not_ok = [r for r in data["results"] if r["status"] != "ok"]
+        # only the mixer level of a block with no separable FFN (gMLP) is skipped
+        assert all(r["status"] == "skipped" and r["level"] == "mixer" for r in not_ok), not_ok
+        if mode == "scaling":
+            assert {r["name"] for r in not_ok} == {e["name"] for e in entries if not scaling.has_mixer_level(e)}
     if mode in ("decode", "quality", "recall"):
         causal = {e["name"] for e in entries if e.get("causal_head") and not e.get("baseline")}
         assert causal <= names and specs.REFERENCE in names
@@ -81,10 +83,10 @@ def test_mode_tiny(mode, tmp_path):
             r for r in data["results"] if r["status"] != "ok"
         ]
     if mode == "scaling":
-        assert {row["level"] for row in data["summary"]} == {"block", "model"}
+        assert {row["level"] for row in data["summary"]} == {"block", "mixer", "model"}
         for row in data["summary"]:
             assert "time_slope" in row and "memory_slope" in row and "ratio_vs_reference" in row
-        assert all(row["peak_memory_mb"] >= 0 for row in data["results"])
+        assert all(row["peak_memory_mb"] >= 0 for row in data["results"] if row["status"] == "ok")
     if mode == "peers":
         assert {row["status"] for row in data["results"]} <= {"ok", "skipped"}, data["results"]
     if mode == "hardware":

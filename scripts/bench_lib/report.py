@@ -86,11 +86,11 @@ def scaling_tables(data: dict, labels: dict) -> list[str]:
             + [f"memory / SDPA @{_length_label(n)}" for n in key_lengths]
             + ["time slope (last pair) [claim]", "memory slope (last pair) [claim]", "longest run"]
         )
-        what = (
-            "one block (base model, 1 layer, `inputs_embeds`)"
-            if level == "block"
-            else "small causal LM (2 layers, loss)"
-        )
+        what = {
+            "block": "one block (base model, 1 layer, `inputs_embeds`)",
+            "mixer": "token mixer only (the same block with its FFN replaced by zeros: mixer + norms + residuals)",
+            "model": "small causal LM (2 layers, loss)",
+        }.get(level, level)
         lines += [f"**Scaling, {what}**, forward + backward, batch {data['settings']['batch']}:", ""]
         lines += _table(header, rows) + [""]
     # Raw absolute figures (model level) for completeness.

@@ -15,6 +15,27 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
+def strip_ffn(model, path: str) -> None:
+    """Replace the FFN submodule at `path` (in the base model) by a module returning zeros: what remains of the
+    block is the token mixer, its norms and residuals."""
+    import torch
+
+    class Zero(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return torch.zeros_like(hidden_states)
+
+    root = getattr(model, "base_model", model)
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, Zero())
+
+
+def has_mixer_level(entry: dict) -> bool:
+    """Whether the FFN part can be removed from a block (gMLP's block is one gated MLP: it cannot)."""
+    path = entry.get("ffn_module")
+    return bool(path) and path.count(".") >= 2
+
+
 def make_step(model, level: str, batch: int, length: int, device: str, seed: int = 0):
     """A closure running one forward + backward of `model` on random inputs of `batch x length`."""
     import torch
@@ -22,7 +43,7 @@ def make_step(model, level: str, batch: int, length: int, device: str, seed: int
     generator = torch.Generator().manual_seed(seed)
     config = model.config
     extra = {"use_cache": False} if _accepts(model.forward, "use_cache") else {}
-    if level == "block":
+    if level in ("block", "mixer"):
         embeds = torch.randn(batch, length, config.hidden_size, generator=generator).to(device).requires_grad_(True)
 
         def step():
@@ -65,8 +86,12 @@ def scaling_point(
         measure.cap_address_space(memory_cap)
     torch.manual_seed(seed)
     build_start = time.perf_counter()
-    config = specs.level_config(entry, level, sizes, length=length)
-    model = specs.build_model(entry, config, specs.model_head(entry, level)).to(device)
+    config_level = "block" if level == "mixer" else level
+    config = specs.level_config(entry, config_level, sizes, length=length)
+    model = specs.build_model(entry, config, specs.model_head(entry, config_level))
+    if level == "mixer":
+        strip_ffn(model, entry["ffn_module"])
+    model = model.to(device)
     model.train()
     step = make_step(model, level, batch, length, device, seed)
     build_s = time.perf_counter() - build_start
@@ -128,6 +153,11 @@ def run(
             if key in stopped:
                 continue
             record = {"name": entry["name"], "model_type": entry["model_type"], "level": level, "length": length}
+            if level == "mixer" and not has_mixer_level(entry):
+                record.update(status="skipped", reason="no separable FFN (the block is one unit)")
+                points.append(record)
+                stopped[key] = "skipped"
+                continue
             previous = [p for p in points if (p["name"], p["level"]) == key and p["status"] == "ok"]
             predicted = None
             if len(previous) >= 2:
@@ -175,6 +205,8 @@ def summarise(entries: list[dict], points: list[dict], levels: list[str], min_fi
     for level in levels:
         for entry in entries:
             series = [p for p in points if p["name"] == entry["name"] and p["level"] == level]
+            if not series or all(p["status"] == "skipped" for p in series):
+                continue
             good = [p for p in series if p["status"] == "ok"]
             fit = [p for p in good if p["length"] >= min_fit_length]
             if len(fit) < 2:
