@@ -327,20 +327,37 @@ def plots(folder: Path, results: dict) -> list[str]:
     labels = _labels(results)
     written = []
 
+    palette = plt.get_cmap("tab20").colors
+    order = {}
+
     def style(name):
-        baseline = name in specs.BASELINE_NAMES
-        return {
-            "linestyle": "--" if baseline else "-",
-            "linewidth": 2.4 if name == specs.REFERENCE else 1.4,
-            "marker": "o",
-            "markersize": 3,
-        }
+        if name == specs.REFERENCE:
+            return {"color": "black", "linestyle": "--", "linewidth": 2.4, "marker": "o", "markersize": 3}
+        if name in specs.BASELINE_NAMES:
+            return {"color": "0.5", "linestyle": "--", "linewidth": 1.6, "marker": "o", "markersize": 3}
+        color = palette[order.setdefault(name, len(order)) % len(palette)]
+        return {"color": color, "linestyle": "-", "linewidth": 1.4, "marker": "o", "markersize": 3}
+
+    def slope_guides(ax, lengths, anchor):
+        """Thin grey lines of slope 1, 1.5 and 2 through the first point of the reference series."""
+        if not lengths or not anchor:
+            return
+        x0 = lengths[0]
+        for slope, dash in ((1.0, (1, 3)), (1.5, (3, 3)), (2.0, (6, 3))):
+            ax.plot(
+                [x0, lengths[-1]],
+                [anchor, anchor * (lengths[-1] / x0) ** slope],
+                color="0.75",
+                linewidth=0.8,
+                dashes=dash,
+                label=f"slope {slope:g}",
+            )
 
     if "scaling" in results:
         data = results["scaling"]
         levels = data["settings"]["levels"]
         for metric, field, unit in (("time", "time_s", "s"), ("memory", "peak_memory_mb", "MB")):
-            fig, axes = plt.subplots(1, len(levels), figsize=(6.5 * len(levels), 4.8), squeeze=False)
+            fig, axes = plt.subplots(1, len(levels), figsize=(6 * len(levels), 5), squeeze=False)
             for ax, level in zip(axes[0], levels):
                 names = list(dict.fromkeys(p["name"] for p in data["results"] if p["level"] == level))
                 for name in names:
@@ -354,6 +371,12 @@ def plots(folder: Path, results: dict) -> list[str]:
                             label=labels.get(name, name),
                             **style(name),
                         )
+                ref = [p for p in data["results"] if p["name"] == specs.REFERENCE and p["level"] == level]
+                ref = [p for p in ref if p["status"] == "ok"]
+                if ref:
+                    limits = ax.get_ylim()
+                    slope_guides(ax, data["settings"]["lengths"], max(ref[0][field], 1e-3) / 2)
+                    ax.set_ylim(*limits)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("sequence length")
