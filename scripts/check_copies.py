@@ -4,7 +4,9 @@ A definition (class or function) preceded by
 
     # Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCache with GMLP->AFT, gmlp->aft
 
-must equal the source definition after the replacements (applied in order). Run from the repo root:
+must equal the source definition after the replacements (applied in order). Whole files are copied too: every
+`hf_efficient/models/<arch>/<name>.py` whose name is a file of `hf_efficient/models/shared/` (`state_cache.py`,
+`common.py`) must equal that master byte for byte. Run from the repo root:
 
     python scripts/check_copies.py          # exit 1 and list the copies that drifted
     python scripts/check_copies.py --fix    # rewrite the copies from their sources
@@ -20,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_efficient"
+SHARED = PACKAGE / "models" / "shared"
 MARKER = re.compile(r"^(?P<indent>\s*)# Copied from (?P<target>hf_efficient(?:\.\w+)+)(?: with (?P<subs>.+))?\s*$")
 
 
@@ -90,6 +93,23 @@ def check_file(path: Path, fix: bool) -> list[str]:
     return problems
 
 
+def check_whole_files(fix: bool) -> tuple[int, list[str]]:
+    """Compare every architecture folder's copy of a `models/shared/*.py` file with the master."""
+    problems, count = [], 0
+    for master in sorted(SHARED.glob("*.py")):
+        if master.name == "__init__.py":
+            continue
+        for copy in sorted(PACKAGE.glob(f"models/*/{master.name}")):
+            if copy.parent == SHARED:
+                continue
+            count += 1
+            if copy.read_bytes() != master.read_bytes():
+                problems.append(f"{os.path.relpath(copy, ROOT)}: differs from {os.path.relpath(master, ROOT)}")
+                if fix:
+                    copy.write_bytes(master.read_bytes())
+    return count, problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fix", action="store_true", help="rewrite drifted copies from their sources")
@@ -99,10 +119,12 @@ def main(argv=None) -> int:
     for path in sorted(PACKAGE.rglob("*.py")):
         count += sum(1 for line in path.read_text().splitlines() if MARKER.match(line))
         problems += check_file(path, args.fix)
+    whole_count, whole_problems = check_whole_files(args.fix)
+    problems += whole_problems
     for problem in problems:
         print(problem)
     status = "fixed" if args.fix else "out of sync"
-    print(f"check_copies: {count} copies checked, {len(problems)} {status}.")
+    print(f"check_copies: {count} marked copies and {whole_count} whole-file copies checked, {len(problems)} {status}.")
     return 1 if problems and not args.fix else 0
 
 

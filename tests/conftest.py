@@ -13,16 +13,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 
 
-def _is_vision(head) -> bool:
-    return head.__name__.endswith("ForImageClassification")
+def _is_vision(cls, head) -> bool:
+    """Image heads, and every head of a vision-only architecture (`vision_only = True`: no `input_ids` at all)."""
+    return head.__name__.endswith("ForImageClassification") or getattr(cls, "vision_only", False)
 
 
 FIXTURE_SOURCES = {
     "variant": lambda cls: list(cls.variants),
     "head": lambda cls: list(cls.all_heads),
     "loss_head": lambda cls: [h for h in cls.all_heads if not h.__name__.endswith("Model")],
-    "text_head": lambda cls: [h for h in cls.all_heads if not _is_vision(h)],
-    "vision_head": lambda cls: [h for h in cls.all_heads if _is_vision(h)],
+    "text_head": lambda cls: [h for h in cls.all_heads if not _is_vision(cls, h)],
+    "vision_head": lambda cls: [h for h in cls.all_heads if _is_vision(cls, h)],
     "lm_head": lambda cls: [h for h in cls.all_heads if h.__name__.endswith(("ForCausalLM", "ForMaskedLM"))],
     "causal_head": lambda cls: [h for h in cls.all_heads if h.__name__.endswith("ForCausalLM")],
 }

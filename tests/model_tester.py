@@ -9,6 +9,13 @@ An architecture's test file subclasses `GenericModelTests` and sets:
     invalid_configs = [({"hidden_size": -1}, "hidden_size"), ...]   # kwargs -> text the ValueError must name
     def get_config(self, variant, head) -> PreTrainedConfig   # tiny config for that head
 
+    vision_only = True          # optional: no `input_ids`, every head (the base model too) takes `pixel_values`
+
+Architectures with more properties also inherit the matching mixins below (no skipped tests for the others):
+`AttentionTests` (softmax attention: `output_attentions`, eager vs SDPA agreement), `WindowedAttentionTests`
+(defines `attention_window(variant, config)`: k layers of window N have receptive field k(N-1), checked on both
+sides of the boundary) and `MixtureOfExpertsTests` (`aux_loss` in the loss, `router_logits`).
+
 `conftest.py` parametrises the fixtures `variant`, `head` (every head), `loss_head` (heads with a loss: all but the
 base model), `text_head`, `vision_head`, `lm_head` (causal and masked LM) and `causal_head` over those lists.
 """
@@ -71,6 +78,7 @@ class GenericModelTests:
     invalid_configs: list = []
     seq_length: int = 12
     batch_size: int = 3
+    vision_only: bool = False
 
     # ----------------------------------------------------------------- hooks
     def get_config(self, variant: str, head: type):
@@ -83,7 +91,7 @@ class GenericModelTests:
         return bool(getattr(inner, "causal", False))
 
     def is_vision(self, head: type) -> bool:
-        return head_kind(head) == "ForImageClassification"
+        return head_kind(head) == "ForImageClassification" or self.vision_only
 
     def make_model(self, variant: str, head: type, seed: int = 0, **overrides):
         config = self.get_config(variant, head)
@@ -566,3 +574,89 @@ class GenericModelTests:
         too_long = self.make_inputs(model.config, head, batch_size=1, seq_length=self.max_seq_length + 1)
         with pytest.raises(ValueError, match=str(self.max_seq_length)):
             model(**too_long)
+
+
+class WindowedAttentionTests:
+    """Mixin for architectures whose (causal) attention sees only the last N tokens."""
+
+    def attention_window(self, variant: str, config) -> int:
+        """N of the windowed attention (token i sees i-N+1..i) for this variant's config."""
+        raise NotImplementedError
+
+    def test_receptive_field_of_windowed_attention(self, variant, causal_head):
+        """k layers of window N: a token more than k(N-1) positions back changes no logit, one exactly k(N-1) back
+        changes the logit there (so the window is neither narrower nor wider than claimed)."""
+        model = self.make_model(variant, causal_head)
+        window = self.attention_window(variant, model.config)
+        assert window is not None and window >= 1
+        reach = model.config.num_hidden_layers * (window - 1)
+        length = reach + 4
+        inputs = self.make_inputs(model.config, causal_head, batch_size=2, seq_length=length)
+        changed = inputs["input_ids"].clone()
+        position = 1
+        changed[:, position] = (changed[:, position] + 1 - 3) % (model.config.vocab_size - 3) + 3
+        full, out = self.forward(model, inputs), self.forward(model, {"input_ids": changed})
+        torch.testing.assert_close(out[:, position + reach + 1 :], full[:, position + reach + 1 :], rtol=0, atol=ATOL)
+        assert not torch.allclose(out[:, position + reach], full[:, position + reach], rtol=0, atol=ATOL), (
+            f"a token exactly k(N-1) = {reach} positions back must still change the logit"
+        )
+
+
+class AttentionTests:
+    """Mixin for architectures with softmax attention through transformers' attention interface."""
+
+    def _attention_inputs(self, model, head):
+        inputs = self.make_inputs(model.config, head, batch_size=2)
+        if not self.is_vision(head):
+            mask = torch.ones_like(inputs["input_ids"])
+            mask[0, : self.seq_length // 3] = 0  # left padding in the first sample
+            inputs["attention_mask"] = mask
+        return inputs
+
+    def test_output_attentions(self, variant, head):
+        model = self.make_model(variant, head, _attn_implementation="eager")
+        inputs = self._attention_inputs(model, head)
+        with torch.no_grad():
+            outputs = model(**inputs, output_attentions=True)
+        attentions = outputs.attentions
+        assert attentions is not None and len(attentions) == model.config.num_hidden_layers
+        for weights in attentions:
+            assert weights.ndim == 4 and weights.shape[0] == 2 and weights.shape[1] == model.config.num_attention_heads
+            assert torch.isfinite(weights).all()
+            # every real query's attention is a distribution over the keys
+            sums = weights[1].sum(dim=-1)
+            torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
+
+    def test_eager_and_sdpa_agree(self, variant, head):
+        eager = self.make_model(variant, head, _attn_implementation="eager")
+        sdpa = self.make_model(variant, head, _attn_implementation="sdpa")
+        inputs = self._attention_inputs(eager, head)
+        out_eager, out_sdpa = self.forward(eager, inputs), self.forward(sdpa, inputs)
+        if not self.is_vision(head) and out_eager.ndim == 3:
+            real = inputs["attention_mask"].bool()  # padded positions may differ: compare the real ones
+            out_eager, out_sdpa = out_eager[real], out_sdpa[real]
+        torch.testing.assert_close(out_sdpa, out_eager, rtol=1e-5, atol=1e-5)
+
+
+class MixtureOfExpertsTests:
+    """Mixin for mixture-of-experts architectures: the router's auxiliary loss is in the loss and reported."""
+
+    def test_router_outputs_and_aux_loss(self, variant, loss_head):
+        head = loss_head
+        model = self.make_model(variant, head).train()
+        inputs = self.make_inputs(model.config, head)
+        labels = self.make_labels(model.config, head, inputs)
+        torch.manual_seed(0)
+        outputs = model(**inputs, labels=labels, output_router_logits=True)
+        assert outputs.router_logits is not None and len(outputs.router_logits) > 0
+        assert outputs.aux_loss is not None and outputs.aux_loss.ndim == 0 and torch.isfinite(outputs.aux_loss)
+        assert float(outputs.aux_loss) >= 0.0
+        logits = outputs.logits
+        task = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        expected = task + model.config.router_aux_loss_coef * outputs.aux_loss
+        torch.testing.assert_close(outputs.loss, expected.to(outputs.loss.dtype), rtol=1e-5, atol=1e-6)
+        # the router learns from the auxiliary loss alone too
+        model.zero_grad()
+        outputs.aux_loss.backward()
+        router_grads = [p.grad for n, p in model.named_parameters() if "router" in n or "gate" in n]
+        assert router_grads and any(g is not None and g.abs().sum() > 0 for g in router_grads)

@@ -8,119 +8,27 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForTokenClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     ImageClassifierOutput,
     MaskedLMOutput,
     SequenceClassifierOutput,
-    TokenClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
 
+from .common import check_attention_mask, drop_path, embed_inputs, mean_pool, positions_from_mask
 from .configuration_gmlp import GMLPConfig
 from .ops_gmlp import spatial_gating_projection, tiny_attention
+from .state_cache import StateCache, resolve_state_cache
 
 
-class GMLPCacheLayer(CacheLayerMixin):
-    """One layer's decoding state: named tensors, each with the batch on dim 0.
-
-    The layer that owns the state decides what the tensors mean (past gate inputs, running sums, rolling windows,
-    span summaries...); this class only keeps them, counts the tokens seen, and applies the batch operations that
-    `generate()` needs (beam reordering, batch expansion and selection) to every tensor alike.
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.states: dict[str, torch.Tensor] = {}
-        self.num_seen_tokens = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError(
-            f"{type(self).__name__} keeps named states, not keys/values: use `cache.update_states(layer_idx, ...)`."
-        )
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.num_seen_tokens + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.num_seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.states = {}
-        self.num_seen_tokens = 0
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise NotImplementedError(f"{type(self).__name__} cannot be cropped (its states are not per token).")
-
-    def offload(self):
-        self.states = {name: t.to("cpu", non_blocking=True) for name, t in self.states.items()}
-
-    def prefetch(self):
-        if self.is_initialized:
-            self.states = {name: t.to(self.device, non_blocking=True) for name, t in self.states.items()}
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.states = {name: t.index_select(0, beam_idx.to(t.device)) for name, t in self.states.items()}
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.states = {name: t.repeat_interleave(repeats, dim=0) for name, t in self.states.items()}
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.states = {name: t[indices, ...] for name, t in self.states.items()}
-
-
-class GMLPCache(Cache):
-    """Decoding cache of a gMLP model, one `GMLPCacheLayer` of named states per block.
-
-    A `transformers.cache_utils.Cache`, so `generate()` (greedy, sampling, beam search), `get_seq_length()` and
-    continuing from a returned cache work as with a KV cache.
-    """
-
-    def __init__(self, config: GMLPConfig | None = None, num_layers: int | None = None):
-        if num_layers is None:
-            if config is None:
-                raise ValueError("GMLPCache needs a `config` or `num_layers`.")
-            num_layers = config.num_hidden_layers
-        super().__init__(layers=[GMLPCacheLayer() for _ in range(num_layers)])
-
-    def get_states(self, layer_idx: int) -> dict[str, torch.Tensor]:
-        """The states stored for `layer_idx` (empty before the first forward)."""
-        return self.layers[layer_idx].states
-
-    def update_states(self, layer_idx: int, num_new_tokens: int, **states: torch.Tensor) -> None:
-        """Replace the states of `layer_idx` after it consumed `num_new_tokens` more tokens."""
-        layer = self.layers[layer_idx]
-        layer.states.update(states)
-        layer.num_seen_tokens += num_new_tokens
-        if states and not layer.is_initialized:
-            layer.is_initialized = True
-            layer.device = next(iter(states.values())).device
-
-
-def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
-    if drop_prob == 0.0 or not training:
-        return hidden_states
-    keep_prob = 1.0 - drop_prob
-    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
-    return hidden_states * keep / keep_prob
+class GMLPCache(StateCache):
+    """Decoding cache of a gMLP model: per block the normalised gate inputs of past positions (and aMLP's tiny
+    attention keys/values), so a new token costs O(t) per block instead of a full recompute."""
 
 
 class GMLPSpatialGatingUnit(nn.Module):
@@ -300,16 +208,6 @@ class GMLPPreTrainedModel(PreTrainedModel):
         return False
 
 
-def _positions_from_mask(
-    attention_mask: torch.Tensor | None, past_length: int, num_new: int, device: torch.device
-) -> torch.LongTensor:
-    """Position ids of the `num_new` newest tokens: `cumsum(mask) - 1` (0 on padding), or plain counting."""
-    if attention_mask is None:
-        return torch.arange(past_length, past_length + num_new, device=device)[None]
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)[:, -num_new:]
-
-
 class GMLPModel(GMLPPreTrainedModel):
     """The gMLP/aMLP stack: embeddings (tokens, or a patch stem for images), blocks, final LayerNorm.
 
@@ -342,6 +240,7 @@ class GMLPModel(GMLPPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -352,7 +251,6 @@ class GMLPModel(GMLPPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
@@ -367,44 +265,26 @@ class GMLPModel(GMLPPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if sum(x is not None for x in (input_ids, inputs_embeds, pixel_values)) != 1:
-            raise ValueError("Pass exactly one of `input_ids`, `inputs_embeds` or `pixel_values`.")
-        if pixel_values is not None:
-            if self.patch_embed is None:
-                raise ValueError("This gMLP config has no `image_size`/`patch_size`: it cannot take `pixel_values`.")
-            inputs_embeds = self.patch_embed(pixel_values)
-        elif inputs_embeds is None:
-            if self.embed_tokens is None:
-                raise ValueError("This gMLP config has `vocab_size=None` (vision only): it cannot take `input_ids`.")
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(
+            "gMLP",
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=self.embed_tokens,
+            hidden_size=self.config.hidden_size,
+            pixel_values=pixel_values,
+            patch_embed=self.patch_embed,
+        )
         batch_size, seq_len, _ = inputs_embeds.shape
-
-        if use_cache is None:
-            use_cache = self.causal and getattr(self.config, "use_cache", True) and not self.training
-        if (use_cache or cache is not None) and not self.causal:
-            if cache is not None:
-                raise ValueError("A cache can only be used with a causal gMLP (bidirectional SGUs see the future).")
-            use_cache = False
-        if use_cache and not isinstance(cache, GMLPCache):
-            # `generate()` or a user may hand us another (empty) Cache type: replace it by ours.
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(f"gMLP needs a GMLPCache to continue decoding, got a filled {type(cache).__name__}.")
-            cache = GMLPCache(self.config)
-        if not use_cache and cache is not None and not isinstance(cache, GMLPCache):
-            cache = None
+        cache = resolve_state_cache(
+            cache, use_cache, cache_class=GMLPCache, config=self.config, causal=self.causal, training=self.training
+        )
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-
-        if attention_mask is not None and attention_mask.shape[-1] != total_len:
-            raise ValueError(
-                f"attention_mask has length {attention_mask.shape[-1]}, expected {total_len} "
-                f"(past {past_length} + current {seq_len})."
-            )
+        check_attention_mask(attention_mask, total_len, past_length)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast paths
         if position_ids is None:
-            position_ids = _positions_from_mask(attention_mask, past_length, seq_len, inputs_embeds.device)
+            position_ids = positions_from_mask(attention_mask, past_length, seq_len, inputs_embeds.device)
         max_position = int(position_ids.max()) if position_ids.numel() else -1
         limit = self.config.max_position_embeddings
         if total_len > limit or max_position >= limit:
@@ -451,8 +331,6 @@ class GMLPModel(GMLPPreTrainedModel):
             # As in transformers, the last hidden state is the normalised output.
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
 
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
@@ -470,6 +348,7 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -480,12 +359,10 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -502,9 +379,6 @@ class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
-            return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
@@ -523,6 +397,7 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -531,11 +406,9 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
         """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -548,18 +421,7 @@ class GMLPForMaskedLM(GMLPPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
-
-def _mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over real positions: `(B, L, d)` -> `(B, d)`."""
-    if attention_mask is None:
-        return hidden_states.mean(dim=1)
-    mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)[..., None]
-    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 class GMLPForSequenceClassification(GMLPPreTrainedModel):
@@ -572,6 +434,7 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -580,10 +443,8 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -593,56 +454,24 @@ class GMLPForSequenceClassification(GMLPPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.score(_mean_pool(outputs.last_hidden_state, attention_mask))
+        logits = self.score(mean_pool(outputs.last_hidden_state, attention_mask))
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
-class GMLPForTokenClassification(GMLPPreTrainedModel):
-    """gMLP with a linear classifier on every position."""
+class GMLPForTokenClassification(GenericForTokenClassification, GMLPPreTrainedModel):
+    """gMLP with a linear classifier on every position (transformers' generic token-classification forward)."""
 
     def __init__(self, config: GMLPConfig):
-        super().__init__(config)
+        # Not the generic __init__: its `AutoModel.from_config` cannot resolve the base model under remote code.
+        GMLPPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = GMLPModel(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> TokenClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.score(self.dropout(outputs.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
 class GMLPForImageClassification(GMLPPreTrainedModel):
@@ -659,23 +488,19 @@ class GMLPForImageClassification(GMLPPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.last_hidden_state.mean(dim=1))
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
