@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmarks of every registered architecture beside softmax attention (transformers' Llama with SDPA, GPT-2) and
-the public peers: speed, memory, scaling, decoding, hardware efficiency and quality.
+"""Benchmarks of every registered architecture beside softmax attention (transformers' Llama with SDPA, GPT-2, ViT)
+and the public peers: speed, memory, scaling, decoding, hardware efficiency, image throughput and quality.
 
     python scripts/benchmark.py all                 # the reference run (every mode, then the report)
     python scripts/benchmark.py all --quick         # minutes: fewer lengths, shorter training
     python scripts/benchmark.py scaling --only gmlp llama-sdpa --lengths 256 1024 4096
-    python scripts/benchmark.py report --readme     # tables + plots from the JSON files, README section
+    python scripts/benchmark.py decode --decode-levels mixer --prefixes 1024 8192   # the token mixer's step alone
+    python scripts/benchmark.py report --readme     # tables + plots from the JSON files, README sections
+    python scripts/benchmark.py report --check      # CI: fail when the README tables differ from the results
     python scripts/benchmark.py scaling --device cuda
 
-Modes: `scaling` (fwd+bwd time and peak memory vs length, one fresh process per point, fitted log-log slopes),
-`decode` (per-token latency and cache size after a prefix), `peers` (aft-pytorch, g-mlp-pytorch, timm; ours / theirs),
-`hardware` (achieved FLOP/s of a training step / the measured matmul peak), `quality` (bits-per-byte leaderboard),
-`recall` (multi-query associative recall), `all`, `report`.
+Modes: `scaling` (fwd+bwd time and peak memory vs length at the block, token-mixer (FFN zeroed) and small-LM levels,
+one fresh process per point, fitted log-log slopes, crossover length vs SDPA), `decode` (per-token latency and
+cache size after a prefix, of the small LM and of the token mixer alone), `peers` (aft-pytorch, g-mlp-pytorch,
+timm; ours / theirs), `hardware` (achieved FLOP/s of a training step / the measured matmul peak), `images` (images/s
+of a training step and of inference, beside ViT), `quality` (bits-per-byte leaderboard), `recall` (multi-query
+associative recall), `all`, `report`.
 
 Which models: every architecture in `hf_efficient.ARCHITECTURES` with a `model_cards/benchmarks/<model_type>.json`
-(see CONTRIBUTING.md, "Benchmark configs"); one without is listed as "no benchmark config". Results go to
-`benchmarks/results/<machine-tag>/<mode>.json` (+ PNG plots, `summary.md`); every ratio is measured side by side in
-one run, and absolute times are only meaningful with their machine (recorded in every file).
+(see CONTRIBUTING.md, "Benchmark configs"); one without is listed as "no benchmark config", and a vision-only one is
+skipped by the text modes with the reason recorded. Results go to `benchmarks/results/<machine-tag>/<mode>.json`
+(+ PNG plots, `summary.md`); every ratio is measured side by side in one run, and absolute times are only meaningful
+with their machine (recorded in every file). The README's benchmark sections are generated from the results folder
+their start marker names (`report --readme`).
 """
 
 import argparse
@@ -36,7 +42,7 @@ from bench_lib import specs  # noqa: E402
 
 SCHEMA = "hf-efficient-benchmark/1"
 ROOT = specs.ROOT
-MODES = ("scaling", "decode", "peers", "hardware", "quality", "recall")
+MODES = ("scaling", "decode", "peers", "hardware", "images", "quality", "recall")
 
 # Per-profile defaults; every one can be overridden by a flag.
 PROFILES = {
@@ -50,6 +56,7 @@ PROFILES = {
         batch=1,
         min_fit_length=2048,
         prefixes=[128, 512, 2048, 8192],
+        decode_levels=["model", "mixer"],
         decode_steps=16,
         decode_warmup=2,
         decode_budget=120.0,
@@ -61,6 +68,7 @@ PROFILES = {
         hw_length=1024,
         hw_batch=2,
         matmul_sizes=[512, 1024, 2048, 4096],
+        image_batch=8,
         context=1024,
         quality_steps=150,
         quality_batch=4,
@@ -90,6 +98,7 @@ PROFILES["quick"] = {
     "timm_batch": 2,
     "matmul_sizes": [1024, 2048],
     "hw_length": 512,
+    "image_batch": 4,
     "quality_steps": 20,
     "quality_batch": 2,
     "train_bytes": 2_000_000,
@@ -117,6 +126,7 @@ PROFILES["tiny"] = {
     "hw_length": 32,
     "hw_batch": 1,
     "matmul_sizes": [128],
+    "image_batch": 2,
     "context": 64,
     "quality_steps": 2,
     "quality_batch": 2,
@@ -203,7 +213,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], help="fresh-process start method")
     parser.add_argument("--timm-python", help="python with timm + torchvision (default: this one, if timm imports)")
-    parser.add_argument("--readme", action="store_true", help="report: also rewrite the README's Benchmarks section")
+    parser.add_argument("--readme", action="store_true", help="report: also rewrite the README's generated sections")
+    parser.add_argument(
+        "--check", action="store_true", help="report: exit 1 (with a diff) if the README's tables are not generated"
+    )
     parser.add_argument("--seed", type=int, default=0)
     for key, value in PROFILES["full"].items():
         flag = "--" + key.replace("_", "-")
@@ -268,13 +281,15 @@ def run_mode(args, mode: str) -> None:
     args.out = args.out or default_out(args, machine)
     sizes = specs.SIZES[args.sizes]
     entries, skipped = specs.discover(include_baselines=not args.no_baselines, names=args.only)
+    entries, mode_skipped = specs.split_for_mode(entries, mode)
+    skipped = skipped + mode_skipped
     from bench_lib import measure
 
     memory_cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb else measure.default_memory_cap()
     started = time.time()
     print(f"== {mode} ({args.profile}) on {machine['tag']}: {', '.join(e['name'] for e in entries)}")
     for s in skipped:
-        print(f"  skipped {s['model_type']}: {s['reason']}")
+        print(f"  skipped {s.get('name') or s['model_type']}: {s['reason']}")
 
     if mode == "scaling":
         from bench_lib import scaling
@@ -299,11 +314,13 @@ def run_mode(args, mode: str) -> None:
             from bench_lib import decode
 
             points = decode.run(
-                entries, sizes, args.prefixes, args.device, args.decode_steps, args.decode_warmup, args.decode_budget
-            )
+                entries, sizes, args.prefixes, args.device, args.decode_steps, args.decode_warmup, args.decode_budget,
+                args.decode_levels,
+            )  # fmt: skip
             payload = {
                 "settings": {
                     "prefixes": args.prefixes,
+                    "levels": args.decode_levels,
                     "steps": args.decode_steps,
                     "warmup": args.decode_warmup,
                     "sizes": sizes["model"],
@@ -344,6 +361,14 @@ def run_mode(args, mode: str) -> None:
                 "matmul_peak": peak,
                 "results": rows,
             }
+        elif mode == "images":
+            from bench_lib import images
+
+            rows = images.run(entries, sizes, args.image_batch, args.device, args.repeats, args.time_target)
+            payload = {
+                "settings": {"batch": args.image_batch, "repeats": args.repeats, "sizes": sizes["image"]},
+                "results": rows,
+            }
         elif mode == "quality":
             from bench_lib import quality
 
@@ -381,21 +406,32 @@ def run_mode(args, mode: str) -> None:
 
 
 def run_report(args) -> None:
+    """Summaries and plots of the results folders (`--out`, else every folder a README section names); with
+    `--readme` the README's generated sections are rewritten, with `--check` only compared (exit 1 on a difference)."""
     from bench_lib import report
 
-    if args.out is None:
-        machine = machine_info(args.device)
-        args.out = default_out(args, machine)
-    results = report.load(args.out)
-    if not results:
-        raise SystemExit(f"no results in {args.out}")
-    report.plots(args.out, results)
-    (args.out / "summary.md").write_text(report.markdown(args.out, results) + "\n")
-    print(f"wrote {args.out / 'summary.md'}")
+    readme = ROOT / "README.md"
+    if args.check:
+        diff = report.check_readme(readme, ROOT)
+        if diff:
+            sys.stdout.write(diff)
+            raise SystemExit(
+                "README.md: the benchmark tables differ from what the committed results generate; run "
+                "`python scripts/benchmark.py report --readme` (and commit) to regenerate them."
+            )
+        print(f"README.md: {len(report.sections(readme.read_text()))} benchmark sections match their results")
+        return
+    folders = [args.out] if args.out else [ROOT / s["folder"] for s in report.sections(readme.read_text())]
+    for folder in dict.fromkeys(folders):
+        results = report.load(folder)
+        if not results:
+            raise SystemExit(f"no results in {folder}")
+        report.plots(folder, results)
+        (folder / "summary.md").write_text(report.markdown(folder, results) + "\n")
+        print(f"wrote {folder / 'summary.md'}")
     if args.readme:
-        prefix = os.path.relpath(args.out, ROOT).replace(os.sep, "/") + "/"
-        report.update_readme(ROOT / "README.md", report.markdown(args.out, results, image_prefix=prefix))
-        print("updated README.md")
+        changed = report.update_readme(readme, ROOT)
+        print("updated README.md" if changed else "README.md already up to date")
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,15 @@
-"""Decoding mode: per-token latency and cache size after a prefix, for every causal head beside Llama's KV cache."""
+"""Decoding mode: per-token latency and cache size after a prefix, for every causal head beside Llama's KV cache.
+
+Levels: `model` (the small causal LM: embeddings, every layer, the LM head) and `mixer` (the decode cost of the
+token mixer alone: a one-layer base model fed `inputs_embeds`, its FFN replaced by zeros, so that what is timed is
+the mixer's projections, its cached mixing op, norms and residuals; Llama's is one SDPA attention layer with its
+KV cache). A block with no separable FFN (gMLP) has no mixer level.
+"""
 
 import statistics
 import time
 
-from . import measure, specs
+from . import measure, scaling, specs
 
 
 def tensor_bytes(obj, seen=None) -> int:
@@ -36,18 +42,36 @@ def _cache_of(output):
     return None
 
 
-def decode_point(entry: dict, prefix: int, sizes: dict, device: str, steps: int, warmup: int, budget: float) -> dict:
+def decode_point(
+    entry: dict, prefix: int, sizes: dict, device: str, steps: int, warmup: int, budget: float, level: str = "model"
+) -> dict:
     """Prefill `prefix` tokens, then time `steps` one-token forwards with the cache (median per token)."""
     import torch
 
     torch.manual_seed(0)
-    config = specs.level_config(entry, "model", sizes, length=prefix + steps + warmup + 1)
-    model = specs.build_model(entry, config, entry["causal_head"]).to(device).eval()
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, config.get("vocab_size", 384), (1, prefix + steps + warmup), generator=generator).to(device)
+    total = prefix + steps + warmup
+    if level == "mixer":
+        config = specs.level_config(entry, "block", sizes, length=total + 1)
+        model = specs.build_model(entry, config, "AutoModel")
+        scaling.strip_ffn(model, entry["ffn_module"])
+        model = model.to(device).eval()
+        embeds = torch.randn(1, total, model.config.hidden_size, generator=generator).to(device)
+
+        def inputs(start, stop):
+            return {"inputs_embeds": embeds[:, start:stop]}
+
+    else:
+        config = specs.level_config(entry, "model", sizes, length=total + 1)
+        model = specs.build_model(entry, config, entry["causal_head"]).to(device).eval()
+        ids = torch.randint(3, config.get("vocab_size", 384), (1, total), generator=generator).to(device)
+
+        def inputs(start, stop):
+            return {"input_ids": ids[:, start:stop]}
+
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(input_ids=ids[:, :prefix], use_cache=True)
+        out = model(**inputs(0, prefix), use_cache=True)
         measure.synchronize(device)
         prefill_s = time.perf_counter() - start
         cache = _cache_of(out)
@@ -57,8 +81,8 @@ def decode_point(entry: dict, prefix: int, sizes: dict, device: str, steps: int,
         times = []
         deadline = time.perf_counter() + budget
         for i in range(warmup + steps):
-            token = ids[:, prefix + i : prefix + i + 1]
-            t = measure.time_call(lambda token=token: out_step(model, token, cache), device)
+            token = inputs(prefix + i, prefix + i + 1)
+            t = measure.time_call(lambda token=token: model(**token, cache=cache, use_cache=True), device)
             if i >= warmup:
                 times.append(t)
             if time.perf_counter() > deadline and len(times) >= 1:
@@ -75,22 +99,25 @@ def decode_point(entry: dict, prefix: int, sizes: dict, device: str, steps: int,
     }
 
 
-def out_step(model, token, cache):
-    return model(input_ids=token, cache=cache, use_cache=True)
-
-
-def run(entries, sizes, prefixes, device, steps, warmup, budget, log=print) -> list[dict]:
+def run(entries, sizes, prefixes, device, steps, warmup, budget, levels=("model",), log=print) -> list[dict]:
     """Interleaved by prefix length; a series stops at its first failure or when one point exceeds the budget."""
     points, stopped = [], set()
     causal = [e for e in entries if e.get("causal_head") and (not e.get("baseline") or e["name"] == specs.REFERENCE)]
+    series = [(entry, level) for level in levels for entry in causal]
     for prefix in prefixes:
-        for entry in causal:
-            if entry["name"] in stopped:
+        for entry, level in series:
+            key = (entry["name"], level)
+            if key in stopped:
                 continue
-            record = {"name": entry["name"], "model_type": entry["model_type"], "prefix": prefix}
+            record = {"name": entry["name"], "model_type": entry["model_type"], "level": level, "prefix": prefix}
+            if level == "mixer" and not scaling.has_mixer_level(entry):
+                record.update(status="skipped", reason="no separable FFN (the block is one unit)")
+                points.append(record)
+                stopped.add(key)
+                continue
             start = time.perf_counter()
             try:
-                record.update(decode_point(entry, prefix, sizes, device, steps, warmup, budget))
+                record.update(decode_point(entry, prefix, sizes, device, steps, warmup, budget, level))
             except Exception as error:
                 record.update(
                     status="oom" if measure.is_oom(error) else "error", error=f"{type(error).__name__}: {error}"[:500]
@@ -98,12 +125,12 @@ def run(entries, sizes, prefixes, device, steps, warmup, budget, log=print) -> l
             record["wall_s"] = round(time.perf_counter() - start, 2)
             if record["status"] == "ok" and record["wall_s"] > budget:
                 record["note"] = "over budget: the series stops here"
-                stopped.add(entry["name"])
+                stopped.add(key)
             if record["status"] != "ok":
-                stopped.add(entry["name"])
+                stopped.add(key)
             points.append(record)
             log(
-                f"  decode {entry['name']:18s} prefix={prefix:6d} {record['status']:6s} "
+                f"  decode {level:5s} {entry['name']:18s} prefix={prefix:6d} {record['status']:6s} "
                 + (
                     f"{record['ms_per_token']:.2f} ms/token, cache {record['cache_mb']:.2f} MB"
                     if record["status"] == "ok"

@@ -1,7 +1,7 @@
 """Peers mode: our implementation vs the public PyPI ones, same config and input, timed pair by pair (A/B
 alternation, medians), reported as our time / their time.
 
-Pairs: `aft-pytorch` (AFT-full, AFT-simple token mixers), `g-mlp-pytorch` (gMLP and aMLP causal LMs), timm's gMLP
+Pairs: `aft-pytorch` (AFT-full, AFT-simple, AFT-local token mixers; bidirectional, its only mode), `g-mlp-pytorch` (gMLP and aMLP causal LMs), timm's gMLP
 (vision; run in `--timm-python`, where timm and a matching torchvision import, beside our model in the same process).
 A peer that is not installed is skipped with the reason recorded.
 """
@@ -83,6 +83,7 @@ def _aft_pairs(d, lengths, batch, device, repeats):
     variants = [
         ("aft-full (full L x L w)", "full", {"position_bias_dim": None}, "AFTFull"),
         ("aft-simple", "simple", {}, "AFTSimple"),
+        ("aft-local (s=32, full L x L w)", "local", {"position_bias_dim": None, "local_window": 32}, "AFTLocal"),
     ]
     for length in lengths:
         for label, aft_type, extra, peer_class in variants:
@@ -104,7 +105,8 @@ def _aft_pairs(d, lengths, batch, device, repeats):
                     hidden_size=d, aft_type=aft_type, max_position_embeddings=length, causal=False, **extra
                 )
                 ours = AFTLayer(config).to(device)
-                theirs = getattr(aft_pytorch, peer_class)(max_seqlen=length, dim=d, hidden_dim=d).to(device)
+                kwargs = {"s": extra["local_window"]} if aft_type == "local" else {}
+                theirs = getattr(aft_pytorch, peer_class)(max_seqlen=length, dim=d, hidden_dim=d, **kwargs).to(device)
                 x = torch.randn(batch, length, d, device=device)
                 start = torch.zeros(1, dtype=torch.long, device=device)
 

@@ -198,11 +198,37 @@ def run(
     return points
 
 
-def summarise(entries: list[dict], points: list[dict], levels: list[str], min_fit_length: int) -> list[dict]:
-    """Per series: fitted log-log slopes (long lengths and last pair), expected slopes, ratios vs the reference."""
+def crossover(pairs: list[tuple[int, float, float]]) -> dict | None:
+    """From `(length, ours, reference)` triples: the length from which ours is lower at every longer measured length
+    (log-log interpolated between the bracketing lengths), or None when ours is not lower at the longest one."""
+    pairs = sorted((n, a, b) for n, a, b in pairs if a and b and a > 0 and b > 0)
+    if not pairs or pairs[-1][1] >= pairs[-1][2]:
+        return None
+    index = len(pairs) - 1
+    while index > 0 and pairs[index - 1][1] < pairs[index - 1][2]:
+        index -= 1
+    if index == 0:
+        return {"length": pairs[0][0], "note": f"lower already at the shortest measured length {pairs[0][0]}"}
+    (n0, a0, b0), (n1, a1, b1) = pairs[index - 1], pairs[index]
+    r0, r1 = math.log(a0 / b0), math.log(a1 / b1)  # the log ratio crosses 0 between n0 and n1
+    x = math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1)
+    return {"length": round(math.exp(x)), "note": f"between {n0} and {n1}"}
+
+
+def reference_of(reference: str | dict, level: str) -> str:
+    """The reference series at `level` (`reference` is one name, or a dict level -> name)."""
+    return reference.get(level, specs.REFERENCE) if isinstance(reference, dict) else reference
+
+
+def summarise(
+    entries: list[dict], points: list[dict], levels: list[str], min_fit_length: int, reference=specs.REFERENCE
+) -> list[dict]:
+    """Per series: fitted log-log slopes (long lengths and last pair), expected slopes, ratios vs the reference
+    and the crossover lengths (from which the series is faster / smaller than the reference)."""
     ok = {(p["name"], p["level"], p["length"]): p for p in points if p["status"] == "ok"}
     rows = []
     for level in levels:
+        ref_name = reference_of(reference, level)
         for entry in entries:
             series = [p for p in points if p["name"] == entry["name"] and p["level"] == level]
             if not series or all(p["status"] == "skipped" for p in series):
@@ -232,11 +258,13 @@ def summarise(entries: list[dict], points: list[dict], levels: list[str], min_fi
             for metric, field in (("time", "time_s"), ("memory", "peak_memory_mb")):
                 row[f"{metric}_slope"] = _round(fit_slope([(p["length"], p[field]) for p in fit]))
                 row[f"{metric}_slope_last_pair"] = _round(fit_slope([(p["length"], p[field]) for p in good[-2:]]))
-            ratios = {}
+            ratios, pairs = {}, {"time": [], "memory": []}
             for p in good:
-                ref = ok.get((specs.REFERENCE, level, p["length"]))
+                ref = ok.get((ref_name, level, p["length"]))
                 if ref is None:
                     continue
+                pairs["time"].append((p["length"], p["time_s"], ref["time_s"]))
+                pairs["memory"].append((p["length"], p["peak_memory_mb"], ref["peak_memory_mb"]))
                 ratios[str(p["length"])] = {
                     "time": _round(p["time_s"] / ref["time_s"], 3) if ref["time_s"] else None,
                     "memory": _round(p["peak_memory_mb"] / ref["peak_memory_mb"], 3)
@@ -244,6 +272,10 @@ def summarise(entries: list[dict], points: list[dict], levels: list[str], min_fi
                     else None,
                 }
             row["ratio_vs_reference"] = ratios
+            row["reference"] = ref_name
+            if entry["name"] != ref_name:
+                row["crossover_time"] = crossover(pairs["time"])
+                row["crossover_memory"] = crossover(pairs["memory"])
             rows.append(row)
     return rows
 

@@ -17,10 +17,14 @@ Entry format (see CONTRIBUTING.md, "Benchmark configs"):
        "complexity": "O(L^2 d) by design", # the paper's claim, for the tables
        "expected_slope": {"time": 2.0, "memory": 2.0},  # log-log slopes the claim implies at long lengths
        "matmul_bound": true,               # hardware-efficiency mode reports the whole model as matmul-bound
-       "ffn_module": "layers.0.mlp"}]}     # submodule of the base model that is the FFN part (or null)
+       "ffn_module": "layers.0.mlp",       # submodule of the base model that is the FFN part (or null)
+       "modality": "text",                 # optional: "text" or "vision" (default: inferred from the heads)
+       "image": {...}}]}                   # optional: config overrides of the image classifier (`images` mode)
 
 Config values may be templates: a string `"{expr}"` is evaluated over the level's sizes (`hidden_size`,
-`num_hidden_layers`, `num_heads`, `intermediate_size`, `vocab_size`), e.g. `"{2 * intermediate_size}"`.
+`num_hidden_layers`, `num_heads`, `intermediate_size`, `vocab_size`; at the `image` level `image_size`,
+`patch_size`, `num_channels`, `num_labels` instead of `vocab_size`), e.g. `"{2 * intermediate_size}"`.
+A vision-only entry needs only `name`, `label` and `image`: the text modes skip it with the reason recorded.
 """
 
 import copy
@@ -29,7 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_CONFIG_DIR = ROOT / "model_cards" / "benchmarks"
-LEVELS = ("block", "model", "quality")
+TEXT_LEVELS = ("block", "model", "quality")
+LEVELS = (*TEXT_LEVELS, "image")
+MODALITIES = ("text", "vision")
 
 # Shared sizes per level: every architecture and the baselines get the same width, depth, heads and FFN size.
 SIZES = {
@@ -38,12 +44,32 @@ SIZES = {
         "model": dict(hidden_size=256, num_hidden_layers=2, num_heads=4, intermediate_size=1024, vocab_size=384),
         "quality": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, intermediate_size=512, vocab_size=384),
         "recall": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, intermediate_size=256, vocab_size=384),
+        "image": dict(
+            hidden_size=192,
+            num_hidden_layers=4,
+            num_heads=3,
+            intermediate_size=768,
+            image_size=224,
+            patch_size=16,
+            num_channels=3,
+            num_labels=1000,
+        ),
     },
     "tiny": {
         "block": dict(hidden_size=32, num_hidden_layers=1, num_heads=2, intermediate_size=64, vocab_size=384),
         "model": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, vocab_size=384),
         "quality": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, vocab_size=384),
         "recall": dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64, vocab_size=384),
+        "image": dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+            num_labels=10,
+        ),
     },
 }
 
@@ -103,8 +129,32 @@ BASELINES = [
         "ffn_module": "h.0.mlp",
     },
 ]
+# The image-classification reference (`images` mode): transformers' ViT with SDPA, same width, depth, heads, FFN.
+BASELINES.append(
+    {
+        "model_type": "vit",
+        "name": "vit-sdpa",
+        "label": "ViT (SDPA)",
+        "baseline": True,
+        "modality": "vision",
+        "attn_implementation": "sdpa",
+        "image": {
+            "hidden_size": "{hidden_size}",
+            "num_hidden_layers": "{num_hidden_layers}",
+            "num_attention_heads": "{num_heads}",
+            "intermediate_size": "{intermediate_size}",
+            "image_size": "{image_size}",
+            "patch_size": "{patch_size}",
+            "num_channels": "{num_channels}",
+            "num_labels": "{num_labels}",
+        },
+        "complexity": "O(N^2 d) time over N = (image / patch)^2 patches",
+    }
+)
 BASELINE_NAMES = [b["name"] for b in BASELINES]
 REFERENCE = "llama-sdpa"  # every ratio is "ours / Llama SDPA", measured side by side in one run
+IMAGE_REFERENCE = "vit-sdpa"  # the `images` mode's ratios are "ours / ViT SDPA"
+TEXT_MODES = ("scaling", "decode", "hardware", "quality", "recall")
 
 
 def evaluate_templates(value, sizes: dict):
@@ -127,7 +177,11 @@ def validate_file(data: dict, path: Path) -> None:
         raise ValueError(f"{path}: expected an object with a list `entries`.")
     names = set()
     for i, entry in enumerate(data["entries"]):
-        for key in ("name", "label", "model", "block", "quality"):
+        modality = entry.get("modality", "text")
+        if modality not in MODALITIES:
+            raise ValueError(f"{path}: entry {i}: `modality` is {modality!r}; expected one of {MODALITIES}.")
+        required = ("name", "label", "image") if modality == "vision" else ("name", "label", *TEXT_LEVELS)
+        for key in required:
             if key not in entry:
                 raise ValueError(f"{path}: entry {i} has no `{key}`.")
         if entry["name"] in names:
@@ -155,13 +209,53 @@ def discover(include_baselines: bool = True, names: list[str] | None = None) -> 
         data = json.loads(path.read_text())
         validate_file(data, path)
         for entry in data["entries"]:
-            entries.append({"model_type": model_type, "baseline": False, **entry})
+            entry = {"model_type": model_type, "baseline": False, **entry}
+            entry.setdefault("modality", infer_modality(model_type, entry))
+            entries.append(entry)
     if include_baselines:
         entries.extend(copy.deepcopy(BASELINES))
     if names:
         wanted = set(names)
         entries = [e for e in entries if e["name"] in wanted or e["model_type"] in wanted]
     return entries, skipped
+
+
+def infer_modality(model_type: str, entry: dict) -> str:
+    """ "text" when the architecture registers a text head (causal or masked LM) and the entry declares the text
+    levels, else "vision" (e.g. an image-only classifier)."""
+    import transformers
+
+    import hf_efficient
+
+    if any(level not in entry for level in TEXT_LEVELS):
+        return "vision"
+    try:
+        config_class = hf_efficient.get_config_class(model_type)
+    except Exception:
+        return "text"
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM):
+        if config_class in auto._model_mapping:
+            return "text"
+    return "vision"
+
+
+def split_for_mode(entries: list[dict], mode: str) -> tuple[list[dict], list[dict]]:
+    """`(runnable, skipped)` entries of `mode`; each skipped one as `{"model_type", "name", "reason"}`.
+
+    Text modes skip vision-only entries; the `images` mode runs the entries that declare an `image` level. The
+    baselines of the other modality are left out silently."""
+    runnable, skipped = [], []
+    for entry in entries:
+        reason = None
+        if mode in TEXT_MODES and entry.get("modality", "text") != "text":
+            reason = f"{entry.get('modality')}-only architecture: no text input for the `{mode}` mode"
+        elif mode == "images" and "image" not in entry:
+            reason = "no `image` level declared (text only)"
+        if reason is None:
+            runnable.append(entry)
+        elif not entry.get("baseline"):  # a baseline of the other modality is simply not part of the mode
+            skipped.append({"model_type": entry["model_type"], "name": entry["name"], "reason": reason})
+    return runnable, skipped
 
 
 def level_config(
