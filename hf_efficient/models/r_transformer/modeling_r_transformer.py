@@ -1,0 +1,596 @@
+"""R-Transformer (Wang, Ma, Liu, Tang 2019, "R-Transformer: Recurrent Neural Network Enhanced Transformer") as
+transformers models.
+
+Reads top to bottom in the order data flows: cache -> LayerNorm -> LocalRNN -> attention -> FFN -> block ->
+PreTrainedModel -> base model -> heads.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    ImageClassifierOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+
+from .common import check_attention_mask, embed_inputs, last_token_pool
+from .configuration_r_transformer import RTransformerConfig
+from .ops_r_transformer import local_rnn, official_layer_norm
+from .state_cache import StateCache, resolve_state_cache
+
+
+class RTransformerCache(StateCache):
+    """Decoding cache of an R-Transformer. Per block: the last M - 1 (normalised, padding-zeroed) inputs of each
+    LocalRNN sublayer (`rnn_inputs_<j>`, `(B, M - 1, d)`) and the attention's keys and values (`key`, `value`,
+    `(B, h, T, d / h)`); block 0 also keeps the attention mask of all T positions seen (`attention_mask`, `(B, T)`).
+    A new token costs O(M d^2) in the LocalRNNs and O(T d) in attention."""
+
+
+class RTransformerLayerNorm(nn.Module):
+    """LayerNorm over the last dim: the official form `w (x - mean) / (std_unbiased + eps) + b` when
+    `config.official_layer_norm`, else the standard `w (x - mean) / sqrt(var + eps) + b`."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size))
+        self.eps = config.layer_norm_eps
+        self.official = config.official_layer_norm
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.official:
+            return official_layer_norm(hidden_states, self.weight, self.bias, self.eps)
+        return nn.functional.layer_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.bias, self.eps)
+
+
+RNN_MODULES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+
+
+class RTransformerLocalRNN(nn.Module):
+    """LocalRNN(M): for each position, an RNN from a zero state over its M-position window; keeps the last state.
+
+    `rnn` is a one-layer `nn.GRU` / `nn.LSTM` / `nn.RNN` (batch first), so its parameters have the official names and
+    layout (`rnn.weight_ih_l0`, ...). Two computations with equal outputs (`config.local_rnn_implementation`):
+    `"projected"` (`ops_r_transformer.local_rnn`: input projections once per position, M batched recurrence steps)
+    and `"unfold"` (the official form: `rnn` over the `(B L, M, d)` unfolded windows); `"auto"` takes the faster
+    per device, measured by `scripts/bench_localrnn.py`: projected on CPU, unfold (cuDNN) on CUDA.
+    """
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__()
+        self.rnn_type = config.rnn_type
+        self.window = config.local_window
+        self.implementation = config.local_rnn_implementation
+        self.rnn = RNN_MODULES[config.rnn_type](config.hidden_size, config.hidden_size, batch_first=True)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs`: `(B, M - 1 + L, d)`, the M - 1 positions of left context then the L new ones -> `(B, L, d)`."""
+        implementation = self.implementation
+        if implementation == "auto":
+            implementation = "projected" if inputs.device.type == "cpu" else "unfold"
+        if implementation == "projected":
+            return local_rnn(
+                inputs,
+                self.rnn.weight_ih_l0,
+                self.rnn.weight_hh_l0,
+                self.rnn.bias_ih_l0,
+                self.rnn.bias_hh_l0,
+                rnn_type=self.rnn_type,
+                window=self.window,
+            )
+        batch_size, padded_len, dim = inputs.shape
+        num_out = padded_len - (self.window - 1)
+        # (B, L, d, M) view -> (B L, M, d): every window as one sequence of the fused RNN kernel.
+        windows = inputs.unfold(1, self.window, 1).permute(0, 1, 3, 2).reshape(batch_size * num_out, self.window, dim)
+        return self.rnn(windows)[0][:, -1].reshape(batch_size, num_out, dim)
+
+
+class RTransformerLocalRNNLayer(nn.Module):
+    """`x + Dropout(LocalRNN(LN(x)))`. Padded positions enter the windows as zero inputs (the official zero padding)."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__()
+        self.window = config.local_window
+        self.norm = RTransformerLayerNorm(config)
+        self.local_rnn = RTransformerLocalRNN(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, past_inputs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hidden_states` `(B, L, d)`; `token_mask` `(B, L)` (1 = real) or None; `past_inputs` `(B, M - 1, d)`
+        (cached decoding) or None (zeros). Returns the new hidden states and the last M - 1 inputs (for the cache)."""
+        inputs = self.norm(hidden_states)
+        if token_mask is not None:
+            inputs = inputs * token_mask[..., None].to(inputs.dtype)
+        if past_inputs is None:
+            batch_size, _, dim = inputs.shape
+            past_inputs = inputs.new_zeros(batch_size, self.window - 1, dim)
+        inputs = torch.cat([past_inputs, inputs], dim=1)
+        output = self.local_rnn(inputs)
+        return hidden_states + self.dropout(output), inputs[:, inputs.shape[1] - (self.window - 1) :]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(q k^T * scaling + mask) v`; q `(B, h, L, d_h)`, k / v `(B, h, T, d_h)`, mask additive `(B|1, 1, L, T)`.
+    Returns `(B, L, h, d_h)` and the probabilities `(B, h, L, T)`."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class RTransformerAttention(nn.Module):
+    """Multi-head attention (the official `MHPooling`: q, k, v, out linears with biases), through transformers'
+    attention interface (`config._attn_implementation`: eager or sdpa). No position information of its own."""
+
+    def __init__(self, config: RTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key: torch.Tensor | None = None,
+        past_value: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`hidden_states` `(B, L, d)` -> output `(B, L, d)`, probabilities (eager) and keys / values of all T."""
+        batch_size, seq_len, _ = hidden_states.shape
+        shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if past_key is not None:
+            key = torch.cat([past_key, key], dim=2)
+            value = torch.cat([past_value, value], dim=2)
+        interface: Callable = eager_attention_forward
+        if not output_attentions:  # only the eager path can return the probabilities
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        output, weights = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        output = self.o_proj(output.reshape(batch_size, seq_len, -1))
+        return output, weights, key, value
+
+
+class RTransformerFeedForward(nn.Module):
+    """`Linear(d, d_ff) - ReLU - Dropout - Linear(d_ff, d)` (the official `PositionwiseFeedForward`)."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(nn.functional.relu(self.fc1(hidden_states))))
+
+
+class RTransformerBlock(GradientCheckpointingLayer):
+    """`n x [x + Dropout(LocalRNN(LN(x)))]`, then `x + Dropout(MHA(LN(x)))` (causal), then `x + Dropout(FFN(LN(x)))`."""
+
+    def __init__(self, config: RTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.rnn_layers = nn.ModuleList([RTransformerLocalRNNLayer(config) for _ in range(config.num_rnn_layers)])
+        self.attention_norm = RTransformerLayerNorm(config)
+        self.attention = RTransformerAttention(config, layer_idx)
+        self.ffn_norm = RTransformerLayerNorm(config)
+        self.ffn = RTransformerFeedForward(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        cache: RTransformerCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states` `(B, L, d)`; `attention_mask` `(B|1, 1, L, T)` in the attention implementation's format;
+        `token_mask` `(B, L)` (1 = real) or None when nothing is padded."""
+        past = cache.get_states(self.layer_idx) if cache is not None else {}
+        new_states = {}
+        for index, rnn_layer in enumerate(self.rnn_layers):
+            name = f"rnn_inputs_{index}"
+            hidden_states, new_states[name] = rnn_layer(hidden_states, token_mask, past.get(name))
+        attended, weights, new_states["key"], new_states["value"] = self.attention(
+            self.attention_norm(hidden_states),
+            attention_mask,
+            past_key=past.get("key"),
+            past_value=past.get("value"),
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states)))
+        if cache is not None:
+            cache.update_states(self.layer_idx, hidden_states.shape[1], **new_states)
+        return hidden_states, weights
+
+
+class RTransformerPixelEmbeddings(nn.Module):
+    """An image `(B, C, H, W)` as a pixel sequence `(B, H W, d)`: row-major pixels, each pixel's C channels mapped to
+    d by a linear layer (the official sequential-MNIST encoder)."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__()
+        self.image_size = config.image_size
+        self.num_channels = config.num_channels
+        self.proj = nn.Linear(config.num_channels, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}) (image_size "
+                f"{self.image_size}), got {tuple(pixel_values.shape)}."
+            )
+        pixels = pixel_values.flatten(2).transpose(1, 2)  # (B, H W, C), row-major
+        return self.proj(pixels.to(self.proj.weight.dtype))
+
+
+def causal_attention_mask(
+    key_mask: torch.Tensor | None,
+    num_queries: int,
+    past_length: int,
+    *,
+    implementation: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The attention mask of `num_queries` new positions over all `T = past_length + num_queries` positions.
+
+    Causal, and padded keys (`key_mask` 0) masked; a padded query with no real key before it attends to itself, so
+    its (ignored) output stays finite. `None` where SDPA's own causal flag is exact (no padding, no past or a single
+    query). Boolean `(B|1, 1, L, T)` (True = attend) for sdpa, additive float for eager.
+    """
+    if key_mask is None and (num_queries == 1 or (past_length == 0 and implementation == "sdpa")):
+        return None
+    total = past_length + num_queries
+    query_pos = torch.arange(past_length, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]
+    if key_mask is not None:
+        allowed = (allowed & key_mask.bool()[:, None, None, :]) | (key_pos == query_pos)[None, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class RTransformerPreTrainedModel(PreTrainedModel):
+    config_class = RTransformerConfig
+    config: RTransformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RTransformerBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.RNNBase):
+            # PyTorch's (and so the official code's) RNN init: U(-1/sqrt(d), 1/sqrt(d)) for every weight and bias.
+            bound = module.hidden_size**-0.5
+            for param in module.parameters():
+                init.uniform_(param, -bound, bound)
+            return
+        super()._init_weights(module)
+
+    # `generate()` must not build a DynamicCache for us: the base model creates its own `RTransformerCache`.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+
+class RTransformerModel(RTransformerPreTrainedModel):
+    """The R-Transformer stack: token embeddings (or the pixel-sequence encoder), embedding dropout, blocks. No
+    position embeddings and no final norm (as the official code, whose final norm is defined but unused)."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__(config)
+        self.causal = True  # every task uses the causal mask, as the official code
+        self.embed_tokens = (
+            nn.Embedding(config.vocab_size, config.hidden_size) if config.vocab_size is not None else None
+        )
+        self.pixel_embed = RTransformerPixelEmbeddings(config) if config.image_size is not None else None
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.layers = nn.ModuleList([RTransformerBlock(config, idx) for idx in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: RTransformerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`attention_mask` `(B, T)` covers past + current positions (1 = real); `pixel_values` `(B, C, H, W)`."""
+        hidden_states = embed_inputs(
+            "RTransformerModel",
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=self.embed_tokens,
+            hidden_size=self.config.hidden_size,
+            pixel_values=pixel_values,
+            patch_embed=self.pixel_embed,
+        )
+        batch_size, seq_len, _ = hidden_states.shape
+        cache = resolve_state_cache(
+            cache, use_cache, cache_class=RTransformerCache, config=self.config, causal=True, training=self.training
+        )
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_attention_mask(attention_mask, past_length + seq_len, past_length)
+
+        key_mask = attention_mask
+        if cache is not None:
+            past_mask = cache.get_states(0).get("attention_mask") if past_length else None
+            if key_mask is None and past_mask is not None:
+                new = past_mask.new_ones(batch_size, seq_len)
+                key_mask = torch.cat([past_mask, new], dim=1)
+            stored = (
+                key_mask if key_mask is not None else hidden_states.new_ones(batch_size, seq_len, dtype=torch.long)
+            )
+            cache.update_states(0, 0, attention_mask=stored.long())
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None  # nothing padded: the fast paths
+        token_mask = key_mask[:, -seq_len:] if key_mask is not None else None
+        mask = causal_attention_mask(
+            key_mask,
+            seq_len,
+            past_length,
+            implementation="eager" if output_attentions else self.config._attn_implementation,
+            dtype=hidden_states.dtype,
+            device=hidden_states.device,
+        )
+
+        hidden_states = self.embedding_dropout(hidden_states)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            hidden_states, weights = layer(
+                hidden_states,
+                attention_mask=mask,
+                token_mask=token_mask,
+                cache=cache,
+                output_attentions=bool(output_attentions),
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+class RTransformerForCausalLM(RTransformerPreTrainedModel, GenerationMixin):
+    """R-Transformer language model (the official char / word models: LM head tied to the embeddings, with a bias).
+    Decoding caches the LocalRNNs' last M - 1 inputs and the attention keys / values."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__(config)
+        if config.vocab_size is None:
+            raise ValueError("RTransformerForCausalLM needs a `vocab_size`, got None.")
+        self.model = RTransformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: RTransformerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class RTransformerForSequenceClassification(RTransformerPreTrainedModel):
+    """A linear classifier on the last real position (the official pixel-MNIST head reads the last position)."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RTransformerModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(last_token_pool(outputs.last_hidden_state, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class RTransformerForTokenClassification(RTransformerPreTrainedModel):
+    """A linear classifier on every position (causal: each label sees its prefix)."""
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = RTransformerModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class RTransformerForImageClassification(RTransformerPreTrainedModel):
+    """Sequential image classification (the official pixel-MNIST model): the image as a row-major pixel sequence,
+    a linear input projection of each pixel's channels, causal blocks, a linear classifier on the last position."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: RTransformerConfig):
+        super().__init__(config)
+        if config.image_size is None:
+            raise ValueError("RTransformerForImageClassification needs `image_size` in its config, got None.")
+        self.num_labels = config.num_labels
+        self.model = RTransformerModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        outputs = self.model(
+            pixel_values=pixel_values,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(outputs.last_hidden_state[:, -1])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = [
+    "RTransformerCache",
+    "RTransformerForCausalLM",
+    "RTransformerForImageClassification",
+    "RTransformerForSequenceClassification",
+    "RTransformerForTokenClassification",
+    "RTransformerModel",
+    "RTransformerPreTrainedModel",
+]
