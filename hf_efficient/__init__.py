@@ -16,6 +16,7 @@ ARCHITECTURES = {
     "aft": "aft",
     "combiner": "combiner",
     "r_transformer": "r_transformer",
+    "sparse_mlp": "sparse_mlp",
 }
 
 
