@@ -1,0 +1,27 @@
+from .configuration_ngram_transformer import NgramTransformerConfig
+from .modeling_ngram_transformer import (
+    NgramTransformerCache,
+    NgramTransformerForCausalLM,
+    NgramTransformerForConditionalGeneration,
+    NgramTransformerModel,
+    NgramTransformerPreTrainedModel,
+    NgramWindowLayer,
+)
+
+# Auto class -> model class, used by `hf_efficient.register()` and by `save_pretrained_with_code` (auto_map).
+AUTO_MAPPING = {
+    "AutoModel": NgramTransformerModel,
+    "AutoModelForCausalLM": NgramTransformerForCausalLM,
+    "AutoModelForSeq2SeqLM": NgramTransformerForConditionalGeneration,
+}
+
+__all__ = [
+    "AUTO_MAPPING",
+    "NgramTransformerCache",
+    "NgramTransformerConfig",
+    "NgramTransformerForCausalLM",
+    "NgramTransformerForConditionalGeneration",
+    "NgramTransformerModel",
+    "NgramTransformerPreTrainedModel",
+    "NgramWindowLayer",
+]

@@ -1,0 +1,99 @@
+"""Input checks and small helpers that every architecture's base model and heads share.
+
+This file is carried byte-identically by every architecture folder (remote code only follows imports to files in
+the same folder). The master copy is `hf_efficient/models/shared/common.py`: edit it there and run
+`python scripts/check_copies.py --fix`.
+"""
+
+import torch
+
+
+def embed_inputs(
+    model_name: str,
+    *,
+    input_ids: torch.LongTensor | None,
+    inputs_embeds: torch.Tensor | None,
+    embed_tokens: torch.nn.Module | None,
+    hidden_size: int,
+    pixel_values: torch.Tensor | None = None,
+    patch_embed: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Check the inputs of a base model and turn them into `(B, L, d)` embeddings.
+
+    Exactly one of `input_ids` `(B, L)`, `inputs_embeds` `(B, L, d)` or `pixel_values` `(B, C, H, W)` (when the model
+    has a `patch_embed`). Every mistake is a `ValueError` naming the value, raised before any tensor op.
+    """
+    given = [name for name, x in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds)) if x is not None]
+    if pixel_values is not None:
+        given.append("pixel_values")
+    if len(given) != 1:
+        allowed = "`input_ids`, `inputs_embeds`" + (" or `pixel_values`" if patch_embed is not None else "")
+        raise ValueError(f"{model_name}: pass exactly one of {allowed}; got {given or 'none'}.")
+    if pixel_values is not None:
+        if patch_embed is None:
+            raise ValueError(f"{model_name}: this config has no image settings: it cannot take `pixel_values`.")
+        return patch_embed(pixel_values)
+    if inputs_embeds is not None:
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(
+                f"{model_name}: `inputs_embeds` must have shape (batch, length, {hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        return inputs_embeds
+    if embed_tokens is None:
+        raise ValueError(f"{model_name}: this config has `vocab_size=None` (vision only): it cannot take `input_ids`.")
+    if input_ids.ndim != 2:
+        raise ValueError(f"{model_name}: `input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+    return embed_tokens(input_ids)
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, expected_length: int, past_length: int = 0) -> None:
+    """`attention_mask` `(B, T)` covers past + current tokens (transformers' convention): 1 = real, 0 = padding."""
+    if attention_mask is None:
+        return
+    if attention_mask.ndim != 2 or attention_mask.shape[-1] != expected_length:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, {expected_length}) "
+            f"(past {past_length} + current {expected_length - past_length} tokens)."
+        )
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, past_length: int, num_new: int, device: torch.device
+) -> torch.LongTensor:
+    """Position ids `(B or 1, num_new)` of the newest tokens: `cumsum(mask) - 1` (0 on padding), or plain counting.
+
+    Counting real tokens only makes a left-padded sample see the same positions as alone.
+    """
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + num_new, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)[:, -num_new:]
+
+
+def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real positions: `(B, L, d)` -> `(B, d)`."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)[..., None]
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The last real position of each sample (left or right padding): `(B, L, d)` -> `(B, d)`."""
+    if attention_mask is None:
+        return hidden_states[:, -1]
+    mask = attention_mask[:, -hidden_states.shape[1] :].long()
+    index = torch.arange(mask.shape[1], device=mask.device)
+    last = (index * mask).argmax(dim=-1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    return hidden_states * keep / keep_prob

@@ -1,0 +1,723 @@
+"""N-gram masked self-attention Transformer (Chelba, Chen, Bapna, Shazeer, "Faster Transformer Decoding: N-gram Masked
+Self-Attention", 2020) as transformers models: encoder-decoder (the paper's translation setting) and decoder-only.
+
+Reads top to bottom in the order data flows: rolling decoding cache -> attention (eager / SDPA through transformers'
+attention interface) -> feed-forward -> encoder and decoder layers -> PreTrainedModel -> encoder and decoder stacks
+-> base model -> heads. The N-gram attention math lives in `ops_ngram_transformer.py` (pure tensor functions).
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithPast,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+
+from .common import check_attention_mask, embed_inputs, positions_from_mask
+from .configuration_ngram_transformer import NgramTransformerConfig
+from .ops_ngram_transformer import ngram_attention, padding_mask, sinusoidal_positions
+
+
+# ---------------------------------------------------------------------------------------------- decoding cache
+class NgramWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window KV layer with `sliding_window = N`: after each update it keeps exactly the last
+    N - 1 keys and values (all a later query can see: itself plus the N - 1 before it).
+
+    The stock layer slices `[-(N - 1):]`, which keeps *everything* when N = 1; here N = 1 keeps nothing (a query then
+    sees only its own key, which arrives with it)."""
+
+    def __init__(self, ngram_size: int, **kwargs):
+        super().__init__(sliding_window=ngram_size, **kwargs)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.sliding_window == 1 and not self.record_past:
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+        return keys, values
+
+
+class NgramTransformerCache(DynamicCache):
+    """Decoder self-attention cache: one `NgramWindowLayer` (the rolling window of the last N - 1 keys / values) per
+    decoder layer, or growing `DynamicLayer`s when `ngram_size=None` (full attention). Seq2seq models pair it with
+    a `DynamicCache` of cross-attention keys in an `EncoderDecoderCache`. `get_seq_length()` counts every token
+    seen; beam reordering and batch expansion come from the stock layers."""
+
+    def __init__(self, config: NgramTransformerConfig):
+        n = config.ngram_size
+        layers = [NgramWindowLayer(n) if n is not None else DynamicLayer() for _ in range(config.num_hidden_layers)]
+        Cache.__init__(self, layers=layers)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(q k^T * scaling + mask) v` with a boolean mask (True = attend); output `(B, Lq, H, D)`."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None and is_causal:
+        q_len, k_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class NgramTransformerAttention(nn.Module):
+    """Multi-head attention with q/k/v/o projections; `kind` is `"encoder"` (bidirectional), `"cross"` (decoder to
+    encoder) or `"decoder"` (N-gram masked causal self-attention). The attention itself goes through transformers'
+    attention interface (`config._attn_implementation`: eager or SDPA); `output_attentions` uses eager."""
+
+    def __init__(self, config: NgramTransformerConfig, layer_idx: int, kind: str):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kind = kind
+        self.is_causal = kind == "decoder"
+        self.ngram_size = config.ngram_size
+        self.block_size = config.resolved_block_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        width, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(width, width, bias=bias)
+        self.k_proj = nn.Linear(width, width, bias=bias)
+        self.v_proj = nn.Linear(width, width, bias=bias)
+        self.o_proj = nn.Linear(width, width, bias=bias)
+
+    def _heads(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return proj(x).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _implementation(self, output_attentions: bool) -> str:
+        return "eager" if output_attentions else (self.config._attn_implementation or "eager")
+
+    def _attention_fn(self, output_attentions: bool) -> Callable:
+        implementation = self._implementation(output_attentions)
+        interface = (
+            eager_attention_forward
+            if implementation == "eager"
+            else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        )
+        dropout = self.attention_dropout if self.training else 0.0
+
+        def attend(query, key, value, mask, is_causal):
+            return interface(self, query, key, value, mask, dropout=dropout, scaling=self.scaling, is_causal=is_causal)
+
+        return attend
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        key_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states: `(B, L, d)` queries' inputs.
+            key_mask: decoder: `(B, T)` 0/1 over past + current target tokens (or None); encoder / cross: the
+                `(B, 1, 1, S)` boolean padding mask of the keys (or None).
+            encoder_hidden_states: `(B, S, d)` (cross-attention; unused when the cache already holds its keys).
+            cache: decoder: the self-attention cache (rolling window); cross: an `EncoderDecoderCache`.
+        """
+        batch_size, seq_len, _ = hidden_states.shape
+        query = self._heads(self.q_proj, hidden_states)
+        attend = self._attention_fn(output_attentions)
+        if self.kind == "decoder":
+            key, value = self._heads(self.k_proj, hidden_states), self._heads(self.v_proj, hidden_states)
+            if cache is not None:
+                # The cache returns its window followed by the new keys; queries are the newest positions.
+                key, value = cache.update(key, value, self.layer_idx)
+            window_mask = key_mask[:, -key.shape[2] :] if key_mask is not None else None
+            out, weights = ngram_attention(
+                query,
+                key,
+                value,
+                ngram_size=self.ngram_size,
+                attention_fn=attend,
+                key_mask=window_mask,
+                block_size=self.block_size,
+                implicit_causal=self._implementation(output_attentions) == "sdpa",
+                return_weights=output_attentions,
+            )
+        else:
+            if self.kind == "cross" and cache is not None and cache.is_updated.get(self.layer_idx, False):
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                key, value = layer.keys, layer.values
+            else:
+                source = encoder_hidden_states if self.kind == "cross" else hidden_states
+                key, value = self._heads(self.k_proj, source), self._heads(self.v_proj, source)
+                if self.kind == "cross" and cache is not None:
+                    key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                    cache.is_updated[self.layer_idx] = True
+            out, weights = attend(query, key, value, key_mask, False)
+        return self.o_proj(out.reshape(batch_size, seq_len, -1)), weights
+
+
+class NgramTransformerMLP(nn.Module):
+    """`W_2 Dropout(act(W_1 x))`: the Transformer's position-wise feed-forward block."""
+
+    def __init__(self, config: NgramTransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.activation_dropout)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class NgramTransformerEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LN encoder layer: `x + Dropout(SelfAttn(LN(x)))`, `x + Dropout(FFN(LN(x)))` (full bidirectional attention)."""
+
+    def __init__(self, config: NgramTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = NgramTransformerAttention(config, layer_idx, "encoder")
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = NgramTransformerMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        attended, weights = self.self_attn(
+            self.self_attn_norm(hidden_states), key_mask=attention_mask, output_attentions=output_attentions
+        )
+        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, weights
+
+
+class NgramTransformerDecoderLayer(GradientCheckpointingLayer):
+    """Pre-LN decoder layer: N-gram masked self-attention, cross-attention (encoder-decoder only), feed-forward."""
+
+    def __init__(self, config: NgramTransformerConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = NgramTransformerAttention(config, layer_idx, "decoder")
+        if config.is_encoder_decoder:
+            self.cross_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.cross_attn = NgramTransformerAttention(config, layer_idx, "cross")
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = NgramTransformerMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ):
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        attended, self_weights = self.self_attn(
+            self.self_attn_norm(hidden_states),
+            key_mask=key_mask,
+            cache=self_cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + self.dropout(attended)
+        cross_weights = None
+        if encoder_hidden_states is not None:
+            attended, cross_weights = self.cross_attn(
+                self.cross_attn_norm(hidden_states),
+                key_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                cache=cache if isinstance(cache, EncoderDecoderCache) else None,
+                output_attentions=output_attentions,
+            )
+            hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states, self_weights, cross_weights
+
+
+# ---------------------------------------------------------------------------------------------- models
+class NgramTransformerPreTrainedModel(PreTrainedModel):
+    config_class = NgramTransformerConfig
+    config: NgramTransformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["NgramTransformerEncoderLayer", "NgramTransformerDecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    # `generate()` must not build a full-length DynamicCache: the decoder builds its rolling `NgramTransformerCache`.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+
+class _Embedder(nn.Module):
+    """Token embeddings (shared, held by the base model and only *referenced* here) times sqrt(d) when
+    `scale_embedding`, plus this stack's sinusoidal or learned positions, then dropout."""
+
+    def __init__(self, config: NgramTransformerConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self._shared = [embed_tokens]  # a list: not a submodule, so the weight is saved once (by the base model)
+        self.scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        if config.position_embedding_type == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, model_name, input_ids, inputs_embeds, position_ids) -> torch.Tensor:
+        embeds = embed_inputs(
+            model_name,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=self._shared[0],
+            hidden_size=self.config.hidden_size,
+        )
+        if self.config.position_embedding_type == "learned":
+            limit = self.config.max_position_embeddings
+            if position_ids.numel() and int(position_ids.max()) >= limit:
+                raise ValueError(
+                    f"{model_name}: position {int(position_ids.max())} exceeds max_position_embeddings={limit} "
+                    "(the learned position table)."
+                )
+            positions = self.embed_positions(position_ids)
+        else:
+            positions = sinusoidal_positions(position_ids, self.config.hidden_size, embeds.dtype)
+        return self.dropout(embeds * self.scale + positions)
+
+
+class NgramTransformerEncoder(nn.Module):
+    """The encoder stack (full bidirectional self-attention), callable alone as `generate()` does."""
+
+    def __init__(self, config: NgramTransformerConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self.embedder = _Embedder(config, embed_tokens)
+        self.layers = nn.ModuleList(
+            [NgramTransformerEncoderLayer(config, idx) for idx in range(config.num_encoder_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        check_attention_mask(attention_mask, length)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        positions = positions_from_mask(attention_mask, 0, length, device)
+        hidden_states = self.embedder("NgramTransformerEncoder", input_ids, inputs_embeds, positions)
+        mask = padding_mask(attention_mask)
+        all_hidden, all_attentions = ((hidden_states,) if output_hidden_states else None), ()
+        for layer in self.layers:
+            hidden_states, weights = layer(hidden_states, mask, bool(output_attentions))
+            all_attentions += (weights,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)  # as in transformers: the last one is normalised
+        output = BaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden,
+            attentions=all_attentions if output_attentions else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class NgramTransformerDecoder(nn.Module):
+    """The decoder stack: N-gram masked self-attention (+ cross-attention in an encoder-decoder) per layer.
+
+    Self-attention keys are cached in a rolling window of N - 1 per layer (`NgramTransformerCache`); an
+    encoder-decoder wraps it with the cross-attention keys in an `EncoderDecoderCache`."""
+
+    def __init__(self, config: NgramTransformerConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self.embedder = _Embedder(config, embed_tokens)
+        self.layers = nn.ModuleList(
+            [NgramTransformerDecoderLayer(config, idx) for idx in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
+        if not use_cache and cache is None:
+            return None
+        if self.config.is_encoder_decoder:
+            if cache is None or (not isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0):
+                return EncoderDecoderCache(NgramTransformerCache(self.config), DynamicCache())
+            if not isinstance(cache, EncoderDecoderCache):
+                raise ValueError(
+                    f"An encoder-decoder N-gram Transformer needs an EncoderDecoderCache, got a filled {type(cache).__name__}."
+                )
+            return cache
+        if cache is None or (type(cache) is not NgramTransformerCache and cache.get_seq_length() == 0):
+            return NgramTransformerCache(self.config)  # replaces an empty foreign cache by the rolling window
+        return cache
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        if self.config.is_encoder_decoder and encoder_hidden_states is None:
+            raise ValueError("NgramTransformerDecoder: an encoder-decoder config needs `encoder_hidden_states`.")
+        use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
+        cache = self._resolve_cache(cache, use_cache)
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        past_length = cache.get_seq_length() if cache is not None else 0
+        check_attention_mask(attention_mask, past_length + length, past_length)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past_length, length, device)
+        hidden_states = self.embedder("NgramTransformerDecoder", input_ids, inputs_embeds, position_ids)
+        key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        cross_mask = padding_mask(encoder_attention_mask)
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_self, all_cross = (), ()
+        for layer in self.layers:
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                key_mask=key_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=cross_mask,
+                cache=cache,
+                output_attentions=bool(output_attentions),
+            )
+            all_self += (self_weights,)
+            all_cross += (cross_weights,)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden_states,)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden,
+            attentions=all_self if output_attentions else None,
+            cross_attentions=all_cross if output_attentions and self.config.is_encoder_decoder else None,
+        )
+
+
+class NgramTransformerModel(NgramTransformerPreTrainedModel):
+    """The base model, one class for both forms (so `AutoModel` maps the single config to it):
+
+    - `config.is_encoder_decoder=True`: shared token embeddings, encoder, N-gram decoder with cross-attention;
+      `forward(input_ids, attention_mask, decoder_input_ids, ...)` returns a `Seq2SeqModelOutput`.
+    - `config.is_encoder_decoder=False`: token embeddings and the N-gram decoder alone (a causal LM's body);
+      `forward(input_ids, attention_mask, ...)` returns a `BaseModelOutputWithPast`.
+    """
+
+    def __init__(self, config: NgramTransformerConfig):
+        super().__init__(config)
+        self.causal = not config.is_encoder_decoder  # the decoder-only body is a causal model over `input_ids`
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.is_encoder_decoder:
+            self.encoder = NgramTransformerEncoder(config, self.embed_tokens)
+        self.decoder = NgramTransformerDecoder(config, self.embed_tokens)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+        for stack in (getattr(self, "encoder", None), self.decoder):
+            if stack is not None:
+                stack.embedder._shared[0] = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqModelOutput | BaseModelOutputWithPast:
+        """
+        Decoder-only (`is_encoder_decoder=False`): `input_ids` `(B, L)` (or `inputs_embeds`), `attention_mask`
+        `(B, past + L)`, `position_ids` (default `cumsum(mask) - 1`), `cache` (an `NgramTransformerCache`).
+
+        Encoder-decoder: `input_ids` / `attention_mask` are the source; `decoder_input_ids` `(B, T)` the target
+        prefix, `decoder_attention_mask` `(B, past + T)`, `encoder_outputs` a precomputed encoder output, `cache` an
+        `EncoderDecoderCache` (rolling self-attention window + cross-attention keys).
+        """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        if not self.config.is_encoder_decoder:
+            out = self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+            return BaseModelOutputWithPast(
+                last_hidden_state=out.last_hidden_state,
+                cache=out.cache,
+                hidden_states=out.hidden_states,
+                attentions=out.attentions,
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError("NgramTransformerModel (encoder-decoder): pass `decoder_input_ids` or `labels`.")
+        out = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            position_ids=decoder_position_ids,
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=out.last_hidden_state,
+            cache=out.cache,
+            decoder_hidden_states=out.hidden_states,
+            decoder_attentions=out.attentions,
+            cross_attentions=out.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+def shift_tokens_right(labels: torch.LongTensor, pad_token_id: int, decoder_start_token_id: int) -> torch.LongTensor:
+    """Teacher forcing: `decoder_input_ids = [start, labels[:-1]]`, with -100 (ignored labels) replaced by padding."""
+    shifted = labels.new_full(labels.shape, pad_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class NgramTransformerForConditionalGeneration(NgramTransformerPreTrainedModel, GenerationMixin):
+    """Encoder-decoder N-gram Transformer with an LM head (the paper's translation model): `Seq2SeqTrainer`,
+    `generate()` (greedy, sampling, beam search; the decoder keeps N - 1 keys / values per layer plus the fixed
+    cross-attention keys) and `pipeline("text2text-generation")`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NgramTransformerConfig):
+        if not config.is_encoder_decoder:
+            raise ValueError(
+                "NgramTransformerForConditionalGeneration needs `is_encoder_decoder=True` in its config (got False); "
+                "use NgramTransformerForCausalLM for the decoder-only model."
+            )
+        super().__init__(config)
+        self.model = NgramTransformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_encoder(self, modality: str | None = None):
+        return self.model.encoder
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.LongTensor:
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        """`labels`: `(B, T)` target ids (-100 to ignore); without `decoder_input_ids` they are shifted right behind
+        `decoder_start_token_id` (teacher forcing) and the loss compares position t's logits with `labels[:, t]`."""
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_position_ids=decoder_position_ids,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            # Labels are already aligned with the logits (the decoder input is the shifted labels): no second shift.
+            loss = self.loss_function(
+                logits=logits, labels=None, shift_labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+
+class NgramTransformerForCausalLM(NgramTransformerPreTrainedModel, GenerationMixin):
+    """Decoder-only N-gram Transformer language model (`is_encoder_decoder=False`): every position sees the N - 1
+    tokens before it per layer; decoding keeps N - 1 keys / values per layer, so a step costs the same at any length."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NgramTransformerConfig):
+        if config.is_encoder_decoder:
+            raise ValueError(
+                "NgramTransformerForCausalLM needs `is_encoder_decoder=False` in its config (got True); use "
+                "NgramTransformerForConditionalGeneration for the encoder-decoder model."
+            )
+        super().__init__(config)
+        self.model = NgramTransformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "NgramTransformerCache",
+    "NgramTransformerForCausalLM",
+    "NgramTransformerForConditionalGeneration",
+    "NgramTransformerModel",
+    "NgramTransformerPreTrainedModel",
+    "NgramWindowLayer",
+]
