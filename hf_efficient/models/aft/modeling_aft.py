@@ -9,19 +9,17 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    ImageClassifierOutput,
-    MaskedLMOutput,
-    SequenceClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
 
+from .common import check_attention_mask, drop_path, embed_inputs
 from .configuration_aft import AFTConfig
+from .heads import CausalLMHead, ImageClassificationHead, MaskedLMHead, SequenceClassificationHead
 from .ops_aft import (
     AFTState,
     aft_conv1d,
@@ -35,107 +33,12 @@ from .ops_aft import (
     aft_simple_step,
     local_window_offsets,
 )
+from .state_cache import StateCache, resolve_state_cache
 
 
-# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCacheLayer with GMLP->AFT
-class AFTCacheLayer(CacheLayerMixin):
-    """One layer's decoding state: named tensors, each with the batch on dim 0.
-
-    The layer that owns the state decides what the tensors mean (past gate inputs, running sums, rolling windows,
-    span summaries...); this class only keeps them, counts the tokens seen, and applies the batch operations that
-    `generate()` needs (beam reordering, batch expansion and selection) to every tensor alike.
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.states: dict[str, torch.Tensor] = {}
-        self.num_seen_tokens = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError(
-            f"{type(self).__name__} keeps named states, not keys/values: use `cache.update_states(layer_idx, ...)`."
-        )
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.num_seen_tokens + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.num_seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.states = {}
-        self.num_seen_tokens = 0
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise NotImplementedError(f"{type(self).__name__} cannot be cropped (its states are not per token).")
-
-    def offload(self):
-        self.states = {name: t.to("cpu", non_blocking=True) for name, t in self.states.items()}
-
-    def prefetch(self):
-        if self.is_initialized:
-            self.states = {name: t.to(self.device, non_blocking=True) for name, t in self.states.items()}
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.states = {name: t.index_select(0, beam_idx.to(t.device)) for name, t in self.states.items()}
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.states = {name: t.repeat_interleave(repeats, dim=0) for name, t in self.states.items()}
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.states = {name: t[indices, ...] for name, t in self.states.items()}
-
-
-# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCache with GMLP->AFT, a gMLP->an AFT
-class AFTCache(Cache):
-    """Decoding cache of an AFT model, one `AFTCacheLayer` of named states per block.
-
-    A `transformers.cache_utils.Cache`, so `generate()` (greedy, sampling, beam search), `get_seq_length()` and
-    continuing from a returned cache work as with a KV cache.
-    """
-
-    def __init__(self, config: AFTConfig | None = None, num_layers: int | None = None):
-        if num_layers is None:
-            if config is None:
-                raise ValueError("AFTCache needs a `config` or `num_layers`.")
-            num_layers = config.num_hidden_layers
-        super().__init__(layers=[AFTCacheLayer() for _ in range(num_layers)])
-
-    def get_states(self, layer_idx: int) -> dict[str, torch.Tensor]:
-        """The states stored for `layer_idx` (empty before the first forward)."""
-        return self.layers[layer_idx].states
-
-    def update_states(self, layer_idx: int, num_new_tokens: int, **states: torch.Tensor) -> None:
-        """Replace the states of `layer_idx` after it consumed `num_new_tokens` more tokens."""
-        layer = self.layers[layer_idx]
-        layer.states.update(states)
-        layer.num_seen_tokens += num_new_tokens
-        if states and not layer.is_initialized:
-            layer.is_initialized = True
-            layer.device = next(iter(states.values())).device
-
-
-# Copied from hf_efficient.models.gmlp.modeling_gmlp.drop_path
-def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
-    if drop_prob == 0.0 or not training:
-        return hidden_states
-    keep_prob = 1.0 - drop_prob
-    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
-    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
-    return hidden_states * keep / keep_prob
+class AFTCache(StateCache):
+    """Decoding cache of an AFT model: per layer the running sums (and the rolling window for AFT-local/conv, the
+    past keys/values for AFT-full) that make a new token cost O(d) / O(s d) / O(t d)."""
 
 
 class AFTPositionBias(nn.Module):
@@ -446,21 +349,20 @@ class AFTModel(AFTPreTrainedModel):
         self.embed_tokens = value
 
     def _embed(self, input_ids, inputs_embeds, pixel_values) -> torch.Tensor:
-        if sum(x is not None for x in (input_ids, inputs_embeds, pixel_values)) != 1:
-            raise ValueError("Pass exactly one of `input_ids`, `inputs_embeds` or `pixel_values`.")
-        if pixel_values is not None:
-            if self.patch_embed is None:
-                raise ValueError("This AFT config has no `image_size`/`patch_size`: it cannot take `pixel_values`.")
-            embeds = self.patch_embed(pixel_values)
-            if self.class_token is not None:
-                embeds = torch.cat([self.class_token.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], 1)
-            return embeds
-        if inputs_embeds is not None:
-            return inputs_embeds
-        if self.embed_tokens is None:
-            raise ValueError("This AFT config has `vocab_size=None` (vision only): it cannot take `input_ids`.")
-        return self.embed_tokens(input_ids)
+        embeds = embed_inputs(
+            "AFT",
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=self.embed_tokens,
+            hidden_size=self.config.hidden_size,
+            pixel_values=pixel_values,
+            patch_embed=self.patch_embed,
+        )
+        if pixel_values is not None and self.class_token is not None:
+            embeds = torch.cat([self.class_token.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], 1)
+        return embeds
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -470,7 +372,6 @@ class AFTModel(AFTPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
@@ -489,32 +390,16 @@ class AFTModel(AFTPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden_states = self._embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = hidden_states.shape
         device = hidden_states.device
 
-        if use_cache is None:
-            use_cache = self.causal and getattr(self.config, "use_cache", True) and not self.training
-        if (use_cache or cache is not None) and not self.causal:
-            if cache is not None:
-                raise ValueError("A cache can only be used with a causal AFT (bidirectional AFT sees the future).")
-            use_cache = False
-        if use_cache and not isinstance(cache, AFTCache):
-            # `generate()` or a user may hand us another (empty) Cache type: replace it by ours.
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(f"AFT needs an AFTCache to continue decoding, got a filled {type(cache).__name__}.")
-            cache = AFTCache(self.config)
-        if not use_cache and cache is not None and not isinstance(cache, AFTCache):
-            cache = None
+        cache = resolve_state_cache(
+            cache, use_cache, cache_class=AFTCache, config=self.config, causal=self.causal, training=self.training
+        )
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-
-        if attention_mask is not None and attention_mask.shape[-1] != total_len:
-            raise ValueError(
-                f"attention_mask has length {attention_mask.shape[-1]}, expected {total_len} "
-                f"(past {past_length} + current {seq_len})."
-            )
+        check_attention_mask(attention_mask, total_len, past_length)
         key_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_mask = attention_mask[:, -seq_len:] != 0
@@ -550,191 +435,36 @@ class AFTModel(AFTPreTrainedModel):
             # As in transformers, the last hidden state is the normalised output.
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
 
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
-class AFTForCausalLM(AFTPreTrainedModel, GenerationMixin):
+class AFTForCausalLM(CausalLMHead, AFTPreTrainedModel, GenerationMixin):
     """AFT language model (causal). Decoding keeps running sums per layer: O(d) state and time per token for
     AFT-simple, O(s d) for AFT-local / AFT-conv (the window), O(t d) for AFT-full (its bias needs every key)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: AFTConfig):
-        super().__init__(config)
-        if config.vocab_size is None:
-            raise ValueError("AFTForCausalLM needs a `vocab_size`.")
-        self.model = AFTModel(config, causal=True)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: AFTCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            position_ids=kwargs.pop("position_ids", None),
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
-            return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
+    base_model_class = AFTModel
 
 
-class AFTForMaskedLM(AFTPreTrainedModel):
+class AFTForMaskedLM(MaskedLMHead, AFTPreTrainedModel):
     """AFT masked language model (bidirectional)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: AFTConfig):
-        super().__init__(config)
-        if config.vocab_size is None:
-            raise ValueError("AFTForMaskedLM needs a `vocab_size`.")
-        self.model = AFTModel(config, causal=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            position_ids=kwargs.pop("position_ids", None),
-        )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = AFTModel
 
 
-# Copied from hf_efficient.models.gmlp.modeling_gmlp._mean_pool
-def _mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over real positions: `(B, L, d)` -> `(B, d)`."""
-    if attention_mask is None:
-        return hidden_states.mean(dim=1)
-    mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)[..., None]
-    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-class AFTForSequenceClassification(AFTPreTrainedModel):
+class AFTForSequenceClassification(SequenceClassificationHead, AFTPreTrainedModel):
     """AFT with a linear classifier on the mean of the real positions' final hidden states."""
 
-    def __init__(self, config: AFTConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = AFTModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            position_ids=kwargs.pop("position_ids", None),
-        )
-        logits = self.score(_mean_pool(outputs.last_hidden_state, attention_mask))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = AFTModel
 
 
-class AFTForImageClassification(AFTPreTrainedModel):
+class AFTForImageClassification(ImageClassificationHead, AFTPreTrainedModel):
     """Vision AFT: patch stem, bidirectional blocks with stochastic depth, LayerNorm, linear head on the class token
     (full/local/simple, DeiT style) or on the mean of the patches (AFT-conv, as the paper)."""
 
-    main_input_name = "pixel_values"
+    base_model_class = AFTModel
 
-    def __init__(self, config: AFTConfig):
-        super().__init__(config)
-        if not config.is_vision:
-            raise ValueError("AFTForImageClassification needs `image_size` and `patch_size` in its config.")
-        self.num_labels = config.num_labels
-        self.model = AFTModel(config, causal=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        hidden_states = outputs.last_hidden_state
-        pooled = hidden_states[:, 0] if self.config.uses_class_token else hidden_states.mean(dim=1)
-        logits = self.classifier(pooled)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    def pool_image(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0] if self.config.uses_class_token else hidden_states.mean(dim=1)
 
 
 __all__ = [

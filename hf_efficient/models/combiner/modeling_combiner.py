@@ -10,109 +10,24 @@ import functools
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    MaskedLMOutput,
-    SequenceClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
 
+from .common import check_attention_mask, embed_inputs
 from .configuration_combiner import CombinerConfig
+from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .ops_combiner import axial_abstraction_keys, combiner_attention, combiner_prefill_state, combiner_step
+from .state_cache import StateCache, resolve_state_cache
 
 
-# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCacheLayer with GMLP->Combiner
-class CombinerCacheLayer(CacheLayerMixin):
-    """One layer's decoding state: named tensors, each with the batch on dim 0.
-
-    The layer that owns the state decides what the tensors mean (past gate inputs, running sums, rolling windows,
-    span summaries...); this class only keeps them, counts the tokens seen, and applies the batch operations that
-    `generate()` needs (beam reordering, batch expansion and selection) to every tensor alike.
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.states: dict[str, torch.Tensor] = {}
-        self.num_seen_tokens = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError(
-            f"{type(self).__name__} keeps named states, not keys/values: use `cache.update_states(layer_idx, ...)`."
-        )
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.num_seen_tokens + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.num_seen_tokens
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.states = {}
-        self.num_seen_tokens = 0
-        self.is_initialized = False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
-            raise NotImplementedError(f"{type(self).__name__} cannot be cropped (its states are not per token).")
-
-    def offload(self):
-        self.states = {name: t.to("cpu", non_blocking=True) for name, t in self.states.items()}
-
-    def prefetch(self):
-        if self.is_initialized:
-            self.states = {name: t.to(self.device, non_blocking=True) for name, t in self.states.items()}
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.states = {name: t.index_select(0, beam_idx.to(t.device)) for name, t in self.states.items()}
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.states = {name: t.repeat_interleave(repeats, dim=0) for name, t in self.states.items()}
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.states = {name: t[indices, ...] for name, t in self.states.items()}
-
-
-# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPCache with GMLP->Combiner, gMLP->Combiner
-class CombinerCache(Cache):
-    """Decoding cache of a Combiner model, one `CombinerCacheLayer` of named states per block.
-
-    A `transformers.cache_utils.Cache`, so `generate()` (greedy, sampling, beam search), `get_seq_length()` and
-    continuing from a returned cache work as with a KV cache.
-    """
-
-    def __init__(self, config: CombinerConfig | None = None, num_layers: int | None = None):
-        if num_layers is None:
-            if config is None:
-                raise ValueError("CombinerCache needs a `config` or `num_layers`.")
-            num_layers = config.num_hidden_layers
-        super().__init__(layers=[CombinerCacheLayer() for _ in range(num_layers)])
-
-    def get_states(self, layer_idx: int) -> dict[str, torch.Tensor]:
-        """The states stored for `layer_idx` (empty before the first forward)."""
-        return self.layers[layer_idx].states
-
-    def update_states(self, layer_idx: int, num_new_tokens: int, **states: torch.Tensor) -> None:
-        """Replace the states of `layer_idx` after it consumed `num_new_tokens` more tokens."""
-        layer = self.layers[layer_idx]
-        layer.states.update(states)
-        layer.num_seen_tokens += num_new_tokens
-        if states and not layer.is_initialized:
-            layer.is_initialized = True
-            layer.device = next(iter(states.values())).device
+class CombinerCache(StateCache):
+    """Decoding cache of a Combiner model: per layer the past queries/keys/values it needs and the span summaries,
+    computed once when a span completes."""
 
 
 class CombinerAttention(nn.Module):
@@ -300,6 +215,7 @@ class CombinerModel(CombinerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -309,7 +225,6 @@ class CombinerModel(CombinerPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """
@@ -326,38 +241,22 @@ class CombinerModel(CombinerPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds = embed_inputs(
+            "Combiner",
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=self.embed_tokens,
+            hidden_size=self.config.hidden_size,
+        )
         batch_size, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
 
-        if use_cache is None:
-            use_cache = self.causal and getattr(self.config, "use_cache", True) and not self.training
-        if (use_cache or cache is not None) and not self.causal:
-            if cache is not None:
-                raise ValueError(
-                    "A cache can only be used with a causal Combiner (bidirectional spans see the future)."
-                )
-            use_cache = False
-        if use_cache and not isinstance(cache, CombinerCache):
-            # `generate()` or a user may hand us another (empty) Cache type: replace it by ours.
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ValueError(
-                    f"Combiner needs a CombinerCache to continue decoding, got a filled {type(cache).__name__}."
-                )
-            cache = CombinerCache(self.config)
-        if not use_cache and cache is not None and not isinstance(cache, CombinerCache):
-            cache = None
+        cache = resolve_state_cache(
+            cache, use_cache, cache_class=CombinerCache, config=self.config, causal=self.causal, training=self.training
+        )
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-        if attention_mask is not None and attention_mask.shape[-1] != total_len:
-            raise ValueError(
-                f"attention_mask has length {attention_mask.shape[-1]}, expected {total_len} "
-                f"(past {past_length} + current {seq_len})."
-            )
+        check_attention_mask(attention_mask, total_len, past_length)
         new_mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
         if new_mask is not None and bool(new_mask.all()):
             new_mask = None  # no padding among these tokens: the fast paths
@@ -406,165 +305,27 @@ class CombinerModel(CombinerPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states = tuple(_gather_tokens(h, inverse) for h in all_hidden_states)
 
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
-class CombinerForCausalLM(CombinerPreTrainedModel, GenerationMixin):
+class CombinerForCausalLM(CausalLMHead, CombinerPreTrainedModel, GenerationMixin):
     """Combiner language model (causal form). Decoding keeps the current segment / row and the summaries of the
     completed spans: each new token costs O(s + L/s) (Fixed, Axial, Mixture) or O(log L) (Logsparse) per layer."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: CombinerConfig):
-        super().__init__(config)
-        self.model = CombinerModel(config, causal=True)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: CombinerCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.cache, outputs.hidden_states) if v is not None)
-            return ((loss,) + output) if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
+    base_model_class = CombinerModel
 
 
-class CombinerForMaskedLM(CombinerPreTrainedModel):
+class CombinerForMaskedLM(MaskedLMHead, CombinerPreTrainedModel):
     """Combiner masked language model (bidirectional form: the spans exclude the directly attended region)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: CombinerConfig):
-        super().__init__(config)
-        self.model = CombinerModel(config, causal=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = CombinerModel
 
 
-# Copied from hf_efficient.models.gmlp.modeling_gmlp._mean_pool
-def _mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over real positions: `(B, L, d)` -> `(B, d)`."""
-    if attention_mask is None:
-        return hidden_states.mean(dim=1)
-    mask = attention_mask[:, -hidden_states.shape[1] :].to(hidden_states.dtype)[..., None]
-    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-def _last_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The last real position's hidden state: `(B, L, d)` -> `(B, d)`."""
-    if attention_mask is None:
-        return hidden_states[:, -1]
-    mask = attention_mask[:, -hidden_states.shape[1] :]
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (positions * (mask != 0)).argmax(dim=1)
-    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
-
-
-class CombinerForSequenceClassification(CombinerPreTrainedModel):
+class CombinerForSequenceClassification(SequenceClassificationHead, CombinerPreTrainedModel):
     """Combiner with a linear classifier on the pooled final hidden states (`config.classifier_pooling`: mean over
     real positions, or the last real token)."""
 
-    def __init__(self, config: CombinerConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = CombinerModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        pool = _last_pool if self.config.classifier_pooling == "last" else _mean_pool
-        logits = self.score(pool(outputs.last_hidden_state, attention_mask))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = CombinerModel
 
 
 __all__ = [

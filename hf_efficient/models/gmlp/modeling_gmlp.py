@@ -9,19 +9,22 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GenericForTokenClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    ImageClassifierOutput,
-    MaskedLMOutput,
-    SequenceClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 
-from .common import check_attention_mask, drop_path, embed_inputs, mean_pool, positions_from_mask
+from .common import check_attention_mask, drop_path, embed_inputs, positions_from_mask
 from .configuration_gmlp import GMLPConfig
+from .heads import (
+    CausalLMHead,
+    ImageClassificationHead,
+    MaskedLMHead,
+    SequenceClassificationHead,
+    TokenClassificationHead,
+)
 from .ops_gmlp import spatial_gating_projection, tiny_attention
 from .state_cache import StateCache, resolve_state_cache
 
@@ -334,174 +337,35 @@ class GMLPModel(GMLPPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
-class GMLPForCausalLM(GMLPPreTrainedModel, GenerationMixin):
+class GMLPForCausalLM(CausalLMHead, GMLPPreTrainedModel, GenerationMixin):
     """gMLP language model with a causal (lower-triangular) SGU; decoding caches past gate inputs, so each new
     token costs O(t) per block instead of a full recompute."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: GMLPConfig):
-        super().__init__(config)
-        if config.vocab_size is None:
-            raise ValueError("GMLPForCausalLM needs a `vocab_size`.")
-        self.model = GMLPModel(config, causal=True)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: GMLPCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
-        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
-        )
+    base_model_class = GMLPModel
 
 
-class GMLPForMaskedLM(GMLPPreTrainedModel):
+class GMLPForMaskedLM(MaskedLMHead, GMLPPreTrainedModel):
     """gMLP masked language model (bidirectional SGU)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: GMLPConfig):
-        super().__init__(config)
-        if config.vocab_size is None:
-            raise ValueError("GMLPForMaskedLM needs a `vocab_size`.")
-        self.model = GMLPModel(config, causal=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = GMLPModel
 
 
-class GMLPForSequenceClassification(GMLPPreTrainedModel):
+class GMLPForSequenceClassification(SequenceClassificationHead, GMLPPreTrainedModel):
     """gMLP with a linear classifier on the mean of the real positions' final hidden states."""
 
-    def __init__(self, config: GMLPConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = GMLPModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput | tuple:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.score(mean_pool(outputs.last_hidden_state, attention_mask))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = GMLPModel
 
 
-class GMLPForTokenClassification(GenericForTokenClassification, GMLPPreTrainedModel):
-    """gMLP with a linear classifier on every position (transformers' generic token-classification forward)."""
+class GMLPForTokenClassification(TokenClassificationHead, GMLPPreTrainedModel):
+    """gMLP with a linear classifier on every position."""
 
-    def __init__(self, config: GMLPConfig):
-        # Not the generic __init__: its `AutoModel.from_config` cannot resolve the base model under remote code.
-        GMLPPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = GMLPModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+    base_model_class = GMLPModel
 
 
-class GMLPForImageClassification(GMLPPreTrainedModel):
+class GMLPForImageClassification(ImageClassificationHead, GMLPPreTrainedModel):
     """Vision gMLP (timm layout): patch stem, bidirectional blocks with stochastic depth, LayerNorm, mean pool, head."""
 
-    main_input_name = "pixel_values"
-
-    def __init__(self, config: GMLPConfig):
-        super().__init__(config)
-        if config.image_size is None:
-            raise ValueError("GMLPForImageClassification needs `image_size` and `patch_size` in its config.")
-        self.num_labels = config.num_labels
-        self.model = GMLPModel(config, causal=False)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        outputs = self.model(pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.classifier(outputs.last_hidden_state.mean(dim=1))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+    base_model_class = GMLPModel
 
 
 __all__ = [
