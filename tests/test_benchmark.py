@@ -1,5 +1,6 @@
-"""Smoke tests of `scripts/benchmark.py`: every mode at tiny sizes (JSON schema, no crash), the benchmark-config
-files, the fresh-process runner and the report. No timing assertions anywhere."""
+"""Smoke tests of `scripts/benchmark.py`: every mode at tiny sizes (JSON schema, no crash), every benchmark
+declaration at every level, vision-only declarations, the fresh-process runner, the report and the generated README
+sections (`report --check`). No timing assertions anywhere."""
 
 import json
 import subprocess
@@ -12,10 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_lib import measure, report, scaling, specs  # noqa: E402
+from bench_lib import images, measure, report, scaling, specs  # noqa: E402
 
 STATUSES = {"ok", "oom", "timeout", "error", "skipped"}
-MODES = ("scaling", "decode", "peers", "hardware", "quality", "recall")
+MODES = ("scaling", "decode", "peers", "hardware", "images", "quality", "recall")
 
 # Required fields of an "ok" row, per mode.
 OK_FIELDS = {
@@ -25,6 +26,7 @@ OK_FIELDS = {
     "hardware": {"name", "step_s", "step_gflop", "achieved_gflops", "fraction_of_peak"},
     "quality": {"name", "parameters", "non_embedding_parameters", "validation_bpb", "tokens"},
     "recall": {"name", "length", "num_pairs", "accuracy", "steps"},
+    "images": {"name", "parameters", "train_images_per_s", "inference_images_per_s", "train_step_s", "inference_s"},
 }
 
 
@@ -65,11 +67,13 @@ def test_mode_tiny(mode, tmp_path):
     extra = ("--lengths", "32") if mode == "scaling" else ()
     data = run_benchmark(mode, tmp_path, *extra)
     check_schema(data, mode)
-    entries, skipped = specs.discover()
-    assert data["skipped"] == skipped
+    all_entries, skipped = specs.discover()
+    entries, mode_skipped = specs.split_for_mode(all_entries, mode)
+    assert data["skipped"] == skipped + mode_skipped
+    assert all(s["reason"] for s in data["skipped"])
     names = {row.get("name") for row in data["results"]}
     if mode in ("scaling", "hardware"):
-        # every registered architecture's entries (and both baselines) ran, and ran fine at tiny sizes
+        # every registered text architecture's entries (and both text baselines) ran, and ran fine at tiny sizes
         assert names == {e["name"] for e in entries}
         not_ok = [r for r in data["results"] if r["status"] != "ok"]
         # only the mixer level of a block with no separable FFN (gMLP) is skipped
@@ -79,18 +83,38 @@ def test_mode_tiny(mode, tmp_path):
     if mode in ("decode", "quality", "recall"):
         causal = {e["name"] for e in entries if e.get("causal_head") and not e.get("baseline")}
         assert causal <= names and specs.REFERENCE in names
-        assert all(row["status"] == "ok" for row in data["results"]), [
-            r for r in data["results"] if r["status"] != "ok"
-        ]
+        not_ok = [r for r in data["results"] if r["status"] != "ok"]
+        if mode == "decode":  # the mixer level of a block with no separable FFN is skipped, nothing else
+            assert all(r["status"] == "skipped" and r["level"] == "mixer" for r in not_ok), not_ok
+            assert {(r["name"], r["level"]) for r in not_ok} == {
+                (e["name"], "mixer") for e in entries if e["name"] in causal and not scaling.has_mixer_level(e)
+            }
+            assert {r["level"] for r in data["results"]} == {"model", "mixer"}
+            mixer = [r for r in data["results"] if r["level"] == "mixer" and r["status"] == "ok"]
+            assert {r["name"] for r in mixer} >= {specs.REFERENCE} and all(r["cache_bytes"] > 0 for r in mixer)
+        else:
+            assert not not_ok, not_ok
     if mode == "scaling":
         assert {row["level"] for row in data["summary"]} == {"block", "mixer", "model"}
         for row in data["summary"]:
             assert "time_slope" in row and "memory_slope" in row and "ratio_vs_reference" in row
+            assert row["reference"] == specs.REFERENCE
+            assert ("crossover_time" in row) == (row["name"] != specs.REFERENCE)
         assert all(row["peak_memory_mb"] >= 0 for row in data["results"] if row["status"] == "ok")
     if mode == "peers":
         assert {row["status"] for row in data["results"]} <= {"ok", "skipped"}, data["results"]
+        assert any(row["pair"].startswith("aft-local") for row in data["results"])
     if mode == "hardware":
         assert data["matmul_peak"]["peak_gflops"] > 0
+    if mode == "images":
+        # every declaration with an image level, beside the ViT reference; the text-only ones are listed as skipped
+        assert names == {e["name"] for e in entries} and specs.IMAGE_REFERENCE in names
+        assert {e["name"] for e in entries if not e.get("baseline")}, "no declaration has an image level"
+        assert all(row["status"] == "ok" for row in data["results"]), data["results"]
+        assert all(row["train_ratio_vs_reference"] > 0 for row in data["results"])
+        assert {s["name"] for s in mode_skipped} == {e["name"] for e in all_entries if "image" not in e} - set(
+            specs.BASELINE_NAMES
+        )
     # The report renders every mode's table (and its plot) from the JSON alone.
     results = report.load(tmp_path)
     assert set(results) == {mode}
@@ -115,11 +139,17 @@ def test_benchmark_configs_are_valid_and_build():
         assert data["model_type"] == path.stem and path.stem in hf_efficient.ARCHITECTURES
     entries, _ = specs.discover()
     for entry in entries:
-        for level in ("block", "model", "quality"):
-            config = specs.level_config(entry, level, specs.SIZES["default"], length=1024)
+        levels = [level for level in specs.LEVELS if level in entry]
+        assert levels, entry["name"]
+        for level in levels:
+            length = None if level == "image" else 1024
+            config = specs.level_config(entry, level, specs.SIZES["default"], length=length)
+            head = "AutoModelForImageClassification" if level == "image" else specs.model_head(entry, level)
             with torch.device("meta"):
-                model = specs.build_model(entry, config, specs.model_head(entry, level))
+                model = specs.build_model(entry, config, head)
             assert model.config.hidden_size == specs.SIZES["default"][level]["hidden_size"], (entry["name"], level)
+            if level == "image":
+                continue
             if entry.get("ffn_module"):
                 assert specs.get_submodule(model, entry["ffn_module"]) is not None, (
                     entry["name"],
@@ -136,7 +166,7 @@ def test_architecture_without_config_is_reported(tmp_path, monkeypatch):
 
     assert {s["model_type"] for s in skipped} == set(hf_efficient.ARCHITECTURES) - {"gmlp"}
     assert all("no benchmark config" in s["reason"] for s in skipped)
-    assert {e["model_type"] for e in entries} == {"gmlp", "llama", "gpt2"}
+    assert {e["model_type"] for e in entries} == {"gmlp", "llama", "gpt2", "vit"}
 
 
 def test_bad_config_is_rejected(tmp_path):
@@ -144,6 +174,10 @@ def test_bad_config_is_rejected(tmp_path):
         specs.validate_file(
             {"entries": [{"name": "x", "label": "x", "block": {}, "quality": {}}]}, tmp_path / "x.json"
         )
+    with pytest.raises(ValueError, match="entry 0 has no `image`"):
+        specs.validate_file({"entries": [{"name": "x", "label": "x", "modality": "vision"}]}, tmp_path / "x.json")
+    with pytest.raises(ValueError, match="`modality` is 'audio'"):
+        specs.validate_file({"entries": [{"name": "x", "label": "x", "modality": "audio"}]}, tmp_path / "x.json")
     with pytest.raises(ValueError, match="Bad template"):
         specs.evaluate_templates("{no_such_size * 2}", {"hidden_size": 8})
     assert specs.evaluate_templates({"a": ["{2 * hidden_size}", 3]}, {"hidden_size": 8}) == {"a": [16, 3]}
@@ -179,11 +213,144 @@ def test_fresh_process_statuses():
     assert failed["status"] == "error" and "bad length" in failed["error"]
 
 
-def test_readme_section_is_replaced_in_place(tmp_path):
+def test_vision_only_declaration(tmp_path, monkeypatch):
+    """A vision-only architecture's declaration (no text levels; or `"modality": "vision"`) is skipped by every text
+    mode with the reason recorded and measured by the images mode."""
+    data = json.loads((specs.BENCH_CONFIG_DIR / "gmlp.json").read_text())
+    text_entry = data["entries"][0]
+    vision = {"name": "gmlp-vision", "label": "gMLP (vision only)", "image": text_entry["image"]}
+    tagged = {**text_entry, "name": "gmlp-tagged", "modality": "vision"}
+    (tmp_path / "gmlp.json").write_text(json.dumps({"model_type": "gmlp", "entries": [vision, tagged]}))
+    monkeypatch.setattr(specs, "BENCH_CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(specs, "ROOT", tmp_path)
+    entries, _ = specs.discover(names=["gmlp", "llama-sdpa", "vit-sdpa"])
+    assert {e["name"]: e["modality"] for e in entries} == {
+        "gmlp-vision": "vision",
+        "gmlp-tagged": "vision",
+        "llama-sdpa": "text",
+        "vit-sdpa": "vision",
+    }
+    for mode in specs.TEXT_MODES:
+        runnable, skipped = specs.split_for_mode(entries, mode)
+        assert [e["name"] for e in runnable] == ["llama-sdpa"]
+        assert {s["name"] for s in skipped} == {"gmlp-vision", "gmlp-tagged"}
+        assert all("vision-only architecture" in s["reason"] for s in skipped)
+    runnable, skipped = specs.split_for_mode(entries, "images")
+    assert {e["name"] for e in runnable} == {"gmlp-vision", "gmlp-tagged", "vit-sdpa"} and not skipped
+    rows = images.run(runnable, specs.SIZES["tiny"], 2, "cpu", 1, 1.0, log=lambda *_: None)
+    assert all(r["status"] == "ok" and r["inference_images_per_s"] > 0 for r in rows), rows
+    assert {r["name"]: r["inference_ratio_vs_reference"] for r in rows}["vit-sdpa"] == 1.0
+
+
+def test_crossover():
+    # ours is slower up to 1024, faster from 2048 on: the log ratio crosses 0 between them
+    found = scaling.crossover([(512, 2.0, 1.0), (1024, 2.0, 1.0), (2048, 1.0, 2.0), (4096, 1.0, 4.0)])
+    assert found["length"] == round(2**10.5) and "between 1024 and 2048" in found["note"]
+    assert scaling.crossover([(256, 1.0, 2.0), (512, 1.0, 3.0)])["length"] == 256
+    assert scaling.crossover([(256, 1.0, 2.0), (512, 3.0, 2.0)]) is None  # slower at the longest length
+    assert scaling.crossover([(256, 1.0, 2.0), (512, 3.0, 2.0), (1024, 1.0, 2.0)])["note"] == "between 512 and 1024"
+    assert scaling.crossover([]) is None
+
+
+def _section(folder: str, body: str, options: str = "") -> str:
+    return f"{report.start_marker(folder, options)}\n{body}\n{report.README_END}\n"
+
+
+def test_readme_sections_are_rewritten_and_checked(tmp_path):
+    results = tmp_path / "benchmarks" / "results" / "m"
+    results.mkdir(parents=True)
+    source = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2c-aft"
+    for mode in ("scaling", "peers"):
+        (results / f"{mode}.json").write_text((source / f"{mode}.json").read_text())
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Other\n\ntext\n")
-    report.update_readme(readme, "first")
-    report.update_readme(readme, "second")
+    head, middle, tail = "# x\n\n## One\n\n", "\nprose between\n\n", "\n## After\n\ntext\n"
+    readme.write_text(
+        head + _section("benchmarks/results/m", "stale table") + middle
+        + _section("benchmarks/results/m", "", "absolute=all") + tail
+    )  # fmt: skip
+    diff = report.check_readme(readme, tmp_path)
+    assert "-stale table" in diff
+    assert report.update_readme(readme, tmp_path) is True
+    assert report.check_readme(readme, tmp_path) == ""
+    assert report.update_readme(readme, tmp_path) is False  # idempotent
     text = readme.read_text()
-    assert text.count("## Benchmarks") == 1 and "second" in text and "first" not in text
-    assert text.startswith("# x\n\n## Other\n\ntext\n")
+    assert text.startswith(head) and text.endswith(tail) and middle in text and "stale table" not in text
+    first, second = (text[s["start"] : s["end"]] for s in report.sections(text))
+    assert "Absolute figures (model level" in first and "Absolute figures (layer level" not in first
+    assert "Absolute figures (layer level" in second  # absolute=all: every level's absolute table
+    assert "aft-pytorch AFTLocal" in first and "| AFT-simple |" in first
+    # A section naming a folder without results, or with no end marker, is an error naming it.
+    readme.write_text(_section("benchmarks/results/none", ""))
+    with pytest.raises(ValueError, match="benchmarks/results/none"):
+        report.check_readme(readme, tmp_path)
+    readme.write_text(report.start_marker("benchmarks/results/m") + "\n")
+    with pytest.raises(ValueError, match="no matching"):
+        report.update_readme(readme, tmp_path)
+
+
+def test_committed_readme_tables_are_generated():
+    """What CI runs: the README's benchmark sections are exactly what the committed results generate."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "report", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (ROOT / "README.md").read_text()
+    folders = {s["folder"] for s in report.sections(text)}
+    assert {
+        "benchmarks/results/cpu-amd-epyc-2c",
+        "benchmarks/results/cpu-amd-epyc-2c-aft",
+        "benchmarks/results/cpu-amd-epyc-2c-combiner",
+    } <= folders
+
+
+def test_legacy_results_were_converted_without_loss():
+    """Every point the former bench_aft.py / bench_combiner.py measured is in the unified result files."""
+    aft = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2c-aft"
+    raw = json.loads((aft / "legacy-bench_aft.json").read_text())
+    data = {mode: json.loads((aft / f"{mode}.json").read_text()) for mode in ("scaling", "decode", "peers")}
+    for mode in data.values():
+        assert mode["schema"] == "hf-efficient-benchmark/1" and mode["profile"] == "legacy"
+    scaling_points = {(p["name"], p["level"], p["length"]): p for p in data["scaling"]["results"]}
+    decode_points = {(p["name"], p["prefix"]): p for p in data["decode"]["results"]}
+    peers = {(r["peer"], r["length"]): r for r in data["peers"]["results"] if r["status"] == "ok"}
+    for p in raw["points"]:
+        name = {"sdpa-block": "sdpa-layer"}.get(p["name"], p["name"])
+        if p["mode"] in ("mixer", "lm"):
+            name = "llama-sdpa" if name == "llama-sdpa" else name.removesuffix("-lm")
+            q = scaling_points[(name, "layer" if p["mode"] == "mixer" else "model", p["length"])]
+            assert q["time_s"] == pytest.approx(p["time_ms"] / 1000, rel=1e-4)
+            assert q["peak_memory_mb"] == pytest.approx(p["peak_mb"], abs=0.01)
+        elif p["mode"] == "decode":
+            q = decode_points[("llama-sdpa" if name == "llama-sdpa" else name.removesuffix("-lm"), p["length"])]
+            assert q["ms_per_token"] == pytest.approx(p["time_ms"], abs=1e-3)
+            assert q["cache_mb"] == pytest.approx(p["cache_mb"], abs=1e-3)
+        else:
+            kind = p["name"].rsplit("-", 1)[1]
+            row = peers[(f"aft-pytorch AFT{kind.capitalize()}", p["length"])]
+            side = "theirs" if p["name"].startswith("aft-pytorch") else "ours"
+            assert row[f"{side}_s"] == pytest.approx(p["time_ms"] / 1000, rel=1e-4)
+    combiner = ROOT / "benchmarks" / "results" / "cpu-amd-epyc-2c-combiner"
+    raw = json.loads((combiner / "legacy-bench_combiner.json").read_text())
+    scaling_data = json.loads((combiner / "scaling.json").read_text())
+    decode_data = json.loads((combiner / "decode.json").read_text())
+    points = {(p["name"], p["length"]): p for p in scaling_data["results"]}
+    decode_points = {(p["name"], p["level"], p["prefix"]): p for p in decode_data["results"]}
+    for old, runs in raw["train"].items():
+        name = old if old == "llama-sdpa" else f"combiner-{old}"
+        for length, point in runs.items():
+            q = points[(name, int(length))]
+            assert q["time_s"] == point["time_s"] and q["times_s"] == point["times_s"]
+            assert q["peak_memory_mb"] == pytest.approx(point["peak_memory_bytes"] / 2**20, abs=0.01)
+        for level, key in (("model", "decode"), ("op", "attention_decode")):
+            for prefix, point in raw[key][old]["prefixes"].items():
+                assert decode_points[(name, level, int(prefix))]["ms_per_token"] == pytest.approx(
+                    point["median_ms"], abs=1e-3
+                )
+    # the crossover lengths the former script computed are what the unified summary computes from the same points
+    for row in scaling_data["summary"]:
+        if row["name"] != "llama-sdpa":
+            assert row["crossover_time"]["length"] == scaling_data["legacy_crossover"][row["name"]]["length"]

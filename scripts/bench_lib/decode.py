@@ -77,7 +77,7 @@ def decode_point(
         cache = _cache_of(out)
         if cache is None:
             return {"status": "error", "error": "the model returned no cache"}
-        cache_mb = tensor_bytes(cache) / 2**20
+        cache_bytes = tensor_bytes(cache)
         times = []
         deadline = time.perf_counter() + budget
         for i in range(warmup + steps):
@@ -93,7 +93,8 @@ def decode_point(
         "ms_per_token": round(1000 * statistics.median(times), 3),
         "ms_per_token_all": [round(1000 * t, 3) for t in times],
         "prefill_s": round(prefill_s, 3),
-        "cache_mb": round(cache_mb, 3),
+        "cache_mb": round(cache_bytes / 2**20, 3),
+        "cache_bytes": cache_bytes,
         "cache_mb_after_steps": round(final_cache_mb, 3),
         "cache_type": type(cache).__name__,
     }

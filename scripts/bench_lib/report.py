@@ -75,10 +75,13 @@ def _crossover(value) -> str:
 
 
 def _skipped_line(data: dict) -> list[str]:
-    skipped = [s for s in data.get("skipped", []) if s.get("name")]
-    if not skipped:
+    by_reason: dict[str, list[str]] = {}
+    for s in data.get("skipped", []):
+        if s.get("name"):
+            by_reason.setdefault(s["reason"], []).append(f"`{s['name']}`")
+    if not by_reason:
         return []
-    return ["Skipped in this mode: " + "; ".join(f"`{s['name']}` ({s['reason']})" for s in skipped) + ".", ""]
+    return ["Skipped in this mode: " + "; ".join(f"{', '.join(n)} ({r})" for r, n in by_reason.items()) + ".", ""]
 
 
 def scaling_tables(data: dict, labels: dict, absolute_levels: str = "last") -> list[str]:

@@ -177,13 +177,15 @@ def validate_file(data: dict, path: Path) -> None:
         raise ValueError(f"{path}: expected an object with a list `entries`.")
     names = set()
     for i, entry in enumerate(data["entries"]):
-        modality = entry.get("modality", "text")
+        image_only = "image" in entry and not any(level in entry for level in TEXT_LEVELS)
+        modality = entry.get("modality", "vision" if image_only else "text")
         if modality not in MODALITIES:
             raise ValueError(f"{path}: entry {i}: `modality` is {modality!r}; expected one of {MODALITIES}.")
         required = ("name", "label", "image") if modality == "vision" else ("name", "label", *TEXT_LEVELS)
         for key in required:
             if key not in entry:
-                raise ValueError(f"{path}: entry {i} has no `{key}`.")
+                hint = " (a vision-only entry declares an `image` level instead)" if key in TEXT_LEVELS else ""
+                raise ValueError(f"{path}: entry {i} has no `{key}`{hint}.")
         if entry["name"] in names:
             raise ValueError(f"{path}: duplicate entry name {entry['name']!r}.")
         names.add(entry["name"])
@@ -213,7 +215,7 @@ def discover(include_baselines: bool = True, names: list[str] | None = None) -> 
             entry.setdefault("modality", infer_modality(model_type, entry))
             entries.append(entry)
     if include_baselines:
-        entries.extend(copy.deepcopy(BASELINES))
+        entries.extend({"modality": "text", **copy.deepcopy(b)} for b in BASELINES)
     if names:
         wanted = set(names)
         entries = [e for e in entries if e["name"] in wanted or e["model_type"] in wanted]
