@@ -7,264 +7,311 @@
     hf-efficient generate out/gmlp-clm --prompt "def " --temperature 0.7
     hf-efficient publish out/gmlp-clm --repo-id you/gmlp-clm
 
+The options of each command are typed argument dataclasses parsed with `transformers.HfArgumentParser`, as in
+transformers' example scripts: every field is a flag, spelled `--field_name` or `--field-name` (no abbreviations;
+an unknown flag is an error naming the closest one). `train` takes `ModelArguments`, `TrainDataArguments` and
+`TrainArguments`, a `TrainingArguments` subclass, so every `TrainingArguments` field is a flag of its own.
+
 Every registered architecture (`hf_efficient.ARCHITECTURES`, each with its `AUTO_MAPPING` of heads) is available
 without changes here. Errors the user can fix print one line, `hf-efficient: error: ...`, and exit non-zero;
-`--debug` (or `HF_EFFICIENT_DEBUG=1`) shows the traceback instead.
+`--debug` (anywhere on the line, or `HF_EFFICIENT_DEBUG=1`) shows the traceback instead.
 """
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
 import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 from .tasks import TASKS, TaskError
 
 PROG = "hf-efficient"
+DEFAULT_PROMPT = "def "
 
 
 class UsageError(Exception):
-    """A command-line syntax error (argparse)."""
+    """A command-line syntax error."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
+def _option(help: str, **kwargs):
+    """A dataclass field that is a command-line option (`kwargs`: `default`, or argparse settings)."""
+    default = kwargs.pop("default", None)
+    return field(default=default, metadata={"help": help, **kwargs})
 
 
-def _add(group, name: str, **kwargs):
-    """`--name-with-dashes`, also accepted as `--name_with_underscores` (transformers' example-script spelling)."""
-    names = [f"--{name}"]
-    if "-" in name:
-        names.append(f"--{name.replace('-', '_')}")
-    group.add_argument(*names, **kwargs)
+# ---------------------------------------------------------------------------------------------- argument classes
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    model_name_or_path: str | None = _option(
+        "a registered architecture (with its config class defaults and the task's sizes for a new model), a preset "
+        "name or folder (model_cards/<preset>), a checkpoint folder, or a Hub id. Default: the task's "
+        "`default_model` (the main job's preset gmlp-main-job: a 0.7M-parameter gMLP; for image-cls a tiny vision "
+        "gMLP sized from the images)",
+        aliases=["--model"],
+    )
+    task: str | None = _option("default: the checkpoint's or preset's task, else clm", choices=sorted(TASKS))
+    config_overrides: str | None = _option(
+        "config fields to change, e.g. hidden_size=128,num_hidden_layers=4,tiny_attn_size=64", metavar="K=V,..."
+    )
+    trust_remote_code: bool = _option(
+        "allow model code shipped with a checkpoint of a type hf-efficient does not register", default=False
+    )
 
 
-def _add_data_arguments(parser, evaluate_only: bool = False):
-    group = parser.add_argument_group("data (default: the task's embedded data set, no download)")
-    _add(
-        group,
-        "dataset",
-        metavar="PATH",
-        help="a local datasets-loadable file or folder: json/jsonl/csv/tsv/txt/parquet files (train.* and "
+@dataclass
+class DataArguments:
+    _argument_group_name = "data (default: the task's embedded data set, no download)"
+
+    dataset: str | None = _option(
+        "a local datasets-loadable file or folder: json/jsonl/csv/tsv/txt/parquet files (train.* and "
         "validation.*/test.* give splits), a save_to_disk folder, or an imagefolder tree",
+        metavar="PATH",
     )
-    _add(group, "dataset-format", choices=["json", "csv", "text", "parquet", "imagefolder"], help="override the guess")
-    _add(group, "text-column", default="text", help="text column (clm, mlm, seq-cls; default: %(default)s)")
-    _add(group, "label-column", default="label", help="label column (seq-cls, image-cls; default: %(default)s)")
-    _add(group, "image-column", default="image", help="image column (image-cls; default: %(default)s)")
-    _add(group, "source-column", default="source", help="input column (seq2seq; default: %(default)s)")
-    _add(group, "target-column", default="target", help="output column (seq2seq; default: %(default)s)")
-    _add(
-        group,
-        "validation-split-percentage",
-        type=float,
-        default=5.0,
-        help="share of the training rows held out when the dataset has no validation split (default: %(default)s)",
+    dataset_format: str | None = _option(
+        "override the guess", choices=["json", "csv", "text", "parquet", "imagefolder"]
     )
-    _add(group, "block-size", type=int, help="tokens per example (default: min(256, the model's context))")
-    if not evaluate_only:
-        _add(
-            group,
-            "max-train-bytes",
-            type=int,
-            default=8_000_000,
-            help="bytes of the embedded training corpus to read (default: %(default)s)",
-        )
-    _add(
-        group,
-        "max-eval-bytes",
-        type=int,
-        default=65_536,
-        help="bytes of the embedded validation corpus (default: %(default)s)",
+    text_column: str = _option("text column (clm, mlm, seq-cls)", default="text")
+    label_column: str = _option("label column (seq-cls, image-cls)", default="label")
+    image_column: str = _option("image column (image-cls)", default="image")
+    source_column: str = _option("input column (seq2seq)", default="source")
+    target_column: str = _option("output column (seq2seq)", default="target")
+    validation_split_percentage: float = _option(
+        "share of the training rows held out when the dataset has no validation split", default=5.0
     )
-    if not evaluate_only:
-        _add(group, "max-train-samples", type=int, help="keep only the first N training examples")
-    _add(group, "max-eval-samples", type=int, help="keep only the first N validation examples")
-    if evaluate_only:
-        parser.set_defaults(max_train_bytes=None, max_train_samples=None)  # (the training split is not read)
-    _add(group, "mlm-probability", type=float, default=0.15, help="masked share of tokens (mlm; default: %(default)s)")
-    _add(group, "seed", type=int, default=42, help="seed of model init, data order and splits (default: %(default)s)")
+    block_size: int | None = _option("tokens per example (default: min(256, the model's context))")
+    max_eval_bytes: int = _option("bytes of the embedded validation corpus", default=65_536)
+    max_eval_samples: int | None = _option("keep only the first N validation examples")
+    mlm_probability: float = _option("masked share of tokens (mlm)", default=0.15)
 
 
-def _add_model_source_arguments(parser):
-    _add(
-        parser,
-        "trust-remote-code",
-        action="store_true",
-        help="allow model code shipped with a checkpoint of a type hf-efficient does not register",
-    )
+@dataclass
+class TrainDataArguments(DataArguments):
+    max_train_bytes: int = _option("bytes of the embedded training corpus to read", default=8_000_000)
+    max_train_samples: int | None = _option("keep only the first N training examples")
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog=PROG,
-        description="Train, evaluate, sample and publish hf-efficient models with the transformers Trainer.",
-        epilog="Run `hf-efficient <command> --help` for a command's options.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    commands.required = True
+@dataclass
+class TrainArguments(TrainingArguments):
+    """`TrainingArguments` with the command's defaults. The fields left `None` take the task's defaults
+    (`Task.training`); it is built once, when the task and the staging folder are known."""
 
-    listing = commands.add_parser(
-        "list", help="registered architectures, variants, heads, presets and tasks", allow_abbrev=False
-    )
-    listing.add_argument("--json", action="store_true", help="print JSON")
+    _argument_group_name = "training (TrainingArguments: every field is a flag)"
 
-    # ----------------------------------------------------------------------------------------------------- train
-    train = commands.add_parser(
-        "train",
-        help="pretrain or fine-tune a model on a task with the transformers Trainer",
-        description="Pretrain or fine-tune any registered architecture, preset or checkpoint with the transformers "
-        "Trainer, evaluate it, and save a Hub-ready folder (safetensors, config, tokenizer or image processor, "
-        "generation config, model card with the measured metrics, model code for trust_remote_code). The run "
-        "writes into <output-dir>.partial and renames it to <output-dir> only when complete. "
-        "With no options it is the main job: a 0.7M-parameter causal gMLP byte LM, 600 steps on the embedded corpus.",
-        epilog="Any other TrainingArguments field is accepted as --field_name VALUE (e.g. --optim adamw_torch, "
-        "--fsdp 'full_shard auto_wrap', --deepspeed ds.json, --torch_compile), as in transformers' example scripts. "
-        "Multi-process: `accelerate launch --multi_gpu --num_processes N -m hf_efficient train ...`.",
-        allow_abbrev=False,
-    )
-    model = train.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        "--model-name-or-path",
-        "--model_name_or_path",
-        help="a registered architecture (with its config class defaults), a preset name or folder "
-        "(model_cards/<preset>), a checkpoint folder, or a Hub id. Default: gmlp with hidden_size=128, "
-        "intermediate_size=768, num_hidden_layers=4, max_position_embeddings=128 (0.7M parameters, the main job's "
-        "model; for image-cls a tiny vision gMLP sized from the images)",
-    )
-    model.add_argument("--task", choices=sorted(TASKS), help="default: the checkpoint's or preset's task, else clm")
-    _add(
-        model,
-        "config-overrides",
-        metavar="K=V,...",
-        help="config fields to change, e.g. hidden_size=128,num_hidden_layers=4,tiny_attn_size=64",
-    )
-    _add_model_source_arguments(model)
-    _add_data_arguments(train)
-    run = train.add_argument_group("training (TrainingArguments)")
-    _add(run, "output-dir", help="the Hub-ready folder to write (default: out/<model>-<task>)")
-    _add(run, "overwrite-output-dir", action="store_true", help="replace an existing output folder")
-    _add(run, "max-steps", type=int, help="optimizer steps (default: 600 for clm/mlm, else 300; <= 0: epochs)")
-    _add(run, "num-train-epochs", type=float, default=3.0, help="epochs when --max-steps <= 0 (default: 3)")
-    _add(
-        run,
-        "max-train-minutes",
-        type=float,
-        help="stop training after this many minutes (then evaluate and save as usual; all_results.json records it)",
-    )
-    _add(run, "per-device-train-batch-size", type=int, help="default: 32 (16 for seq2seq)")
-    _add(run, "per-device-eval-batch-size", type=int, help="default: the training batch size")
-    _add(run, "gradient-accumulation-steps", type=int, default=1)
-    _add(
-        run, "learning-rate", type=float, help="peak learning rate (default: 3e-3 clm/mlm, 2e-3 image-cls, else 1e-3)"
-    )
-    _add(run, "weight-decay", type=float, default=0.0)
-    _add(run, "warmup-steps", type=float, default=0.1, help="steps, or a fraction of them if < 1 (default: 0.1)")
-    _add(run, "lr-scheduler-type", default="cosine", help="default: %(default)s")
-    _add(run, "logging-steps", type=float, default=25, help="default: %(default)s")
-    _add(run, "eval-strategy", choices=["no", "steps", "epoch"], default="no", help="the final evaluation always runs")
-    _add(run, "eval-steps", type=float)
-    _add(run, "save-strategy", choices=["no", "steps", "epoch", "best"], default="steps", help="default: %(default)s")
-    _add(run, "save-steps", type=float, default=500, help="checkpoint every N steps (default: %(default)s)")
-    _add(run, "save-total-limit", type=int, default=2, help="checkpoints kept (default: %(default)s)")
-    _add(run, "bf16", action="store_true", help="bfloat16 mixed precision")
-    _add(run, "fp16", action="store_true", help="float16 mixed precision (GPU)")
-    _add(run, "gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    _add(
-        run,
-        "resume-from-checkpoint",
+    output_dir: str | None = _option("the Hub-ready folder to write (default: out/<model>-<task>)")
+    overwrite_output_dir: bool = _option("replace an existing output folder", default=False)
+    max_steps: int | None = _option("optimizer steps (default: the task's; <= 0: epochs)")
+    per_device_train_batch_size: int | None = _option("default: the task's")
+    per_device_eval_batch_size: int | None = _option("default: the training batch size")
+    learning_rate: float | None = _option("peak learning rate (default: the task's)")
+    warmup_steps: float = _option("steps, or a fraction of them if < 1", default=0.1)
+    lr_scheduler_type: SchedulerType | str = _option("the learning-rate schedule", default="cosine")
+    logging_steps: float = _option("log every N steps", default=25)
+    eval_strategy: IntervalStrategy | str = _option("the final evaluation always runs", default="no")
+    save_strategy: SaveStrategy | str = _option("when to write checkpoints", default="steps")
+    save_total_limit: int | None = _option("checkpoints kept", default=2)
+    disable_tqdm: bool | None = _option("no progress bars", nargs="?", const=True)
+    resume_from_checkpoint: str | None = _option(
+        "resume an interrupted run: from its last checkpoint in <output-dir>.partial, or from CHECKPOINT",
         nargs="?",
         const="last",
         metavar="CHECKPOINT",
-        help="resume an interrupted run: from its last checkpoint in <output-dir>.partial, or from CHECKPOINT",
     )
-    _add(run, "report-to", default="none", help="trackers for the logs (default: %(default)s)")
-    _add(run, "disable-tqdm", action="store_true", default=None, help="no progress bars")
-    _add(run, "no-sample", action="store_true", help="clm: do not print a generated sample at the end")
+    use_cpu: bool | None = _option("train on the CPU (default: when no accelerator is found)", nargs="?", const=True)
+    max_train_minutes: float | None = _option(
+        "stop training after this many minutes (then evaluate and save as usual; all_results.json records it)"
+    )
+    no_sample: bool = _option("clm: do not print a generated sample at the end", default=False)
 
-    # -------------------------------------------------------------------------------------------------- evaluate
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="evaluate a saved checkpoint on a dataset",
-        description="Evaluate a checkpoint (folder or Hub id) on its task's validation data (the embedded default "
-        "or --dataset): loss, bits per byte / perplexity (text) or accuracy (classification). Prints JSON.",
-        allow_abbrev=False,
-    )
-    evaluate.add_argument("checkpoint", help="checkpoint folder or Hub id")
-    evaluate.add_argument("--task", choices=sorted(TASKS), help="default: from the checkpoint's head")
-    _add_model_source_arguments(evaluate)
-    _add_data_arguments(evaluate, evaluate_only=True)
-    _add(evaluate, "per-device-eval-batch-size", type=int, default=32)
-    _add(evaluate, "output-file", metavar="JSON", help="also write the metrics here")
-    _add(evaluate, "disable-tqdm", action="store_true", default=None, help="no progress bars")
 
-    # -------------------------------------------------------------------------------------------------- generate
-    generate = commands.add_parser(
-        "generate",
-        help="generate text from a causal checkpoint",
-        description="Sample text from a causal LM checkpoint. Options left out come from its generation_config.json.",
-        allow_abbrev=False,
+@dataclass
+class CheckpointArguments:
+    checkpoint: str = field(default=None, init=False, metadata={"positional": True, "help": "folder or Hub id"})
+    trust_remote_code: bool = _option(
+        ModelArguments.__dataclass_fields__["trust_remote_code"].metadata["help"], default=False
     )
-    generate.add_argument("checkpoint", help="checkpoint folder or Hub id")
-    _add(generate, "prompt", action="append", help="prompt text (repeat for a batch; default: 'def ')")
-    _add(generate, "max-new-tokens", type=int, help="tokens to add (capped by the model's context)")
-    sampling = generate.add_mutually_exclusive_group()
-    _add(sampling, "do-sample", action="store_true", default=None, help="sample")
-    sampling.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy / beam search decoding")
-    _add(generate, "temperature", type=float)
-    _add(generate, "top-k", type=int)
-    _add(generate, "top-p", type=float)
-    _add(generate, "num-beams", type=int)
-    _add(generate, "repetition-penalty", type=float)
-    _add(generate, "num-return-sequences", type=int)
-    _add(generate, "seed", type=int, default=0, help="default: %(default)s")
-    _add_model_source_arguments(generate)
 
-    # --------------------------------------------------------------------------------------------------- publish
-    publish = commands.add_parser(
-        "publish",
-        help="make a checkpoint folder Hub-ready and upload it",
-        description="Write safetensors weights, config (with auto_map), the model code, tokenizer or image "
-        "processor, generation config and a model card with YAML metadata and the measured metrics (evaluating "
-        "first if the folder has none); then, with --repo-id, create the repo and upload the folder. "
-        "If the upload fails, the folder stays complete.",
-        allow_abbrev=False,
+
+@dataclass
+class EvaluationArguments:
+    task: str | None = _option("default: from the checkpoint's head", choices=sorted(TASKS))
+    per_device_eval_batch_size: int = _option("evaluation batch size", default=32)
+    disable_tqdm: bool | None = _option("no progress bars", nargs="?", const=True)
+    seed: int = _option("seed of the held-out split of a dataset without one", default=42)
+
+
+@dataclass
+class EvaluateArguments(EvaluationArguments):
+    output_file: str | None = _option("also write the metrics here", metavar="JSON")
+
+
+@dataclass
+class PublishArguments(EvaluationArguments):
+    output_dir: str | None = _option("write the Hub-ready folder here instead of in place")
+    overwrite_output_dir: bool = _option("replace an existing --output-dir", default=False)
+    repo_id: str | None = _option("upload to this Hub model repo", metavar="OWNER/NAME")
+    private: bool = _option("create the repo private", default=False)
+    token: str | None = _option("Hub token (default: HF_TOKEN or the cached login)")
+    commit_message: str = _option("the Hub commit message", default="Upload hf-efficient model")
+    no_evaluate: bool = _option("do not evaluate a folder that has no metrics", default=False)
+
+
+@dataclass
+class GenerateArguments:
+    prompt: list[str] = field(
+        default_factory=list,
+        metadata={"help": f"prompt text (repeat for a batch; default: {DEFAULT_PROMPT!r})", "action": "extend"},
     )
-    publish.add_argument("checkpoint", help="checkpoint folder (or Hub id, with --output-dir)")
-    publish.add_argument("--task", choices=sorted(TASKS), help="default: from the checkpoint's head")
-    _add(publish, "output-dir", help="write the Hub-ready folder here instead of in place")
-    _add(publish, "overwrite-output-dir", action="store_true")
-    _add(publish, "repo-id", metavar="OWNER/NAME", help="upload to this Hub model repo")
-    publish.add_argument("--private", action="store_true", help="create the repo private")
-    publish.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
-    _add(publish, "commit-message", default="Upload hf-efficient model")
-    _add(publish, "no-evaluate", action="store_true", help="do not evaluate a folder that has no metrics")
-    _add(publish, "per-device-eval-batch-size", type=int, default=32)
-    _add(publish, "disable-tqdm", action="store_true", default=None, help="no progress bars")
-    _add_model_source_arguments(publish)
-    _add_data_arguments(publish, evaluate_only=True)
+    max_new_tokens: int | None = _option("tokens to add (capped by the model's context)")
+    do_sample: bool | None = _option("sample", nargs="?", const=True)
+    greedy: bool = _option("greedy / beam search decoding (not with --do-sample)", default=False)
+    temperature: float | None = _option("sampling temperature")
+    top_k: int | None = _option("sample from the k most likely tokens")
+    top_p: float | None = _option("nucleus sampling")
+    num_beams: int | None = _option("beam search")
+    repetition_penalty: float | None = _option("penalise repeated tokens")
+    num_return_sequences: int | None = _option("samples per prompt")
+    seed: int = _option("sampling seed", default=0)
+
+    def settings(self) -> dict:
+        """The `generate()` options given (None: from the checkpoint's generation config)."""
+        if self.greedy and self.do_sample:
+            raise UsageError("generate: --greedy and --do-sample exclude each other")
+        names = ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "repetition_penalty")
+        settings = {name: getattr(self, name) for name in (*names, "num_return_sequences")}
+        settings["do_sample"] = False if self.greedy else self.do_sample
+        return settings
+
+
+@dataclass
+class ListArguments:
+    json: bool = _option("print JSON", default=False)
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    description: str
+    arguments: tuple  # argument dataclasses, parsed in this order
+    epilog: str | None = None
+
+
+COMMANDS = {
+    "list": Command(
+        "registered architectures, variants, heads, presets and tasks",
+        "The registered architectures (hf_efficient.ARCHITECTURES) with their heads and tasks, the presets "
+        "(model_cards/<name>) and the tasks with their default data.",
+        (ListArguments,),
+    ),
+    "train": Command(
+        "pretrain or fine-tune a model on a task with the transformers Trainer",
+        "Pretrain or fine-tune any registered architecture, preset or checkpoint with the transformers Trainer, "
+        "evaluate it, and save a Hub-ready folder (safetensors, config, tokenizer or image processor, generation "
+        "config, model card with the measured metrics, model code for trust_remote_code). The run writes into "
+        "<output-dir>.partial and renames it to <output-dir> only when complete. With no options it is the main "
+        "job: the preset gmlp-main-job (a 0.7M-parameter causal gMLP byte LM), 600 steps on the embedded corpus.",
+        (ModelArguments, TrainDataArguments, TrainArguments),
+        epilog="Every other TrainingArguments field is a flag too: --field_name VALUE (e.g. --optim adamw_torch, "
+        "--fsdp 'full_shard auto_wrap', --deepspeed ds.json, --torch_compile), as in transformers' example scripts. "
+        "Multi-process: `accelerate launch --multi_gpu --num_processes N -m hf_efficient train ...`.",
+    ),
+    "evaluate": Command(
+        "evaluate a saved checkpoint on a dataset",
+        "Evaluate a checkpoint (folder or Hub id) on its task's validation data (the embedded default or "
+        "--dataset): loss, bits per byte / perplexity (text) or accuracy (classification). Prints JSON.",
+        (CheckpointArguments, DataArguments, EvaluateArguments),
+    ),
+    "generate": Command(
+        "generate text from a causal checkpoint",
+        "Sample text from a causal LM checkpoint. Options left out come from its generation_config.json.",
+        (CheckpointArguments, GenerateArguments),
+    ),
+    "publish": Command(
+        "make a checkpoint folder Hub-ready and upload it",
+        "Write safetensors weights, config (with auto_map), the model code, tokenizer or image processor, "
+        "generation config and a model card with YAML metadata and the measured metrics (evaluating first if the "
+        "folder has none); then, with --repo-id, create the repo and upload the folder. If the upload fails, the "
+        "folder stays complete.",
+        (CheckpointArguments, DataArguments, PublishArguments),
+    ),
+}
+
+
+# -------------------------------------------------------------------------------------------------------- parsing
+class CommandParser(HfArgumentParser):
+    """`HfArgumentParser` whose errors are `UsageError`s (one line), with positional fields
+    (`metadata={"positional": True}`, `init=False`) and no abbreviated flags."""
+
+    def __init__(self, dataclass_types=(), **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+        for dtype in self.dataclass_types:
+            for item in dataclasses.fields(dtype):
+                if item.metadata.get("positional"):
+                    self.add_argument(item.name, help=item.metadata.get("help"))
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def unknown(self, arguments: list[str]) -> UsageError:
+        """The error for arguments no option takes, naming the closest valid flag."""
+        flag = next((a.split("=", 1)[0] for a in arguments if a.startswith("-")), None)
+        close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1) if flag else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return UsageError(f"unrecognized arguments: {' '.join(arguments)}{hint} (see `{self.prog} --help`)")
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(
+        prog=PROG,
+        description="Train, evaluate, sample and publish hf-efficient models with the transformers Trainer.",
+        epilog="Run `hf-efficient <command> --help` for a command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser, required=True)
+    for name, command in COMMANDS.items():
+        commands.add_parser(
+            name,
+            dataclass_types=command.arguments,
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+        )
     return parser
 
 
-def training_arguments_from(extra: list[str]) -> dict:
-    """TrainingArguments fields given as extra `--field value` options (only those given)."""
-    from transformers import HfArgumentParser, TrainingArguments
-
-    class Parser(HfArgumentParser):
-        def error(self, message):
-            raise UsageError(f"train: {message} (see `hf-efficient train --help`)")
-
-    parser = Parser(TrainingArguments)
-    defaults = vars(parser.parse_args([]))
-    namespace, unknown = parser.parse_known_args(extra)
+def parse(argv: list[str]) -> tuple[str, list]:
+    """`argv` -> (command, one value per argument class of the command: a dataclass instance, or for
+    `TrainArguments` the dict of its parsed fields, built into `TrainArguments` by the run)."""
+    argv = [a for a in argv if a != "--debug"]  # --debug is read anywhere on the line (see `main`)
+    parser = build_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    command = COMMANDS[namespace.command]
     if unknown:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `hf-efficient train --help`)")
-    return {key: value for key, value in vars(namespace).items() if value != defaults[key]}
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        raise subparsers.choices[namespace.command].unknown(unknown)
+    values = vars(namespace)
+    parsed = []
+    for dtype in command.arguments:
+        fields = dataclasses.fields(dtype)
+        given = {f.name: values[f.name] for f in fields if f.init}
+        if issubclass(dtype, TrainingArguments):
+            parsed.append(given)  # TrainingArguments sets up the device when built: the run builds it once
+            continue
+        instance = dtype(**given)
+        for item in fields:
+            if item.metadata.get("positional"):
+                setattr(instance, item.name, values[item.name])
+        parsed.append(instance)
+    return namespace.command, parsed
 
 
+# -------------------------------------------------------------------------------------------------------- listing
 def print_listing(as_json: bool) -> None:
     from .training import registry
 
@@ -282,8 +329,7 @@ def print_listing(as_json: bool) -> None:
             print(f"    {entry['summary']}")
         variants = ", ".join(f"{name} ({json.dumps(cfg)})" for name, cfg in entry["variants"].items())
         print(f"    variants: {variants or 'set through config fields (--config-overrides), see the presets'}")
-        heads = ", ".join(f"{cls}" for cls in entry["heads"].values())
-        print(f"    heads: {heads}")
+        print(f"    heads: {', '.join(entry['heads'].values())}")
         print(f"    tasks: {', '.join(entry['tasks']) or 'none'}")
     print("Presets (model_cards/<name>/config.json; any such folder path also works):")
     if not info["presets"]:
@@ -294,35 +340,29 @@ def print_listing(as_json: bool) -> None:
     print("Tasks:")
     for name, entry in info["tasks"].items():
         print(
-            f"  {name}  [{entry['auto_class']}, pipeline {entry['pipeline']}]  default data: {entry['default_data']}"
+            f"  {name}  [{entry['auto_class']}, pipeline {entry['pipeline']}]  default model: "
+            f"{entry['default_model']}; default data: {entry['default_data']}"
         )
 
 
+# ----------------------------------------------------------------------------------------------------------- main
 def run(argv: list[str], callbacks=()) -> int:
     """Parse and run one command (errors propagate; `main` turns them into one line)."""
-    parser = build_parser()
-    options, extra = parser.parse_known_args(argv)
-    if extra and options.command != "train":
-        raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `hf-efficient {options.command} --help`)")
-    if options.command == "list":
-        print_listing(options.json)
+    command, arguments = parse(argv)
+    if command == "list":
+        print_listing(arguments[0].json)
         return 0
 
     from . import training
 
-    if options.command == "train":
-        extra_args = training_arguments_from(extra) if extra else {}
-        training.run_train(options, extra_args, callbacks=callbacks)
-    elif options.command == "evaluate":
-        training.run_evaluate(options)
-    elif options.command == "generate":
-        training.run_generate(options)
-    elif options.command == "publish":
-        training.run_publish(options)
+    if command == "train":
+        training.run_train(*arguments, callbacks=callbacks)
+    else:
+        getattr(training, f"run_{command}")(*arguments)
     return 0
 
 
-def _one_line(text: str) -> str:
+def _one_line(text) -> str:
     return " ".join(str(text).split()) or "unknown error"
 
 

@@ -17,6 +17,7 @@ from transformers import ByT5Tokenizer
 
 BYTE_OFFSET = 3  # ByT5: ids 0, 1, 2 are <pad>, </s>, <unk>; byte b is id b + 3
 FILE_SEPARATOR = b"\n\n"
+SEQ_CLS_MODULES = ("asyncio", "email", "tkinter", "unittest")
 
 
 def default_tokenizer() -> ByT5Tokenizer:
@@ -96,3 +97,73 @@ def stdlib_lm_dataset(
 def bits_per_byte(mean_loss_nats: float) -> float:
     """Mean cross-entropy per byte token (nats) -> bits per byte."""
     return mean_loss_nats / math.log(2)
+
+
+# ---------------------------------------------------------------- the embedded data of the other tasks
+def stdlib_classification_dataset(block_size: int = 128, max_blocks_per_class: int = 2000, validation_percent=20.0):
+    """The embedded `seq-cls` task: blocks of source bytes labelled with their standard-library package."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    root = stdlib_root()
+    rows = {"train": ([], []), "validation": ([], [])}
+    for label, package in enumerate(SEQ_CLS_MODULES):
+        per_split = {"train": [], "validation": []}
+        for path in stdlib_source_files(root / package):
+            relative = path.relative_to(root).as_posix()
+            per_split[split_of(relative, validation_percent)].append(path.read_bytes())
+        for split, chunks in per_split.items():
+            ids = bytes_to_ids(b"\n".join(chunks))
+            count = min(
+                len(ids) // block_size, max_blocks_per_class if split == "train" else max_blocks_per_class // 4
+            )
+            rows[split][0].extend(ids[: count * block_size].reshape(count, block_size))
+            rows[split][1].extend([label] * count)
+    features = Features(
+        {"input_ids": Sequence(Value("int64")), "label": ClassLabel(names=list(SEQ_CLS_MODULES))},
+    )
+    # Rows are grouped by class: shuffle once (fixed seed) so that any prefix (--max-*-samples) mixes the classes.
+    return {
+        split: Dataset.from_dict({"input_ids": np.stack(ids), "label": labels}, features=features)
+        .shuffle(seed=0)
+        .flatten_indices()
+        for split, (ids, labels) in rows.items()
+    }
+
+
+def digits_dataset(validation_percent: float = 20.0, seed: int = 0):
+    """scikit-learn's handwritten digits as 8 x 8 grey-scale PIL images (pixel 0..16 -> 0..255)."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    train_idx, val_idx = train_test_split(
+        np.arange(len(pixels)), test_size=validation_percent / 100, random_state=seed, stratify=digits.target
+    )
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def build(indices):
+        images = [Image.fromarray(pixels[i], mode="L") for i in indices]
+        return Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
+
+    return build(train_idx), build(val_idx)
+
+
+def stdlib_next_line_dataset(max_pairs: int = 20_000, max_length: int = 96):
+    """next line of Python standard-library source, given a line (embedded)
+
+    The embedded `seq2seq` task: (a line of standard-library source, the next non-empty line), at most
+    `max_length` characters each."""
+    from datasets import Dataset
+
+    out = {}
+    for split in ("train", "validation"):
+        text = stdlib_bytes(split, max_bytes=4_000_000 if split == "train" else 400_000)
+        lines = [line.strip() for line in text.decode("utf-8", errors="ignore").splitlines() if line.strip()]
+        pairs = [(a[:max_length], b[:max_length]) for a, b in zip(lines, lines[1:])]
+        pairs = pairs[: max_pairs if split == "train" else max_pairs // 10]
+        out[split] = Dataset.from_dict({"source": [a for a, _ in pairs], "target": [b for _, b in pairs]})
+    return out["train"], out["validation"]

@@ -35,9 +35,19 @@ def save_pretrained_with_code(model: PreTrainedModel, save_directory: str | os.P
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     model.config.auto_map = auto_map_for(model)
-    # Copy the code first, so a `push_to_hub=True` in kwargs uploads it together with the weights.
-    for source in sorted(architecture_folder(model).glob("*.py")):
-        if source.name != "__init__.py":
-            shutil.copy(source, save_directory / source.name)
+    copy_code(model, save_directory)  # first, so a `push_to_hub=True` in kwargs uploads it with the weights
     model.save_pretrained(save_directory, **kwargs)
     return save_directory
+
+
+def has_code(model: PreTrainedModel) -> bool:
+    """Whether the model is an hf-efficient architecture (whose source files a checkpoint can carry)."""
+    return type(model).__module__.startswith("hf_efficient.models.")
+
+
+def copy_code(model: PreTrainedModel, folder: str | os.PathLike) -> None:
+    """Copy the source files of the model's architecture folder (all but `__init__.py`) into `folder`. With
+    `model.config.auto_map = auto_map_for(model)` in the saved config, the folder loads with `trust_remote_code`."""
+    for source in sorted(architecture_folder(model).glob("*.py")):
+        if source.name != "__init__.py":
+            shutil.copy(source, Path(folder) / source.name)

@@ -1,5 +1,6 @@
-"""The tasks of the `hf-efficient` command: which Auto head a task trains, where its data comes from, how a batch
-is collated and which metrics it reports.
+"""The tasks of the `hf-efficient` command. A task is an object that owns everything specific to it: the Auto head
+it trains, its training defaults, the config a new model takes for it, where its data comes from, how a batch is
+collated and which metrics it reports. `TASKS` declares them; the command has no other per-task branches.
 
 Default data is embedded (no download):
 
@@ -11,7 +12,8 @@ Default data is embedded (no download):
   grey-scale images, 10 classes), 20% held out (stratified, fixed seed). Images are fed as RGB (grey replicated),
   as transformers' image pipelines load them.
 - `seq2seq`: *continue a line of Python*: source = a line of standard-library source (at most 96 bytes), target =
-  the next non-empty line. (For encoder-decoder checkpoints; no hf-efficient architecture has that head yet.)
+  the next non-empty line. (`Seq2SeqTask.embedded` names the function; any function returning `(train,
+  validation)` datasets with `source` and `target` columns can replace it.)
 
 Any local `datasets`-loadable path replaces the default: a file or folder of json / jsonl / csv / tsv / text /
 parquet files (`train.*`, `validation.*` / `test.*` give the splits), a folder saved with `save_to_disk`, or an
@@ -20,6 +22,7 @@ parquet files (`train.*`, `validation.*` / `test.*` give the splits), a folder s
 """
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,99 +41,19 @@ TEXT_SUFFIXES = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev", "test")
-SEQ_CLS_MODULES = ("asyncio", "email", "tkinter", "unittest")
 
 
 class TaskError(ValueError):
     """A problem with the user's input (model, task, data): the CLI prints its message as one line."""
 
 
-@dataclass(frozen=True)
-class Task:
-    name: str
-    auto_class: str  # transformers Auto class that builds the head
-    head_suffix: str  # suffix of the head class name, e.g. "ForCausalLM"
-    pipeline_tag: str
-    modality: str  # "text" or "image"
-    title: str
-    default_data: str
-    # Training defaults of the `train` command for this task (any of them can be overridden on the command line).
-    defaults: dict = field(default_factory=dict)
-
-
-TASKS = {
-    task.name: task
-    for task in (
-        Task(
-            "clm",
-            "AutoModelForCausalLM",
-            "ForCausalLM",
-            "text-generation",
-            "text",
-            "causal language modelling",
-            "Python standard-library source bytes (embedded)",
-            dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
-        ),
-        Task(
-            "mlm",
-            "AutoModelForMaskedLM",
-            "ForMaskedLM",
-            "fill-mask",
-            "text",
-            "masked language modelling",
-            "Python standard-library source bytes (embedded)",
-            dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
-        ),
-        Task(
-            "seq-cls",
-            "AutoModelForSequenceClassification",
-            "ForSequenceClassification",
-            "text-classification",
-            "text",
-            "sequence classification",
-            "which standard-library package (asyncio, email, tkinter, unittest) a 128-byte block comes from (embedded)",
-            dict(max_steps=300, per_device_train_batch_size=32, learning_rate=1e-3),
-        ),
-        Task(
-            "image-cls",
-            "AutoModelForImageClassification",
-            "ForImageClassification",
-            "image-classification",
-            "image",
-            "image classification",
-            "scikit-learn handwritten digits, 8x8 grey-scale (embedded)",
-            dict(max_steps=300, per_device_train_batch_size=32, learning_rate=2e-3),
-        ),
-        Task(
-            "seq2seq",
-            "AutoModelForSeq2SeqLM",
-            "ForConditionalGeneration",
-            "text2text-generation",
-            "text",
-            "sequence-to-sequence generation",
-            "continue a line of Python standard-library source (embedded)",
-            dict(max_steps=300, per_device_train_batch_size=16, learning_rate=1e-3),
-        ),
-    )
-}
-
-HEAD_SUFFIXES = {
-    "ForCausalLM": "clm",
-    "LMHeadModel": "clm",
-    "ForMaskedLM": "mlm",
-    "ForSequenceClassification": "seq-cls",
-    "ForImageClassification": "image-cls",
-    "ForConditionalGeneration": "seq2seq",
-    "ForSeq2SeqLM": "seq2seq",
-}
-
-
-def task_of_architecture(class_name: str) -> str | None:
-    """The task a saved head trains (`config.architectures[0]`), e.g. 'GMLPForCausalLM' -> 'clm'."""
-    for suffix, task in HEAD_SUFFIXES.items():
-        if class_name.endswith(suffix):
-            return task
-    return None
+def first_line(error: BaseException) -> str:
+    """The first line of the root cause of an error (library errors are long chains), at most 300 characters."""
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    text = str(root).strip() or type(root).__name__
+    return text.splitlines()[0][:300]
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -197,23 +120,7 @@ def loss_metrics(metrics: dict, prefix: str = "eval", byte_level: bool = True) -
     return extra
 
 
-# ------------------------------------------------------------------------------------------------------------- data
-@dataclass
-class TaskData:
-    """What a task needs from its data, ready for `Trainer`."""
-
-    train: object | None  # datasets.Dataset
-    validation: object
-    description: str
-    collator: Callable | None = None
-    compute_metrics: Callable | None = None
-    preprocess_logits_for_metrics: Callable | None = None
-    label_names: list[str] | None = None
-    byte_level: bool = False
-    # Values a new model's config takes from the data (image size, channels).
-    config_updates: dict = field(default_factory=dict)
-
-
+# ------------------------------------------------------------------------------------------------- local datasets
 def read_local_dataset(path: str, dataset_format: str | None, validation_percent: float, seed: int, image=False):
     """A local `datasets`-loadable path as `(train, validation)`; raises `TaskError` naming the problem."""
     import datasets
@@ -234,7 +141,7 @@ def read_local_dataset(path: str, dataset_format: str | None, validation_percent
     except TaskError:
         raise
     except Exception as error:  # datasets' errors are long chains: keep the first line of the root cause
-        raise TaskError(f"could not read dataset {path!r}: {_first_line(error)}") from error
+        raise TaskError(f"could not read dataset {path!r}: {first_line(error)}") from error
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict(train=loaded)
     train_name = "train" if "train" in loaded else next(iter(loaded))
@@ -283,167 +190,21 @@ def _all_suffix(data_files, suffix: str) -> bool:
     return bool(files) and all(f.lower().endswith(suffix) for f in files)
 
 
-def _first_line(error: BaseException) -> str:
-    root = error
-    while root.__cause__ is not None or root.__context__ is not None:
-        root = root.__cause__ or root.__context__
-    text = str(root).strip() or type(root).__name__
-    return text.splitlines()[0][:300]
-
-
-def _column(dataset, name: str, option: str, path: str):
-    if name not in dataset.column_names:
-        raise TaskError(
-            f"dataset {path!r} has no column {name!r} (columns: {', '.join(dataset.column_names)}); pass {option}"
-        )
+def _require_columns(splits, path: str, **columns: str) -> None:
+    """`columns`: option name (`text_column`) -> column name; every split must have each column."""
+    for split in splits:
+        for option, name in columns.items():
+            if name not in split.column_names:
+                raise TaskError(
+                    f"dataset {path!r} has no column {name!r} (columns: {', '.join(split.column_names)}); "
+                    f"pass --{option.replace('_', '-')}"
+                )
 
 
 def _limit(dataset, max_samples: int | None):
-    if max_samples is not None and max_samples < len(dataset):
+    if dataset is not None and max_samples is not None and max_samples < len(dataset):
         return dataset.select(range(max_samples))
     return dataset
-
-
-# -- text: causal and masked language modelling
-def is_byte_tokenizer(tokenizer) -> bool:
-    return type(tokenizer).__name__.startswith("ByT5Tokenizer")
-
-
-def language_modelling_data(task: str, options, tokenizer, block_size: int, need_train: bool = True) -> TaskData:
-    """Blocks of `block_size` tokens: the embedded byte corpus, or a local dataset's text column tokenised,
-    concatenated (with the tokenizer's eos between documents) and cut into blocks."""
-    from datasets import Dataset
-
-    if options.dataset is None:
-        if not is_byte_tokenizer(tokenizer):
-            raise TaskError("the embedded text corpus is byte-level: use a model with a byte (ByT5) tokenizer")
-
-        def corpus(split, max_bytes):
-            return byte_data.blocks_dataset(
-                byte_data.bytes_to_ids(byte_data.stdlib_bytes(split, max_bytes)), block_size
-            )
-
-        train = corpus("train", options.max_train_bytes) if need_train else None
-        validation = corpus("validation", options.max_eval_bytes)
-        description = f"{byte_data.__name__}: Python {_python_version()} standard-library source bytes"
-        byte_level = True
-    else:
-        train, validation = read_local_dataset(
-            options.dataset, options.dataset_format, options.validation_split_percentage, options.seed
-        )
-        _column(train, options.text_column, "--text-column", options.dataset)
-
-        def blocks(split):
-            ids = tokenizer(list(split[options.text_column]), add_special_tokens=False)["input_ids"]
-            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-            flat = np.fromiter((t for doc in ids for t in (*doc, *eos)), dtype=np.int64)
-            count = len(flat) // block_size
-            if count == 0:
-                raise TaskError(
-                    f"dataset {options.dataset!r} has {len(flat)} tokens in a split: fewer than one block of "
-                    f"{block_size} (pass a smaller --block-size)"
-                )
-            array = flat[: count * block_size].reshape(count, block_size)
-            return Dataset.from_dict({"input_ids": array, "labels": array.copy()})
-
-        train, validation = blocks(train), blocks(validation)
-        description = f"local dataset {options.dataset} (column {options.text_column!r})"
-        byte_level = is_byte_tokenizer(tokenizer)
-    train = _limit(train, options.max_train_samples) if train is not None else None
-    validation = _limit(validation, options.max_eval_samples)
-    if task == "clm":
-        return TaskData(train, validation, description, byte_level=byte_level)
-
-    from transformers import DataCollatorForLanguageModeling
-
-    if tokenizer.mask_token_id is None:
-        raise TaskError("masked language modelling needs a tokenizer with a mask token")
-    train = train.remove_columns("labels") if train is not None else None
-    validation = validation.remove_columns("labels")
-    return TaskData(
-        train,
-        validation,
-        description,
-        collator=DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=options.mlm_probability),
-        compute_metrics=masked_token_metrics,
-        preprocess_logits_for_metrics=argmax_logits,
-        byte_level=byte_level,
-    )
-
-
-def _python_version() -> str:
-    import sys
-
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-# -- text: sequence classification
-def stdlib_classification_dataset(block_size: int = 128, max_blocks_per_class: int = 2000, validation_percent=20.0):
-    """The embedded `seq-cls` task: blocks of source bytes labelled with their standard-library package."""
-    from datasets import ClassLabel, Dataset, Features, Sequence, Value
-
-    root = byte_data.stdlib_root()
-    rows = {"train": ([], []), "validation": ([], [])}
-    for label, package in enumerate(SEQ_CLS_MODULES):
-        per_split = {"train": [], "validation": []}
-        for path in byte_data.stdlib_source_files(root / package):
-            relative = path.relative_to(root).as_posix()
-            per_split[byte_data.split_of(relative, validation_percent)].append(path.read_bytes())
-        for split, chunks in per_split.items():
-            ids = byte_data.bytes_to_ids(b"\n".join(chunks))
-            count = min(
-                len(ids) // block_size, max_blocks_per_class if split == "train" else max_blocks_per_class // 4
-            )
-            rows[split][0].extend(ids[: count * block_size].reshape(count, block_size))
-            rows[split][1].extend([label] * count)
-    features = Features(
-        {"input_ids": Sequence(Value("int64")), "label": ClassLabel(names=list(SEQ_CLS_MODULES))},
-    )
-    # Rows are grouped by class: shuffle once (fixed seed) so that any prefix (--max-*-samples) mixes the classes.
-    return {
-        split: Dataset.from_dict({"input_ids": np.stack(ids), "label": labels}, features=features)
-        .shuffle(seed=0)
-        .flatten_indices()
-        for split, (ids, labels) in rows.items()
-    }
-
-
-def sequence_classification_data(options, tokenizer, block_size: int) -> TaskData:
-    from transformers import DataCollatorWithPadding
-
-    if options.dataset is None:
-        if not is_byte_tokenizer(tokenizer):
-            raise TaskError("the embedded classification task is byte-level: use a model with a byte tokenizer")
-        splits = stdlib_classification_dataset(min(block_size, 128))
-        train, validation = splits["train"], splits["validation"]
-        label_names = train.features["label"].names
-        description = "standard-library package of a 128-byte source block (embedded; asyncio/email/tkinter/unittest)"
-    else:
-        train, validation = read_local_dataset(
-            options.dataset, options.dataset_format, options.validation_split_percentage, options.seed
-        )
-        for split in (train, validation):
-            _column(split, options.text_column, "--text-column", options.dataset)
-            _column(split, options.label_column, "--label-column", options.dataset)
-        train, validation, label_names = _encode_labels(train, validation, options.label_column)
-
-        def tokenize(batch):
-            return tokenizer(batch[options.text_column], truncation=True, max_length=block_size)
-
-        keep = {"label"}
-        train = train.map(tokenize, batched=True, remove_columns=[c for c in train.column_names if c not in keep])
-        validation = validation.map(
-            tokenize, batched=True, remove_columns=[c for c in validation.column_names if c not in keep]
-        )
-        description = f"local dataset {options.dataset} (text {options.text_column!r}, label {options.label_column!r})"
-    return TaskData(
-        _limit(train, options.max_train_samples),
-        _limit(validation, options.max_eval_samples),
-        description,
-        collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=classification_metrics,
-        label_names=label_names,
-    )
 
 
 def _encode_labels(train, validation, column: str):
@@ -461,35 +222,12 @@ def _encode_labels(train, validation, column: str):
     names = sorted({str(v) for v in train["label"]} | {str(v) for v in validation["label"]})
     if len(names) < 2:
         raise TaskError(f"label column {column!r} has {len(names)} distinct value: a classifier needs at least 2")
-    index = {name: i for name, i in zip(names, range(len(names)))}
+    index = {name: i for i, name in enumerate(names)}
 
     def encode(batch):
         return {"label": [index[str(v)] for v in batch["label"]]}
 
     return train.map(encode, batched=True), validation.map(encode, batched=True), names
-
-
-# -- images
-def digits_dataset(validation_percent: float = 20.0, seed: int = 0):
-    """scikit-learn's handwritten digits as 8 x 8 grey-scale PIL images (pixel 0..16 -> 0..255)."""
-    from datasets import ClassLabel, Dataset, Features
-    from datasets import Image as ImageFeature
-    from PIL import Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    train_idx, val_idx = train_test_split(
-        np.arange(len(pixels)), test_size=validation_percent / 100, random_state=seed, stratify=digits.target
-    )
-    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-
-    def build(indices):
-        images = [Image.fromarray(pixels[i], mode="L") for i in indices]
-        return Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
-
-    return build(train_idx), build(val_idx)
 
 
 def image_processor_for(image_size: int, num_channels: int):
@@ -504,66 +242,369 @@ def image_processor_for(image_size: int, num_channels: int):
     )
 
 
-def image_classification_data(options, model_image: tuple[int, int] | None, processor=None) -> TaskData:
-    """`model_image` = the model's `(image_size, num_channels)`, or `None` for a new model sized from the data.
+def is_byte_tokenizer(tokenizer) -> bool:
+    return type(tokenizer).__name__.startswith("ByT5Tokenizer")
 
-    Images are converted to RGB (as transformers' image pipelines do), so a new model has 3 input channels even
-    for grey-scale data such as the digits, and `pipeline("image-classification")` works on it."""
-    from transformers import DefaultDataCollator
 
-    if options.dataset is None:
-        train, validation = digits_dataset(seed=0)
-        description = "scikit-learn handwritten digits (8x8 grey-scale, 10 classes; embedded)"
-        source = "the digits"
-    else:
-        train, validation = read_local_dataset(
-            options.dataset, options.dataset_format, options.validation_split_percentage, options.seed, image=True
-        )
-        for split in (train, validation):
-            _column(split, options.image_column, "--image-column", options.dataset)
-            _column(split, options.label_column, "--label-column", options.dataset)
-        if options.image_column != "image":
-            train, validation = (d.rename_column(options.image_column, "image") for d in (train, validation))
-        train, validation, _ = _encode_labels(train, validation, options.label_column)
-        description = f"local image dataset {options.dataset}"
-        source = f"dataset {options.dataset!r}"
-    train = _limit(train, options.max_train_samples)
-    validation = _limit(validation, options.max_eval_samples)
-    label_names = list(train.features["label"].names) if hasattr(train.features["label"], "names") else None
-    if label_names is None:
-        label_names = [str(i) for i in range(int(max(train["label"])) + 1)]
+# ------------------------------------------------------------------------------------------------------------ tasks
+@dataclass
+class TaskData:
+    """What a task needs from its data, ready for `Trainer`."""
 
-    size = _image_size(train, source)
-    for split in (train, validation):
-        _check_images(split, size, source)
-    updates, channels = {}, 3
-    if model_image is None:
-        updates = {"image_size": size, "num_channels": channels}
-    else:
-        channels = model_image[1]
-        if size != model_image[0]:
-            raise TaskError(
-                f"{source} has {size}x{size} images, but the model expects {model_image[0]}x{model_image[0]} "
-                "(its config's image_size)"
+    train: object | None  # datasets.Dataset (None when only evaluating)
+    validation: object
+    description: str
+    processing: object  # the tokenizer or image processor saved with the model
+    collator: Callable | None = None
+    compute_metrics: Callable | None = None
+    preprocess_logits_for_metrics: Callable | None = None
+    label_names: list[str] | None = None
+    byte_level: bool = False  # byte tokens: the loss gives bits per byte
+    config_updates: dict = field(default_factory=dict)  # what a new model's config takes from the data
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task of the command. Subclasses load the data; everything else is declared.
+
+    `training`: `TrainingArguments` defaults of `train` for this task (a flag given on the command line wins).
+    `new_model`: config values of a model built from an architecture name for this task, applied to the fields the
+    architecture's config has (e.g. a tiny vision model for the 8 x 8 digits), before `--config-overrides`.
+    `new_config`: config values every new model (architecture or preset, not a checkpoint) takes for this task,
+    where its config has the field (`causal` for language modelling)."""
+
+    name: str
+    auto_class: str  # transformers Auto class that builds the head
+    head_suffixes: tuple  # class-name suffixes of saved heads (`config.architectures`) that do this task
+    pipeline_tag: str
+    title: str
+    default_data: str | None = None  # what the embedded data is (`list`, model cards)
+    training: dict = field(default_factory=dict)
+    default_model: str = "gmlp-main-job"  # `--model` when none is given: the main job's preset
+    new_model: dict = field(default_factory=dict)
+    new_config: dict = field(default_factory=dict)
+    modality = "text"
+    remove_unused_columns = True  # Trainer drops the columns the model's forward does not take
+
+    def check_config(self, config: dict, name: str) -> None:
+        """A config (as a dict) the task cannot use is a one-line error."""
+        if config.get("vocab_size", 0) is None:
+            raise TaskError(f"model {name!r} has no token embeddings (vocab_size is None): it cannot do {self.name!r}")
+
+    def load_processing(self, folder: str | None, own: bool, config: dict | None = None):
+        """The tokenizer saved in `folder` (`own`: a checkpoint, which always has one), else the byte tokenizer."""
+        from transformers import AutoTokenizer
+
+        tokenizer = None
+        if folder is not None and (own or Path(folder, "tokenizer_config.json").exists()):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+            except Exception:
+                tokenizer = None
+        return tokenizer if tokenizer is not None else byte_data.default_tokenizer()
+
+    def load_data(self, args, processing, config: dict, train=True, seed=42, sized_by_data=False) -> TaskData:
+        """The task's data for a model whose config is `config` (a dict); `args`: the `DataArguments`;
+        `sized_by_data`: the model is new and may take sizes from the data (`TaskData.config_updates`)."""
+        tokenizer = processing
+        if config.get("max_position_embeddings"):
+            tokenizer.model_max_length = config["max_position_embeddings"]  # lets pipelines truncate to it
+        vocab = config.get("vocab_size")
+        if vocab is not None and len(tokenizer) > vocab:
+            raise TaskError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
+        block_size = context_length(config, args.block_size)
+        if args.dataset is None and not is_byte_tokenizer(tokenizer):
+            raise TaskError(f"the embedded {self.name} data is byte-level: use a model with a byte (ByT5) tokenizer")
+        return self.load_text(args, tokenizer, block_size, train, seed)
+
+    def load_text(self, args, tokenizer, block_size: int, train: bool, seed: int) -> TaskData:
+        raise NotImplementedError(f"task {self.name!r} does not load text data")
+
+    def metrics_from_loss(self, metrics: dict, data: TaskData) -> dict:
+        """Metrics computed from the mean evaluation loss (none for classification)."""
+        return {}
+
+
+def context_length(config: dict, requested: int | None, default: int = 256) -> int:
+    """Tokens per example: `--block-size`, at most the model's context (`max_position_embeddings`)."""
+    limit = config.get("max_position_embeddings")
+    if requested is not None:
+        if requested <= 0:
+            raise TaskError(f"--block-size must be positive, got {requested}")
+        if limit is not None and requested > limit:
+            raise TaskError(f"--block-size {requested} exceeds the model's context (max_position_embeddings={limit})")
+        return requested
+    return min(default, limit) if limit else default
+
+
+@dataclass(frozen=True)
+class LanguageModelling(Task):
+    """`clm` / `mlm`: blocks of `block_size` tokens: the embedded byte corpus, or a local dataset's text column
+    tokenised, concatenated (with the tokenizer's eos between documents) and cut into blocks."""
+
+    masked: bool = False
+
+    def load_processing(self, folder, own, config=None):
+        tokenizer = super().load_processing(folder, own)
+        if self.masked and tokenizer.mask_token is None and "<extra_id_0>" in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"mask_token": "<extra_id_0>"})
+        return tokenizer
+
+    def load_text(self, args, tokenizer, block_size, train, seed):
+        if args.dataset is None:
+
+            def corpus(split, max_bytes):
+                ids = byte_data.bytes_to_ids(byte_data.stdlib_bytes(split, max_bytes))
+                return byte_data.blocks_dataset(ids, block_size)
+
+            train_set = corpus("train", args.max_train_bytes) if train else None
+            validation = corpus("validation", args.max_eval_bytes)
+            description = f"{byte_data.__name__}: Python {_python_version()} standard-library source bytes"
+        else:
+            train_set, validation = read_local_dataset(
+                args.dataset, args.dataset_format, args.validation_split_percentage, seed
             )
-    processor = processor or image_processor_for(size, channels)
+            _require_columns([train_set], args.dataset, text_column=args.text_column)
+            train_set = _token_blocks(train_set, args, tokenizer, block_size) if train else None
+            validation = _token_blocks(validation, args, tokenizer, block_size)
+            description = f"local dataset {args.dataset} (column {args.text_column!r})"
+        data = TaskData(
+            _limit(train_set, getattr(args, "max_train_samples", None)),
+            _limit(validation, args.max_eval_samples),
+            description,
+            tokenizer,
+            byte_level=is_byte_tokenizer(tokenizer),
+        )
+        if not self.masked:
+            return data
 
-    def transform(batch):
-        out = processor([_as_mode(image, channels) for image in batch["image"]], return_tensors="pt")
-        out["labels"] = batch["label"]
-        return out
+        from transformers import DataCollatorForLanguageModeling
 
-    train.set_transform(transform)
-    validation.set_transform(transform)
-    return TaskData(
-        train,
-        validation,
-        description,
-        collator=DefaultDataCollator(),
-        compute_metrics=classification_metrics,
-        label_names=label_names,
-        config_updates=updates,
-    )
+        if tokenizer.mask_token_id is None:
+            raise TaskError("masked language modelling needs a tokenizer with a mask token")
+        data.train = data.train.remove_columns("labels") if data.train is not None else None
+        data.validation = data.validation.remove_columns("labels")
+        data.collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=args.mlm_probability)
+        data.compute_metrics = masked_token_metrics
+        data.preprocess_logits_for_metrics = argmax_logits
+        return data
+
+    def metrics_from_loss(self, metrics, data):
+        # Bits per byte only for clm: every byte is predicted there (mlm predicts the masked 15%).
+        return loss_metrics(metrics, "eval", data.byte_level and not self.masked)
+
+
+def _token_blocks(split, args, tokenizer, block_size: int):
+    from datasets import Dataset
+
+    ids = tokenizer(list(split[args.text_column]), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    flat = np.fromiter((t for doc in ids for t in (*doc, *eos)), dtype=np.int64)
+    count = len(flat) // block_size
+    if count == 0:
+        raise TaskError(
+            f"dataset {args.dataset!r} has {len(flat)} tokens in a split: fewer than one block of {block_size} "
+            "(pass a smaller --block-size)"
+        )
+    array = flat[: count * block_size].reshape(count, block_size)
+    return Dataset.from_dict({"input_ids": array, "labels": array.copy()})
+
+
+def _python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@dataclass(frozen=True)
+class SequenceClassification(Task):
+    def load_text(self, args, tokenizer, block_size, train, seed):
+        from transformers import DataCollatorWithPadding
+
+        if args.dataset is None:
+            splits = byte_data.stdlib_classification_dataset(min(block_size, 128))
+            train_set, validation = splits["train"], splits["validation"]
+            label_names = train_set.features["label"].names
+            description = (
+                "standard-library package of a 128-byte source block (embedded; asyncio/email/tkinter/unittest)"
+            )
+        else:
+            train_set, validation = read_local_dataset(
+                args.dataset, args.dataset_format, args.validation_split_percentage, seed
+            )
+            columns = dict(text_column=args.text_column, label_column=args.label_column)
+            _require_columns([train_set, validation], args.dataset, **columns)
+            train_set, validation, label_names = _encode_labels(train_set, validation, args.label_column)
+
+            def tokenize(split):
+                return split.map(
+                    lambda batch: tokenizer(batch[args.text_column], truncation=True, max_length=block_size),
+                    batched=True,
+                    remove_columns=[c for c in split.column_names if c != "label"],
+                )
+
+            train_set, validation = tokenize(train_set), tokenize(validation)
+            description = f"local dataset {args.dataset} (text {args.text_column!r}, label {args.label_column!r})"
+        return TaskData(
+            _limit(train_set, getattr(args, "max_train_samples", None)) if train else None,
+            _limit(validation, args.max_eval_samples),
+            description,
+            tokenizer,
+            collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=classification_metrics,
+            label_names=label_names,
+        )
+
+
+@dataclass(frozen=True)
+class Seq2SeqTask(Task):
+    """`seq2seq`: (source, target) text pairs. `embedded()` returns the default `(train, validation)` datasets with
+    `source` and `target` columns, and the first line of its docstring describes them: switching the default data
+    is changing `embedded=` in the `TASKS` declaration."""
+
+    embedded: Callable = byte_data.stdlib_next_line_dataset
+
+    def __post_init__(self):
+        if self.default_data is None:
+            object.__setattr__(self, "default_data", self.embedded.__doc__.strip().splitlines()[0])
+
+    def load_text(self, args, tokenizer, block_size, train, seed):
+        from transformers import DataCollatorForSeq2Seq
+
+        if args.dataset is None:
+            train_set, validation = self.embedded()
+            source, target = "source", "target"
+            description = self.default_data
+        else:
+            train_set, validation = read_local_dataset(
+                args.dataset, args.dataset_format, args.validation_split_percentage, seed
+            )
+            source, target = args.source_column, args.target_column
+            _require_columns([train_set, validation], args.dataset, source_column=source, target_column=target)
+            description = f"local dataset {args.dataset}"
+
+        def tokenize(split):
+            def encode(batch):
+                encoded = tokenizer(batch[source], truncation=True, max_length=block_size)
+                labels = tokenizer(text_target=batch[target], truncation=True, max_length=block_size)
+                encoded["labels"] = labels["input_ids"]
+                return encoded
+
+            return split.map(encode, batched=True, remove_columns=split.column_names)
+
+        train_set = tokenize(_limit(train_set, getattr(args, "max_train_samples", None))) if train else None
+        return TaskData(
+            train_set,
+            tokenize(_limit(validation, args.max_eval_samples)),
+            description,
+            tokenizer,
+            collator=DataCollatorForSeq2Seq(tokenizer),
+            byte_level=is_byte_tokenizer(tokenizer),
+        )
+
+    def metrics_from_loss(self, metrics, data):
+        return loss_metrics(metrics, "eval", data.byte_level)
+
+
+@dataclass(frozen=True)
+class ImageClassification(Task):
+    """Images converted to RGB (as transformers' image pipelines do), so a new model has 3 input channels even for
+    grey-scale data such as the digits, and `pipeline("image-classification")` works on it. A model built from an
+    architecture name takes its image size from the data, and a patch size giving at most `max_tokens` tokens."""
+
+    max_tokens: int = 256
+    modality = "image"
+    remove_unused_columns = False  # the transform yields pixel_values from the image column
+
+    def check_config(self, config, name):
+        if config.get("image_size") is None:
+            raise TaskError(f"model {name!r} is not a vision model (no image_size): it cannot do {self.name!r}")
+
+    def load_processing(self, folder, own, config=None):
+        """The image processor saved in `folder`, else one for the image size of `config` (None without one: a new
+        model sized from the data gets one in `load_data`)."""
+        from transformers import AutoImageProcessor
+
+        if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
+            try:
+                return AutoImageProcessor.from_pretrained(folder)
+            except Exception as error:
+                raise TaskError(f"cannot load the image processor of {folder!r}: {first_line(error)}") from error
+        if config and config.get("image_size"):
+            return image_processor_for(config["image_size"], config.get("num_channels", 3))
+        return None
+
+    def load_data(self, args, processing, config, train=True, seed=42, sized_by_data=False):
+        """`sized_by_data`: a new model whose image size, channels and patch size come from the data."""
+        from transformers import DefaultDataCollator
+
+        if args.dataset is None:
+            train_set, validation = byte_data.digits_dataset(seed=0)
+            description = "scikit-learn handwritten digits (8x8 grey-scale, 10 classes; embedded)"
+            source = "the digits"
+        else:
+            train_set, validation = read_local_dataset(
+                args.dataset, args.dataset_format, args.validation_split_percentage, seed, image=True
+            )
+            columns = dict(image_column=args.image_column, label_column=args.label_column)
+            _require_columns([train_set, validation], args.dataset, **columns)
+            if args.image_column != "image":
+                train_set, validation = (d.rename_column(args.image_column, "image") for d in (train_set, validation))
+            train_set, validation, _ = _encode_labels(train_set, validation, args.label_column)
+            description = f"local image dataset {args.dataset}"
+            source = f"dataset {args.dataset!r}"
+        train_set = _limit(train_set, getattr(args, "max_train_samples", None))
+        validation = _limit(validation, args.max_eval_samples)
+        label_feature = train_set.features["label"]
+        label_names = list(label_feature.names) if hasattr(label_feature, "names") else None
+        if label_names is None:
+            label_names = [str(i) for i in range(int(max(train_set["label"])) + 1)]
+
+        size = _image_size(train_set, source)
+        for split in (train_set, validation):
+            _check_images(split, size, source)
+        if sized_by_data:
+            channels = 3
+            updates = self.sized_config(config, size, channels)
+        else:
+            channels, updates = config.get("num_channels", 3), {}
+            if size != config["image_size"]:
+                raise TaskError(
+                    f"{source} has {size}x{size} images, but the model expects {config['image_size']}x"
+                    f"{config['image_size']} (its config's image_size)"
+                )
+        processor = processing or image_processor_for(size, channels)
+
+        def transform(batch):
+            out = processor([_as_mode(image, channels) for image in batch["image"]], return_tensors="pt")
+            out["labels"] = batch["label"]
+            return out
+
+        train_set.set_transform(transform)
+        validation.set_transform(transform)
+        return TaskData(
+            train_set if train else None,
+            validation,
+            description,
+            processor,
+            collator=DefaultDataCollator(),
+            compute_metrics=classification_metrics,
+            label_names=label_names,
+            config_updates=updates,
+        )
+
+    def sized_config(self, config: dict, size: int, channels: int) -> dict:
+        """Image size and channels from the data; where the config has them, the smallest patch size that gives
+        at most `max_tokens` tokens (unless set) and `max_position_embeddings` = the number of tokens."""
+        updates = {"image_size": size, "num_channels": channels}
+        tokens = size * size
+        if "patch_size" in config:
+            patch = config.get("patch_size") or next(
+                (p for p in range(2, size + 1) if size % p == 0 and (size // p) ** 2 <= self.max_tokens), size
+            )
+            updates["patch_size"] = patch
+            tokens = (size // patch) ** 2
+        if "max_position_embeddings" in config:
+            updates["max_position_embeddings"] = tokens
+        return updates
 
 
 def _as_mode(image, channels: int):
@@ -591,51 +632,80 @@ def _check_images(dataset, size: int, source: str, limit: int = 2000) -> None:
             )
 
 
-# -- sequence to sequence
-def stdlib_next_line_dataset(max_pairs: int = 20_000, max_length: int = 96):
-    """The embedded `seq2seq` task: (a line of standard-library source, the next non-empty line)."""
-    from datasets import Dataset
-
-    out = {}
-    for split in ("train", "validation"):
-        text = byte_data.stdlib_bytes(split, max_bytes=4_000_000 if split == "train" else 400_000)
-        lines = [line.strip() for line in text.decode("utf-8", errors="ignore").splitlines() if line.strip()]
-        pairs = [(a[:max_length], b[:max_length]) for a, b in zip(lines, lines[1:])]
-        pairs = pairs[: max_pairs if split == "train" else max_pairs // 10]
-        out[split] = Dataset.from_dict({"source": [a for a, _ in pairs], "target": [b for _, b in pairs]})
-    return out["train"], out["validation"]
-
-
-def seq2seq_data(options, tokenizer, max_length: int) -> TaskData:
-    from transformers import DataCollatorForSeq2Seq
-
-    if options.dataset is None:
-        train, validation = stdlib_next_line_dataset()
-        description = "next line of Python standard-library source (embedded)"
-    else:
-        train, validation = read_local_dataset(
-            options.dataset, options.dataset_format, options.validation_split_percentage, options.seed
-        )
-        for split in (train, validation):
-            _column(split, options.source_column, "--source-column", options.dataset)
-            _column(split, options.target_column, "--target-column", options.dataset)
-        description = f"local dataset {options.dataset}"
-
-    def tokenize(batch):
-        source = options.source_column if options.dataset else "source"
-        target = options.target_column if options.dataset else "target"
-        encoded = tokenizer(batch[source], truncation=True, max_length=max_length)
-        encoded["labels"] = tokenizer(text_target=batch[target], truncation=True, max_length=max_length)["input_ids"]
-        return encoded
-
-    train = _limit(train, options.max_train_samples)
-    validation = _limit(validation, options.max_eval_samples)
-    train = train.map(tokenize, batched=True, remove_columns=train.column_names)
-    validation = validation.map(tokenize, batched=True, remove_columns=validation.column_names)
-    return TaskData(
-        train,
-        validation,
-        description,
-        collator=DataCollatorForSeq2Seq(tokenizer),
-        byte_level=is_byte_tokenizer(tokenizer),
+# The tasks. Training defaults: optimizer steps, per-device batch size, peak learning rate.
+TASKS = {
+    task.name: task
+    for task in (
+        LanguageModelling(
+            "clm",
+            "AutoModelForCausalLM",
+            ("ForCausalLM", "LMHeadModel"),
+            "text-generation",
+            "causal language modelling",
+            "Python standard-library source bytes (embedded)",
+            training=dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
+            new_config={"causal": True},  # the causal head is causal anyway; the saved base model should match it
+        ),
+        LanguageModelling(
+            "mlm",
+            "AutoModelForMaskedLM",
+            ("ForMaskedLM",),
+            "fill-mask",
+            "masked language modelling",
+            "Python standard-library source bytes (embedded)",
+            training=dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
+            new_config={"causal": False},  # a masked token is predicted from both sides
+            masked=True,
+        ),
+        SequenceClassification(
+            "seq-cls",
+            "AutoModelForSequenceClassification",
+            ("ForSequenceClassification",),
+            "text-classification",
+            "sequence classification",
+            "which standard-library package (asyncio, email, tkinter, unittest) a 128-byte block comes from (embedded)",
+            training=dict(max_steps=300, per_device_train_batch_size=32, learning_rate=1e-3),
+        ),
+        ImageClassification(
+            "image-cls",
+            "AutoModelForImageClassification",
+            ("ForImageClassification",),
+            "image-classification",
+            "image classification",
+            "scikit-learn handwritten digits, 8x8 grey-scale (embedded)",
+            training=dict(max_steps=300, per_device_train_batch_size=32, learning_rate=2e-3),
+            default_model="gmlp",  # a new vision gMLP, sized from the images (below)
+            # A tiny vision model for the 8 x 8 digits (no token embeddings); sizes the config does not have are
+            # skipped, so one declaration serves every architecture.
+            new_model=dict(
+                patch_size=None,  # chosen from the image size (`ImageClassification.sized_config`)
+                hidden_size=64,
+                intermediate_size=256,
+                num_hidden_layers=4,
+                token_mixing_dim=32,
+                channel_mixing_dim=256,
+                vocab_size=None,
+            ),
+        ),
+        Seq2SeqTask(
+            "seq2seq",
+            "AutoModelForSeq2SeqLM",
+            ("ForConditionalGeneration", "ForSeq2SeqLM"),
+            "text2text-generation",
+            "sequence-to-sequence generation",
+            training=dict(max_steps=300, per_device_train_batch_size=16, learning_rate=1e-3),
+            new_config={"is_encoder_decoder": True},  # an architecture with both forms builds the encoder-decoder
+            embedded=byte_data.stdlib_next_line_dataset,  # the default data: a function returning (train, validation)
+        ),
     )
+}
+
+
+def task_of_architecture(class_name: str) -> str | None:
+    """The task a saved head trains (`config.architectures[0]`), e.g. 'GMLPForCausalLM' -> 'clm'."""
+    return next((t.name for t in TASKS.values() if class_name.endswith(t.head_suffixes)), None)
+
+
+def task_of_auto(auto_name: str) -> str | None:
+    """The task of an Auto class (a key of an architecture's `AUTO_MAPPING`), e.g. 'AutoModelForMaskedLM' -> 'mlm'."""
+    return next((t.name for t in TASKS.values() if t.auto_class == auto_name), None)

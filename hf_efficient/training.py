@@ -1,11 +1,15 @@
-"""What the `hf-efficient` command does: resolve a model (architecture, preset or checkpoint), build a task's data,
-train / evaluate with the real `Trainer`, write a Hub-ready folder, generate, publish.
+"""What the `hf-efficient` command does, as one pipeline per command:
 
-Each `run_*` function takes the parsed command-line options (an `argparse.Namespace`) and raises `TaskError` for
-anything the user can fix; `hf_efficient.cli` turns that into a one-line message.
+    train:    resolve the model (architecture, preset or checkpoint) -> the task -> TrainArguments -> the task's data
+              -> the config (built once) -> the model -> Trainer -> a Hub-ready folder (staged in <out>.partial)
+    evaluate: load a checkpoint -> the task's validation data -> Trainer.evaluate
+    generate: load a causal checkpoint -> generate()
+    publish:  load a checkpoint -> (evaluate) -> a Hub-ready folder -> upload
+
+The `run_*` functions take the argument dataclasses of `hf_efficient.cli` and raise `TaskError` for anything the
+user can fix; the CLI turns that into a one-line message. Everything task-specific is in `hf_efficient.tasks`.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -21,11 +25,12 @@ from pathlib import Path
 import hf_efficient
 
 from . import model_card
-from .data import default_tokenizer
-from .hub import architecture_folder, auto_map_for
-from .tasks import TASKS, TaskData, TaskError, task_of_architecture
+from .cli import DEFAULT_PROMPT, TrainArguments
+from .hub import auto_map_for, copy_code, has_code
+from .tasks import TASKS, Task, TaskData, TaskError, first_line, task_of_architecture, task_of_auto
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -33,25 +38,14 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 STAGING_SUFFIX = ".partial"
-# A new vision model built from an architecture name is tiny: the default images (digits) are 8 x 8.
-IMAGE_MODEL_DEFAULTS = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4}
-MAX_IMAGE_TOKENS = 256
-DEFAULT_PROMPT = "def "
-# `train` without --model: a small gMLP that trains in minutes on 2 CPU cores (the main job's model, 0.7M parameters).
-DEFAULT_MODEL = "gmlp"
-DEFAULT_MODEL_OVERRIDES = {
-    "hidden_size": 128,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "max_position_embeddings": 128,
-}
 
 
 # ----------------------------------------------------------------------------------------------- model resolution
 def preset_folders() -> dict[str, Path]:
-    """Presets: `model_cards/<name>/config.json` beside the package (a source checkout) and in the current folder."""
+    """Presets: `model_cards/<name>/config.json` shipped in the package (an installed wheel), beside the package
+    (a source checkout or editable install) and in the current folder; the first of a name wins."""
     presets = {}
-    for root in (REPO_ROOT / "model_cards", Path.cwd() / "model_cards"):
+    for root in (PACKAGE_ROOT / "model_cards", REPO_ROOT / "model_cards", Path.cwd() / "model_cards"):
         if root.is_dir():
             for config in sorted(root.glob("*/config.json")):
                 presets.setdefault(config.parent.name, config.parent)
@@ -94,7 +88,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSource:
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         except Exception as error:
-            raise TaskError(f"cannot load model {name!r} from the Hub or its cache: {_short(error)}") from error
+            raise TaskError(f"cannot load model {name!r} from the Hub or its cache: {first_line(error)}") from error
         return ModelSource(
             "checkpoint", name, name, config.model_type, config, _task_of_config(config, None), trust_remote_code
         )
@@ -110,7 +104,7 @@ def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> Mo
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:
-        raise TaskError(f"cannot load the config of {name!r}: {_short(error)}") from error
+        raise TaskError(f"cannot load the config of {name!r}: {first_line(error)}") from error
     card = Path(path) / "card.json"
     card_task = None
     if card.is_file():
@@ -119,23 +113,36 @@ def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> Mo
         except json.JSONDecodeError:
             card_task = None
     display = Path(path).resolve().name if kind == "checkpoint" else name
-    task = _task_of_config(config, card_task)
-    return ModelSource(kind, display, path, config.model_type, config, task, trust_remote_code)
+    return ModelSource(
+        kind, display, path, config.model_type, config, _task_of_config(config, card_task), trust_remote_code
+    )
 
 
 def _task_of_config(config, card_task: str | None) -> str | None:
     if card_task in TASKS:
         return card_task
-    for architecture in getattr(config, "architectures", None) or []:
-        task = task_of_architecture(architecture)
-        if task:
-            return task
-    return None
+    return next(filter(None, map(task_of_architecture, getattr(config, "architectures", None) or [])), None)
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+def check_task_head(source: ModelSource, task: Task) -> None:
+    """The model must have a head for the task (a one-line error listing the tasks it has otherwise)."""
+    import transformers
+
+    if source.model_type in hf_efficient.ARCHITECTURES:
+        mapping = hf_efficient.get_architecture(source.model_type).AUTO_MAPPING
+        if task.auto_class not in mapping:
+            tasks = ", ".join(sorted(filter(None, map(task_of_auto, mapping)))) or "none"
+            raise TaskError(
+                f"architecture {source.model_type!r} has no head for task {task.name!r} ({task.auto_class}); "
+                f"its tasks: {tasks}"
+            )
+    elif source.config is not None:
+        auto = getattr(transformers, task.auto_class)
+        remote = task.auto_class in (getattr(source.config, "auto_map", None) or {})
+        if not remote and type(source.config) not in auto._model_mapping:
+            raise TaskError(f"model {source.name!r} ({source.model_type}) has no head for task {task.name!r}")
+    if source.config is not None:
+        task.check_config(source.config.to_dict(), source.name)
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -155,70 +162,36 @@ def parse_overrides(text: str | None) -> dict:
     return overrides
 
 
-def check_task_head(source: ModelSource, task: str) -> None:
-    """The model must have a head for the task (a one-line error listing the heads it has otherwise)."""
-    import transformers
-
-    spec = TASKS[task]
-    if source.model_type in hf_efficient.ARCHITECTURES:
-        mapping = hf_efficient.get_architecture(source.model_type).AUTO_MAPPING
-        if spec.auto_class not in mapping:
-            heads = ", ".join(sorted(t for t in (_task_of_auto(a) for a in mapping) if t)) or "none"
-            raise TaskError(
-                f"architecture {source.model_type!r} has no head for task {task!r} ({spec.auto_class}); "
-                f"its tasks: {heads}"
-            )
-    elif source.config is not None:
-        auto = getattr(transformers, spec.auto_class)
-        remote = spec.auto_class in (getattr(source.config, "auto_map", None) or {})
-        if not remote and type(source.config) not in auto._model_mapping:
-            raise TaskError(f"model {source.name!r} ({source.model_type}) has no head for task {task!r}")
-    config = source.config
-    if config is not None and spec.modality == "text" and getattr(config, "vocab_size", 0) is None:
-        raise TaskError(f"model {source.name!r} has no token embeddings (vocab_size is None): it cannot do {task!r}")
-    if config is not None and spec.modality == "image" and getattr(config, "image_size", None) is None:
-        raise TaskError(f"model {source.name!r} is not a vision model (no image_size): it cannot do {task!r}")
-
-
-def _task_of_auto(auto_name: str) -> str | None:
-    return next((t.name for t in TASKS.values() if t.auto_class == auto_name), None)
-
-
-def build_config(source: ModelSource, task: str, overrides: dict, data: TaskData | None):
-    """The config of the model to train: the source's config (or the architecture's defaults) + the task's needs
-    (labels, image size from the data) + the user's overrides, validated by the config class."""
+def config_values(source: ModelSource, task: Task, overrides: dict) -> tuple[type, dict]:
+    """(config class, config values) of a new model before its data: the source's config, or the architecture's
+    defaults with the task's `new_model` sizes; the task's `new_config` (not for a checkpoint). Overrides come last,
+    in `build_config`; unknown override fields are an error here."""
     from transformers import PreTrainedConfig
 
     if source.config is not None:
-        config_class = type(source.config)
-        base = source.config.to_dict()
+        config_class, base = type(source.config), source.config.to_dict()
     else:
         config_class = hf_efficient.get_config_class(source.model_type)
         base = config_class().to_dict()
-    known = set(base) | set(PreTrainedConfig().to_dict())
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted(set(overrides) - set(base) - set(PreTrainedConfig().to_dict()))
     if unknown:
         raise TaskError(
             f"unknown config field(s) {', '.join(unknown)} for {source.model_type!r}; fields: {', '.join(sorted(base))}"
         )
     values = dict(base)
-    if source.kind != "checkpoint" and task == "clm" and "causal" in base:
-        values["causal"] = True  # the causal head is causal anyway; the saved base model should match it
-    if source.kind == "architecture" and TASKS[task].modality == "image":
-        values.update({k: v for k, v in IMAGE_MODEL_DEFAULTS.items() if k in base})
-        if "vocab_size" in base:
-            values["vocab_size"] = None  # no token embeddings in a vision model
-    if data is not None and data.config_updates:
-        size = data.config_updates["image_size"]
-        values.update(data.config_updates)
-        patch = overrides.get("patch_size") or next(
-            (p for p in range(2, size + 1) if size % p == 0 and (size // p) ** 2 <= MAX_IMAGE_TOKENS), size
-        )
-        values["patch_size"] = patch
-        if "max_position_embeddings" in base:
-            values["max_position_embeddings"] = (size // patch) ** 2
-    if data is not None and data.label_names is not None:
-        values["id2label"] = {i: name for i, name in enumerate(data.label_names)}
+    if source.kind == "architecture":
+        values.update({k: v for k, v in task.new_model.items() if k in base})
+    if source.kind != "checkpoint":
+        values.update({k: v for k, v in task.new_config.items() if k in base})
+    return config_class, values
+
+
+def build_config(config_class: type, values: dict, data: TaskData, overrides: dict):
+    """The config, built once: `values` + what the data sets (image size, labels) + the user's overrides, validated
+    by the config class."""
+    values = {**values, **data.config_updates}
+    if data.label_names is not None:
+        values["id2label"] = dict(enumerate(data.label_names))
         values["label2id"] = {name: i for i, name in enumerate(data.label_names)}
         values.pop("num_labels", None)
     values.update(overrides)
@@ -226,97 +199,25 @@ def build_config(source: ModelSource, task: str, overrides: dict, data: TaskData
     try:
         return config_class.from_dict(values)
     except (ValueError, TypeError) as error:
-        raise TaskError(_short(error)) from error
+        raise TaskError(first_line(error)) from error
 
 
-def load_tokenizer(source: ModelSource, task: str):
-    """The source's own tokenizer when it has one, else the byte tokenizer (with `<extra_id_0>` as mask for MLM)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = None
-    if source.path is not None and (
-        source.kind == "checkpoint" or Path(source.path, "tokenizer_config.json").exists()
-    ):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
-        except Exception:
-            tokenizer = None
-    if tokenizer is None:
-        tokenizer = default_tokenizer()
-    if task == "mlm" and tokenizer.mask_token is None and "<extra_id_0>" in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"mask_token": "<extra_id_0>"})
-    return tokenizer
-
-
-def load_image_processor(source: ModelSource):
-    from transformers import AutoImageProcessor
-
-    if source.path is not None and (Path(source.path) / "preprocessor_config.json").is_file():
-        try:
-            return AutoImageProcessor.from_pretrained(source.path)
-        except Exception as error:
-            raise TaskError(f"cannot load the image processor of {source.name!r}: {_short(error)}") from error
-    return None
-
-
-def context_length(config, requested: int | None, default: int = 256) -> int:
-    limit = getattr(config, "max_position_embeddings", None)
-    if requested is not None:
-        if requested <= 0:
-            raise TaskError(f"--block-size must be positive, got {requested}")
-        if limit is not None and requested > limit:
-            raise TaskError(f"--block-size {requested} exceeds the model's context (max_position_embeddings={limit})")
-        return requested
-    return min(default, limit) if limit else default
-
-
-def load_task_data(task: str, options, source: ModelSource, config, train: bool = True) -> tuple[TaskData, object]:
-    """The task's data and its processing class (tokenizer or image processor)."""
-    from . import tasks
-
-    spec = TASKS[task]
-    if spec.modality == "image":
-        processor = load_image_processor(source)
-        model_image = None
-        if config is not None:
-            model_image = (config.image_size, getattr(config, "num_channels", 3))
-        data = tasks.image_classification_data(options, model_image, processor)
-        if processor is None:
-            size = model_image or (data.config_updates["image_size"], data.config_updates["num_channels"])
-            processor = tasks.image_processor_for(*size)
-        return data, processor
-    tokenizer = load_tokenizer(source, task)
-    if getattr(config, "max_position_embeddings", None):
-        tokenizer.model_max_length = config.max_position_embeddings  # lets pipelines truncate to the context
-    vocab = getattr(config, "vocab_size", None) if config is not None else None
-    if vocab is not None and len(tokenizer) > vocab:
-        raise TaskError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}")
-    block_size = context_length(config, options.block_size)
-    if task in ("clm", "mlm"):
-        data = tasks.language_modelling_data(task, options, tokenizer, block_size, need_train=train)
-    elif task == "seq-cls":
-        data = tasks.sequence_classification_data(options, tokenizer, block_size)
-    else:
-        data = tasks.seq2seq_data(options, tokenizer, block_size)
-    return data, tokenizer
-
-
-def create_model(task: str, source: ModelSource, config, data: TaskData | None):
-    """A new model from `config` (architecture, preset) or the checkpoint's weights (a new head where needed)."""
+def create_model(task: Task, source: ModelSource, config, new_head: bool = False):
+    """A new model from `config` (architecture, preset) or the checkpoint's weights (`new_head`: a new classifier)."""
     import transformers
 
-    auto = getattr(transformers, TASKS[task].auto_class)
+    auto = getattr(transformers, task.auto_class)
     try:
         if source.kind == "checkpoint":
             # hf-efficient's own classes are registered: remote code is only for other model types.
             remote = source.trust_remote_code and source.model_type not in hf_efficient.ARCHITECTURES
             kwargs = {"config": config, "trust_remote_code": remote}
-            if data is not None and data.label_names is not None:
+            if new_head:
                 kwargs["ignore_mismatched_sizes"] = True
             return auto.from_pretrained(source.path, **kwargs)
         return auto.from_config(config)
     except (ValueError, TypeError, KeyError, OSError) as error:
-        raise TaskError(f"cannot build a {TASKS[task].auto_class} from {source.name!r}: {_short(error)}") from error
+        raise TaskError(f"cannot build a {task.auto_class} from {source.name!r}: {first_line(error)}") from error
 
 
 def default_generation_config(model, tokenizer):
@@ -335,68 +236,33 @@ def default_generation_config(model, tokenizer):
     )
 
 
-# ------------------------------------------------------------------------------------------------ output folders
-def attach_code(model, folder: Path) -> None:
-    """Make a saved hf-efficient model load with `trust_remote_code=True`: its source files and an `auto_map`
-    (what `hf_efficient.save_pretrained_with_code` adds, for a folder already written by `Trainer.save_model`)."""
-    if not type(model).__module__.startswith("hf_efficient."):
-        return  # a transformers-native model: nothing to add
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = auto_map_for(model)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    model.config.auto_map = config["auto_map"]
-    for source in sorted(architecture_folder(model).glob("*.py")):
-        if source.name != "__init__.py":
-            shutil.copy(source, folder / source.name)
-
-
+# ------------------------------------------------------------------------------------------------ run environment
 def staging_folder(output_dir: Path) -> Path:
     return output_dir.with_name(output_dir.name + STAGING_SUFFIX)
 
 
-def prepare_output(options) -> tuple[Path, Path, str | bool | None]:
+def prepare_output(output_dir: str, overwrite: bool, resume: str | None) -> tuple[Path, Path, str | None]:
     """Check the output folder and its staging folder (`<out>.partial`, where a run writes until it is complete);
-    returns (final, staging, resume_from_checkpoint)."""
+    returns (final, staging, the checkpoint to resume from)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    final = Path(options.output_dir).expanduser().resolve()
+    final = Path(output_dir).expanduser().resolve()
     staging = staging_folder(final)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not options.overwrite_output_dir:
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
         raise TaskError(f"output folder {str(final)!r} already exists; pass --overwrite-output-dir or another one")
-    resume = options.resume_from_checkpoint
     if resume == "last":
-        last = get_last_checkpoint(str(staging)) if staging.is_dir() else None
-        if last is None:
+        resume = get_last_checkpoint(str(staging)) if staging.is_dir() else None
+        if resume is None:
             raise TaskError(f"--resume-from-checkpoint: no checkpoint-* folder in {str(staging)!r} to resume from")
-        resume = last
     elif resume is not None:
         if not (Path(resume) / "trainer_state.json").is_file():
             raise TaskError(f"--resume-from-checkpoint {resume!r} is not a Trainer checkpoint folder")
-    elif staging.exists() and any(staging.iterdir()) and not options.overwrite_output_dir:
+    elif staging.exists() and any(staging.iterdir()) and not overwrite:
         raise TaskError(
             f"{str(staging)!r} holds an unfinished run: pass --resume-from-checkpoint to continue it "
             "or --overwrite-output-dir to start over"
         )
     return final, staging, resume
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
-
-
-def command_line() -> str:
-    return shlex.join(["hf-efficient", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "hf-efficient"
-
-
-def versions() -> str:
-    import torch
-    import transformers
-
-    return (
-        f"hf-efficient {hf_efficient.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
 
 
 def accelerator_available() -> bool:
@@ -406,48 +272,22 @@ def accelerator_available() -> bool:
     return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
-def training_arguments(options, extra: dict, output_dir: Path, task: str):
-    """`TrainingArguments` from the explicit flags, the task defaults and any other `--<field> value` given."""
-    from transformers import TrainingArguments
-
-    defaults = TASKS[task].defaults
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    values = dict(extra)
-    values.update(
-        output_dir=str(output_dir),
-        max_steps=options.max_steps if options.max_steps is not None else defaults["max_steps"],
-        num_train_epochs=options.num_train_epochs,
-        per_device_train_batch_size=options.per_device_train_batch_size or defaults["per_device_train_batch_size"],
-        per_device_eval_batch_size=options.per_device_eval_batch_size
-        or options.per_device_train_batch_size
-        or defaults["per_device_train_batch_size"],
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        learning_rate=options.learning_rate if options.learning_rate is not None else defaults["learning_rate"],
-        weight_decay=options.weight_decay,
-        warmup_steps=options.warmup_steps,
-        lr_scheduler_type=options.lr_scheduler_type,
-        logging_steps=options.logging_steps,
-        eval_strategy=options.eval_strategy,
-        eval_steps=options.eval_steps,
-        save_strategy=options.save_strategy,
-        save_steps=options.save_steps,
-        save_total_limit=options.save_total_limit,
-        seed=options.seed,
-        bf16=options.bf16,
-        fp16=options.fp16,
-        report_to=options.report_to,
-        disable_tqdm=options.disable_tqdm,
-        remove_unused_columns=TASKS[task].modality != "image",
-    )
-    if options.gradient_checkpointing:
-        values["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
-    if "use_cpu" not in extra and not accelerator_available():
+def training_arguments(values: dict, task: Task, staging: Path, resume: str | None) -> TrainArguments:
+    """`TrainArguments` from the parsed flags, the task's defaults for those not given, and the staging folder."""
+    values = dict(values, output_dir=str(staging), resume_from_checkpoint=resume)
+    values.update({k: v for k, v in task.training.items() if values.get(k) is None})
+    if values["per_device_eval_batch_size"] is None:
+        values["per_device_eval_batch_size"] = values["per_device_train_batch_size"]
+    values["remove_unused_columns"] = task.remove_unused_columns
+    if values.pop("gradient_checkpointing"):  # (its current name; the old one warns)
+        values["activation_checkpointing"] = True
+    if values["use_cpu"] is None:
         # Without it, `accelerate launch` on a CPU-only machine starts N processes that each train alone.
-        values["use_cpu"] = True
+        values["use_cpu"] = not accelerator_available()
     try:
-        return TrainingArguments(**values)
+        return TrainArguments(**values)
     except (ValueError, TypeError) as error:
-        raise TaskError(f"invalid training arguments: {_short(error)}") from error
+        raise TaskError(f"invalid training arguments: {first_line(error)}") from error
 
 
 class TimeBudget:
@@ -482,55 +322,70 @@ class TimeBudget:
         return bool(flag.item())
 
 
+def command_line() -> str:
+    return shlex.join(["hf-efficient", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "hf-efficient"
+
+
+def versions() -> str:
+    import torch
+    import transformers
+
+    return (
+        f"hf-efficient {hf_efficient.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
 def finite(metrics: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
 
 
-# ------------------------------------------------------------------------------------------------------ commands
-def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
-    """`hf-efficient train`: returns the finished output folder."""
+def _write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(finite(values), indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Path:
+    """`hf-efficient train` (`training_values`: the parsed `TrainArguments` fields): returns the finished folder."""
     import torch
     from transformers import Trainer, set_seed
 
     started = time.time()
-    overrides = parse_overrides(options.config_overrides)
-    if options.model is None:
-        options.model = DEFAULT_MODEL
-        if not (options.task == "image-cls"):
-            overrides = {**DEFAULT_MODEL_OVERRIDES, **overrides}
-    source = resolve_model(options.model, options.trust_remote_code)
-    task = options.task or source.task or "clm"
+    overrides = parse_overrides(model_args.config_overrides)
+    model_name = model_args.model_name_or_path or TASKS[model_args.task or "clm"].default_model
+    source = resolve_model(model_name, model_args.trust_remote_code)
+    task = TASKS[model_args.task or source.task or "clm"]
     check_task_head(source, task)
-    if options.output_dir is None:
-        options.output_dir = str(Path("out") / f"{Path(options.model).name or 'model'}-{task}")
-    final, staging, resume = prepare_output(options)
-    args = training_arguments(options, extra_training_args, staging, task)
+    config_class, values = config_values(source, task, overrides)
+    output_dir = training_values["output_dir"] or str(Path("out") / f"{Path(model_name).name or 'model'}-{task.name}")
+    final, staging, resume = prepare_output(
+        output_dir, training_values["overwrite_output_dir"], training_values["resume_from_checkpoint"]
+    )
+    args = training_arguments(training_values, task, staging, resume)
 
+    sized_by_data = source.kind == "architecture"  # a new model may take its image size from the data
+    draft = {**values, **overrides}
     with args.main_process_first(desc="data"):
-        preliminary = build_config(source, task, overrides, None) if source.config is None else source.config
-        if TASKS[task].modality == "image" and source.config is None:
-            preliminary = None  # a new vision model takes its image size from the data
-        data, processing = load_task_data(task, options, source, preliminary)
-    config = build_config(source, task, overrides, data)
-    if TASKS[task].modality == "text":
-        context_length(config, options.block_size)
+        processing = task.load_processing(source.path, source.kind == "checkpoint", None if sized_by_data else draft)
+        data = task.load_data(data_args, processing, draft, seed=args.seed, sized_by_data=sized_by_data)
+    config = build_config(config_class, values, data, overrides)
     set_seed(args.seed)
-    model = create_model(task, source, config, data)
-    if task == "clm" and hasattr(model, "generation_config"):
-        model.generation_config = default_generation_config(model, processing)
+    model = create_model(task, source, config, new_head=data.label_names is not None)
+    if task.name == "clm" and hasattr(model, "generation_config"):
+        model.generation_config = default_generation_config(model, data.processing)
     if args.should_save:
         if staging.exists() and resume is None:
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)
 
-    budget = TimeBudget(options.max_train_minutes) if options.max_train_minutes else None
+    budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes else None
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=data.collator,
-        processing_class=processing,
+        processing_class=data.processing,
         compute_metrics=data.compute_metrics,
         preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
         callbacks=[*callbacks, *([budget.callback] if budget else [])],
@@ -539,23 +394,23 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
     if main:
         print(
             f"hf-efficient: training {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"parameters, {source.kind} {source.name!r}) for {task} on {data.description}; "
+            f"parameters, {source.kind} {source.name!r}) for {task.name} on {data.description}; "
             f"{args.world_size} process(es) on {args.device.type}; writing {final}",
             flush=True,
         )
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     eval_metrics = trainer.evaluate()
-    eval_metrics.update(_loss_extras(task, eval_metrics, data.byte_level))
+    eval_metrics.update(task.metrics_from_loss(eval_metrics, data))
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     results = {
         **metrics,
         **eval_metrics,
-        "task": task,
-        "model": options.model,
+        "task": task.name,
+        "model": model_name,
         "model_source": source.kind,
         "dataset": data.description,
-        "dataset_path": options.dataset,
+        "dataset_path": data_args.dataset,
         "global_step": trainer.state.global_step,
         "max_steps": args.max_steps,
         "stopped_by_time_budget": bool(budget and budget.stopped_at is not None),
@@ -567,35 +422,29 @@ def run_train(options, extra_training_args: dict, callbacks=()) -> Path:
         "command": command_line(),
         "versions": versions(),
     }
+    if has_code(unwrapped):  # config.json gets an auto_map, the folder the code: it loads with trust_remote_code
+        unwrapped.config.auto_map = auto_map_for(unwrapped)
     trainer.save_model(str(staging))
     if main:
-        attach_code(unwrapped, staging)
+        if has_code(unwrapped):
+            copy_code(unwrapped, staging)
         trainer.save_state()
         results["wall_time_s"] = round(time.time() - started, 1)
         results = finite(results)
-        for name, subset in (("train_results.json", metrics), ("eval_results.json", eval_metrics)):
-            (staging / name).write_text(json.dumps(finite(subset), indent=2, sort_keys=True) + "\n")
-        (staging / "all_results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(model_card.render(final.name, unwrapped.config, task, results))
+        _write_json(staging / "train_results.json", metrics)
+        _write_json(staging / "eval_results.json", eval_metrics)
+        _write_json(staging / "all_results.json", results)
+        (staging / "README.md").write_text(model_card.render(final.name, unwrapped.config, task.name, results))
         if final.exists():
             shutil.rmtree(final) if final.is_dir() else final.unlink()
         staging.rename(final)
-        _print_results(task, results, final)
+        _print_results(task.name, results, final)
     trainer.accelerator.wait_for_everyone()
-    if main and task == "clm" and not options.no_sample:
+    if main and task.name == "clm" and not args.no_sample:
         torch.manual_seed(args.seed)
-        text = generate_text(unwrapped, processing, [DEFAULT_PROMPT], {})[0]
-        print("hf-efficient: sample (prompt 'def '):\n" + text, flush=True)
+        text = generate_text(unwrapped, data.processing, [DEFAULT_PROMPT], {})[0]
+        print(f"hf-efficient: sample (prompt {DEFAULT_PROMPT!r}):\n" + text, flush=True)
     return final
-
-
-def _loss_extras(task: str, metrics: dict, byte_level: bool) -> dict:
-    """Perplexity (language modelling) and bits per byte (clm, seq2seq: every target byte is predicted)."""
-    from .tasks import loss_metrics
-
-    if task not in ("clm", "mlm", "seq2seq"):
-        return {}
-    return loss_metrics(metrics, "eval", byte_level and task != "mlm")
 
 
 def _print_results(task: str, results: dict, folder: Path) -> None:
@@ -620,70 +469,62 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def load_checkpoint(options, task: str | None = None):
+# ------------------------------------------------------------------------------------------ evaluate, generate
+def load_checkpoint(checkpoint_args, task_name: str | None = None):
     """(source, task, model, processing class) of a saved checkpoint."""
-    source = resolve_model(options.checkpoint, options.trust_remote_code)
+    source = resolve_model(checkpoint_args.checkpoint, checkpoint_args.trust_remote_code)
     if source.kind != "checkpoint":
-        raise TaskError(f"{options.checkpoint!r} has no weights (a preset?): train it first")
-    task = task or getattr(options, "task", None) or source.task
-    if task is None:
-        raise TaskError(f"cannot tell the task of {options.checkpoint!r}: pass --task")
+        raise TaskError(f"{checkpoint_args.checkpoint!r} has no weights (a preset?): train it first")
+    task_name = task_name or source.task
+    if task_name is None:
+        raise TaskError(f"cannot tell the task of {checkpoint_args.checkpoint!r}: pass --task")
+    task = TASKS[task_name]
     check_task_head(source, task)
-    model = create_model(task, source, source.config, None)
-    if TASKS[task].modality == "image":
-        processing = load_image_processor(source) or _image_processor_of(model.config)
-    else:
-        processing = load_tokenizer(source, task)
+    model = create_model(task, source, source.config)
+    processing = task.load_processing(source.path, own=True, config=model.config.to_dict())
     return source, task, model, processing
 
 
-def _image_processor_of(config):
-    from .tasks import image_processor_for
-
-    return image_processor_for(config.image_size, getattr(config, "num_channels", 3))
-
-
-def evaluate_checkpoint(source, task, model, processing, options) -> dict:
+def evaluate_checkpoint(task: Task, model, processing, data_args, eval_args) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    data, _ = load_task_data(task, options, source, model.config, train=False)
+    data = task.load_data(data_args, processing, model.config.to_dict(), train=False, seed=eval_args.seed)
     if data.label_names is not None and getattr(model.config, "id2label", None):
-        model_labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
-        if len(model_labels) != len(data.label_names):
+        if len(model.config.id2label) != len(data.label_names):
             raise TaskError(
-                f"the model has {len(model_labels)} labels but the dataset has {len(data.label_names)} "
+                f"the model has {len(model.config.id2label)} labels but the dataset has {len(data.label_names)} "
                 f"({', '.join(map(str, data.label_names[:10]))})"
             )
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
-            per_device_eval_batch_size=options.per_device_eval_batch_size,
+            per_device_eval_batch_size=eval_args.per_device_eval_batch_size,
             report_to="none",
             use_cpu=not accelerator_available(),
-            remove_unused_columns=TASKS[task].modality != "image",
-            disable_tqdm=options.disable_tqdm,
+            remove_unused_columns=task.remove_unused_columns,
+            disable_tqdm=eval_args.disable_tqdm,
         )
         trainer = Trainer(
             model=model,
             args=args,
             eval_dataset=data.validation,
             data_collator=data.collator,
-            processing_class=processing,
+            processing_class=data.processing,
             compute_metrics=data.compute_metrics,
             preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
         )
         metrics = trainer.evaluate()
-    metrics.update(_loss_extras(task, metrics, data.byte_level))
-    metrics.update(task=task, dataset=data.description, dataset_path=options.dataset)
+    metrics.update(task.metrics_from_loss(metrics, data))
+    metrics.update(task=task.name, dataset=data.description, dataset_path=data_args.dataset)
     return finite(metrics)
 
 
-def run_evaluate(options) -> dict:
-    source, task, model, processing = load_checkpoint(options)
-    metrics = evaluate_checkpoint(source, task, model, processing, options)
+def run_evaluate(checkpoint_args, data_args, eval_args) -> dict:
+    _, task, model, processing = load_checkpoint(checkpoint_args, eval_args.task)
+    metrics = evaluate_checkpoint(task, model, processing, data_args, eval_args)
     print(json.dumps(metrics, indent=2, sort_keys=True))
-    if options.output_file:
-        Path(options.output_file).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if eval_args.output_file:
+        Path(eval_args.output_file).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
 
@@ -716,26 +557,17 @@ def generate_text(model, tokenizer, prompts: list[str], settings: dict) -> list[
         with torch.no_grad():
             output = model.generate(**encoded.to(model.device), **settings)
     except ValueError as error:
-        raise TaskError(f"generation failed: {_short(error)}") from error
+        raise TaskError(f"generation failed: {first_line(error)}") from error
     return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
-def run_generate(options) -> list[str]:
+def run_generate(checkpoint_args, generate_args) -> list[str]:
     from transformers import set_seed
 
-    source, task, model, tokenizer = load_checkpoint(options, task="clm")
-    set_seed(options.seed)
-    settings = dict(
-        max_new_tokens=options.max_new_tokens,
-        do_sample=options.do_sample,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        num_beams=options.num_beams,
-        repetition_penalty=options.repetition_penalty,
-        num_return_sequences=options.num_return_sequences,
-    )
-    texts = generate_text(model, tokenizer, options.prompt or [DEFAULT_PROMPT], settings)
+    settings = generate_args.settings()
+    _, _, model, tokenizer = load_checkpoint(checkpoint_args, "clm")
+    set_seed(generate_args.seed)
+    texts = generate_text(model, tokenizer, generate_args.prompt or [DEFAULT_PROMPT], settings)
     for index, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {index + 1}")
@@ -743,40 +575,42 @@ def run_generate(options) -> list[str]:
     return texts
 
 
-def run_publish(options) -> Path:
+# --------------------------------------------------------------------------------------------------------- publish
+HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.partial/**", "training_args.bin", ".cache/**"]
+
+
+def run_publish(checkpoint_args, data_args, publish_args) -> Path:
     """Make a checkpoint folder Hub-ready (in place, or into --output-dir) and upload it with --repo-id."""
-    source, task, model, processing = load_checkpoint(options)
+    source, task, model, processing = load_checkpoint(checkpoint_args, publish_args.task)
     local = Path(source.path).expanduser()
-    if not local.is_dir() and not options.output_dir:
-        raise TaskError(f"{options.checkpoint!r} is not a local folder: pass --output-dir")
-    folder = Path(options.output_dir).expanduser().resolve() if options.output_dir else local.resolve()
+    if not local.is_dir() and not publish_args.output_dir:
+        raise TaskError(f"{checkpoint_args.checkpoint!r} is not a local folder: pass --output-dir")
+    folder = Path(publish_args.output_dir).expanduser().resolve() if publish_args.output_dir else local.resolve()
     in_place = local.is_dir() and local.resolve() == folder
-    if not in_place and folder.exists() and any(folder.iterdir()) and not options.overwrite_output_dir:
+    if not in_place and folder.exists() and any(folder.iterdir()) and not publish_args.overwrite_output_dir:
         raise TaskError(f"output folder {str(folder)!r} already exists; pass --overwrite-output-dir or another one")
     results = model_card.read_results(local) if local.is_dir() else {}
-    if not any(key in results for key in model_card.METRIC_NAMES) and not options.no_evaluate:
+    if not any(key in results for key in model_card.METRIC_NAMES) and not publish_args.no_evaluate:
         print(f"hf-efficient: no measured metrics in {source.path}: evaluating on the task's validation data")
-        results = {**results, **evaluate_checkpoint(source, task, model, processing, options)}
+        results = {**results, **evaluate_checkpoint(task, model, processing, data_args, publish_args)}
 
     # Write everything into <folder>.partial first: the weights being replaced may be memory-mapped by `model`.
     staging = staging_folder(folder)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    if task == "clm" and not (local / "generation_config.json").is_file():
+    if task.name == "clm" and not (local / "generation_config.json").is_file():
         model.generation_config = default_generation_config(model, processing)
-    if type(model).__module__.startswith("hf_efficient."):
+    if has_code(model):
         hf_efficient.save_pretrained_with_code(model, staging)
     else:
         model.save_pretrained(staging)
     processing.save_pretrained(staging)
     if results:
-        (staging / "all_results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        _write_json(staging / "all_results.json", results)
     readme = folder / "README.md" if in_place else None
-    if readme is not None and readme.exists() and not model_card.is_generated(readme):
-        pass  # a hand-written card is kept
-    else:
-        card = model_card.render(options.repo_id or folder.name, model.config, task, results)
+    if readme is None or not readme.exists() or model_card.is_generated(readme):  # a hand-written card is kept
+        card = model_card.render(publish_args.repo_id or folder.name, model.config, task.name, results)
         (staging / "README.md").write_text(card)
     if in_place:
         for stale in ("pytorch_model.bin", "pytorch_model.bin.index.json"):
@@ -790,46 +624,44 @@ def run_publish(options) -> Path:
             shutil.rmtree(folder)
         staging.rename(folder)
     print(f"hf-efficient: Hub-ready folder: {folder}")
-    if options.repo_id:
-        upload(folder, options)
+    if publish_args.repo_id:
+        upload(folder, publish_args)
     return folder
 
 
-HUB_IGNORE = ["checkpoint-*", "checkpoint-*/**", "runs/**", "*.partial/**", "training_args.bin", ".cache/**"]
-
-
-def upload(folder: Path, options) -> None:
+def upload(folder: Path, publish_args) -> None:
     from huggingface_hub import HfApi
 
-    api = HfApi(token=options.token)
+    repo_id = publish_args.repo_id
+    api = HfApi(token=publish_args.token)
     try:
-        api.create_repo(options.repo_id, private=options.private, exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=publish_args.private, exist_ok=True, repo_type="model")
         info = api.upload_folder(
             folder_path=str(folder),
-            repo_id=options.repo_id,
+            repo_id=repo_id,
             repo_type="model",
-            commit_message=options.commit_message,
+            commit_message=publish_args.commit_message,
             ignore_patterns=HUB_IGNORE,
         )
     except Exception as error:
         raise TaskError(
-            f"upload to the Hub repo {options.repo_id!r} failed ({type(error).__name__}: {_short(error)}); "
+            f"upload to the Hub repo {repo_id!r} failed ({type(error).__name__}: {first_line(error)}); "
             f"the Hub-ready folder {str(folder)!r} is complete and unchanged: rerun `hf-efficient publish "
-            f"{folder} --repo-id {options.repo_id}` when the Hub is reachable"
+            f"{folder} --repo-id {repo_id}` when the Hub is reachable"
         ) from error
-    print(f"hf-efficient: uploaded {folder} to {getattr(info, 'commit_url', options.repo_id)}")
+    print(f"hf-efficient: uploaded {folder} to {getattr(info, 'commit_url', repo_id)}")
 
 
 # --------------------------------------------------------------------------------------------------------- listing
 def registry() -> dict:
-    """Architectures (config class, summary, variants, heads -> tasks) and presets, for `hf-efficient list`."""
+    """Architectures (config class, summary, variants, heads -> tasks), presets and tasks, for `hf-efficient list`."""
     architectures = {}
     for model_type, folder in sorted(hf_efficient.ARCHITECTURES.items()):
         try:
             module = hf_efficient.get_architecture(model_type)
             config_class = hf_efficient.get_config_class(model_type)
         except Exception as error:  # an architecture still being written must not break `list`
-            architectures[model_type] = {"error": _short(error)}
+            architectures[model_type] = {"error": first_line(error)}
             continue
         doc = " ".join((config_class.__doc__ or "").strip().split("\n\n")[0].split())
         heads = {auto: cls.__name__ for auto, cls in module.AUTO_MAPPING.items()}
@@ -839,23 +671,26 @@ def registry() -> dict:
             "summary": doc,
             "variants": dict(getattr(module, "VARIANTS", {}) or {}),
             "heads": heads,
-            "tasks": sorted(t for t in (_task_of_auto(a) for a in heads) if t),
+            "tasks": sorted(filter(None, map(task_of_auto, heads))),
         }
     presets = {}
     for name, path in preset_folders().items():
         entry = {"path": str(path)}
         try:
             config = json.loads((path / "config.json").read_text())
-            entry["model_type"] = config.get("model_type")
             card = json.loads((path / "card.json").read_text()) if (path / "card.json").is_file() else {}
-            entry["task"] = card.get("task")
-            entry["head"] = card.get("head")
+            entry.update(model_type=config.get("model_type"), task=card.get("task"), head=card.get("head"))
             entry["title"] = card.get("title")
         except (OSError, json.JSONDecodeError) as error:
-            entry["error"] = _short(error)
+            entry["error"] = first_line(error)
         presets[name] = entry
     tasks = {
-        name: {"auto_class": t.auto_class, "pipeline": t.pipeline_tag, "default_data": t.default_data}
+        name: {
+            "auto_class": t.auto_class,
+            "pipeline": t.pipeline_tag,
+            "default_model": t.default_model,
+            "default_data": t.default_data,
+        }
         for name, t in TASKS.items()
     }
     return {"architectures": architectures, "presets": presets, "tasks": tasks}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import hf_efficient
-from hf_efficient import cli, training
+from hf_efficient import cli, tasks, training
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_embeddings=32"
 COMMANDS = ["list", "train", "evaluate", "generate", "publish"]
@@ -169,3 +169,90 @@ def test_every_registered_architecture_trains_from_the_command(model_type, tmp_p
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type and "AutoConfig" in config["auto_map"]
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_flags_are_typed_dataclass_fields_in_both_spellings():
+    """`train` parses into ModelArguments / TrainDataArguments / TrainArguments fields: `--field_name` and
+    `--field-name` alike, and every other TrainingArguments field passes through as a flag of its own."""
+    argv = ["train", "--model_name_or_path", "gmlp", "--config-overrides", "hidden_size=32", "--max_steps", "3"]
+    argv += ["--max-train-bytes", "1000", "--optim", "adafactor", "--per_device_train_batch_size", "4"]
+    argv += ["--resume-from-checkpoint", "--disable-tqdm", "--use_cpu", "--torch_compile"]
+    command, (model, data, training_values) = cli.parse(argv)
+    assert command == "train" and isinstance(model, cli.ModelArguments) and isinstance(data, cli.TrainDataArguments)
+    assert (model.model_name_or_path, model.config_overrides, data.max_train_bytes) == ("gmlp", "hidden_size=32", 1000)
+    assert training_values["max_steps"] == 3 and training_values["per_device_train_batch_size"] == 4
+    assert training_values["optim"] == "adafactor" and training_values["torch_compile"] is True
+    assert training_values["resume_from_checkpoint"] == "last" and training_values["disable_tqdm"] is True
+    assert training_values["use_cpu"] is True
+    assert training_values["learning_rate"] is None  # not given: the task's default applies
+    _, (model, _, defaults) = cli.parse(["train"])
+    assert model.model_name_or_path is None and defaults["max_train_minutes"] is None and defaults["use_cpu"] is None
+    _, (checkpoint, generate) = cli.parse(["generate", "folder", "--prompt", "a", "--prompt", "b", "--greedy"])
+    assert checkpoint.checkpoint == "folder" and generate.prompt == ["a", "b"]
+    assert generate.settings()["do_sample"] is False
+
+
+def test_unknown_or_abbreviated_flag_names_the_closest_one(capsys):
+    for argv, closest in (
+        (["train", "--max-stepz", "3"], "--max-steps"),
+        (["train", "--max-step", "3"], "--max-steps"),  # no abbreviations
+        (["train", "--learning-rat", "0.5"], "--learning-rate"),
+        (["evaluate", "folder", "--max-eval-sample", "3"], "--max-eval-samples"),
+        (["generate", "folder", "--temprature", "0.5"], "--temperature"),
+    ):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"hf-efficient: error: unrecognized arguments: {argv[-2]}"), line
+        assert f"did you mean {closest}?" in line, line
+    code, _, err = run_cli(capsys, "generate", "folder", "--greedy", "--do-sample")
+    assert code == 2 and "exclude each other" in err
+
+
+def test_debug_anywhere_shows_the_traceback():
+    for argv in (["--debug", "train", "--model", "nope"], ["train", "--model", "nope", "--debug"]):
+        with pytest.raises(tasks.TaskError, match="unknown model 'nope'"):
+            cli.main(argv)
+
+
+def test_task_defaults_are_data():
+    """What differs between tasks is declared in `TASKS` (no per-architecture or per-task branch in the command)."""
+    info = training.registry()
+    for name, task in tasks.TASKS.items():
+        assert {"max_steps", "per_device_train_batch_size", "learning_rate"} <= set(task.training), name
+        assert info["tasks"][name]["default_model"] == task.default_model
+        assert task.default_model in info["presets"] or task.default_model in hf_efficient.ARCHITECTURES
+    # the main job's model is a preset folder with the main job's sizes
+    preset = json.loads((training.REPO_ROOT / "model_cards" / "gmlp-main-job" / "config.json").read_text())
+    sizes = {
+        k: preset[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings")
+    }
+    assert sizes == {
+        "hidden_size": 128,
+        "intermediate_size": 768,
+        "num_hidden_layers": 4,
+        "max_position_embeddings": 128,
+    }
+    assert tasks.TASKS["clm"].default_model == "gmlp-main-job"
+
+
+def test_seq2seq_default_data_is_one_declaration():
+    """The seq2seq task reads its default data from `embedded` (and its description from that function's
+    docstring), so switching the default data is one argument of the declaration."""
+    import dataclasses
+
+    from datasets import Dataset
+
+    from hf_efficient.data import default_tokenizer
+
+    def numbers():
+        """numbers to words (test data)"""
+        rows = {"source": ["1", "2", "3"], "target": ["one", "two", "three"]}
+        return Dataset.from_dict(rows), Dataset.from_dict(rows)
+
+    task = dataclasses.replace(tasks.TASKS["seq2seq"], embedded=numbers, default_data=None)
+    assert task.default_data == "numbers to words (test data)"
+    args = cli.TrainDataArguments()
+    data = task.load_data(args, default_tokenizer(), {"max_position_embeddings": 16}, seed=0)
+    assert data.description == "numbers to words (test data)" and len(data.train) == 3
+    assert data.train[1]["labels"] == default_tokenizer()("two")["input_ids"]
