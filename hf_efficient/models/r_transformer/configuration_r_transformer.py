@@ -46,8 +46,8 @@ class RTransformerConfig(PreTrainedConfig):
             same outputs. `"projected"`: input projections once per position, then the M-step recurrence batched
             over all B x L windows (hidden-to-hidden matmul per step). `"unfold"`: the official form, the windows
             unfolded to `(B L, M, d)` and fed to `nn.GRU` / `nn.LSTM` / `nn.RNN` (fused kernels, M times the input
-            projections and memory). `"auto"`: the faster one measured per device (`scripts/bench_localrnn.py`):
-            `"projected"` on CPU, `"unfold"` on CUDA (cuDNN).
+            projections and memory). `"auto"`: the faster one measured per device type (`scripts/bench_localrnn.py`):
+            `"projected"` on CPU; devices not measured yet (CUDA included) also take `"projected"`.
         hidden_dropout_prob (`float`, defaults to 0.1): dropout on every residual branch and inside the FFN (the
             official `dropout`).
         attention_dropout (`float`, defaults to 0.1): dropout on the attention probabilities (the official code uses

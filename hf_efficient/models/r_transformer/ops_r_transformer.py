@@ -45,33 +45,45 @@ def local_rnn(
         n = tanh(P_n + r * (W_hn h + b_hn));   h = (1 - z) * n + z * h
 
     LSTM: `i, f, g, o = sigmoid, sigmoid, tanh, sigmoid(P + W_hh h + b_hh)`, `c = f c + i g`, `h = o tanh(c)`.
-    RNN: `h = tanh(P + W_hh h + b_hh)`. At step 0, h = c = 0, so `W_hh h` is skipped.
+    RNN: `h = tanh(P + W_hh h + b_hh)`. At step 0, h = c = 0, so `W_hh h` is skipped. The biases of `W_hh` that add
+    straight to the projections (all but GRU's b_hn) are folded into `P`.
     """
     if rnn_type not in GATES:
         raise ValueError(f"local_rnn: unknown rnn_type {rnn_type!r}; expected one of {tuple(GATES)}.")
     num_out = inputs.shape[1] - (window - 1)
     if num_out < 0:
         raise ValueError(f"local_rnn: inputs have {inputs.shape[1]} positions, fewer than window - 1 = {window - 1}.")
-    projected = F.linear(inputs, weight_ih, bias_ih)  # once per position: (B, M - 1 + L, G d)
+    batch_size, _, dim = inputs.shape
+    hidden_size = weight_hh.shape[1]
+    if rnn_type == "gru":
+        # b_hr and b_hz add straight to the input projections; b_hn sits inside r * (W_hn h + b_hn).
+        bias_in = bias_ih + torch.cat([bias_hh[: 2 * hidden_size], bias_hh.new_zeros(hidden_size)])
+    else:
+        bias_in = bias_ih + bias_hh
+    projected = F.linear(inputs, weight_ih, bias_in)  # once per position: (B, M - 1 + L, G d)
+    # One batched matmul with the accumulate fused in (baddbmm) per step: (B, L, d) x (d, G d), weight shared.
+    weight_t = weight_hh.t().expand(batch_size, hidden_size, weight_hh.shape[0])
     hidden = cell = None
     for step in range(window):
         step_in = projected[:, step : step + num_out]
-        step_hh = bias_hh if hidden is None else F.linear(hidden, weight_hh, bias_hh)
         if rnn_type == "gru":
-            in_r, in_z, in_n = step_in.chunk(3, dim=-1)
-            hh_r, hh_z, hh_n = step_hh.chunk(3, dim=-1)
-            reset = torch.sigmoid(in_r + hh_r)
-            update = torch.sigmoid(in_z + hh_z)
-            new = torch.tanh(in_n + reset * hh_n)
-            hidden = (1 - update) * new if hidden is None else torch.lerp(new, hidden, update)
-        elif rnn_type == "lstm":
-            gates = step_in + step_hh
+            in_rz, in_n = step_in[..., : 2 * hidden_size], step_in[..., 2 * hidden_size :]
+            hh_n = bias_hh[2 * hidden_size :]
+            if hidden is not None:
+                in_rz = torch.baddbmm(in_rz, hidden, weight_t[..., : 2 * hidden_size])
+                hh_n = torch.baddbmm(hh_n, hidden, weight_t[..., 2 * hidden_size :])
+            reset, update = torch.sigmoid(in_rz).chunk(2, dim=-1)
+            new = torch.tanh(torch.addcmul(in_n, reset, hh_n))
+            hidden = new - update * new if hidden is None else torch.lerp(new, hidden, update)
+        else:
+            gates = step_in if hidden is None else torch.baddbmm(step_in, hidden, weight_t)
+            if rnn_type == "rnn":
+                hidden = torch.tanh(gates)
+                continue
             in_gate, forget_gate, candidate, out_gate = gates.chunk(4, dim=-1)
             new_cell = torch.sigmoid(in_gate) * torch.tanh(candidate)
-            cell = new_cell if cell is None else torch.sigmoid(forget_gate) * cell + new_cell
+            cell = new_cell if cell is None else torch.addcmul(new_cell, torch.sigmoid(forget_gate), cell)
             hidden = torch.sigmoid(out_gate) * torch.tanh(cell)
-        else:
-            hidden = torch.tanh(step_in + step_hh)
     return hidden
 
 
