@@ -21,7 +21,10 @@ AUTO_MAPPING = {
 }
 
 # What the README's architecture table says of this architecture (scripts/make_model_cards.py writes the table).
-ARCHITECTURE_CARD = {"name": "Attention Free Transformer (Zhai et al. 2021)", "variants": "full, local, simple, conv (causal and bidirectional)"}
+ARCHITECTURE_CARD = {
+    "name": "Attention Free Transformer (Zhai et al. 2021)",
+    "variants": "full, local, simple, conv (causal and bidirectional)",
+}
 
 __all__ = [
     "AUTO_MAPPING",

@@ -8,16 +8,21 @@ steps) lives in `ops_aft.py`.
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 
-from .common import check_attention_mask, drop_path, embed_inputs
+from .common import (
+    EfficientPreTrainedModel,
+    FeedForward,
+    PatchEmbeddings,
+    check_attention_mask,
+    drop_path,
+    embed_inputs,
+)
 from .configuration_aft import AFTConfig
 from .heads import CausalLMHead, ImageClassificationHead, MaskedLMHead, SequenceClassificationHead
 from .ops_aft import (
@@ -33,7 +38,7 @@ from .ops_aft import (
     aft_simple_step,
     local_window_offsets,
 )
-from .state_cache import StateCache, resolve_state_cache
+from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class AFTCache(StateCache):
@@ -203,19 +208,6 @@ class AFTLayer(nn.Module):
         return self.o_proj(out), new_state
 
 
-class AFTMLP(nn.Module):
-    """The block's feed-forward network: `fc2(act(fc1(x)))`."""
-
-    def __init__(self, config: AFTConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
-
-
 class AFTBlock(GradientCheckpointingLayer):
     """Pre-LN block: `x + AFT(LN(x))`, then `x + FFN(LN(x))`, each branch with dropout and stochastic depth."""
 
@@ -225,7 +217,7 @@ class AFTBlock(GradientCheckpointingLayer):
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.aft = AFTLayer(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = AFTMLP(config)
+        self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.drop_path_rate = drop_path_rate
 
@@ -258,32 +250,9 @@ class AFTBlock(GradientCheckpointingLayer):
         return hidden_states
 
 
-# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPPatchEmbeddings with GMLP->AFT
-class AFTPatchEmbeddings(nn.Module):
-    """Patch stem (timm's `stem.proj`): `(B, C, H, W)` -> `(B, (H / p) * (W / p), d)`."""
-
-    def __init__(self, config: AFTConfig):
-        super().__init__()
-        self.image_size = config.image_size
-        self.num_channels = config.num_channels
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (self.num_channels, self.image_size, self.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}."
-            )
-        return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
-
-
-class AFTPreTrainedModel(PreTrainedModel):
+class AFTPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
     config_class = AFTConfig
     config: AFTConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["AFTBlock"]
 
     @torch.no_grad()
@@ -303,11 +272,6 @@ class AFTPreTrainedModel(PreTrainedModel):
         else:
             super()._init_weights(module)
 
-    # `generate()` must not build a DynamicCache for us: the base model creates its own `Cache` subclass.
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
-
 
 class AFTModel(AFTPreTrainedModel):
     """The AFT stack: embeddings (tokens, or a patch stem for images), pre-LN AFT blocks, final LayerNorm.
@@ -325,7 +289,7 @@ class AFTModel(AFTPreTrainedModel):
             if config.vocab_size is not None
             else None
         )
-        self.patch_embed = AFTPatchEmbeddings(config) if config.is_vision else None
+        self.patch_embed = PatchEmbeddings(config) if config.is_vision else None
         self.class_token = nn.Parameter(torch.empty(1, 1, config.hidden_size)) if config.uses_class_token else None
         with_positions = config.uses_class_token or (config.position_embeddings and not config.is_vision)
         self.embed_positions = (
@@ -341,12 +305,6 @@ class AFTModel(AFTPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def _embed(self, input_ids, inputs_embeds, pixel_values) -> torch.Tensor:
         embeds = embed_inputs(

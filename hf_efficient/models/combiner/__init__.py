@@ -17,7 +17,10 @@ AUTO_MAPPING = {
 }
 
 # What the README's architecture table says of this architecture (scripts/make_model_cards.py writes the table).
-ARCHITECTURE_CARD = {"name": "Combiner (Ren et al. 2021)", "variants": "fixed, logsparse, axial, mixture (causal and bidirectional)"}
+ARCHITECTURE_CARD = {
+    "name": "Combiner (Ren et al. 2021)",
+    "variants": "fixed, logsparse, axial, mixture (causal and bidirectional)",
+}
 
 __all__ = [
     "AUTO_MAPPING",

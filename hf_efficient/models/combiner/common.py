@@ -6,6 +6,9 @@ the same folder). The master copy is `hf_efficient/models/shared/common.py`: edi
 """
 
 import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_utils import PreTrainedModel
 
 
 def embed_inputs(
@@ -97,3 +100,45 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
     keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
     return hidden_states * keep / keep_prob
+
+
+class EfficientPreTrainedModel(PreTrainedModel):
+    """What every architecture's `PreTrainedModel` shares: heads keep the base model in `self.model`, text input by
+    default, gradient checkpointing through `GradientCheckpointingLayer` blocks."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
+
+class FeedForward(nn.Module):
+    """The block's feed-forward network: `fc2(act(fc1(x)))`, `d -> config.intermediate_size -> d`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class PatchEmbeddings(nn.Module):
+    """Patch stem (timm's `stem.proj`): `(B, C, H, W)` -> `(B, (H / p) * (W / p), d)`; a wrong image size is a
+    ValueError naming the expected shape."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.image_size = config.image_size
+        self.num_channels = config.num_channels
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)

@@ -9,20 +9,18 @@ import functools
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 
-from .common import check_attention_mask, embed_inputs
+from .common import EfficientPreTrainedModel, FeedForward, check_attention_mask, embed_inputs
 from .configuration_combiner import CombinerConfig
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .ops_combiner import axial_abstraction_keys, combiner_attention, combiner_prefill_state, combiner_step
-from .state_cache import StateCache, resolve_state_cache
+from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class CombinerCache(StateCache):
@@ -128,19 +126,6 @@ class CombinerAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
 
-class CombinerMLP(nn.Module):
-    """`W_2 act(W_1 x)`."""
-
-    def __init__(self, config: CombinerConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
-
-
 class CombinerBlock(GradientCheckpointingLayer):
     """Pre-LN block of the official code: `x + Dropout(Attn(LN(x)))`, then `x + Dropout(MLP(LN(x)))`."""
 
@@ -149,7 +134,7 @@ class CombinerBlock(GradientCheckpointingLayer):
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = CombinerAttention(config, layer_idx)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = CombinerMLP(config)
+        self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -164,18 +149,10 @@ class CombinerBlock(GradientCheckpointingLayer):
         return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
 
 
-class CombinerPreTrainedModel(PreTrainedModel):
+class CombinerPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
     config_class = CombinerConfig
     config: CombinerConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["CombinerBlock"]
-
-    # `generate()` must not build a DynamicCache for us: the base model creates its own `Cache` subclass.
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
 
 
 def _pack_real_tokens(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -208,12 +185,6 @@ class CombinerModel(CombinerPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     @can_return_tuple
     def forward(

@@ -119,3 +119,12 @@ def resolve_state_cache(
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(f"This model needs a {name} to continue decoding, got a filled {type(cache).__name__}.")
     return cache_class(config) if use_cache else None
+
+
+class StateCacheModelMixin:
+    """For a `PreTrainedModel` whose base model builds its own `StateCache` subclass (see `resolve_state_cache`)."""
+
+    # `generate()` must not build a DynamicCache for us: the base model creates its own cache.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False

@@ -13,10 +13,16 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 
-from .common import check_attention_mask, drop_path, embed_inputs, positions_from_mask
+from .common import (
+    EfficientPreTrainedModel,
+    PatchEmbeddings,
+    check_attention_mask,
+    drop_path,
+    embed_inputs,
+    positions_from_mask,
+)
 from .configuration_gmlp import GMLPConfig
 from .heads import (
     CausalLMHead,
@@ -26,7 +32,7 @@ from .heads import (
     TokenClassificationHead,
 )
 from .ops_gmlp import spatial_gating_projection, tiny_attention
-from .state_cache import StateCache, resolve_state_cache
+from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class GMLPCache(StateCache):
@@ -169,31 +175,9 @@ class GMLPBlock(GradientCheckpointingLayer):
         return residual + drop_path(hidden_states, self.drop_path_rate, self.training)
 
 
-class GMLPPatchEmbeddings(nn.Module):
-    """Patch stem (timm's `stem.proj`): `(B, C, H, W)` -> `(B, (H / p) * (W / p), d)`."""
-
-    def __init__(self, config: GMLPConfig):
-        super().__init__()
-        self.image_size = config.image_size
-        self.num_channels = config.num_channels
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (self.num_channels, self.image_size, self.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}."
-            )
-        return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
-
-
-class GMLPPreTrainedModel(PreTrainedModel):
+class GMLPPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
     config_class = GMLPConfig
     config: GMLPConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["GMLPBlock"]
 
     @torch.no_grad()
@@ -204,11 +188,6 @@ class GMLPPreTrainedModel(PreTrainedModel):
             init.ones_(module.bias)
             return
         super()._init_weights(module)
-
-    # `generate()` must not build a DynamicCache for us: the base model creates its own `Cache` subclass.
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
 
 
 class GMLPModel(GMLPPreTrainedModel):
@@ -225,7 +204,7 @@ class GMLPModel(GMLPPreTrainedModel):
             if config.vocab_size is not None
             else None
         )
-        self.patch_embed = GMLPPatchEmbeddings(config) if config.image_size is not None else None
+        self.patch_embed = PatchEmbeddings(config) if config.image_size is not None else None
         # Stochastic depth grows linearly over the blocks (plain Python: also works on the meta device).
         rates = [
             config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)
@@ -236,12 +215,6 @@ class GMLPModel(GMLPPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     @can_return_tuple
     def forward(
