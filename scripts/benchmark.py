@@ -55,6 +55,7 @@ PROFILES = {
         time_target=12.0,
         batch=1,
         min_fit_length=2048,
+        mmap_threshold_kb=0,
         prefixes=[128, 512, 2048, 8192],
         decode_levels=["model", "mixer"],
         decode_steps=16,
@@ -116,6 +117,7 @@ PROFILES["tiny"] = {
     "repeats": 1,
     "time_target": 1.0,
     "min_fit_length": 0,
+    "mmap_threshold_kb": 128,  # exercise the pinned-allocator memory option in the smoke test
     "prefixes": [16, 32],
     "decode_steps": 2,
     "decode_warmup": 1,
@@ -297,11 +299,21 @@ def run_mode(args, mode: str) -> None:
         points = scaling.run(
             entries, sizes, args.lengths, args.levels, args.device, args.budget, args.repeats, args.time_target,
             args.batch, memory_cap if not args.device.startswith("cuda") else None, args.start_method, args.threads,
+            mmap_threshold_kb=args.mmap_threshold_kb,
         )  # fmt: skip
         payload = {
             "settings": {
                 k: getattr(args, k)
-                for k in ("lengths", "levels", "budget", "repeats", "time_target", "batch", "min_fit_length")
+                for k in (
+                    "lengths",
+                    "levels",
+                    "budget",
+                    "repeats",
+                    "time_target",
+                    "batch",
+                    "min_fit_length",
+                    "mmap_threshold_kb",
+                )  # fmt: skip
             }
             | {"sizes": sizes, "memory_cap_bytes": memory_cap},
             "results": points,

@@ -101,6 +101,10 @@ def test_mode_tiny(mode, tmp_path):
             assert row["reference"] == specs.REFERENCE
             assert ("crossover_time" in row) == (row["name"] != specs.REFERENCE)
         assert all(row["peak_memory_mb"] >= 0 for row in data["results"] if row["status"] == "ok")
+        assert data["settings"]["mmap_threshold_kb"] == 128
+        if sys.platform == "linux":  # glibc's mallopt pinned the threshold in every worker
+            ok = [row for row in data["results"] if row["status"] == "ok"]
+            assert all("glibc mmap threshold 128 KiB" in row["memory_method"] for row in ok)
     if mode == "peers":
         assert {row["status"] for row in data["results"]} <= {"ok", "skipped"}, data["results"]
         assert any(row["pair"].startswith("aft-local") for row in data["results"])

@@ -61,6 +61,22 @@ def cap_address_space(cap_bytes: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
+def pin_mmap_threshold(threshold_kb: int | None) -> bool:
+    """glibc only: serve every allocation of `threshold_kb` KiB or more by mmap and trim freed memory above it (a
+    fixed threshold, no dynamic raise), so that the resident set follows the live tensors and its peak is the step's
+    own peak rather than one inflated by freed blocks kept in the heap. Returns whether it was applied."""
+    if not threshold_kb:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        size = int(threshold_kb) * 1024
+        return bool(libc.mallopt(-3, size)) and bool(libc.mallopt(-1, size))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def default_memory_cap() -> int:
     """60% of the memory available now, at most 16 GiB."""
     try:

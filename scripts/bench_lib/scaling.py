@@ -76,6 +76,7 @@ def scaling_point(
     threads: int | None = None,
     memory_cap: int | None = None,
     seed: int = 0,
+    mmap_threshold_kb: int = 0,
 ) -> dict:
     """Worker (fresh process): build one model, measure fwd+bwd time (median) and peak memory at `length`."""
     import torch
@@ -84,6 +85,9 @@ def scaling_point(
         torch.set_num_threads(threads)
     if not device.startswith("cuda"):
         measure.cap_address_space(memory_cap)
+        pinned = measure.pin_mmap_threshold(mmap_threshold_kb)
+    else:
+        pinned = False
     torch.manual_seed(seed)
     build_start = time.perf_counter()
     config_level = "block" if level == "mixer" else level
@@ -106,7 +110,7 @@ def scaling_point(
         "status": "ok",
         **timing,
         "peak_memory_mb": round(peak / 2**20, 2),
-        "memory_method": memory.method,
+        "memory_method": memory.method + (f", glibc mmap threshold {mmap_threshold_kb} KiB" if pinned else ""),
         "parameters": specs.count_parameters(model),
         "build_s": round(build_s, 3),
         "threads": torch.get_num_threads(),
@@ -141,6 +145,7 @@ def run(
     start_method: str,
     threads: int | None,
     log=print,
+    mmap_threshold_kb: int = 0,
 ) -> list[dict]:
     """Every (entry, level) series over `lengths`, interleaved by length so that the ratios at one length are
     measured side by side in time. A series stops at its first timeout / OOM / error (recorded)."""
@@ -182,6 +187,7 @@ def run(
                     time_target=min(time_target, budget * 0.4),
                     threads=threads,
                     memory_cap=memory_cap,
+                    mmap_threshold_kb=mmap_threshold_kb,
                 )
                 record.update(measure.run_fresh(scaling_point, kwargs, timeout=budget, start_method=start_method))
             points.append(record)
