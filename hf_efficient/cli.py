@@ -275,8 +275,10 @@ def build_parser() -> CommandParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser, required=True)
     for name, command in COMMANDS.items():
+        positional = "CHECKPOINT " if CheckpointArguments in command.arguments else ""
         commands.add_parser(
             name,
+            usage=f"{PROG} {name} {positional}[options]  (every option: see below)",
             dataclass_types=command.arguments,
             help=command.help,
             description=command.description,
