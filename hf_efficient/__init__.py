@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "gmlp": "gmlp",
     "aft": "aft",
     "combiner": "combiner",
+    "sparse_mlp": "sparse_mlp",
 }
 
 

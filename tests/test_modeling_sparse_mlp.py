@@ -51,7 +51,7 @@ class TestSparseMLP(GenericModelTests, MixtureOfExpertsTests):
     model_type = "sparse_mlp"
     all_heads = [SparseMLPModel, SparseMLPForImageClassification]
     vision_only = True
-    variants = {"sparse": {}, "eager_drop_path": {"experts_implementation": "eager", "drop_path_rate": 0.1}}
+    variants = {"sparse": {}, "grouped_mm_drop_path": {"experts_implementation": "grouped_mm", "drop_path_rate": 0.1}}
     invalid_configs = [
         ({"hidden_size": 0}, "hidden_size"),
         ({"image_size": 30, "patch_size": 16}, "patch_size"),
@@ -249,6 +249,7 @@ def test_experts_implementations_agree_in_forward_and_backward(capacity_factor, 
 
 def test_set_experts_implementation_switches_at_run_time():
     model = SparseMLPForImageClassification(tiny_config()).eval()
+    assert model.config._experts_implementation == "eager"  # the default (see the config docstring)
     pixels = torch.randn(2, 3, 8, 8)
     outputs = {}
     for implementation in IMPLEMENTATIONS:
@@ -380,11 +381,47 @@ def preset_param_count(preset: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def analytic_param_count(c) -> int:
+    """Parameters from the architecture's definition (independent of the module code)."""
+    s, ch = c.num_patches, c.hidden_size
+    s2, c2 = c.sparse_patches, c.sparse_channels
+
+    def mlp(dim, hidden):
+        return dim * hidden + hidden + hidden * dim + dim
+
+    dense = 4 * ch + mlp(s, c.token_mixing_dim) + mlp(ch, c.channel_mixing_dim)
+    sparse = 2 * (ch * c2 + s * s2) + s2 + c2 + s + ch  # re-represent weights and biases
+    sparse += 4 * c2  # token_norm, channel_norm
+    sparse += c.num_token_experts * (s2 + mlp(s2, c.sparse_token_dim))  # router column + expert
+    sparse += c.num_channel_experts * (c2 + mlp(c2, c.sparse_channel_dim))
+    stem = ch * c.num_channels * c.patch_size**2 + ch
+    head = 2 * ch + ch * c.num_labels + c.num_labels
+    return stem + (c.num_hidden_layers - c.num_sparse_layers) * dense + c.num_sparse_layers * sparse + head
+
+
+SPARSE_PRESETS = {"sparse-mlp-b16-224": (2, 4), "sparse-mlp-l16-224": (4, 4)}
+
+
+@pytest.mark.parametrize("preset", sorted(SPARSE_PRESETS))
+def test_sparse_presets_are_their_mixer_plus_experts(preset):
+    """The paper's parameter table could not be checked offline (see the cards): the sparse presets are tested
+    against the architecture's own parameter formula and against the Mixer they grow from."""
+    config = AutoConfig.from_pretrained(REPO / "model_cards" / preset)
+    assert (config.num_sparse_layers, config.num_channel_experts) == SPARSE_PRESETS[preset]
+    assert preset_param_count(preset) == analytic_param_count(config)
+    mixer = AutoConfig.from_pretrained(REPO / "model_cards" / preset.replace("sparse-mlp", "mixer"))
+    for key in ("hidden_size", "token_mixing_dim", "channel_mixing_dim", "num_hidden_layers", "patch_size"):
+        assert getattr(config, key) == getattr(mixer, key), key
+    card = json.loads((REPO / "model_cards" / preset / "card.json").read_text())
+    assert card["head"] == "SparseMLPForImageClassification" and card["paper"]["arxiv"] == "2109.02008"
+
+
 @pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMS))
 def test_preset_parameter_counts_match_the_papers(preset):
     count = preset_param_count(preset)
     published = PUBLISHED_PARAMS[preset]
     assert abs(count - published) / published < 0.03, (preset, count, published)
+    assert count == analytic_param_count(AutoConfig.from_pretrained(REPO / "model_cards" / preset))
     card = json.loads((REPO / "model_cards" / preset / "card.json").read_text())
     assert card["head"] == "SparseMLPForImageClassification"
 

@@ -14,6 +14,12 @@ AUTO_MAPPING = {
     "AutoModelForImageClassification": SparseMLPForImageClassification,
 }
 
+ARCHITECTURE_CARD = {
+    "name": "Sparse-MLP (Lou et al. 2021)",
+    "variants": "MLP-Mixer (`num_sparse_layers=0`); token- and channel-mixing MoE blocks; experts eager / batched_mm / "
+    "grouped_mm",
+}
+
 __all__ = [
     "AUTO_MAPPING",
     "SparseMLPConfig",

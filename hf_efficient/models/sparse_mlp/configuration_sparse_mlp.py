@@ -73,10 +73,14 @@ class SparseMLPConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the normal init of linear and expert weights.
         drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over the blocks.
         num_labels (`int`, defaults to 2): classes of `SparseMLPForImageClassification`.
-        experts_implementation (`str`, *optional*): transformers' experts interface: `"eager"` (this model's own
-            padded batched matmul, no loop over experts), `"batched_mm"` or `"grouped_mm"` (transformers'
-            implementations); default `"grouped_mm"` (transformers' default). `grouped_mm` needs every expert matrix
-            dimension to be a multiple of 16 bytes (4 float32 / 8 bfloat16 values).
+        experts_implementation (`str`, defaults to `"eager"`): transformers' experts interface, also a
+            `from_pretrained` / `set_experts_implementation` argument: `"eager"` (this model's own padded batched
+            matmul, vectorised, any sizes), `"batched_mm"` (gathers one weight matrix per (unit, expert) pair: for a
+            few units only) or `"grouped_mm"` (`torch.nn.functional.grouped_mm`; every expert matrix dimension must be
+            a multiple of 16 bytes, i.e. 4 float32 / 8 bfloat16 values, else a ValueError names it). The default is
+            `"eager"` rather than transformers' `"grouped_mm"`: it is as fast or faster on CPU here, has no size
+            constraint, and never falls back to transformers' per-expert Python loop (used for `grouped_mm` on CPU
+            with torch <= 2.10 and unaligned tensors, and on torch <= 2.8).
     """
 
     model_type = "sparse_mlp"
@@ -136,6 +140,7 @@ class SparseMLPConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.drop_path_rate = drop_path_rate
         self._validate()
+        kwargs.setdefault("experts_implementation", "eager")
         super().__init__(**kwargs)
 
     # Derived sizes are properties (not stored), so that changing `hidden_size` or `image_size` of a saved config
