@@ -18,6 +18,11 @@ AUTO_MAPPING = {
     "AutoModelForImageClassification": RTransformerForImageClassification,
 }
 
+ARCHITECTURE_CARD = {
+    "name": "R-Transformer (Wang et al. 2019)",
+    "variants": "LocalRNN GRU / LSTM / RNN (`rnn_type`), window M, n LocalRNNs per block; always causal",
+}
+
 __all__ = [
     "AUTO_MAPPING",
     "RTransformerCache",

@@ -19,13 +19,13 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import check_attention_mask, embed_inputs, last_token_pool
+from .common import EfficientPreTrainedModel, check_attention_mask, embed_inputs, last_token_pool
 from .configuration_r_transformer import RTransformerConfig
 from .ops_r_transformer import local_rnn, official_layer_norm
-from .state_cache import StateCache, resolve_state_cache
+from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class RTransformerCache(StateCache):
@@ -301,12 +301,9 @@ def causal_attention_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class RTransformerPreTrainedModel(PreTrainedModel):
+class RTransformerPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
     config_class = RTransformerConfig
     config: RTransformerConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
     _no_split_modules = ["RTransformerBlock"]
     _supports_sdpa = True
 
@@ -319,11 +316,6 @@ class RTransformerPreTrainedModel(PreTrainedModel):
                 init.uniform_(param, -bound, bound)
             return
         super()._init_weights(module)
-
-    # `generate()` must not build a DynamicCache for us: the base model creates its own `RTransformerCache`.
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
 
 
 class RTransformerModel(RTransformerPreTrainedModel):
@@ -341,12 +333,6 @@ class RTransformerModel(RTransformerPreTrainedModel):
         self.layers = nn.ModuleList([RTransformerBlock(config, idx) for idx in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     @can_return_tuple
     def forward(
