@@ -21,7 +21,9 @@ from .common import (
     PatchEmbeddings,
     check_attention_mask,
     drop_path,
-    embed_inputs,
+    run_blocks,
+    stochastic_depth_rates,
+    token_embedding,
 )
 from .configuration_aft import AFTConfig
 from .heads import CausalLMHead, ImageClassificationHead, MaskedLMHead, SequenceClassificationHead
@@ -251,7 +253,6 @@ class AFTBlock(GradientCheckpointingLayer):
 
 
 class AFTPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
-    config_class = AFTConfig
     config: AFTConfig
     _no_split_modules = ["AFTBlock"]
 
@@ -284,21 +285,14 @@ class AFTModel(AFTPreTrainedModel):
     def __init__(self, config: AFTConfig, causal: bool | None = None):
         super().__init__(config)
         self.causal = config.causal if causal is None else causal
-        self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-            if config.vocab_size is not None
-            else None
-        )
+        self.embed_tokens = token_embedding(config)
         self.patch_embed = PatchEmbeddings(config) if config.is_vision else None
         self.class_token = nn.Parameter(torch.empty(1, 1, config.hidden_size)) if config.uses_class_token else None
         with_positions = config.uses_class_token or (config.position_embeddings and not config.is_vision)
         self.embed_positions = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size) if with_positions else None
         )
-        # Stochastic depth grows linearly over the blocks (plain Python: also works on the meta device).
-        rates = [
-            config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)
-        ]
+        rates = stochastic_depth_rates(config)
         self.layers = nn.ModuleList(
             [AFTBlock(config, idx, drop_path_rate=rates[idx]) for idx in range(config.num_hidden_layers)]
         )
@@ -307,15 +301,7 @@ class AFTModel(AFTPreTrainedModel):
         self.post_init()
 
     def _embed(self, input_ids, inputs_embeds, pixel_values) -> torch.Tensor:
-        embeds = embed_inputs(
-            "AFT",
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            embed_tokens=self.embed_tokens,
-            hidden_size=self.config.hidden_size,
-            pixel_values=pixel_values,
-            patch_embed=self.patch_embed,
-        )
+        embeds = self.embed(input_ids, inputs_embeds, pixel_values)
         if pixel_values is not None and self.class_token is not None:
             embeds = torch.cat([self.class_token.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], 1)
         return embeds
@@ -380,19 +366,19 @@ class AFTModel(AFTPreTrainedModel):
             positions = (start[:, None] + past_length + torch.arange(seq_len, device=device)).clamp(min=0)
             hidden_states = hidden_states + self.embed_positions(positions)
 
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, causal=self.causal, start=start, key_mask=key_mask, cache=cache)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+        hidden_states, all_hidden_states = run_blocks(
+            self.layers,
+            hidden_states,
+            self.norm,
+            output_hidden_states,
+            causal=self.causal,
+            start=start,
+            key_mask=key_mask,
+            cache=cache,
+        )
         if cache is not None:
             # Model-level bookkeeping, kept in layer 0's states so beam search reorders it with everything else.
             cache.update_states(0, 0, position_start=start.expand(batch_size).clone())
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            # As in transformers, the last hidden state is the normalised output.
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 

@@ -16,7 +16,12 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import can_return_tuple
 
-from .common import EfficientPreTrainedModel, FeedForward, check_attention_mask, embed_inputs
+from .common import (
+    EfficientPreTrainedModel,
+    FeedForward,
+    check_attention_mask,
+    run_blocks,
+)
 from .configuration_combiner import CombinerConfig
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .ops_combiner import axial_abstraction_keys, combiner_attention, combiner_prefill_state, combiner_step
@@ -150,7 +155,6 @@ class CombinerBlock(GradientCheckpointingLayer):
 
 
 class CombinerPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
-    config_class = CombinerConfig
     config: CombinerConfig
     _no_split_modules = ["CombinerBlock"]
 
@@ -212,13 +216,7 @@ class CombinerModel(CombinerPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        inputs_embeds = embed_inputs(
-            "Combiner",
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            embed_tokens=self.embed_tokens,
-            hidden_size=self.config.hidden_size,
-        )
+        inputs_embeds = self.embed(input_ids, inputs_embeds)
         batch_size, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
 
@@ -261,15 +259,15 @@ class CombinerModel(CombinerPreTrainedModel):
             )
 
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, causal=self.causal, key_mask=new_mask, cache=cache)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            # As in transformers, the last hidden state is the normalised output.
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        hidden_states, all_hidden_states = run_blocks(
+            self.layers,
+            hidden_states,
+            self.norm,
+            output_hidden_states,
+            causal=self.causal,
+            key_mask=new_mask,
+            cache=cache,
+        )
         if order is not None:
             inverse = torch.argsort(order, dim=1)
             hidden_states = _gather_tokens(hidden_states, inverse)

@@ -92,6 +92,26 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | 
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
+def run_blocks(
+    blocks: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    final_norm: nn.Module,
+    output_hidden_states: bool | None,
+    **block_kwargs,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Apply the blocks then the final norm: `(B, L, d)` -> `(B, L, d)`, with the hidden states transformers returns
+    for `output_hidden_states` (the embeddings, then each block's output, the last one normalised)."""
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    for block in blocks:
+        hidden_states = block(hidden_states, **block_kwargs)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+    hidden_states = final_norm(hidden_states)
+    if output_hidden_states:
+        all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+    return hidden_states, all_hidden_states
+
+
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
     if drop_prob == 0.0 or not training:
@@ -109,6 +129,37 @@ class EfficientPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`embed_inputs` with this base model's `embed_tokens` and `patch_embed` (where it has them)."""
+        return embed_inputs(
+            type(self).__name__,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=getattr(self, "embed_tokens", None),
+            hidden_size=self.config.hidden_size,
+            pixel_values=pixel_values,
+            patch_embed=getattr(self, "patch_embed", None),
+        )
+
+
+def token_embedding(config) -> nn.Embedding | None:
+    """The token embedding table, or None for a vision-only config (`vocab_size=None`)."""
+    if getattr(config, "vocab_size", None) is None:
+        return None
+    return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+
+def stochastic_depth_rates(config) -> list[float]:
+    """Per-block drop-path rates growing linearly from 0 to `config.drop_path_rate` (plain Python: also works on the
+    meta device)."""
+    num_layers = config.num_hidden_layers
+    return [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
 
 
 class FeedForward(nn.Module):

@@ -20,8 +20,10 @@ from .common import (
     PatchEmbeddings,
     check_attention_mask,
     drop_path,
-    embed_inputs,
     positions_from_mask,
+    run_blocks,
+    stochastic_depth_rates,
+    token_embedding,
 )
 from .configuration_gmlp import GMLPConfig
 from .heads import (
@@ -176,7 +178,6 @@ class GMLPBlock(GradientCheckpointingLayer):
 
 
 class GMLPPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
-    config_class = GMLPConfig
     config: GMLPConfig
     _no_split_modules = ["GMLPBlock"]
 
@@ -199,16 +200,9 @@ class GMLPModel(GMLPPreTrainedModel):
     def __init__(self, config: GMLPConfig, causal: bool | None = None):
         super().__init__(config)
         self.causal = config.causal if causal is None else causal
-        self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-            if config.vocab_size is not None
-            else None
-        )
+        self.embed_tokens = token_embedding(config)
         self.patch_embed = PatchEmbeddings(config) if config.image_size is not None else None
-        # Stochastic depth grows linearly over the blocks (plain Python: also works on the meta device).
-        rates = [
-            config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)
-        ]
+        rates = stochastic_depth_rates(config)
         self.layers = nn.ModuleList(
             [GMLPBlock(config, idx, drop_path_rate=rates[idx]) for idx in range(config.num_hidden_layers)]
         )
@@ -241,15 +235,7 @@ class GMLPModel(GMLPPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        inputs_embeds = embed_inputs(
-            "gMLP",
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            embed_tokens=self.embed_tokens,
-            hidden_size=self.config.hidden_size,
-            pixel_values=pixel_values,
-            patch_embed=self.patch_embed,
-        )
+        inputs_embeds = self.embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = inputs_embeds.shape
         cache = resolve_state_cache(
             cache, use_cache, cache_class=GMLPCache, config=self.config, causal=self.causal, training=self.training
@@ -291,22 +277,19 @@ class GMLPModel(GMLPPreTrainedModel):
         ):
             positions = None
 
-        hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, causal=self.causal, positions=positions, key_mask=key_mask, cache=cache
-            )
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+        hidden_states, all_hidden_states = run_blocks(
+            self.layers,
+            inputs_embeds,
+            self.norm,
+            output_hidden_states,
+            causal=self.causal,
+            positions=positions,
+            key_mask=key_mask,
+            cache=cache,
+        )
         if cache is not None:
             # Model-level bookkeeping shared by every layer, kept in layer 0's states so beam search reorders it.
             cache.update_states(0, 0, positions=positions, key_mask=key_mask)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            # As in transformers, the last hidden state is the normalised output.
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
