@@ -2,7 +2,7 @@
 route channel rows to token-mixing experts (MoE_S) and patches to channel-mixing experts (MoE_C).
 
 Reads top to bottom in the order data flows: outputs -> MLP -> experts -> MoE layer -> dense block -> sparse block
--> patch stem -> PreTrainedModel -> base model -> head.
+-> PreTrainedModel -> base model -> head.
 """
 
 from dataclasses import dataclass
@@ -14,10 +14,9 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .common import drop_path
+from .common import EfficientPreTrainedModel, PatchEmbeddings, drop_path
 from .configuration_sparse_mlp import SparseMLPConfig
 from .ops_sparse_mlp import padded_experts_forward, route
 
@@ -216,32 +215,11 @@ class SparseMLPSparseBlock(GradientCheckpointingLayer):
         return self.channels_out(hidden_states), token_aux + channel_aux, (token_logits, channel_logits)
 
 
-class SparseMLPPatchEmbeddings(nn.Module):
-    """Patch stem (timm's `stem.proj`): `(B, channels, H, W)` -> `(B, (H / p) * (W / p), C)`."""
-
-    def __init__(self, config: SparseMLPConfig):
-        super().__init__()
-        self.image_size = config.image_size
-        self.num_channels = config.num_channels
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (self.num_channels, self.image_size, self.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}."
-            )
-        return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
-
-
-class SparseMLPPreTrainedModel(PreTrainedModel):
+class SparseMLPPreTrainedModel(EfficientPreTrainedModel):
     config_class = SparseMLPConfig
     config: SparseMLPConfig
-    base_model_prefix = "model"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["SparseMLPDenseBlock", "SparseMLPSparseBlock"]
 
     @torch.no_grad()
@@ -261,7 +239,7 @@ class SparseMLPModel(SparseMLPPreTrainedModel):
 
     def __init__(self, config: SparseMLPConfig):
         super().__init__(config)
-        self.patch_embed = SparseMLPPatchEmbeddings(config)
+        self.patch_embed = PatchEmbeddings(config)  # timm's `stem.proj`
         num_dense = config.num_hidden_layers - config.num_sparse_layers
         rates = [
             config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)
