@@ -559,6 +559,65 @@ class GenericModelTests:
             with pytest.raises(ValueError, match=named):
                 config_class(**kwargs)
 
+    def test_bad_configs_name_the_field(self):
+        """Values that would only fail when the model is built are rejected at config creation."""
+        config_class = hf_efficient.get_config_class(self.model_type)
+        defaults = config_class()
+        if hasattr(defaults, "hidden_act"):
+            with pytest.raises(ValueError, match="hidden_act"):
+                config_class(hidden_act="nope")
+        if hasattr(defaults, "initializer_range"):
+            with pytest.raises(ValueError, match="initializer_range"):
+                config_class(initializer_range=-0.02)
+
+    def test_attention_masks_of_any_dtype_with_0_1_values(self, variant, text_head):
+        model = self.make_model(variant, text_head)
+        inputs = self.make_inputs(model.config, text_head, batch_size=2)
+        mask = torch.ones_like(inputs["input_ids"])
+        mask[0, -3:] = 0  # right padding: valid for every head
+        expected = self.forward(model, {**inputs, "attention_mask": mask})
+        for as_dtype in (torch.bool, torch.int32, torch.float32):
+            got = self.forward(model, {**inputs, "attention_mask": mask.to(as_dtype)})
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=str(as_dtype))
+
+    def test_additive_float_mask_is_rejected(self, variant, text_head):
+        """An additive mask (0 = keep, -inf = pad) would silently be read inverted: it must be an error."""
+        model = self.make_model(variant, text_head)
+        inputs = self.make_inputs(model.config, text_head, batch_size=2)
+        additive = torch.zeros(inputs["input_ids"].shape)
+        additive[0, -3:] = float("-inf")
+        with pytest.raises(ValueError, match="attention_mask must hold 1 for real tokens and 0 for padding"):
+            model(**inputs, attention_mask=additive)
+        additive[0, -3:] = -10000.0
+        with pytest.raises(ValueError, match="-10000"):
+            model(**inputs, attention_mask=additive)
+
+    def test_bad_input_ids_name_the_value(self, variant, text_head):
+        model = self.make_model(variant, text_head)
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = self.make_inputs(model.config, text_head, batch_size=2)["input_ids"]
+        for bad in (vocab, -1):
+            wrong = ids.clone()
+            wrong[1, 2] = bad
+            with pytest.raises(ValueError, match=rf"id {bad}, outside the vocabulary \[0, {vocab - 1}\]"):
+                model(input_ids=wrong)
+        with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
+            model(input_ids=ids[0])
+        with pytest.raises(ValueError, match=r"shape \(batch, length\)"):
+            model(input_ids=ids[..., None])
+        for empty in (ids[:, :0], ids[:0]):
+            with pytest.raises(ValueError, match="empty"):
+                model(input_ids=empty)
+
+    def test_bad_inputs_embeds_name_the_problem(self, variant, text_head):
+        model = self.make_model(variant, text_head)
+        width = model.config.hidden_size
+        embeds = torch.randn(2, self.seq_length, width)
+        with pytest.raises(ValueError, match=rf"\(batch, length, {width}\)"):
+            model(inputs_embeds=torch.randn(2, self.seq_length, width + 1))
+        with pytest.raises(ValueError, match="torch.float64"):
+            model(inputs_embeds=embeds.double())
+
     def test_wrong_image_size_raises(self, variant, vision_head):
         head = vision_head
         model = self.make_model(variant, head)

@@ -2,6 +2,17 @@
 
 from transformers import PreTrainedConfig
 
+from .config_checks import (
+    require_activation,
+    require_choice,
+    require_divides,
+    require_image_settings,
+    require_non_negative,
+    require_positive,
+    require_positive_int,
+    require_probability,
+)
+
 AFT_TYPES = ("full", "local", "simple", "conv")
 
 
@@ -151,57 +162,28 @@ class AFTConfig(PreTrainedConfig):
 
     def _validate(self):
         """Reject invalid values and combinations at creation time, naming the field."""
-
-        def positive_int(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"AFTConfig: `{name}` must be a positive integer, got {value!r}.")
-
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"):
-            positive_int(name)
-        if self.aft_type not in AFT_TYPES:
-            raise ValueError(f"AFTConfig: `aft_type` must be one of {', '.join(AFT_TYPES)}; got {self.aft_type!r}.")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
-            raise ValueError(f"AFTConfig: `vocab_size` must be a positive integer or None, got {self.vocab_size!r}.")
+        require_positive_int(self, "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings")
+        require_positive_int(self, "vocab_size", allow_none=True)
+        require_choice(self, "aft_type", AFT_TYPES)
         if self.aft_type == "local":
-            positive_int("local_window")
+            require_positive_int(self, "local_window")
         if self.aft_type in ("full", "local"):
-            if self.position_bias_dim is not None:
-                positive_int("position_bias_dim")
-            if not self.position_bias_init_std >= 0:
-                raise ValueError(
-                    f"AFTConfig: `position_bias_init_std` must be >= 0, got {self.position_bias_init_std!r}."
-                )
+            require_positive_int(self, "position_bias_dim", allow_none=True)
+            require_non_negative(self, "position_bias_init_std")
         if self.aft_type == "conv":
-            positive_int("num_heads")
-            positive_int("conv_kernel_size")
-            if self.hidden_size % self.num_heads != 0:
-                raise ValueError(
-                    f"AFTConfig: AFT-conv splits `hidden_size` ({self.hidden_size}) into `num_heads` "
-                    f"({self.num_heads}) heads: it must divide it."
-                )
+            require_positive_int(self, "num_heads", "conv_kernel_size")
+            require_divides(self, "num_heads", "hidden_size")
             if self.conv_kernel_size % 2 == 0:
                 raise ValueError(
                     f"AFTConfig: `conv_kernel_size` must be odd (the bidirectional kernel is centred), "
                     f"got {self.conv_kernel_size}."
                 )
-        for name in ("hidden_dropout_prob", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"AFTConfig: `{name}` must be in [0, 1), got {value!r}.")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"AFTConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
-        if (self.image_size is None) != (self.patch_size is None):
-            raise ValueError(
-                f"AFTConfig: `image_size` ({self.image_size!r}) and `patch_size` ({self.patch_size!r}) must be set "
-                "together (vision) or both left None (text)."
-            )
+        require_probability(self, "hidden_dropout_prob", "drop_path_rate")
+        require_positive(self, "layer_norm_eps")
+        require_non_negative(self, "initializer_range")
+        require_activation(self)
+        require_image_settings(self)
         if self.is_vision:
-            if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size != 0:
-                raise ValueError(
-                    f"AFTConfig: `image_size` ({self.image_size}) must be a positive multiple of `patch_size` "
-                    f"({self.patch_size})."
-                )
             if self.causal:
                 raise ValueError("AFTConfig: `causal=True` is not supported for a vision model (image_size is set).")
             tokens = (self.image_size // self.patch_size) ** 2 + (1 if self.uses_class_token else 0)

@@ -5,6 +5,15 @@ import math
 
 from transformers import PreTrainedConfig
 
+from .config_checks import (
+    require_activation,
+    require_choice,
+    require_divides,
+    require_non_negative,
+    require_positive,
+    require_positive_int,
+    require_probability,
+)
 from .ops_combiner import COMBINER_TYPES, SPAN_SUMMARIES
 
 
@@ -123,7 +132,8 @@ class CombinerConfig(PreTrainedConfig):
 
     def _validate(self):
         """Reject invalid values and combinations at creation time, naming the field and the value."""
-        for name in (
+        require_positive_int(
+            self,
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -131,33 +141,15 @@ class CombinerConfig(PreTrainedConfig):
             "num_attention_heads",
             "max_position_embeddings",
             "block_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"CombinerConfig: `{name}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"CombinerConfig: `num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` "
-                f"({self.hidden_size})."
-            )
-        if self.combiner_type not in COMBINER_TYPES:
-            raise ValueError(
-                f"CombinerConfig: unknown `combiner_type` {self.combiner_type!r}; expected one of {COMBINER_TYPES}."
-            )
-        if self.span_summary not in SPAN_SUMMARIES:
-            raise ValueError(
-                f"CombinerConfig: unknown `span_summary` {self.span_summary!r}; expected one of {SPAN_SUMMARIES}."
-            )
-        if self.classifier_pooling not in ("mean", "last"):
-            raise ValueError(
-                f"CombinerConfig: `classifier_pooling` must be 'mean' or 'last', got {self.classifier_pooling!r}."
-            )
-        if not 0.0 <= self.hidden_dropout_prob < 1.0:
-            raise ValueError(
-                f"CombinerConfig: `hidden_dropout_prob` must be in [0, 1), got {self.hidden_dropout_prob!r}."
-            )
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"CombinerConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        )
+        require_divides(self, "num_attention_heads", "hidden_size")
+        require_choice(self, "combiner_type", COMBINER_TYPES)
+        require_choice(self, "span_summary", SPAN_SUMMARIES)
+        require_choice(self, "classifier_pooling", ("mean", "last"))
+        require_probability(self, "hidden_dropout_prob")
+        require_positive(self, "layer_norm_eps")
+        require_non_negative(self, "initializer_range")
+        require_activation(self)
 
 
 __all__ = ["CombinerConfig"]

@@ -2,6 +2,15 @@
 
 from transformers import PreTrainedConfig
 
+from .config_checks import (
+    require_activation,
+    require_image_settings,
+    require_non_negative,
+    require_positive,
+    require_positive_int,
+    require_probability,
+)
+
 
 class GMLPConfig(PreTrainedConfig):
     r"""
@@ -98,40 +107,19 @@ class GMLPConfig(PreTrainedConfig):
 
     def _validate(self):
         """Reject invalid values and combinations at creation time, naming the field."""
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GMLPConfig: `{name}` must be a positive integer, got {value!r}.")
+        require_positive_int(self, "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings")
+        require_positive_int(self, "vocab_size", "tiny_attn_size", allow_none=True)
         if self.intermediate_size % 2 != 0:
             raise ValueError(
                 f"GMLPConfig: `intermediate_size` must be even (the SGU splits it in two halves), "
                 f"got {self.intermediate_size}."
             )
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
-            raise ValueError(f"GMLPConfig: `vocab_size` must be a positive integer or None, got {self.vocab_size!r}.")
-        if self.tiny_attn_size is not None and (not isinstance(self.tiny_attn_size, int) or self.tiny_attn_size <= 0):
-            raise ValueError(
-                f"GMLPConfig: `tiny_attn_size` must be a positive integer (aMLP) or None (gMLP), "
-                f"got {self.tiny_attn_size!r}."
-            )
-        for name in ("hidden_dropout_prob", "drop_path_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"GMLPConfig: `{name}` must be in [0, 1), got {value!r}.")
-        for name in ("layer_norm_eps", "gate_norm_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GMLPConfig: `{name}` must be positive, got {getattr(self, name)!r}.")
-        if (self.image_size is None) != (self.patch_size is None):
-            raise ValueError(
-                f"GMLPConfig: `image_size` ({self.image_size!r}) and `patch_size` ({self.patch_size!r}) must be set "
-                "together (vision) or both left None (text)."
-            )
+        require_probability(self, "hidden_dropout_prob", "drop_path_rate")
+        require_positive(self, "layer_norm_eps", "gate_norm_eps")
+        require_non_negative(self, "sgu_init_std", "initializer_range")
+        require_activation(self)
+        require_image_settings(self)
         if self.image_size is not None:
-            if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size != 0:
-                raise ValueError(
-                    f"GMLPConfig: `image_size` ({self.image_size}) must be a positive multiple of `patch_size` "
-                    f"({self.patch_size})."
-                )
             num_patches = (self.image_size // self.patch_size) ** 2
             if num_patches != self.max_position_embeddings:
                 raise ValueError(
