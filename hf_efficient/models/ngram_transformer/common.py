@@ -6,6 +6,15 @@ the same folder). The master copy is `hf_efficient/models/shared/common.py`: edi
 """
 
 import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_utils import PreTrainedModel
+
+
+def _checking() -> bool:
+    """Value checks read tensor data (a device sync, data-dependent control flow): skip them while compiling or
+    exporting, where the graph must not branch on data."""
+    return not torch.compiler.is_compiling()
 
 
 def embed_inputs(
@@ -17,11 +26,14 @@ def embed_inputs(
     hidden_size: int,
     pixel_values: torch.Tensor | None = None,
     patch_embed: torch.nn.Module | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Check the inputs of a base model and turn them into `(B, L, d)` embeddings.
 
     Exactly one of `input_ids` `(B, L)`, `inputs_embeds` `(B, L, d)` or `pixel_values` `(B, C, H, W)` (when the model
-    has a `patch_embed`). Every mistake is a `ValueError` naming the value, raised before any tensor op.
+    has a `patch_embed`). Every mistake is a `ValueError` naming the value, raised before any tensor op: the wrong
+    number of dimensions, an empty batch or sequence, ids outside the vocabulary, embeddings of the wrong width or
+    of another floating dtype than the model's (`dtype`).
     """
     given = [name for name, x in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds)) if x is not None]
     if pixel_values is not None:
@@ -32,6 +44,8 @@ def embed_inputs(
     if pixel_values is not None:
         if patch_embed is None:
             raise ValueError(f"{model_name}: this config has no image settings: it cannot take `pixel_values`.")
+        if pixel_values.ndim == 4 and pixel_values.shape[0] == 0:
+            raise ValueError(f"{model_name}: `pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}).")
         return patch_embed(pixel_values)
     if inputs_embeds is not None:
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden_size:
@@ -39,16 +53,45 @@ def embed_inputs(
                 f"{model_name}: `inputs_embeds` must have shape (batch, length, {hidden_size}), "
                 f"got {tuple(inputs_embeds.shape)}."
             )
+        if dtype is not None and inputs_embeds.dtype != dtype:
+            raise ValueError(
+                f"{model_name}: `inputs_embeds` has dtype {inputs_embeds.dtype}, the model runs in {dtype}: "
+                f"cast them with `.to({dtype})` (or the model with `.to(dtype)`)."
+            )
+        _check_not_empty(model_name, "inputs_embeds", inputs_embeds.shape)
         return inputs_embeds
     if embed_tokens is None:
         raise ValueError(f"{model_name}: this config has `vocab_size=None` (vision only): it cannot take `input_ids`.")
     if input_ids.ndim != 2:
         raise ValueError(f"{model_name}: `input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+    _check_not_empty(model_name, "input_ids", input_ids.shape)
+    if input_ids.is_floating_point():
+        raise ValueError(f"{model_name}: `input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+    vocab_size = embed_tokens.num_embeddings
+    if _checking():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{model_name}: `input_ids` holds the id {bad}, outside the vocabulary [0, {vocab_size - 1}] "
+                f"(vocab_size={vocab_size})."
+            )
     return embed_tokens(input_ids)
 
 
+def _check_not_empty(model_name: str, name: str, shape: torch.Size) -> None:
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(
+            f"{model_name}: `{name}` is empty (shape {tuple(shape)}): every sample needs at least one token."
+        )
+
+
 def check_attention_mask(attention_mask: torch.Tensor | None, expected_length: int, past_length: int = 0) -> None:
-    """`attention_mask` `(B, T)` covers past + current tokens (transformers' convention): 1 = real, 0 = padding."""
+    """`attention_mask` `(B, T)` covers past + current tokens (transformers' convention): 1 = real, 0 = padding.
+
+    Any dtype (bool, int, float) is accepted as long as the values are 0 and 1; an additive mask (0 = keep,
+    -inf or a large negative = pad) would be read inverted, so it is a ValueError that says what masks look like.
+    """
     if attention_mask is None:
         return
     if attention_mask.ndim != 2 or attention_mask.shape[-1] != expected_length:
@@ -56,6 +99,14 @@ def check_attention_mask(attention_mask: torch.Tensor | None, expected_length: i
             f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, {expected_length}) "
             f"(past {past_length} + current {expected_length - past_length} tokens)."
         )
+    if attention_mask.dtype != torch.bool and _checking():
+        invalid = (attention_mask != 0) & (attention_mask != 1)
+        if bool(invalid.any()):
+            value = attention_mask[invalid][0].item()
+            raise ValueError(
+                f"attention_mask must hold 1 for real tokens and 0 for padding (bool, int or float), got the value "
+                f"{value}. An additive mask (0 = keep, -inf = pad) is not accepted: pass `(mask == 0)` instead."
+            )
 
 
 def positions_from_mask(
@@ -89,6 +140,26 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | 
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
+def run_blocks(
+    blocks: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    final_norm: nn.Module,
+    output_hidden_states: bool | None,
+    **block_kwargs,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Apply the blocks then the final norm: `(B, L, d)` -> `(B, L, d)`, with the hidden states transformers returns
+    for `output_hidden_states` (the embeddings, then each block's output, the last one normalised)."""
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    for block in blocks:
+        hidden_states = block(hidden_states, **block_kwargs)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+    hidden_states = final_norm(hidden_states)
+    if output_hidden_states:
+        all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+    return hidden_states, all_hidden_states
+
+
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
     if drop_prob == 0.0 or not training:
@@ -97,3 +168,77 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
     keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
     return hidden_states * keep / keep_prob
+
+
+class EfficientPreTrainedModel(PreTrainedModel):
+    """What every architecture's `PreTrainedModel` shares: heads keep the base model in `self.model`, text input by
+    default, gradient checkpointing through `GradientCheckpointingLayer` blocks."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`embed_inputs` with this base model's `embed_tokens` and `patch_embed` (where it has them)."""
+        return embed_inputs(
+            type(self).__name__,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            embed_tokens=getattr(self, "embed_tokens", None),
+            hidden_size=self.config.hidden_size,
+            pixel_values=pixel_values,
+            patch_embed=getattr(self, "patch_embed", None),
+            dtype=self.dtype,
+        )
+
+
+def token_embedding(config) -> nn.Embedding | None:
+    """The token embedding table, or None for a vision-only config (`vocab_size=None`)."""
+    if getattr(config, "vocab_size", None) is None:
+        return None
+    return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+
+def stochastic_depth_rates(config) -> list[float]:
+    """Per-block drop-path rates growing linearly from 0 to `config.drop_path_rate` (plain Python: also works on the
+    meta device)."""
+    num_layers = config.num_hidden_layers
+    return [config.drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
+
+
+class FeedForward(nn.Module):
+    """The block's feed-forward network: `fc2(act(fc1(x)))`, `d -> config.intermediate_size -> d`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class PatchEmbeddings(nn.Module):
+    """Patch stem (timm's `stem.proj`): `(B, C, H, W)` -> `(B, (H / p) * (W / p), d)`; a wrong image size is a
+    ValueError naming the expected shape."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.image_size = config.image_size
+        self.num_channels = config.num_channels
+        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected pixel_values of shape (batch, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        return self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
