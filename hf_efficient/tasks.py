@@ -320,6 +320,13 @@ class Task:
     def load_text(self, args, tokenizer, block_size: int, train: bool, seed: int) -> TaskData:
         raise NotImplementedError(f"task {self.name!r} does not load text data")
 
+    def local_splits(self, args, seed: int, **columns: str):
+        """`(train, validation)` of `--dataset`, which must have the `columns` (option name -> column name)."""
+        image = self.modality == "image"
+        splits = read_local_dataset(args.dataset, args.dataset_format, args.validation_split_percentage, seed, image)
+        _require_columns(splits, args.dataset, **columns)
+        return splits
+
     def metrics_from_loss(self, metrics: dict, data: TaskData) -> dict:
         """Metrics computed from the mean evaluation loss (none for classification)."""
         return {}
@@ -361,10 +368,7 @@ class LanguageModelling(Task):
             validation = corpus("validation", args.max_eval_bytes)
             description = f"{byte_data.__name__}: Python {_python_version()} standard-library source bytes"
         else:
-            train_set, validation = read_local_dataset(
-                args.dataset, args.dataset_format, args.validation_split_percentage, seed
-            )
-            _require_columns([train_set], args.dataset, text_column=args.text_column)
+            train_set, validation = self.local_splits(args, seed, text_column=args.text_column)
             train_set = _token_blocks(train_set, args, tokenizer, block_size) if train else None
             validation = _token_blocks(validation, args, tokenizer, block_size)
             description = f"local dataset {args.dataset} (column {args.text_column!r})"
@@ -427,11 +431,8 @@ class SequenceClassification(Task):
                 "standard-library package of a 128-byte source block (embedded; asyncio/email/tkinter/unittest)"
             )
         else:
-            train_set, validation = read_local_dataset(
-                args.dataset, args.dataset_format, args.validation_split_percentage, seed
-            )
             columns = dict(text_column=args.text_column, label_column=args.label_column)
-            _require_columns([train_set, validation], args.dataset, **columns)
+            train_set, validation = self.local_splits(args, seed, **columns)
             train_set, validation, label_names = _encode_labels(train_set, validation, args.label_column)
 
             def tokenize(split):
@@ -474,11 +475,8 @@ class Seq2SeqTask(Task):
             source, target = "source", "target"
             description = self.default_data
         else:
-            train_set, validation = read_local_dataset(
-                args.dataset, args.dataset_format, args.validation_split_percentage, seed
-            )
             source, target = args.source_column, args.target_column
-            _require_columns([train_set, validation], args.dataset, source_column=source, target_column=target)
+            train_set, validation = self.local_splits(args, seed, source_column=source, target_column=target)
             description = f"local dataset {args.dataset}"
 
         def tokenize(split):
@@ -541,11 +539,8 @@ class ImageClassification(Task):
             description = "scikit-learn handwritten digits (8x8 grey-scale, 10 classes; embedded)"
             source = "the digits"
         else:
-            train_set, validation = read_local_dataset(
-                args.dataset, args.dataset_format, args.validation_split_percentage, seed, image=True
-            )
             columns = dict(image_column=args.image_column, label_column=args.label_column)
-            _require_columns([train_set, validation], args.dataset, **columns)
+            train_set, validation = self.local_splits(args, seed, **columns)
             if args.image_column != "image":
                 train_set, validation = (d.rename_column(args.image_column, "image") for d in (train_set, validation))
             train_set, validation, _ = _encode_labels(train_set, validation, args.label_column)
