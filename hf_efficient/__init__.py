@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "gmlp": "gmlp",
     "aft": "aft",
     "combiner": "combiner",
+    "r_transformer": "r_transformer",
     "sparse_mlp": "sparse_mlp",
 }
 
