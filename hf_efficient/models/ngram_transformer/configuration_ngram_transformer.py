@@ -172,6 +172,14 @@ class NgramTransformerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"NgramTransformerConfig: `{name}` must be in [0, 1), got {value!r}.")
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"NgramTransformerConfig: unknown `hidden_act` {self.hidden_act!r}.")
+        if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
+            raise ValueError(
+                f"NgramTransformerConfig: `initializer_range` must be positive, got {self.initializer_range!r}."
+            )
         if not self.layer_norm_eps > 0:
             raise ValueError(
                 f"NgramTransformerConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}."

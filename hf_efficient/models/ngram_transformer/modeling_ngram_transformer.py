@@ -304,14 +304,19 @@ class _Embedder(nn.Module):
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, model_name, input_ids, inputs_embeds, position_ids) -> torch.Tensor:
-        embeds = embed_inputs(
+    def tokens(self, model_name, input_ids, inputs_embeds) -> torch.Tensor:
+        """Checked `(B, L, d)` token embeddings (every bad input is a ValueError naming it)."""
+        weight = self._shared[0].weight
+        return embed_inputs(
             model_name,
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             embed_tokens=self._shared[0],
             hidden_size=self.config.hidden_size,
+            dtype=weight.dtype if weight.is_floating_point() else None,
         )
+
+    def forward(self, model_name, embeds, position_ids) -> torch.Tensor:
         if self.config.position_embedding_type == "learned":
             limit = self.config.max_position_embeddings
             if position_ids.numel() and int(position_ids.max()) >= limit:
@@ -347,11 +352,11 @@ class NgramTransformerEncoder(nn.Module):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        embeds = self.embedder.tokens("NgramTransformerEncoder", input_ids, inputs_embeds)
+        length = embeds.shape[1]
         check_attention_mask(attention_mask, length)
-        device = (input_ids if input_ids is not None else inputs_embeds).device
-        positions = positions_from_mask(attention_mask, 0, length, device)
-        hidden_states = self.embedder("NgramTransformerEncoder", input_ids, inputs_embeds, positions)
+        positions = positions_from_mask(attention_mask, 0, length, embeds.device)
+        hidden_states = self.embedder("NgramTransformerEncoder", embeds, positions)
         mask = padding_mask(attention_mask)
         all_hidden, all_attentions = ((hidden_states,) if output_hidden_states else None), ()
         for layer in self.layers:
@@ -416,14 +421,14 @@ class NgramTransformerDecoder(nn.Module):
         if self.config.is_encoder_decoder and encoder_hidden_states is None:
             raise ValueError("NgramTransformerDecoder: an encoder-decoder config needs `encoder_hidden_states`.")
         use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
+        embeds = self.embedder.tokens("NgramTransformerDecoder", input_ids, inputs_embeds)
         cache = self._resolve_cache(cache, use_cache)
-        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-        device = (input_ids if input_ids is not None else inputs_embeds).device
+        length, device = embeds.shape[1], embeds.device
         past_length = cache.get_seq_length() if cache is not None else 0
         check_attention_mask(attention_mask, past_length + length, past_length)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, length, device)
-        hidden_states = self.embedder("NgramTransformerDecoder", input_ids, inputs_embeds, position_ids)
+        hidden_states = self.embedder("NgramTransformerDecoder", embeds, position_ids)
         key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         cross_mask = padding_mask(encoder_attention_mask)
 
