@@ -526,6 +526,21 @@ class GenericModelTests:
         untied = head(config)
         assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
 
+    def test_use_cache_is_a_config_field(self, variant, causal_head):
+        assert AutoConfig.for_model(self.model_type, use_cache=False).use_cache is False
+        model = self.make_model(variant, causal_head)
+        assert model.config.use_cache is True
+        ids, mask = self._prompt(model)
+        with torch.no_grad():
+            assert model(input_ids=ids, attention_mask=mask).cache is not None
+            model.config.use_cache = False
+            assert model(input_ids=ids, attention_mask=mask).cache is None
+
+    def test_vision_input_embeddings_are_the_patch_embedding(self, variant, vision_head):
+        model = self.make_model(variant, vision_head)
+        embedding = model.get_input_embeddings()
+        assert isinstance(embedding, torch.nn.Module) and any(p.requires_grad for p in embedding.parameters())
+
     # ----------------------------------------------------------------- numerics
     def test_bfloat16_forward_backward_finite(self, variant, head):
         model = self.make_model(variant, head).to(torch.bfloat16).train()

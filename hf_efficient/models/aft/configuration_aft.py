@@ -106,6 +106,7 @@ class AFTConfig(PreTrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = 1,
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -129,6 +130,9 @@ class AFTConfig(PreTrainedConfig):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        # A declared field (transformers drops undeclared generation parameters): causal models return a cache
+        # by default outside training; `use_cache=False` turns that off.
+        self.use_cache = use_cache
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,

@@ -101,6 +101,7 @@ class CombinerConfig(PreTrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = 1,
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -121,6 +122,9 @@ class CombinerConfig(PreTrainedConfig):
         self.hidden_dropout_prob = hidden_dropout_prob
         self.initializer_range = initializer_range
         self.classifier_pooling = classifier_pooling
+        # A declared field (transformers drops undeclared generation parameters): causal models return a cache
+        # by default outside training; `use_cache=False` turns that off.
+        self.use_cache = use_cache
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,

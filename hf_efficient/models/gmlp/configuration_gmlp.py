@@ -77,6 +77,7 @@ class GMLPConfig(PreTrainedConfig):
         bos_token_id: int | None = None,
         eos_token_id: int | None = 1,
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -96,6 +97,9 @@ class GMLPConfig(PreTrainedConfig):
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
+        # A declared field (transformers drops undeclared generation parameters): causal models return a cache
+        # by default outside training; `use_cache=False` turns that off.
+        self.use_cache = use_cache
         self._validate()
         super().__init__(
             pad_token_id=pad_token_id,

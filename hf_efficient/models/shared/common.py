@@ -177,6 +177,21 @@ class EfficientPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # `attn_implementation="eager" | "sdpa"` is accepted by every architecture, so `from_pretrained(...,
+    # attn_implementation=...)` and `set_attn_implementation` behave the same everywhere. Models with softmax
+    # attention through transformers' attention interface dispatch on it; the others have nothing to dispatch
+    # (their token mixers are their own ops) and ignore it.
+    _supports_sdpa = True
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The token embedding, or for a model that reads `pixel_values` its patch embedding (as transformers'
+        vision models return theirs)."""
+        base = getattr(self, self.base_model_prefix, self)
+        if self.main_input_name == "pixel_values" or getattr(base, "embed_tokens", None) is None:
+            patch_embed = getattr(base, "patch_embed", None)
+            if patch_embed is not None:
+                return patch_embed
+        return getattr(base, "embed_tokens", None)
 
     def embed(
         self,
