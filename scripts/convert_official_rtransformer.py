@@ -13,7 +13,7 @@ The official names map one to one onto ours (no tensor is reshaped; the LocalRNN
     rt.forward_net.{i}.feed_forward.{w_1,w_2}.*              -> model.layers.{i}.ffn.{fc1,fc2}.*
     encoder.weight (char / word: nn.Embedding)               -> model.embed_tokens.weight
     decoder.{weight,bias} (char / word)                      -> lm_head.{weight,bias}   (tied: same as the encoder)
-    encoder.* (image: nn.Linear(C, d))                       -> model.pixel_embed.proj.*
+    encoder.* (image: nn.Linear(C, d))                       -> model.patch_embed.proj.*
     linear.* (image)                                         -> classifier.*
 
 Defined but never used by the official forward, so dropped (and listed): each LocalRNN's `output` Linear+ReLU,
@@ -59,8 +59,8 @@ TOP_RENAMES = {
         "decoder.bias": "lm_head.bias",
     },
     "image": {
-        "encoder.weight": "model.pixel_embed.proj.weight",
-        "encoder.bias": "model.pixel_embed.proj.bias",
+        "encoder.weight": "model.patch_embed.proj.weight",
+        "encoder.bias": "model.patch_embed.proj.bias",
         "linear.weight": "classifier.weight",
         "linear.bias": "classifier.bias",
     },

@@ -311,7 +311,7 @@ def test_image_head_reads_row_major_pixel_sequence_and_last_position():
     sequence = torch.stack([pixels[:, :, r, c] for r in range(3) for c in range(3)], dim=1)  # (B, 9, C) row-major
     with torch.no_grad():
         logits = model(pixel_values=pixels).logits
-        hidden = model.model(inputs_embeds=model.model.pixel_embed.proj(sequence)).last_hidden_state
+        hidden = model.model(inputs_embeds=model.model.patch_embed.proj(sequence)).last_hidden_state
         expected = model.classifier(hidden[:, -1])
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="input_ids"):

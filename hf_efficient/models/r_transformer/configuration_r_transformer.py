@@ -164,6 +164,10 @@ class RTransformerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"RTransformerConfig: `{name}` must be in [0, 1), got {value!r}.")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
+            raise ValueError(
+                f"RTransformerConfig: `initializer_range` must be positive, got {self.initializer_range!r}."
+            )
         if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
             raise ValueError(f"RTransformerConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
         if self.official_layer_norm and self.hidden_size < 2:

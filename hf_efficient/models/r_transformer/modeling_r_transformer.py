@@ -12,18 +12,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    ImageClassifierOutput,
-    SequenceClassifierOutput,
-    TokenClassifierOutput,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import EfficientPreTrainedModel, check_attention_mask, embed_inputs, last_token_pool
+from .common import EfficientPreTrainedModel, check_attention_mask
 from .configuration_r_transformer import RTransformerConfig
+from .heads import ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
 from .ops_r_transformer import local_rnn, official_layer_norm
 from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
@@ -329,7 +324,7 @@ class RTransformerModel(RTransformerPreTrainedModel):
         self.embed_tokens = (
             nn.Embedding(config.vocab_size, config.hidden_size) if config.vocab_size is not None else None
         )
-        self.pixel_embed = RTransformerPixelEmbeddings(config) if config.image_size is not None else None
+        self.patch_embed = RTransformerPixelEmbeddings(config) if config.image_size is not None else None
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList([RTransformerBlock(config, idx) for idx in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
@@ -349,15 +344,7 @@ class RTransformerModel(RTransformerPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`attention_mask` `(B, T)` covers past + current positions (1 = real); `pixel_values` `(B, C, H, W)`."""
-        hidden_states = embed_inputs(
-            "RTransformerModel",
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            embed_tokens=self.embed_tokens,
-            hidden_size=self.config.hidden_size,
-            pixel_values=pixel_values,
-            patch_embed=self.pixel_embed,
-        )
+        hidden_states = self.embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = hidden_states.shape
         cache = resolve_state_cache(
             cache, use_cache, cache_class=RTransformerCache, config=self.config, causal=True, training=self.training
@@ -459,120 +446,28 @@ class RTransformerForCausalLM(RTransformerPreTrainedModel, GenerationMixin):
         )
 
 
-class RTransformerForSequenceClassification(RTransformerPreTrainedModel):
+class RTransformerForSequenceClassification(SequenceClassificationHead, RTransformerPreTrainedModel):
     """A linear classifier on the last real position (the official pixel-MNIST head reads the last position)."""
 
-    def __init__(self, config: RTransformerConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = RTransformerModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = self.score(last_token_pool(outputs.last_hidden_state, attention_mask))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    base_model_class = RTransformerModel
+    pooling = "last"
 
 
-class RTransformerForTokenClassification(RTransformerPreTrainedModel):
+class RTransformerForTokenClassification(TokenClassificationHead, RTransformerPreTrainedModel):
     """A linear classifier on every position (causal: each label sees its prefix)."""
 
-    def __init__(self, config: RTransformerConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = RTransformerModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.score = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> TokenClassifierOutput:
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = self.score(self.dropout(outputs.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config)
-        return TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    base_model_class = RTransformerModel
 
 
-class RTransformerForImageClassification(RTransformerPreTrainedModel):
+class RTransformerForImageClassification(ImageClassificationHead, RTransformerPreTrainedModel):
     """Sequential image classification (the official pixel-MNIST model): the image as a row-major pixel sequence,
     a linear input projection of each pixel's channels, causal blocks, a linear classifier on the last position."""
 
-    main_input_name = "pixel_values"
+    base_model_class = RTransformerModel
+    base_model_causal = None  # always causal, as the official model
 
-    def __init__(self, config: RTransformerConfig):
-        super().__init__(config)
-        if config.image_size is None:
-            raise ValueError("RTransformerForImageClassification needs `image_size` in its config, got None.")
-        self.num_labels = config.num_labels
-        self.model = RTransformerModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput:
-        outputs = self.model(
-            pixel_values=pixel_values,
-            use_cache=False,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        logits = self.classifier(outputs.last_hidden_state[:, -1])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+    def pool_image(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, -1]
 
 
 __all__ = [
