@@ -2,6 +2,7 @@
 Computation", arXiv:2109.02008, 2021)."""
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 CAPACITY_PRIORITIES = ("importance", "position")
 
@@ -247,6 +248,12 @@ class SparseMLPConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"SparseMLPConfig: `drop_path_rate` must be in [0, 1), got {self.drop_path_rate!r}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"SparseMLPConfig: `hidden_act` {self.hidden_act!r} is not an activation of transformers."
+            )
+        if not self.initializer_range > 0:
+            raise ValueError(f"SparseMLPConfig: `initializer_range` must be positive, got {self.initializer_range!r}.")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"SparseMLPConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
 

@@ -192,6 +192,8 @@ class SparseMLPSparseBlock(GradientCheckpointingLayer):
         )
         self.patches_out = nn.Linear(sparse_patches, patches)
         self.channels_out = nn.Linear(sparse_channels, channels)
+        for layer in (self.channels_in, self.patches_in, self.patches_out, self.channels_out):
+            layer.is_re_represent = True  # variance-preserving init, see `_init_weights`
         self.drop_path_rate = drop_path_rate
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -224,6 +226,13 @@ class SparseMLPPreTrainedModel(EfficientPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        if getattr(module, "is_re_represent", False):
+            # The re-represent layers sit on the residual stream (no residual around a sparse block): a small normal
+            # init would shrink the signal ~(0.02 sqrt(d))^4 per sparse block, so they get Xavier-uniform (timm's
+            # Mixer init for linear layers), which roughly preserves its scale.
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+            return
         if isinstance(module, SparseMLPExperts):
             init.normal_(module.up_proj, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.down_proj, mean=0.0, std=self.config.initializer_range)
