@@ -388,3 +388,174 @@ def test_bad_input_raises_value_error_naming_the_value():
         ops_aft.aft_simple(q, q, q, key_padding_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="need causal=True"):
         ops_aft.aft_simple(q, q, q, return_state=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AFT-full with the factorised bias w = u v^T: streamed tiles (forward and backward), never L x L
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _factor_case(causal, scale, dtype, seed, per_sample=False, rank=3):
+    case = Case("full", None, causal, scale=scale, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    lead = (B,) if per_sample else ()
+    # u v^T of magnitude ~scale: entries of u, v ~ sqrt(scale / rank)
+    amp = ((scale or 1.0) / rank) ** 0.5
+    u = _uniform((*lead, L, rank), amp, g).to(dtype)
+    v = _uniform((*lead, L, rank), amp, g).to(dtype)
+    return case, u, v
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+@pytest.mark.parametrize(
+    "dtype,scale,atol",
+    [(torch.float32, None, 1e-5), (torch.float32, 200.0, 1e-5), (torch.bfloat16, None, 1e-5)],
+    ids=["fp32", "fp32-logits200", "bf16"],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_full_factorised_bias_forward_and_gradients(causal, dtype, scale, atol, per_sample):
+    """aft_full(q, k, v, (u, v)) equals the dense reference on w = u v^T (padding included), outputs and the
+    gradients of q, k, v, u and v, with query blocks of 4 (several tiles, the diagonal one partly masked)."""
+    case, u, wv = _factor_case(causal, scale, dtype, seed=11, per_sample=per_sample)
+    leaves = [x.clone().requires_grad_() for x in (case.q, case.k, case.v, u, wv)]
+    leaves64 = [x.detach().double().requires_grad_() for x in (case.q, case.k, case.v, u, wv)]
+    y = ops_aft.aft_full(
+        *leaves[:3], (leaves[3], leaves[4]), causal=causal, key_padding_mask=case.mask, query_chunk_size=4
+    )
+    assert y.dtype == dtype
+    w64 = leaves64[3] @ leaves64[4].transpose(-1, -2)
+    if per_sample:
+        want = torch.cat(
+            [
+                aft_reference(*(x[b : b + 1] for x in leaves64[:3]), w64[b], causal, case.mask[b : b + 1])
+                for b in range(B)
+            ]
+        )
+    else:
+        want = aft_reference(*leaves64[:3], w64, causal, case.mask)
+    # bf16: the op computes in float32 from the bf16 inputs; only the output rounding differs
+    torch.testing.assert_close(y.double(), want, atol=atol if dtype == torch.float32 else 1e-2, rtol=1e-2)
+    grad_out = torch.randn(B, L, D, generator=torch.Generator().manual_seed(12))
+    grads = torch.autograd.grad((y.float() * grad_out).sum(), leaves)
+    grads64 = torch.autograd.grad((want * grad_out.double()).sum(), leaves64)
+    for got, ref in zip(grads, grads64):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+        else:  # bf16 gradients: rounded once to bf16 at the end
+            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_full_dense_and_factorised_bias_agree(causal):
+    case, u, wv = _factor_case(causal, None, torch.float32, seed=13)
+    dense = ops_aft.aft_full(case.q, case.k, case.v, u @ wv.T, causal=causal, key_padding_mask=case.mask)
+    factored = ops_aft.aft_full(case.q, case.k, case.v, (u, wv), causal=causal, key_padding_mask=case.mask)
+    torch.testing.assert_close(factored, dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_full_factorised_never_forms_length_squared_tensor(causal):
+    """Forward and backward with factors at L = 128 and query blocks of 16: the largest tensor is one
+    (16 x 128) tile or an O(L d) operand, far below the L x L matrix."""
+    batch, length, d, rank = 2, 128, 16, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, length, d, generator=g) for _ in range(3))
+    u, wv = torch.randn(length, rank, generator=g), torch.randn(length, rank, generator=g)
+    leaves = [x.requires_grad_() for x in (q, k, v, u, wv)]
+    with _LargestTensor() as mode:
+        y = ops_aft.aft_full(q, k, v, (u, wv), causal=causal, query_chunk_size=16)
+        grads = torch.autograd.grad(y.square().sum(), leaves)
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert 0 < mode.numel <= max(16 * length, batch * length * 2 * d) < length * length
+
+
+def test_full_factorised_prefill_then_continue():
+    """return_state, then initial_state with factors covering the past keys too: equals the one-call op."""
+    case, u, wv = _factor_case(True, None, torch.float32, seed=14)
+    case.mask = _decode_mask()
+    full = ops_aft.aft_full(case.q, case.k, case.v, (u, wv), causal=True, key_padding_mask=case.mask)
+    y_head, state = ops_aft.aft_full(
+        case.q[:, :5], case.k[:, :5], case.v[:, :5], (u[:5], wv[:5]), causal=True,
+        key_padding_mask=case.mask[:, :5], return_state=True,
+    )  # fmt: skip
+    y_tail = ops_aft.aft_full(
+        case.q[:, 5:], case.k[:, 5:], case.v[:, 5:], (u[5:], wv), causal=True,
+        key_padding_mask=case.mask[:, 5:], initial_state=state,
+    )  # fmt: skip
+    torch.testing.assert_close(torch.cat([y_head, y_tail], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_full_factorised_bad_shapes_raise():
+    q = torch.randn(1, 5, 6)
+    with pytest.raises(ValueError, match=r"w factors have shapes \(5, 2\), \(4, 2\)"):
+        ops_aft.aft_full(q, q, q, (torch.zeros(5, 2), torch.zeros(4, 2)))
+    with pytest.raises(ValueError, match="a pair"):
+        ops_aft.aft_full(q, q, q, (torch.zeros(5, 2),))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpointed segments (training memory of the causal simple/local/conv1d ops): the same maths
+# ---------------------------------------------------------------------------------------------------------
+
+SEGMENTED = [("simple", None), ("local", 3), ("local", 6), ("conv1d", 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scale", [None, 200.0], ids=["normal", "logits200"])
+@pytest.mark.parametrize("name,size", SEGMENTED, ids=[f"{n}-{s}" if s else n for n, s in SEGMENTED])
+def test_segmented_causal_ops_match_reference(name, size, scale, dtype):
+    """segment_size=4 on L = 13 (segments 4, 4, 4, 1; left/right padding): outputs and gradients of every input
+    equal the dense reference's, and equal the one-piece op's."""
+    case = Case(name, size, True, scale=scale, dtype=dtype, seed=21)
+    leaves = [x.clone().requires_grad_() for x in case.tensors()]
+    leaves64 = [x.detach().double().requires_grad_() for x in case.tensors()]
+    y = case.fast(*_args(case, leaves), segment_size=4)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    want = case.reference(*_args(case, leaves64))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.double(), want, atol=tol, rtol=tol)
+    grad_out = torch.randn(B, L, D, generator=torch.Generator().manual_seed(22))
+    grads = torch.autograd.grad((y.float() * grad_out).sum(), leaves)
+    grads64 = torch.autograd.grad((want * grad_out.double()).sum(), leaves64)
+    for got, ref in zip(grads, grads64):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=2e-2)
+    one_piece = case.fast(*_args(case, leaves), segment_size=0)
+    torch.testing.assert_close(y, one_piece, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,size", SEGMENTED, ids=[f"{n}-{s}" if s else n for n, s in SEGMENTED])
+def test_segmented_ops_keep_state_continuation(name, size):
+    """return_state / initial_state through segmented calls: prefix (segmented) + rest (segmented) == one call."""
+    case = Case(name, size, True, seed=23)
+    leaves = [x.clone().requires_grad_() for x in case.tensors()]
+    q, k, v = leaves[:3]
+    param = leaves[3] if len(leaves) > 3 else None
+    full = case.fast(*_args(case, leaves), segment_size=0)
+
+    def call(part, **kw):
+        opts = dict(causal=True, key_padding_mask=case.mask[:, part], chunk_size=4, segment_size=3, **kw)
+        if name == "simple":
+            return ops_aft.aft_simple(q[:, part], k[:, part], v[:, part], **opts)
+        if name == "local":
+            return ops_aft.aft_local(q[:, part], k[:, part], v[:, part], param[part], size, **opts)
+        return ops_aft.aft_conv1d(q[:, part], k[:, part], v[:, part], param, **opts)
+
+    y_head, state = call(slice(0, 8), return_state=True)
+    y_tail = call(slice(8, L), initial_state=state)
+    torch.testing.assert_close(torch.cat([y_head, y_tail], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_segments_only_with_autograd():
+    """No grad needed: the one-piece op runs (no checkpoint); a bad segment_size is a ValueError."""
+    q = torch.randn(1, 9, 4)
+    assert ops_aft._segment_length(4, True, 9, q) == 0
+    assert ops_aft._segment_length(4, True, 9, q.requires_grad_()) == 4
+    assert ops_aft._segment_length(4, False, 9, q) == 0
+    assert ops_aft._segment_length(16, True, 9, q) == 0
+    with pytest.raises(ValueError, match="segment_size must be a non-negative int .* got -1"):
+        ops_aft.aft_simple(q, q, q, causal=True, segment_size=-1)

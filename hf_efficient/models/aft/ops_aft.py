@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = [
     "AFTState",
@@ -69,9 +70,13 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
-# Largest number of elements in one (entries, keys) block of the exact fallback and one (queries, keys)
-# block of AFT-full.
+# Largest number of elements in one (entries, keys) block of the exact fallback.
 _BLOCK_ELEMENTS = 1 << 22
+# Largest (query block x keys) bias tile of AFT-full (forward and backward).
+_TILE_ELEMENTS = 1 << 22
+# Causal AFT-simple/local/conv1d longer than this (with autograd on) run in segments of this many positions, each
+# recomputed in the backward (`_run_segments`): the op's saved activations are then one segment's, not the sequence's.
+_SEGMENT = 2048
 
 
 class AFTState(NamedTuple):
@@ -198,6 +203,15 @@ def _finalize(num, den, has_key, exact_fn, magnitude=None):
     avg = num / torch.where(ok, den, torch.ones_like(den))[..., None]
     avg = torch.where(ok[..., None], avg, torch.zeros_like(avg))
     redo = ~ok & has_key[:, :, None, None]
+    if torch.compiler.is_exporting() or (
+        torch.compiler.is_compiling() and torch._dynamo.config.capture_dynamic_output_shape_ops
+    ):
+        # No Python branch on data in a graph: the fallback is a `torch.cond` branch, run only when needed.
+        def fix(avg, redo):
+            idx = redo.nonzero()
+            return avg.index_put(tuple(idx.unbind(1)), exact_fn(idx).to(avg.dtype))
+
+        return torch.cond(redo.any(), fix, lambda avg, redo: avg.clone(), (avg, redo))
     if bool(redo.any()):
         idx = redo.nonzero()
         avg = avg.index_put(tuple(idx.unbind(1)), exact_fn(idx).to(avg.dtype))
@@ -217,8 +231,9 @@ def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=No
     positions = torch.arange(lk, device=k.device)
     rows = max(1, _BLOCK_ELEMENTS // max(1, (lk + 1) * dv))
     out = []
-    for start in range(0, idx.shape[0], rows):  # chunks of entries, not positions
-        b, t, h, c = idx[start : start + rows].unbind(1)
+    # Chunks of entries, not positions (one chunk in a graph, where the number of entries is data-dependent).
+    for chunk in (idx,) if torch.compiler.is_compiling() else idx.split(rows):
+        b, t, h, c = chunk.unbind(1)
         logits = k[b, :, h, c] + bias_rows(b, t, h)  # (m, Lk)
         allowed = valid[b]
         if causal:
@@ -245,6 +260,48 @@ def _has_key(valid, causal, query_offset=0, num_queries=None, prefix_nonempty=No
         return seen
     any_key = valid.any(1, keepdim=True)
     return any_key.expand(-1, num_queries if num_queries is not None else valid.shape[1])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Segments: a causal op as a chain of checkpointed segments with the decoding state carried between them
+# --------------------------------------------------------------------------------------------------------
+
+
+def _segment_length(segment_size, causal, length, *tensors):
+    """The segment length to use (0: run in one piece): only causal ops longer than it, with autograd on."""
+    segment = _SEGMENT if segment_size is None else segment_size
+    if not isinstance(segment, int) or segment < 0:
+        raise ValueError(f"segment_size must be a non-negative int (0 = one piece); got {segment_size!r}.")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return segment if (causal and needs_grad and 0 < segment < length) else 0
+
+
+def _run_segments(call, sliced, length, segment, initial_state, return_state):
+    """Run a causal op over consecutive segments of positions, carrying its `AFTState` from one to the next.
+
+    `call(*segment_tensors, state)` -> (Y, state) is the op itself on one segment (with `initial_state` /
+    `return_state`, exact by the continuation tests); `sliced` lists (tensor or None, position dim). Each
+    segment runs under non-reentrant `torch.utils.checkpoint`: the forward keeps only the segment's inputs
+    (views) and its carried state (O(d + s d)), and the backward recomputes one segment at a time, so the
+    op's activations stay O(segment d) instead of O(L d) (about one extra forward of the op in time). The
+    loop is over segments of thousands of positions, not over positions.
+    """
+
+    def run(start, stop, *state):
+        parts = [None if x is None else x.narrow(dim, start, stop - start) for x, dim in sliced]
+        y, new_state = call(*parts, AFTState(*state) if state else None)
+        return (y, *new_state)
+
+    outputs, state = [], initial_state
+    for start in range(0, length, segment):
+        stop = min(start + segment, length)
+        y, *state = torch.utils.checkpoint.checkpoint(
+            run, start, stop, *(state or ()), use_reentrant=False, preserve_rng_state=False
+        )
+        outputs.append(y)
+        state = AFTState(*state)
+    y = torch.cat(outputs, 1)
+    return (y, state) if return_state else y
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -362,22 +419,127 @@ def _empty_part(batch, heads, channels, dv, dtype, device):
 # --------------------------------------------------------------------------------------------------------
 
 
+def _bias_tile(w, start, stop, kend):
+    """Rows [start, stop) x keys [0, kend) of the bias: a slice of a dense w, or u[rows] @ v[keys]^T."""
+    if isinstance(w, tuple):
+        u, vv = w
+        return torch.matmul(u[:, start:stop], vv[:, :kend].transpose(1, 2))  # (Bw, cq, kend)
+    return w[:, start:stop, :kend]
+
+
+def _full_tile_weights(w, start, stop, kend, causal, offset):
+    """exp(w_tile - rowmax) for queries [start, stop) over keys [0, kend) ((Bw, cq, kend), <= 1, 0 masked).
+
+    The causal mask only touches the diagonal square (keys offset + start .. offset + stop - 1); the
+    row reference is the max over each query's visible keys.
+    """
+    tile = _bias_tile(w, start, stop, kend)
+    if causal:
+        tile = tile.clone() if not isinstance(w, tuple) else tile
+        lo = offset + start
+        diag = torch.ones(stop - start, kend - lo, dtype=torch.bool, device=tile.device).triu(1)
+        tile[..., lo:] = tile[..., lo:].masked_fill(diag, NEG_INF)
+    alpha = _finite_or_zero(tile.amax(-1, keepdim=True))
+    return torch.exp(tile - alpha)
+
+
+class _AFTFullSums(torch.autograd.Function):
+    """num, den (B, Lq, d) of AFT-full with the L x L bias streamed in query blocks, forward and backward.
+
+    num = E @ (e * V), den = E @ e with E = exp(w - rowmax) (per query block, recomputed in the backward,
+    flash-attention style) and e = exp(K - colmax) (masked keys 0). Saved: K, V, the bias (its factors
+    u, v or the dense w the caller holds anyway) and the (B, 1, d) column reference; nothing of size L x L.
+    Backward, per block: d(e V | e) += E^T [dnum | dden], dE = [dnum | dden] [e V | e]^T, dw = dE * E, and
+    for the factors du += dw v, dv += dw^T u. The references rowmax / colmax are constants (the result does
+    not depend on them), exactly as in the detached autograd form. A bias shared by the batch (Bw = 1)
+    multiplies the batch and channels folded into one (Lk, B * 2d) operand: one large GEMM per block.
+    """
+
+    @staticmethod
+    def _operand(x, shared):
+        """(B, L, X) -> (1, L, B * X) when the bias is shared by the batch, else unchanged."""
+        return x.transpose(0, 1).reshape(1, x.shape[1], -1) if shared else x
+
+    @staticmethod
+    def _unoperand(x, batch, shared):
+        return x.reshape(x.shape[1], batch, -1).transpose(0, 1) if shared else x
+
+    @staticmethod
+    def forward(ctx, k, v, valid, causal, offset, chunk, w_dense, u, vv):
+        w = (u, vv) if w_dense is None else w_dense
+        batch, lk, d = k.shape
+        lq = (u if w_dense is None else w_dense).shape[1]
+        shared = (u if w_dense is None else w_dense).shape[0] == 1
+        beta = _masked_amax(k, valid[..., None], 1, keepdim=True)
+        e = _shifted_exp(k, beta, valid[..., None])  # (B, Lk, d)
+        ev = _AFTFullSums._operand(torch.cat([e * v, e], -1), shared)  # (Bw, Lk, X)
+        out = ev.new_empty(ev.shape[0], lq, ev.shape[-1])
+        for start in range(0, lq, chunk):  # query blocks: one (cq, Lk) tile alive at a time
+            stop = min(start + chunk, lq)
+            kend = offset + stop if causal else lk
+            weights = _full_tile_weights(w, start, stop, kend, causal, offset)
+            out[:, start:stop] = torch.matmul(weights, ev[:, :kend])
+        ctx.save_for_backward(k, v, valid, w_dense, u, vv, beta)
+        ctx.causal, ctx.offset, ctx.chunk, ctx.shared = causal, offset, chunk, shared
+        out = _AFTFullSums._unoperand(out, batch, shared)
+        return out[..., :d], out[..., d:]
+
+    @staticmethod
+    def backward(ctx, dnum, dden):
+        k, v, valid, w_dense, u, vv, beta = ctx.saved_tensors
+        causal, offset, chunk, shared = ctx.causal, ctx.offset, ctx.chunk, ctx.shared
+        w = (u, vv) if w_dense is None else w_dense
+        batch, lk, d = k.shape
+        lq = dnum.shape[1]
+        e = _shifted_exp(k, beta, valid[..., None])
+        ev = _AFTFullSums._operand(torch.cat([e * v, e], -1), shared)
+        grad = _AFTFullSums._operand(torch.cat([dnum, dden], -1), shared)  # (Bw, Lq, X)
+        dev = torch.zeros_like(ev)
+        need_w = any(ctx.needs_input_grad[6:9])
+        dw = torch.zeros_like(w_dense) if (w_dense is not None and need_w) else None
+        du = torch.zeros_like(u) if (u is not None and need_w) else None
+        dvv = torch.zeros_like(vv) if (vv is not None and need_w) else None
+        for start in range(0, lq, chunk):
+            stop = min(start + chunk, lq)
+            kend = offset + stop if causal else lk
+            weights = _full_tile_weights(w, start, stop, kend, causal, offset)  # (Bw, cq, kend)
+            g = grad[:, start:stop]  # (Bw, cq, X)
+            dev[:, :kend] += torch.matmul(weights.transpose(1, 2), g)
+            if not need_w:
+                continue
+            d_tile = torch.matmul(g, ev[:, :kend].transpose(1, 2)).mul_(weights)  # dE * E = dw on the tile
+            if dw is not None:
+                dw[:, start:stop, :kend] = d_tile
+            else:
+                du[:, start:stop] += torch.matmul(d_tile, vv[:, :kend])
+                dvv[:, :kend] += torch.matmul(d_tile.transpose(1, 2), u[:, start:stop])
+        dev = _AFTFullSums._unoperand(dev, batch, shared)
+        dev_v, de = dev[..., :d], dev[..., d:]
+        dv = dev_v * e
+        dk = (dev_v * v + de) * e
+        return dk, dv, None, None, None, None, dw, du, dvv
+
+
 def aft_full(
     q, k, v, w, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, query_chunk_size=None
 ):
     r"""AFT-full: Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_tt') V_t' / sum_t' exp(K_t' + w_tt').
 
-    Shapes: q (B, Lq, d); k, v (B, Lk, d); w (Lq, Lk) position bias shared by all channels (the model
-    passes u v^T or a learned matrix), or (B, Lq, Lk) per sample (left-padded batches). Lq < Lk (causal only) means the queries are the last Lq positions:
-    query i sits at position Lk - Lq + i and sees keys t' <= Lk - Lq + i. With `initial_state` (an
-    `AFTState` whose window holds the P past keys) the P past keys are prepended and w must be
-    (..., Lq, P + Lk). Returns Y (B, Lq, d), and the new state if `return_state`.
+    Shapes: q (B, Lq, d); k, v (B, Lk, d); w the position bias shared by all channels: a dense (Lq, Lk)
+    matrix (or (B, Lq, Lk) per sample, for left-padded batches), or its factors `(u, v)` with
+    w = u v^T, u (Lq, d') and v (Lk, d') (or (B, Lq, d'), (B, Lk, d')): the factorised form never
+    materialises the L x L matrix, forward or backward. Lq < Lk (causal only) means the queries are the last
+    Lq positions: query i sits at position Lk - Lq + i and sees keys t' <= Lk - Lq + i. With
+    `initial_state` (an `AFTState` whose window holds the P past keys) the P past keys are prepended and w
+    must cover P + Lk keys. Returns Y (B, Lq, d), and the new state if `return_state`.
 
-    Cost O(Lq Lk d) time in matmuls, O(Lq Lk) for the bias blocks and O(Lk d) otherwise: no (B, L, L, d)
-    tensor. Layout: for a block of queries, exp(w - rowmax(w)) (cq x Lk, shared by batch and channels)
-    times [exp(K - colmax(K)) * V, exp(K - colmax(K))] (B, Lk, 2d) gives numerator and denominator in one
-    matmul; the reference rowmax + colmax is certified per output and repaired exactly where needed (see
-    the module docstring). Causal blocks only multiply by the keys up to their last query.
+    Cost O(Lq Lk d) time in matmuls, O(Lk d) memory plus one (query block x Lk) bias tile: no (B, L, L, d)
+    tensor, and no L x L one with the factors. Layout (`_AFTFullSums`, flash-attention style): for a
+    block of queries, exp(w - rowmax(w)) (cq x Lk, shared by batch and channels) times
+    [exp(K - colmax(K)) * V, exp(K - colmax(K))] (B, Lk, 2d) gives numerator and denominator in one matmul;
+    the backward recomputes each tile instead of saving it. The reference rowmax + colmax is certified per
+    output and repaired exactly where needed (see the module docstring). Causal blocks only multiply by the
+    keys up to their last query.
     """
     _check_qkv(q, k, v)
     if initial_state is not None:
@@ -392,45 +554,54 @@ def aft_full(
         key_padding_mask = torch.cat([initial_state.valid, pad_mask], 1)
     batch, lq, d = q.shape
     lk = k.shape[1]
-    if tuple(w.shape[-2:]) != (lq, lk) or w.dim() not in (2, 3) or (w.dim() == 3 and w.shape[0] != batch):
+    factored = isinstance(w, (tuple, list))
+    if factored:
+        if len(w) != 2:
+            raise ValueError(f"w as factors must be a pair (u, v); got {len(w)} tensors.")
+        wu, wv = w
+        if (
+            wu.dim() not in (2, 3)
+            or wv.dim() != wu.dim()
+            or wu.shape[-2] != lq
+            or wv.shape[-2] != lk
+            or wu.shape[-1] != wv.shape[-1]
+            or (wu.dim() == 3 and (wu.shape[0] != batch or wv.shape[0] != batch))
+        ):
+            raise ValueError(
+                f"w factors have shapes {tuple(wu.shape)}, {tuple(wv.shape)}; expected ([batch,] {lq}, r) and "
+                f"([batch,] {lk}, r)."
+            )
+    elif tuple(w.shape[-2:]) != (lq, lk) or w.dim() not in (2, 3) or (w.dim() == 3 and w.shape[0] != batch):
         raise ValueError(f"w has shape {tuple(w.shape)}; expected ([batch,] queries, keys) = {(lq, lk)}.")
     if lk < lq or (lk > lq and not causal):
         raise ValueError(f"{lk} keys for {lq} queries: more keys than queries needs causal=True (a cached prefix).")
-    dtype = _compute_dtype(q, k, v, w)
-    kf, vf, wf = k.to(dtype), v.to(dtype), w.to(dtype)
+    dtype = _compute_dtype(q, k, v, *(w if factored else (w,)))
+    kf, vf = k.to(dtype), v.to(dtype)
+    if factored:
+        wu, wv = (x.to(dtype) if x.dim() == 3 else x.to(dtype)[None] for x in w)
+        w_dense = None
+    else:
+        wu = wv = None
+        w_dense = w.to(dtype) if w.dim() == 3 else w.to(dtype)[None]
     valid = _key_valid(key_padding_mask, batch, lk, q.device)
     offset = lk - lq
+    chunk = query_chunk_size or max(64, min(lq, _TILE_ELEMENTS // max(lk, 1)))
+    num, den = _AFTFullSums.apply(kf, vf, valid, causal, offset, chunk, w_dense, wu, wv)
+    num = num.reshape(batch, lq, 1, d, 1)
+    den = den.reshape(batch, lq, 1, d)
 
-    # Column reference: max of K over the valid keys, per batch and channel (>= every term's K).
-    beta = _masked_amax(kf, valid[..., None], 1, keepdim=True).detach()  # (B, 1, d)
-    e = _shifted_exp(kf, beta, valid[..., None])  # (B, Lk, d)
-    ev_t = torch.cat([e * vf, e], -1).transpose(1, 2).contiguous()  # (B, 2d, Lk): one GEMM gives num and den
-    chunk = query_chunk_size or max(1, min(lq, _BLOCK_ELEMENTS // max(lk, 1)))
-    key_pos = torch.arange(lk, device=q.device)
-    blocks = []
-    for start in range(0, lq, chunk):  # blocks of queries bound the (chunk, Lk) bias block
-        stop = min(start + chunk, lq)
-        kend = offset + stop if causal else lk
-        wb = wf[..., start:stop, :kend]
-        if causal:
-            wb = wb.masked_fill(
-                key_pos[None, :kend] > (offset + torch.arange(start, stop, device=q.device))[:, None], NEG_INF
-            )
-        # Row reference: max of w over the visible keys of each query (>= every term's w).
-        e1 = torch.exp(wb - _finite_or_zero(wb.amax(-1, keepdim=True)).detach())  # ([B,] cq, kend), <= 1
-        blocks.append(torch.matmul(ev_t[:, :, :kend], e1.transpose(-1, -2)))  # (B, 2d, cq)
-    out = torch.cat(blocks, -1).transpose(1, 2)  # (B, Lq, 2d)
-    num = out[..., :d].reshape(batch, lq, 1, d, 1)
-    den = out[..., d:].reshape(batch, lq, 1, d)
+    def bias_rows(b, t, h):
+        bw = b if (wu if factored else w_dense).shape[0] > 1 else torch.zeros_like(b)
+        if factored:
+            return torch.einsum("mr,mkr->mk", wu[bw, t], wv[bw])
+        return w_dense[bw, t]
 
     k4, v5 = kf[:, :, None, :], vf[:, :, None, :, None]
     avg = _finalize(
         num,
         den,
         _has_key(valid, causal, offset, lq),
-        lambda idx: _exact_entries(
-            k4, v5, valid, idx, lambda b, t, h: wf[b, t] if wf.dim() == 3 else wf[t], causal, offset
-        ),
+        lambda idx: _exact_entries(k4, v5, valid, idx, bias_rows, causal, offset),
     )
     y = (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, lq, d)).to(q.dtype)
     if not return_state:
@@ -490,7 +661,16 @@ def _sums_to_state(sums, keys, values, valid):
 
 
 def aft_simple(
-    q, k, v, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, chunk_size=None
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    initial_state=None,
+    return_state=False,
+    chunk_size=None,
+    segment_size=None,
 ):
     r"""AFT-simple: Y_t = sigmoid(Q_t) * sum_t' softmax_t'(K)_t' V_t' (w = 0; t' <= t when causal).
 
@@ -499,9 +679,22 @@ def aft_simple(
     den >= 1, so no certificate is needed. Causal: running (prefix) sums with a per-chunk running-max
     rescale (`_prefix_scan`), O(L d), certified and repaired exactly where the chunk's max sits far
     above a query's own prefix max. `initial_state` (causal) continues from earlier tokens.
+    Training memory: a causal call longer than `segment_size` (default `_SEGMENT`; 0 = never) with autograd on
+    runs as checkpointed segments (`_run_segments`), the same maths.
     """
     _check_qkv(q, k, v)
     batch, length, d = q.shape
+    segment = _segment_length(segment_size, causal, length, q, k, v)
+    if segment:
+
+        def call(qs, ks, vs, mask, state):
+            return aft_simple(
+                qs, ks, vs, causal=True, key_padding_mask=mask, initial_state=state, return_state=True,
+                chunk_size=chunk_size, segment_size=0,
+            )  # fmt: skip
+
+        sliced = [(q, 1), (k, 1), (v, 1), (key_padding_mask, 1)]
+        return _run_segments(call, sliced, length, segment, initial_state, return_state)
     dtype = _compute_dtype(q, k, v)
     valid = _key_valid(key_padding_mask, batch, length, q.device)
     kf, vf = k.to(dtype)[:, :, None, :], v.to(dtype)[:, :, None, :, None]  # H = 1, C = d, D = 1
@@ -720,6 +913,7 @@ def aft_local(
     initial_state=None,
     return_state=False,
     chunk_size=None,
+    segment_size=None,
 ):
     r"""AFT-local(s): AFT-full with w_tt' = 0 (not -inf) outside |t - t'| < s, so global context stays.
 
@@ -734,6 +928,7 @@ def aft_local(
     Cost: the window part is a blocked band matmul, O(L s d) time and O(L s + L d) memory
     (`_window_part`); the out-of-window part is a prefix sum at t - s (and a suffix sum at t + s), O(L d)
     (`_prefix_scan`). Both are sums of positive terms, merged by their references and certified.
+    Training memory: causal calls longer than `segment_size` run as checkpointed segments (see `aft_simple`).
     """
     _check_qkv(q, k, v)
     if not isinstance(window, int) or window < 1:
@@ -746,6 +941,17 @@ def aft_local(
         or (w_band.dim() == 3 and w_band.shape[0] != batch)
     ):
         raise ValueError(f"w_band has shape {tuple(w_band.shape)}; expected ([batch,] length, n_w) = {(length, n_w)}.")
+    segment = _segment_length(segment_size, causal, length, q, k, v, w_band)
+    if segment:
+
+        def call(qs, ks, vs, band, mask, state):
+            return aft_local(
+                qs, ks, vs, band, window, causal=True, key_padding_mask=mask, initial_state=state,
+                return_state=True, chunk_size=chunk_size, segment_size=0,
+            )  # fmt: skip
+
+        sliced = [(q, 1), (k, 1), (v, 1), (w_band, w_band.dim() - 2), (key_padding_mask, 1)]
+        return _run_segments(call, sliced, length, segment, initial_state, return_state)
     dtype = _compute_dtype(q, k, v, w_band)
     valid = _key_valid(key_padding_mask, batch, length, q.device)
     k4, v5 = k.to(dtype)[:, :, None, :], v.to(dtype)[:, :, None, :, None]
@@ -765,7 +971,17 @@ def aft_local(
 
 
 def aft_conv1d(
-    q, k, v, kernel, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, chunk_size=None
+    q,
+    k,
+    v,
+    kernel,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    initial_state=None,
+    return_state=False,
+    chunk_size=None,
+    segment_size=None,
 ):
     r"""1-D AFT-conv(h, k): per head a depthwise conv with kernel e^w - 1 added to the global sums,
 
@@ -778,7 +994,8 @@ def aft_conv1d(
 
     Computed as the positive decomposition window + outside (`aft_local`'s blocked band matmul with the
     (h, bs, strip) kernel block shared by all blocks), never as e^w - 1: a kernel far below 0 would cancel
-    the global sum catastrophically. Same result, O(L ks d) time, O(L d) memory.
+    the global sum catastrophically. Same result, O(L ks d) time, O(L d) memory. Training memory: causal
+    calls longer than `segment_size` run as checkpointed segments (see `aft_simple`).
     """
     _check_qkv(q, k, v)
     batch, length, d = q.shape
@@ -793,6 +1010,17 @@ def aft_conv1d(
     if not causal and ks % 2 == 0:
         raise ValueError(f"kernel_size {ks} must be odd for the bidirectional (centred) AFT-conv.")
     window = ks if causal else (ks + 1) // 2
+    segment = _segment_length(segment_size, causal, length, q, k, v, kernel)
+    if segment:
+
+        def call(qs, ks_, vs, mask, state):
+            return aft_conv1d(
+                qs, ks_, vs, kernel, causal=True, key_padding_mask=mask, initial_state=state, return_state=True,
+                chunk_size=chunk_size, segment_size=0,
+            )  # fmt: skip
+
+        sliced = [(q, 1), (k, 1), (v, 1), (key_padding_mask, 1)]
+        return _run_segments(call, sliced, length, segment, initial_state, return_state)
     dtype = _compute_dtype(q, k, v, kernel)
     valid = _key_valid(key_padding_mask, batch, length, q.device)
     k4 = k.to(dtype)[..., None]  # (B, L, h, 1)
