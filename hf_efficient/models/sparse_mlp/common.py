@@ -11,6 +11,12 @@ from transformers.activations import ACT2FN
 from transformers.modeling_utils import PreTrainedModel
 
 
+def _checking() -> bool:
+    """Value checks read tensor data (a device sync, data-dependent control flow): skip them while compiling or
+    exporting, where the graph must not branch on data."""
+    return not torch.compiler.is_compiling()
+
+
 def embed_inputs(
     model_name: str,
     *,
@@ -20,11 +26,14 @@ def embed_inputs(
     hidden_size: int,
     pixel_values: torch.Tensor | None = None,
     patch_embed: torch.nn.Module | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Check the inputs of a base model and turn them into `(B, L, d)` embeddings.
 
     Exactly one of `input_ids` `(B, L)`, `inputs_embeds` `(B, L, d)` or `pixel_values` `(B, C, H, W)` (when the model
-    has a `patch_embed`). Every mistake is a `ValueError` naming the value, raised before any tensor op.
+    has a `patch_embed`). Every mistake is a `ValueError` naming the value, raised before any tensor op: the wrong
+    number of dimensions, an empty batch or sequence, ids outside the vocabulary, embeddings of the wrong width or
+    of another floating dtype than the model's (`dtype`).
     """
     given = [name for name, x in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds)) if x is not None]
     if pixel_values is not None:
@@ -35,6 +44,8 @@ def embed_inputs(
     if pixel_values is not None:
         if patch_embed is None:
             raise ValueError(f"{model_name}: this config has no image settings: it cannot take `pixel_values`.")
+        if pixel_values.ndim == 4 and pixel_values.shape[0] == 0:
+            raise ValueError(f"{model_name}: `pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}).")
         return patch_embed(pixel_values)
     if inputs_embeds is not None:
         if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden_size:
@@ -42,16 +53,45 @@ def embed_inputs(
                 f"{model_name}: `inputs_embeds` must have shape (batch, length, {hidden_size}), "
                 f"got {tuple(inputs_embeds.shape)}."
             )
+        if dtype is not None and inputs_embeds.dtype != dtype:
+            raise ValueError(
+                f"{model_name}: `inputs_embeds` has dtype {inputs_embeds.dtype}, the model runs in {dtype}: "
+                f"cast them with `.to({dtype})` (or the model with `.to(dtype)`)."
+            )
+        _check_not_empty(model_name, "inputs_embeds", inputs_embeds.shape)
         return inputs_embeds
     if embed_tokens is None:
         raise ValueError(f"{model_name}: this config has `vocab_size=None` (vision only): it cannot take `input_ids`.")
     if input_ids.ndim != 2:
         raise ValueError(f"{model_name}: `input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}.")
+    _check_not_empty(model_name, "input_ids", input_ids.shape)
+    if input_ids.is_floating_point():
+        raise ValueError(f"{model_name}: `input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+    vocab_size = embed_tokens.num_embeddings
+    if _checking():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{model_name}: `input_ids` holds the id {bad}, outside the vocabulary [0, {vocab_size - 1}] "
+                f"(vocab_size={vocab_size})."
+            )
     return embed_tokens(input_ids)
 
 
+def _check_not_empty(model_name: str, name: str, shape: torch.Size) -> None:
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(
+            f"{model_name}: `{name}` is empty (shape {tuple(shape)}): every sample needs at least one token."
+        )
+
+
 def check_attention_mask(attention_mask: torch.Tensor | None, expected_length: int, past_length: int = 0) -> None:
-    """`attention_mask` `(B, T)` covers past + current tokens (transformers' convention): 1 = real, 0 = padding."""
+    """`attention_mask` `(B, T)` covers past + current tokens (transformers' convention): 1 = real, 0 = padding.
+
+    Any dtype (bool, int, float) is accepted as long as the values are 0 and 1; an additive mask (0 = keep,
+    -inf or a large negative = pad) would be read inverted, so it is a ValueError that says what masks look like.
+    """
     if attention_mask is None:
         return
     if attention_mask.ndim != 2 or attention_mask.shape[-1] != expected_length:
@@ -59,6 +99,14 @@ def check_attention_mask(attention_mask: torch.Tensor | None, expected_length: i
             f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, {expected_length}) "
             f"(past {past_length} + current {expected_length - past_length} tokens)."
         )
+    if attention_mask.dtype != torch.bool and _checking():
+        invalid = (attention_mask != 0) & (attention_mask != 1)
+        if bool(invalid.any()):
+            value = attention_mask[invalid][0].item()
+            raise ValueError(
+                f"attention_mask must hold 1 for real tokens and 0 for padding (bool, int or float), got the value "
+                f"{value}. An additive mask (0 = keep, -inf = pad) is not accepted: pass `(mask == 0)` instead."
+            )
 
 
 def positions_from_mask(
@@ -129,6 +177,21 @@ class EfficientPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # `attn_implementation="eager" | "sdpa"` is accepted by every architecture, so `from_pretrained(...,
+    # attn_implementation=...)` and `set_attn_implementation` behave the same everywhere. Models with softmax
+    # attention through transformers' attention interface dispatch on it; the others have nothing to dispatch
+    # (their token mixers are their own ops) and ignore it.
+    _supports_sdpa = True
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The token embedding, or for a model that reads `pixel_values` its patch embedding (as transformers'
+        vision models return theirs)."""
+        base = getattr(self, self.base_model_prefix, self)
+        if self.main_input_name == "pixel_values" or getattr(base, "embed_tokens", None) is None:
+            patch_embed = getattr(base, "patch_embed", None)
+            if patch_embed is not None:
+                return patch_embed
+        return getattr(base, "embed_tokens", None)
 
     def embed(
         self,
@@ -145,6 +208,7 @@ class EfficientPreTrainedModel(PreTrainedModel):
             hidden_size=self.config.hidden_size,
             pixel_values=pixel_values,
             patch_embed=getattr(self, "patch_embed", None),
+            dtype=self.dtype,
         )
 
 
