@@ -374,3 +374,62 @@ def test_step_cost_does_not_grow_with_the_prefix():
         hidden_states=torch.randn(1, 256, DIM),
     )
     assert state["abs_k"].shape[2:4] == (16, 16) and state["row_k"].shape[2] == 16
+
+
+# ---------------------------------------------------------------------- checkpointed segments (training memory)
+@pytest.mark.parametrize("segment_size", [4, 8])
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("length, mask_kind", [(16, "none"), (15, "holes"), (14, "left")])
+def test_segmented_op_matches_reference_with_gradients(variant, causal, length, mask_kind, segment_size):
+    """With autograd on and L > segment_size the logits are formed segment by segment under checkpoint: outputs and
+    the gradients of q, k, v equal the dense reference's (float64), and the one-piece op's."""
+    q, k, v = make_qkv(length, seed=11)
+    mask = make_mask(length, mask_kind)
+    kwargs = kwargs_for(variant, causal, length, mask)
+    rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+    grad_out = torch.randn(BATCH, HEADS, length, DIM, generator=torch.Generator().manual_seed(12)) * rows
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    fast = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
+    reference = combiner_reference(*leaves64, **kwargs)
+    torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+    grads = torch.autograd.grad((fast * grad_out).sum(), leaves)
+    grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
+    for got, want in zip(grads, grads64):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    one_piece = combiner_attention(*leaves, **kwargs, segment_size=0)
+    torch.testing.assert_close(fast[rows], one_piece[rows], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", COMBINER_TYPES)
+def test_segmented_op_bfloat16_matches_one_piece(variant):
+    """bfloat16, causal, padded: the segmented op equals the one-piece op (outputs and gradients) up to bf16
+    rounding, and both stay finite with logits of order 1e3."""
+    length = 16
+    mask = make_mask(length, "right")
+    rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+    for scale in (1.0, 40.0):
+        q, k, v = (t.to(torch.bfloat16) for t in make_qkv(length, seed=13, scale=scale))
+        kwargs = kwargs_for(variant, True, length, mask)
+        if variant == "axial":
+            kwargs["abstraction_key_fn"] = lambda a, x: a * 2.0
+        results = []
+        for segment_size in (4, 0):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
+            grads = torch.autograd.grad((out.float() * rows).sum(), leaves)
+            assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+            assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+            results.append((out, grads))
+        (out, grads), (out0, grads0) = results
+        torch.testing.assert_close(out[rows].float(), out0[rows].float(), rtol=2e-2, atol=2e-2)
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g.float(), g0.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_segments_only_with_autograd_and_bad_size():
+    q, k, v = make_qkv(16)
+    with pytest.raises(ValueError, match="segment_size must be a non-negative int .* got -2"):
+        combiner_attention(q.requires_grad_(), k, v, combiner_type="fixed", causal=True, block_size=4, segment_size=-2)

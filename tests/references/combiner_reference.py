@@ -160,9 +160,9 @@ def implied_attention(
                         span_query = pool_ref(q[b, h, members], span_summary)
                     inner = torch.stack([span_query @ k[b, h, j] * scale for j in members]).softmax(-1)
                     logits.append(q[b, h, i] @ span_key * scale)
-                    weights.append(dict(zip(members, inner.tolist())))
-                probs = torch.stack(logits).softmax(-1)
-                for p, within in zip(probs.tolist(), weights):
+                    weights.append(dict(zip(members, inner.unbind(0))))
+                probs = torch.stack(logits).softmax(-1)  # kept as tensors: the reference is differentiable
+                for p, within in zip(probs.unbind(0), weights):
                     for j, w in within.items():
                         attn[b, h, i, j] += p * w
     return attn

@@ -41,8 +41,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 COMBINER_TYPES = ("fixed", "logsparse", "axial", "mixture")
+# With autograd on, a sequence longer than this many positions runs its per-query work in checkpointed segments of
+# about this many positions (`_by_segments`): the saved activations are then one segment's logits, not the sequence's.
+SEGMENT_POSITIONS = 2048
 SPAN_SUMMARIES = ("max", "mean", "sum")
 
 
@@ -94,6 +98,37 @@ def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.
     allowed = torch.cat([mask.expand(*part.shape) for part, mask in parts], dim=-1)
     probs = _softmax(logits, allowed).to(dtype)
     return list(probs.split([part.shape[-1] for part, _ in parts], dim=-1))
+
+
+def _segment_rows(segment_size: int | None, rows: int, row_size: int, *tensors: torch.Tensor) -> int:
+    """Rows (blocks of `row_size` positions) per checkpointed segment; 0 = run in one piece (no autograd needed, or
+    the whole sequence fits in one segment)."""
+    positions = SEGMENT_POSITIONS if segment_size is None else segment_size
+    if not isinstance(positions, int) or positions < 0:
+        raise ValueError(f"segment_size must be a non-negative int (0 = one piece), got {segment_size!r}.")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not needs_grad or positions == 0 or rows * row_size <= positions:
+        return 0
+    return max(1, positions // row_size)
+
+
+def _by_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn(r0, r1, *tensors)` -> the output of rows `[r0, r1)` (stacked along dim 2), over all `rows`.
+
+    `per_segment = 0`: one call. Otherwise one call per segment of rows, each under non-reentrant
+    `torch.utils.checkpoint`: the forward keeps only the (shared) inputs, and the backward recomputes one segment's
+    logits and softmax at a time. Same maths, about one extra forward of the per-query work in time. The loop is
+    over segments of thousands of positions, not over positions.
+    """
+    if not per_segment:
+        return fn(0, rows, *tensors)
+    outputs = [
+        torch.utils.checkpoint.checkpoint(
+            fn, r0, min(r0 + per_segment, rows), *tensors, use_reentrant=False, preserve_rng_state=False
+        )
+        for r0 in range(0, rows, per_segment)
+    ]
+    return torch.cat(outputs, dim=2)
 
 
 def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> torch.Tensor:
@@ -195,6 +230,7 @@ def fixed_attention(
     block_size: int,
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
+    segment_size: int | None = None,
 ) -> torch.Tensor:
     r"""Combiner-Fixed: segments of `s = block_size` positions.
 
@@ -204,7 +240,9 @@ def fixed_attention(
 
     Blocked layout: `(B, H, L, D) -> (B, H, N, s, D)` with `N = Lp / s`. Per segment the direct logits are
     `(N, s, s)` and the span logits `(N, s, N)`; they are concatenated to `(B, H, N, s, s + N)` for one softmax.
-    Cost O(L (s + N)) time and memory.
+    Cost O(L (s + N)) time and memory. With autograd on and `L > segment_size` (default `SEGMENT_POSITIONS`), the
+    logits are formed segment by segment of queries and recomputed in the backward (`_by_segments`): the saved
+    activations are then O(L) (the span summaries) plus one segment's logits.
 
     Returns `(B, H, L, Dv)`.
     """
@@ -216,18 +254,24 @@ def fixed_attention(
     real_b = real.view(batch_size, 1, n, s)
 
     span_key, span_value, nonempty = block_summaries(qb, kb, vb, real_b, span_summary)  # (B, H, N, .), (B, 1, N)
-
-    direct = qb @ kb.transpose(-1, -2)  # (B, H, N, s, s)
-    direct_ok = real_b[:, :, :, None, :]  # key j is real
-    if causal:
-        direct_ok = direct_ok & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    span_logits = torch.einsum("bhnid,bhmd->bhnim", qb, span_key)  # (B, H, N, s, N)
     seg = torch.arange(n, device=q.device)
-    other = seg[None, :] < seg[:, None] if causal else seg[None, :] != seg[:, None]  # [own n, span m]
-    span_ok = other[:, None, :] & nonempty[:, :, None, None, :]  # (B, 1, N, 1, N)
+    causal_ok = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() if causal else None
 
-    p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], v.dtype)
-    out = p_direct @ vb + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
+    def segments(n0, n1, qb, kb, vb, span_key, span_value):
+        qc, kc, vc = qb[:, :, n0:n1], kb[:, :, n0:n1], vb[:, :, n0:n1]
+        direct = qc @ kc.transpose(-1, -2)  # (B, H, n, s, s)
+        direct_ok = real_b[:, :, n0:n1, None, :]  # key j is real
+        if causal:
+            direct_ok = direct_ok & causal_ok
+        span_logits = torch.einsum("bhnid,bhmd->bhnim", qc, span_key)  # (B, H, n, s, N)
+        own = seg[n0:n1, None]
+        other = seg[None, :] < own if causal else seg[None, :] != own  # [own n, span m]
+        span_ok = other[:, None, :] & nonempty[:, :, None, None, :]  # (B, 1, n, 1, N)
+        p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
+        return p_direct @ vc + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
+
+    per_segment = _segment_rows(segment_size, n, s, q, k, v)
+    out = _by_segments(segments, n, per_segment, qb, kb, vb, span_key, span_value)
     return out.flatten(2, 3)[:, :, :length]
 
 
@@ -247,6 +291,7 @@ def logsparse_attention(
     causal: bool,
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
+    segment_size: int | None = None,
 ) -> torch.Tensor:
     r"""Combiner-Logsparse: dyadic spans.
 
@@ -262,8 +307,10 @@ def logsparse_attention(
     Blocked layout: the sequence is padded once to `P = 2^levels` (< 2L), so every level is a free view
     `(B, H, P / 2^l, 2^l, .)`. Pooled keys / queries of level l are pooled from level l - 1 (pairs of blocks), the
     sibling of block n is block `n xor 1` (a flip of the pair axis, no gather), and each level contributes one span
-    logit per position: the joint softmax is over `(B, H, P, 1 + levels)`. Time and memory O(L log L); the loop
-    is over the O(log L) levels only.
+    logit per position: the joint softmax is over `(B, H, P, 1 + levels)`. Time and memory O(L log L); the loops
+    are over the O(log L) levels only. With autograd on and `L > segment_size`, the per-position logits and the
+    weighted span values are formed by aligned power-of-two segments of positions and recomputed in the backward
+    (`_by_segments`); the block summaries (O(L) in all) are kept.
 
     Returns `(B, H, L, Dv)`.
     """
@@ -276,10 +323,8 @@ def logsparse_attention(
     real = _pad_length(real, padded, dim=-1)
     real_e = real[:, None, :, None]  # (B, 1, P, 1)
 
-    logits = [(q * k).sum(-1, keepdim=True)]  # (B, H, P, 1): the direct part, position i itself
-    allowed = [real_e]
-    span_values = []
-    # Running pools of the blocks of the current level, built pairwise from the level below.
+    # Block summaries of every level: keys (B, H, P / 2^l, D), values (B, H, P / 2^l, Dv), nonempty (B, 1, P / 2^l).
+    span_keys, span_values, span_real = [], [], []
     fill = float("-inf") if span_summary == "max" else 0.0
     pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
     count = real[:, None].to(q.dtype)  # (B, 1, blocks): real positions per block
@@ -311,24 +356,56 @@ def logsparse_attention(
             inner = torch.einsum("bhnd,bhnjd->bhnj", span_query, kb)  # pooled query vs its own block's keys
             weights = _softmax(inner, real_b.expand_as(inner)).to(v.dtype)
             span_value = torch.einsum("bhnj,bhnjd->bhnd", weights, vb)
-        # Sibling n xor 1: flip the pair axis of the (num_blocks / 2, 2) layout.
-        sibling_key = span_key.unflatten(2, (num_blocks // 2, 2)).flip(3).flatten(2, 3)
-        sibling_value = span_value.unflatten(2, (num_blocks // 2, 2)).flip(3).flatten(2, 3)
-        sibling_ok = (count > 0).unflatten(2, (num_blocks // 2, 2)).flip(3).flatten(2, 3)  # (B, 1, n)
-        if causal:  # only a left sibling: odd blocks
-            sibling_ok = sibling_ok & (torch.arange(num_blocks, device=q.device) % 2 == 1)
-        qb = q.unflatten(2, (num_blocks, size))
-        level_logits = torch.einsum("bhnsd,bhnd->bhns", qb, sibling_key).reshape(batch_size, num_heads, padded, 1)
-        logits.append(level_logits)
-        allowed.append(sibling_ok[..., None].expand(batch_size, 1, num_blocks, size).reshape(batch_size, 1, padded, 1))
-        span_values.append(sibling_value)
+        span_keys.append(span_key)
+        span_values.append(span_value)
+        span_real.append(count > 0)
 
-    probs = _joint_softmax(list(zip(logits, allowed)), v.dtype)
-    out = probs[0] * v
-    for level, (p, value) in enumerate(zip(probs[1:], span_values)):
-        size = 2**level
-        contribution = p.view(batch_size, num_heads, padded // size, size, 1) * value[:, :, :, None, :]
-        out = out + contribution.flatten(2, 3)
+    def segment(p0, p1, q, k, v, *summaries):
+        keys, values = summaries[:levels], summaries[levels:]
+        width = p1 - p0
+        qc, vc = q[:, :, p0:p1], v[:, :, p0:p1]
+        logits = [(qc * k[:, :, p0:p1]).sum(-1, keepdim=True)]  # (B, H, c, 1): the direct part, i itself
+        allowed = [real_e[:, :, p0:p1]]
+        merges = []
+        for level in range(levels):
+            size = 2**level
+            if 2 * size <= width:  # whole sibling pairs inside the segment: flip the pair axis
+                n0, n1 = p0 // size, p1 // size
+                sibling_key, sibling_value, sibling_ok = (
+                    t[:, :, n0:n1].unflatten(2, ((n1 - n0) // 2, 2)).flip(3).flatten(2, 3)
+                    for t in (keys[level], values[level], span_real[level])
+                )  # (B, H, n, .), (B, 1, n)
+                if causal:  # only a left sibling: odd blocks
+                    sibling_ok = sibling_ok & (torch.arange(n0, n1, device=q.device) % 2 == 1)
+                qb = qc.unflatten(2, (n1 - n0, size))
+                level_logits = torch.einsum("bhnsd,bhnd->bhns", qb, sibling_key).reshape(*qc.shape[:3], 1)
+                ok = sibling_ok[..., None].expand(batch_size, 1, n1 - n0, size).reshape(batch_size, 1, width, 1)
+                merges.append(
+                    lambda p, value=sibling_value, n=n1 - n0, size=size: (
+                        p.view(batch_size, num_heads, n, size, 1) * value[:, :, :, None, :]
+                    ).flatten(2, 3)
+                )
+            else:  # the segment lies inside one block of this level: one sibling for all its positions
+                sibling = (p0 // size) ^ 1
+                sibling_key = keys[level][:, :, sibling : sibling + 1]  # (B, H, 1, D)
+                sibling_value = values[level][:, :, sibling : sibling + 1]
+                ok = span_real[level][:, :, sibling : sibling + 1, None].expand(batch_size, 1, width, 1)
+                if causal and sibling > p0 // size:
+                    ok = torch.zeros_like(ok)
+                level_logits = qc @ sibling_key.transpose(-1, -2)  # (B, H, c, 1)
+                merges.append(lambda p, value=sibling_value: p * value)
+            logits.append(level_logits)
+            allowed.append(ok)
+        probs = _joint_softmax(list(zip(logits, allowed)), vc.dtype)
+        out = probs[0] * vc
+        for merge, p in zip(merges, probs[1:]):
+            out = out + merge(p)
+        return out
+
+    per_segment = _segment_rows(segment_size, padded, 1, q, k, v)
+    if per_segment:
+        per_segment = 1 << (per_segment.bit_length() - 1)  # a power of two: segments aligned to every level
+    out = _by_segments(segment, padded, per_segment, q, k, v, *span_keys, *span_values)
     return out[:, :, :length]
 
 
@@ -374,19 +451,25 @@ def _masked_hidden(hidden_states, real, padded):
     return hidden_states.masked_fill(~real[..., None], 0.0)
 
 
-def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden_states):
+def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden_states, per_segment=0):
     """Values and keys of the column abstractions of every row: `(B, H, R, C, Dv)`, `(B, H, R, C, D)`.
 
     The abstraction (r, c) summarises the whole row r for queries in column c: its value is the attention of the
     query at (r, c) over row r (no causal mask: an abstracted row lies entirely before the queries that use it). A
     padded slot (r, c) uses a zero query, i.e. the plain mean of row r's real values, so that row r stays reachable
-    from column c whatever the padding.
+    from column c whatever the padding. `row_logits` `(B, H, R, C, C)` = `qb @ kb^T` when the caller has them;
+    None forms them segment by segment of rows (`per_segment` rows, checkpointed; 0 = one piece).
     """
     batch_size, num_heads, rows, cols, _ = qb.shape
-    slot_real = real_b[..., None]  # (B, 1, R, C, 1)
-    abs_logits = row_logits.masked_fill(~slot_real, 0.0)  # zero query at padded slots
-    weights = _softmax(abs_logits, real_b[:, :, :, None, :].expand_as(abs_logits)).to(vb.dtype)
-    row_output = weights @ vb  # (B, H, R, C, Dv)
+
+    def row_attention(r0, r1, qb, kb, vb):
+        logits = qb[:, :, r0:r1] @ kb[:, :, r0:r1].transpose(-1, -2) if row_logits is None else row_logits
+        real_rows = real_b[:, :, r0:r1]
+        abs_logits = logits.masked_fill(~real_rows[..., None], 0.0)  # zero query at padded slots
+        weights = _softmax(abs_logits, real_rows[:, :, :, None, :].expand_as(abs_logits)).to(vb.dtype)
+        return weights @ vb[:, :, r0:r1]  # (B, H, r, C, Dv)
+
+    row_output = _by_segments(row_attention, rows, 0 if row_logits is not None else per_segment, qb, kb, vb)
     keys = abstraction_key_fn(row_output.flatten(2, 3), hidden_states)
     expected = (batch_size, num_heads, rows * cols, qb.shape[-1])
     if tuple(keys.shape) != expected:
@@ -404,6 +487,7 @@ def axial_attention(
     abstraction_key_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     hidden_states: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
+    segment_size: int | None = None,
 ) -> torch.Tensor:
     r"""Combiner-Axial (row-major): view the sequence as `R` rows of `C = block_size` columns, position
     `i = r * C + c`.
@@ -416,7 +500,9 @@ def axial_attention(
                     `axial_abstraction_keys`; its parameters live in the module).
 
     Blocked layout `(B, H, R, C, .)`: direct logits `(R, C, C)`, span logits `(R, C, R)` (query (r, c) against
-    abstractions (t, c)), one softmax over `(B, H, R, C, C + R)`. Cost O(L (C + R)).
+    abstractions (t, c)), one softmax over `(B, H, R, C, C + R)`. Cost O(L (C + R)). With autograd on and
+    `L > segment_size`, the row attention of the abstractions and the joint logits are formed segment by segment
+    of rows and recomputed in the backward (`_by_segments`); the abstractions (O(L d)) are kept.
 
     Args:
         abstraction_key_fn: `(row_output (B, H, Lp, Dv), hidden_states (B, Lp, d) or None) -> keys (B, H, Lp, D)`,
@@ -431,34 +517,49 @@ def axial_attention(
     cols, rows = block_size, padded // block_size
     qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
     real_b = real.view(batch_size, 1, rows, cols)
+    per_segment = _segment_rows(segment_size, rows, cols, q, k, v)
 
-    row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C)
-    hidden = _masked_hidden(hidden_states, real, padded)
-    abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden)
+    if per_segment:
+        hidden = _masked_hidden(hidden_states, real, padded)
+        abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, None, abstraction_key_fn, hidden, per_segment)
+        row_logits = None
+    else:  # one piece: the row logits serve the abstractions and the direct part
+        row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C)
+        hidden = _masked_hidden(hidden_states, real, padded)
+        abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden)
 
-    direct_ok = real_b[:, :, :, None, :]
-    if causal:
-        direct_ok = direct_ok & torch.ones(cols, cols, dtype=torch.bool, device=q.device).tril()
-    span_logits = torch.einsum("bhrcd,bhtcd->bhrct", qb, abs_key)  # (B, H, R, C, R)
+    causal_ok = torch.ones(cols, cols, dtype=torch.bool, device=q.device).tril() if causal else None
     row = torch.arange(rows, device=q.device)
-    other = row[None, :] < row[:, None] if causal else row[None, :] != row[:, None]  # [own r, span t]
-    span_ok = other[:, None, :] & real_b.any(-1)[:, :, None, None, :]
+    row_real = real_b.any(-1)[:, :, None, None, :]  # (B, 1, 1, 1, R)
 
-    p_direct, p_span = _joint_softmax([(row_logits, direct_ok), (span_logits, span_ok)], v.dtype)
-    out = p_direct @ vb + torch.einsum("bhrct,bhtcd->bhrcd", p_span, abs_value)
+    def segment(r0, r1, qb, kb, vb, abs_key, abs_value):
+        qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
+        direct = qc @ kb[:, :, r0:r1].transpose(-1, -2) if row_logits is None else row_logits
+        direct_ok = real_b[:, :, r0:r1, None, :]
+        if causal:
+            direct_ok = direct_ok & causal_ok
+        span_logits = torch.einsum("bhrcd,bhtcd->bhrct", qc, abs_key)  # (B, H, r, C, R)
+        own = row[r0:r1, None]
+        other = row[None, :] < own if causal else row[None, :] != own  # [own r, span t]
+        span_ok = other[:, None, :] & row_real
+        p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
+        return p_direct @ vc + torch.einsum("bhrct,bhtcd->bhrcd", p_span, abs_value)
+
+    out = _by_segments(segment, rows, per_segment, qb, kb, vb, abs_key, abs_value)
     return out.flatten(2, 3)[:, :, :length]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Combiner-Mixture
 # ----------------------------------------------------------------------------------------------------------------------
-def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, dim: int, reverse: bool):
+def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, dim: int, reverse: bool, per_segment: int = 0):
     """Summaries of the spans "strictly before (after, if reverse) each entry along `dim`" of a `(B, H, R, C, .)`
     grid, `dim` in {2 (rows: column spans), 3 (columns: row spans)}: keys `(B, H, R, C, D)`, values
     `(B, H, R, C, Dv)`, nonempty `(B, 1, R, C)`.
 
     The value of the span ending at entry e is the softmax over the span's real keys of `q_pool(e) . k`; the logits
-    against every entry of the line are `(B, H, R, C, line length)`, i.e. O(L sqrt L).
+    against every entry of the line are `(B, H, R, C, line length)`, i.e. O(L sqrt L), formed `per_segment` rows
+    at a time under checkpoint (`_by_segments`; 0 = one piece).
     """
     real_e = real_b[..., None]
     span_query, nonempty = cumulative_pool(qb, real_e, dim, span_summary, reverse)
@@ -467,16 +568,21 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, dim: int, rev
     size = qb.shape[dim]
     idx = torch.arange(size, device=qb.device)
     inside = idx[None, :] > idx[:, None] if reverse else idx[None, :] < idx[:, None]  # [entry e, member j]
-    if dim == 2:  # column spans: entry (r, c), members (t, c)
-        logits = torch.einsum("bhrcd,bhtcd->bhrct", span_query, kb)
-        ok = inside[:, None, :] & real_b.transpose(2, 3)[:, :, None, :, :]  # (B, 1, R, C, R)
+
+    def values(r0, r1, span_query, kb, vb):
+        sq = span_query[:, :, r0:r1]
+        if dim == 2:  # column spans: entry (r, c), members (t, c)
+            logits = torch.einsum("bhrcd,bhtcd->bhrct", sq, kb)
+            ok = inside[r0:r1, None, :] & real_b.transpose(2, 3)[:, :, None, :, :]  # (B, 1, r, C, R)
+            weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
+            return torch.einsum("bhrct,bhtcd->bhrcd", weights, vb)
+        # row spans: entry (r, c), members (r, m)
+        logits = sq @ kb[:, :, r0:r1].transpose(-1, -2)  # (B, H, r, C, C)
+        ok = inside & real_b[:, :, r0:r1, None, :]
         weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
-        value = torch.einsum("bhrct,bhtcd->bhrcd", weights, vb)
-    else:  # row spans: entry (r, c), members (r, m)
-        logits = span_query @ kb.transpose(-1, -2)  # (B, H, R, C, C)
-        ok = inside & real_b[:, :, :, None, :]
-        weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
-        value = weights @ vb
+        return weights @ vb[:, :, r0:r1]
+
+    value = _by_segments(values, qb.shape[2], per_segment, span_query, kb, vb)
     return span_key, value, nonempty
 
 
@@ -489,6 +595,7 @@ def mixture_attention(
     block_size: int,
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
+    segment_size: int | None = None,
 ) -> torch.Tensor:
     r"""Combiner-Mixture on the `R x C` grid of Axial (`C = block_size`, `i = (r, c)`).
 
@@ -505,7 +612,9 @@ def mixture_attention(
     values, computed with running (exclusive) pools along the rows or columns.
 
     Logits: row direct `(R, C, C)`, column direct `(R, C, R)`, column spans `(R, C, C)` (x2 bidirectional), row
-    spans `(R, C, R)` x2; one softmax over their concatenation. Cost O(L (C + R)).
+    spans `(R, C, R)` x2; one softmax over their concatenation. Cost O(L (C + R)). With autograd on and
+    `L > segment_size`, the span values and the joint logits are formed segment by segment of rows and recomputed
+    in the backward (`_by_segments`); the span summaries (O(L d)) are kept.
 
     Returns `(B, H, L, Dv)`.
     """
@@ -515,43 +624,54 @@ def mixture_attention(
     cols, rows = block_size, padded // block_size
     qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
     real_b = real.view(batch_size, 1, rows, cols)
+    per_segment = _segment_rows(segment_size, rows, cols, q, k, v)
     row_idx = torch.arange(rows, device=q.device)
     col_idx = torch.arange(cols, device=q.device)
     earlier = row_idx[None, :] < row_idx[:, None]  # [own r, t]
     other_row = earlier if causal else row_idx[None, :] != row_idx[:, None]
-
-    parts, values = [], []
-    # Direct: own row (prefix when causal) ...
-    row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C) [r, c, m]
-    row_ok = real_b[:, :, :, None, :]
-    if causal:
-        row_ok = row_ok & (col_idx[None, :] <= col_idx[:, None])
-    parts.append((row_logits, row_ok))
-    values.append(lambda p: p @ vb)
-    # ... and own column (above when causal), other rows only.
-    col_logits = torch.einsum("bhrcd,bhtcd->bhrct", qb, kb)  # (B, H, R, C, R) [r, c, t]
-    col_ok = other_row[:, None, :] & real_b.transpose(2, 3)[:, :, None, :, :]
-    parts.append((col_logits, col_ok))
-    values.append(lambda p: torch.einsum("bhrct,bhtcd->bhrcd", p, vb))
-
     other_col = col_idx[None, :] != col_idx[:, None]  # [own c, span column m]
-    for reverse in (False, True) if not causal else (False,):
-        # Column spans: column m, rows above r (below r when reverse); one per m != c.
-        key, value, nonempty = _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=2, reverse=reverse)
-        logits = qb @ key.transpose(-1, -2)  # (B, H, R, C, C) [r, c, m]: query (r, c), span (r, m)
-        ok = other_col & nonempty[:, :, :, None, :]
-        parts.append((logits, ok))
-        values.append(lambda p, value=value: p @ value)
-    for reverse in (False, True):
-        # Row spans: row t != r (t < r when causal), columns left of c (right of c when reverse).
-        key, value, nonempty = _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=3, reverse=reverse)
-        logits = torch.einsum("bhrcd,bhtcd->bhrct", qb, key)  # (B, H, R, C, R): query (r, c), span (t, c)
-        ok = other_row[:, None, :] & nonempty.transpose(2, 3)[:, :, None, :, :]
-        parts.append((logits, ok))
-        values.append(lambda p, value=value: torch.einsum("bhrct,bhtcd->bhrcd", p, value))
+    column_real = real_b.transpose(2, 3)[:, :, None, :, :]  # (B, 1, 1, C, R)
 
-    probs = _joint_softmax(parts, v.dtype)
-    out = sum(merge(p) for merge, p in zip(values, probs))
+    # Column spans: column m, rows above r (below r when reverse); one per m != c. Row spans: row t != r (t < r when
+    # causal), columns left of c (right of c when reverse).
+    column_spans = [
+        _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=2, reverse=reverse, per_segment=per_segment)
+        for reverse in ((False, True) if not causal else (False,))
+    ]
+    row_spans = [
+        _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=3, reverse=reverse, per_segment=per_segment)
+        for reverse in (False, True)
+    ]
+    num_col = len(column_spans)
+
+    def segment(r0, r1, qb, kb, vb, *summaries):
+        qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
+        own_other_row = other_row[r0:r1, None, :]  # (r, 1, R)
+        parts, merges = [], []
+        # Direct: own row (prefix when causal) ...
+        row_ok = real_b[:, :, r0:r1, None, :]
+        if causal:
+            row_ok = row_ok & (col_idx[None, :] <= col_idx[:, None])
+        parts.append((qc @ kb[:, :, r0:r1].transpose(-1, -2), row_ok))  # (B, H, r, C, C) [r, c, m]
+        merges.append(lambda p: p @ vc)
+        # ... and own column (above when causal), other rows only.
+        parts.append((torch.einsum("bhrcd,bhtcd->bhrct", qc, kb), own_other_row & column_real))  # (B, H, r, C, R)
+        merges.append(lambda p: torch.einsum("bhrct,bhtcd->bhrcd", p, vb))
+        for index, (_, _, nonempty) in enumerate(column_spans):
+            key, value = summaries[2 * index], summaries[2 * index + 1]
+            logits = qc @ key[:, :, r0:r1].transpose(-1, -2)  # (B, H, r, C, C): query (r, c), span (r, m)
+            parts.append((logits, other_col & nonempty[:, :, r0:r1, None, :]))
+            merges.append(lambda p, value=value: p @ value[:, :, r0:r1])
+        for index, (_, _, nonempty) in enumerate(row_spans):
+            key, value = summaries[2 * (num_col + index)], summaries[2 * (num_col + index) + 1]
+            logits = torch.einsum("bhrcd,bhtcd->bhrct", qc, key)  # (B, H, r, C, R): query (r, c), span (t, c)
+            parts.append((logits, own_other_row & nonempty.transpose(2, 3)[:, :, None, :, :]))
+            merges.append(lambda p, value=value: torch.einsum("bhrct,bhtcd->bhrcd", p, value))
+        probs = _joint_softmax(parts, vc.dtype)
+        return sum(merge(p) for merge, p in zip(merges, probs))
+
+    summaries = [t for key, value, _ in (*column_spans, *row_spans) for t in (key, value)]
+    out = _by_segments(segment, rows, per_segment, qb, kb, vb, *summaries)
     return out.flatten(2, 3)[:, :, :length]
 
 
@@ -570,14 +690,20 @@ def combiner_attention(
     span_summary: str = "max",
     abstraction_key_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     hidden_states: torch.Tensor | None = None,
+    segment_size: int | None = None,
 ) -> torch.Tensor:
-    """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op."""
+    """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op.
+
+    `segment_size` (positions; default `SEGMENT_POSITIONS`, 0 = never): with autograd on, longer sequences form
+    their logits segment by segment under checkpoint (same maths, activations of one segment).
+    """
+    seg = dict(segment_size=segment_size)
     if combiner_type == "fixed":
         return fixed_attention(
-            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary
+            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary, **seg
         )
     if combiner_type == "logsparse":
-        return logsparse_attention(q, k, v, causal=causal, key_mask=key_mask, span_summary=span_summary)
+        return logsparse_attention(q, k, v, causal=causal, key_mask=key_mask, span_summary=span_summary, **seg)
     if combiner_type == "axial":
         if abstraction_key_fn is None:
             raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
@@ -590,10 +716,11 @@ def combiner_attention(
             key_mask=key_mask,
             abstraction_key_fn=abstraction_key_fn,
             hidden_states=hidden_states,
+            **seg,
         )
     if combiner_type == "mixture":
         return mixture_attention(
-            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary
+            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary, **seg
         )
     raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
 
