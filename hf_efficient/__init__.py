@@ -15,6 +15,7 @@ ARCHITECTURES = {
     "gmlp": "gmlp",
     "aft": "aft",
     "combiner": "combiner",
+    "ngram_transformer": "ngram_transformer",
     "r_transformer": "r_transformer",
     "sparse_mlp": "sparse_mlp",
 }

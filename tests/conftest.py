@@ -37,7 +37,19 @@ def pytest_generate_tests(metafunc):
         if fixture in metafunc.fixturenames:
             values = source(cls)
             ids = [getattr(v, "__name__", str(v)) for v in values]
-            if not values:  # e.g. an architecture without a vision head: the test does not apply
-                metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.skip(reason=f"no {fixture}"))])
+            if not values:  # e.g. an architecture without a vision head: the test does not apply (deselected below)
+                metafunc.parametrize(fixture, [pytest.param(None, marks=pytest.mark.not_applicable)])
             else:
                 metafunc.parametrize(fixture, values, ids=ids)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "not_applicable: a generic test for a head kind the architecture lacks")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Generic tests for head kinds an architecture does not have are deselected (not skipped): they do not apply."""
+    kept = [item for item in items if item.get_closest_marker("not_applicable") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept

@@ -653,16 +653,20 @@ class GenericModelTests:
 class WindowedAttentionTests:
     """Mixin for architectures whose (causal) attention sees only the last N tokens."""
 
-    def attention_window(self, variant: str, config) -> int:
-        """N of the windowed attention (token i sees i-N+1..i) for this variant's config."""
+    def attention_window(self, variant: str, config) -> int | None:
+        """N of the windowed attention (token i sees i-N+1..i) for this variant's config; None for a variant with
+        full attention (e.g. a baseline)."""
         raise NotImplementedError
 
     def test_receptive_field_of_windowed_attention(self, variant, causal_head):
         """k layers of window N: a token more than k(N-1) positions back changes no logit, one exactly k(N-1) back
         changes the logit there (so the window is neither narrower nor wider than claimed)."""
-        model = self.make_model(variant, causal_head)
+        # A larger init: with std 0.02 a token k(N-1) back moves the logits by only ~1e-5 through k layers.
+        model = self.make_model(variant, causal_head, initializer_range=0.2)
         window = self.attention_window(variant, model.config)
-        assert window is not None and window >= 1
+        if window is None:
+            pytest.skip(f"variant {variant!r} attends to the whole prefix (no window)")
+        assert window >= 1
         reach = model.config.num_hidden_layers * (window - 1)
         length = reach + 4
         inputs = self.make_inputs(model.config, causal_head, batch_size=2, seq_length=length)
@@ -670,8 +674,8 @@ class WindowedAttentionTests:
         position = 1
         changed[:, position] = (changed[:, position] + 1 - 3) % (model.config.vocab_size - 3) + 3
         full, out = self.forward(model, inputs), self.forward(model, {"input_ids": changed})
-        torch.testing.assert_close(out[:, position + reach + 1 :], full[:, position + reach + 1 :], rtol=0, atol=ATOL)
-        assert not torch.allclose(out[:, position + reach], full[:, position + reach], rtol=0, atol=ATOL), (
+        torch.testing.assert_close(out[:, position + reach + 1 :], full[:, position + reach + 1 :], rtol=0, atol=0)
+        assert not torch.allclose(out[:, position + reach], full[:, position + reach], rtol=0, atol=1e-4), (
             f"a token exactly k(N-1) = {reach} positions back must still change the logit"
         )
 

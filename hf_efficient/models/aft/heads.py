@@ -18,6 +18,8 @@ the same folder). The master copy is `hf_efficient/models/shared/heads.py`: edit
 `python scripts/check_copies.py --fix`.
 """
 
+import functools
+
 import torch
 from torch import nn
 from transformers.modeling_layers import GenericForTokenClassification
@@ -47,7 +49,8 @@ class BaseModelHead:
 
 
 class CausalLMHead(BaseModelHead):
-    """Causal language model: `lm_head` tied to the input embeddings; decoding through the base model's cache."""
+    """Causal language model: `lm_head` tied to the input embeddings (with a bias where `config.lm_head_bias` says
+    so); decoding through the base model's cache."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     base_model_causal = True
@@ -57,7 +60,8 @@ class CausalLMHead(BaseModelHead):
         if getattr(config, "vocab_size", None) is None:
             raise ValueError(f"{type(self).__name__} needs a `vocab_size`.")
         self.model = self.build_base_model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        bias = bool(getattr(config, "lm_head_bias", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=bias)
         self.post_init()
 
     # `position_ids` is not a named argument on purpose: `generate()` would then compute and pass them, and the base
@@ -206,6 +210,13 @@ class TokenClassificationHead(BaseModelHead, GenericForTokenClassification):
         self.dropout = nn.Dropout(dropout if dropout is not None else getattr(config, "hidden_dropout_prob", 0.0))
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
+
+    @functools.wraps(GenericForTokenClassification.forward)  # keeps its signature (the Trainer reads it)
+    def forward(self, *args, **kwargs):
+        # A per-position classifier never decodes: no cache unless asked for (the generic forward passes None,
+        # which a causal base model would read as "build one").
+        kwargs.setdefault("use_cache", False)
+        return GenericForTokenClassification.forward(self, *args, **kwargs)
 
 
 class ImageClassificationHead(BaseModelHead):

@@ -160,6 +160,37 @@ def run_blocks(
     return hidden_states, all_hidden_states
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "eager" entry of transformers' attention interface: `softmax(q k^T * scaling + mask) v`.
+
+    q `(B, h, Lq, d_h)`, k / v `(B, h, T, d_h)`; `attention_mask` boolean (True = attend) or additive, broadcastable
+    to `(B, h, Lq, T)`, or None with `is_causal` (query i at position T - Lq + i). Returns `(B, Lq, h, d_h)` and the
+    probabilities `(B, h, Lq, T)` (what `output_attentions` reports).
+    """
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None and is_causal:
+        q_len, k_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch per sample with probability `drop_prob`."""
     if drop_prob == 0.0 or not training:
@@ -227,16 +258,18 @@ def stochastic_depth_rates(config) -> list[float]:
 
 
 class FeedForward(nn.Module):
-    """The block's feed-forward network: `fc2(act(fc1(x)))`, `d -> config.intermediate_size -> d`."""
+    """The block's feed-forward network: `fc2(Dropout(act(fc1(x))))`, `d -> config.intermediate_size -> d`; the
+    dropout rate is `config.activation_dropout` where the config has one (else none)."""
 
     def __init__(self, config):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(getattr(config, "activation_dropout", 0.0))
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(hidden_states)))
+        return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
 
 
 class PatchEmbeddings(nn.Module):

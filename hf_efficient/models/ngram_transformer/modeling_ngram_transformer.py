@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -20,15 +19,22 @@ from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPast,
     BaseModelOutputWithPastAndCrossAttentions,
-    CausalLMOutputWithPast,
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import check_attention_mask, embed_inputs, positions_from_mask
+from .common import (
+    EfficientPreTrainedModel,
+    FeedForward,
+    check_attention_mask,
+    eager_attention_forward,
+    embed_inputs,
+    positions_from_mask,
+)
 from .configuration_ngram_transformer import NgramTransformerConfig
+from .heads import CausalLMHead
 from .ops_ngram_transformer import ngram_attention, padding_mask, sinusoidal_positions
 
 
@@ -63,32 +69,6 @@ class NgramTransformerCache(DynamicCache):
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    is_causal: bool = False,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`softmax(q k^T * scaling + mask) v` with a boolean mask (True = attend); output `(B, Lq, H, D)`."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is None and is_causal:
-        q_len, k_len = query.shape[2], key.shape[2]
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
-
-
 class NgramTransformerAttention(nn.Module):
     """Multi-head attention with q/k/v/o projections; `kind` is `"encoder"` (bidirectional), `"cross"` (decoder to
     encoder) or `"decoder"` (N-gram masked causal self-attention). The attention itself goes through transformers'
@@ -183,20 +163,6 @@ class NgramTransformerAttention(nn.Module):
         return self.o_proj(out.reshape(batch_size, seq_len, -1)), weights
 
 
-class NgramTransformerMLP(nn.Module):
-    """`W_2 Dropout(act(W_1 x))`: the Transformer's position-wise feed-forward block."""
-
-    def __init__(self, config: NgramTransformerConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.dropout = nn.Dropout(config.activation_dropout)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
-
-
 # ---------------------------------------------------------------------------------------------- layers
 class NgramTransformerEncoderLayer(GradientCheckpointingLayer):
     """Pre-LN encoder layer: `x + Dropout(SelfAttn(LN(x)))`, `x + Dropout(FFN(LN(x)))` (full bidirectional attention)."""
@@ -206,7 +172,7 @@ class NgramTransformerEncoderLayer(GradientCheckpointingLayer):
         self.self_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = NgramTransformerAttention(config, layer_idx, "encoder")
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = NgramTransformerMLP(config)
+        self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, attention_mask=None, output_attentions=False):
@@ -229,7 +195,7 @@ class NgramTransformerDecoderLayer(GradientCheckpointingLayer):
             self.cross_attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
             self.cross_attn = NgramTransformerAttention(config, layer_idx, "cross")
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = NgramTransformerMLP(config)
+        self.mlp = FeedForward(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -264,13 +230,8 @@ class NgramTransformerDecoderLayer(GradientCheckpointingLayer):
 
 
 # ---------------------------------------------------------------------------------------------- models
-class NgramTransformerPreTrainedModel(PreTrainedModel):
-    config_class = NgramTransformerConfig
+class NgramTransformerPreTrainedModel(EfficientPreTrainedModel):
     config: NgramTransformerConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
     _no_split_modules = ["NgramTransformerEncoderLayer", "NgramTransformerDecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -659,63 +620,20 @@ class NgramTransformerForConditionalGeneration(NgramTransformerPreTrainedModel, 
         )
 
 
-class NgramTransformerForCausalLM(NgramTransformerPreTrainedModel, GenerationMixin):
+class NgramTransformerForCausalLM(CausalLMHead, NgramTransformerPreTrainedModel, GenerationMixin):
     """Decoder-only N-gram Transformer language model (`is_encoder_decoder=False`): every position sees the N - 1
     tokens before it per layer; decoding keeps N - 1 keys / values per layer, so a step costs the same at any length."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_class = NgramTransformerModel
+    base_model_causal = None  # the base model's form follows from the config (decoder-only here)
 
-    def __init__(self, config: NgramTransformerConfig):
+    def build_base_model(self, config: NgramTransformerConfig) -> NgramTransformerModel:
         if config.is_encoder_decoder:
             raise ValueError(
                 "NgramTransformerForCausalLM needs `is_encoder_decoder=False` in its config (got True); use "
                 "NgramTransformerForConditionalGeneration for the encoder-decoder model."
             )
-        super().__init__(config)
-        self.model = NgramTransformerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return super().build_base_model(config)
 
 
 __all__ = [

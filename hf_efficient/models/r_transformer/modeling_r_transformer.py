@@ -12,13 +12,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import EfficientPreTrainedModel, check_attention_mask
+from .common import EfficientPreTrainedModel, check_attention_mask, eager_attention_forward
 from .configuration_r_transformer import RTransformerConfig
-from .heads import ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
+from .heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
 from .ops_r_transformer import local_rnn, official_layer_norm
 from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
@@ -117,27 +117,6 @@ class RTransformerLocalRNNLayer(nn.Module):
         inputs = torch.cat([past_inputs, inputs], dim=1)
         output = self.local_rnn(inputs)
         return hidden_states + self.dropout(output), inputs[:, inputs.shape[1] - (self.window - 1) :]
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`softmax(q k^T * scaling + mask) v`; q `(B, h, L, d_h)`, k / v `(B, h, T, d_h)`, mask additive `(B|1, 1, L, T)`.
-    Returns `(B, L, h, d_h)` and the probabilities `(B, h, L, T)`."""
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return output, weights
 
 
 class RTransformerAttention(nn.Module):
@@ -394,56 +373,12 @@ class RTransformerModel(RTransformerPreTrainedModel):
         )
 
 
-class RTransformerForCausalLM(RTransformerPreTrainedModel, GenerationMixin):
-    """R-Transformer language model (the official char / word models: LM head tied to the embeddings, with a bias).
-    Decoding caches the LocalRNNs' last M - 1 inputs and the attention keys / values."""
+class RTransformerForCausalLM(CausalLMHead, RTransformerPreTrainedModel, GenerationMixin):
+    """R-Transformer language model (the official char / word models: LM head tied to the embeddings, with a bias,
+    `config.lm_head_bias`). Decoding caches the LocalRNNs' last M - 1 inputs and the attention keys / values."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: RTransformerConfig):
-        super().__init__(config)
-        if config.vocab_size is None:
-            raise ValueError("RTransformerForCausalLM needs a `vocab_size`, got None.")
-        self.model = RTransformerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
-        self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: RTransformerCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+    base_model_class = RTransformerModel
+    base_model_causal = None  # always causal, as the official model
 
 
 class RTransformerForSequenceClassification(SequenceClassificationHead, RTransformerPreTrainedModel):

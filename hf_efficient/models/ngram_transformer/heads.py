@@ -1,0 +1,263 @@
+"""Task heads shared by every architecture: thin wrappers that put one projection and a loss on a base model.
+
+An architecture's head is one class statement plus its docstring, e.g.
+
+    class GMLPForCausalLM(CausalLMHead, GMLPPreTrainedModel, GenerationMixin):
+        '''gMLP language model with a causal SGU.'''
+        base_model_class = GMLPModel
+
+The mixin comes first so its `__init__`/`forward` win; `super().__init__(config)` then reaches the architecture's
+`PreTrainedModel`. The base model is built directly (`base_model_class(config)`), not through
+`AutoModel.from_config` as transformers' `Generic*` heads do, because under `trust_remote_code` the Auto class does
+not know the dynamically loaded config. Base models take `input_ids` / `inputs_embeds` (or `pixel_values`),
+`attention_mask`, `cache`, `use_cache`, `output_hidden_states`, `return_dict` and `**kwargs`, and return a
+`BaseModelOutputWithPast`-like output.
+
+This file is carried byte-identically by every architecture folder (remote code only follows imports to files in
+the same folder). The master copy is `hf_efficient/models/shared/heads.py`: edit it there and run
+`python scripts/check_copies.py --fix`.
+"""
+
+import functools
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GenericForTokenClassification
+from transformers.modeling_outputs import (
+    CausalLMOutputWithPast,
+    ImageClassifierOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
+from transformers.utils import can_return_tuple
+
+from .common import last_token_pool, mean_pool
+
+
+class BaseModelHead:
+    """Builds `self.model`: `base_model_class(config)`, forced causal / bidirectional by `base_model_causal`."""
+
+    base_model_class: type | None = None
+    base_model_causal: bool | None = None  # None: the config's own choice (`config.causal` where it has one)
+
+    def build_base_model(self, config) -> nn.Module:
+        if self.base_model_class is None:
+            raise NotImplementedError(f"{type(self).__name__} must set `base_model_class`.")
+        if self.base_model_causal is None:
+            return self.base_model_class(config)
+        return self.base_model_class(config, causal=self.base_model_causal)
+
+
+class CausalLMHead(BaseModelHead):
+    """Causal language model: `lm_head` tied to the input embeddings (with a bias where `config.lm_head_bias` says
+    so); decoding through the base model's cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_causal = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "vocab_size", None) is None:
+            raise ValueError(f"{type(self).__name__} needs a `vocab_size`.")
+        self.model = self.build_base_model(config)
+        bias = bool(getattr(config, "lm_head_bias", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=bias)
+        self.post_init()
+
+    # `position_ids` is not a named argument on purpose: `generate()` would then compute and pass them, and the base
+    # models derive the same positions from `attention_mask` themselves (a caller's `position_ids` still pass through).
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels`: `(B, L)` next-token targets (shifted inside the loss), -100 to ignore."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+class MaskedLMHead(BaseModelHead):
+    """Masked language model on a bidirectional base model, `lm_head` tied to the input embeddings."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    base_model_causal = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "vocab_size", None) is None:
+            raise ValueError(f"{type(self).__name__} needs a `vocab_size`.")
+        self.model = self.build_base_model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        """`labels`: `(B, L)` targets at masked positions, -100 elsewhere."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+class SequenceClassificationHead(BaseModelHead):
+    """Linear classifier on pooled final hidden states: `pooling = "mean"` over real positions or `"last"` real
+    token (a config field `classifier_pooling` overrides it per model)."""
+
+    pooling = "mean"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.build_base_model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        """`labels`: `(B,)` class ids (or floats for regression, as transformers' `problem_type` decides)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        pooling = getattr(self.config, "classifier_pooling", None) or self.pooling
+        pool = last_token_pool if pooling == "last" else mean_pool
+        logits = self.score(pool(outputs.last_hidden_state, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+class TokenClassificationHead(BaseModelHead, GenericForTokenClassification):
+    """Linear classifier on every position: transformers' `GenericForTokenClassification.forward`, our `__init__`."""
+
+    def __init__(self, config):
+        # Skip the generic `__init__` (its `AutoModel.from_config` fails under remote code): straight to the
+        # architecture's `PreTrainedModel`.
+        super(GenericForTokenClassification, self).__init__(config)
+        self.num_labels = config.num_labels
+        self.model = self.build_base_model(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(dropout if dropout is not None else getattr(config, "hidden_dropout_prob", 0.0))
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @functools.wraps(GenericForTokenClassification.forward)  # keeps its signature (the Trainer reads it)
+    def forward(self, *args, **kwargs):
+        # A per-position classifier never decodes: no cache unless asked for (the generic forward passes None,
+        # which a causal base model would read as "build one").
+        kwargs.setdefault("use_cache", False)
+        return GenericForTokenClassification.forward(self, *args, **kwargs)
+
+
+class ImageClassificationHead(BaseModelHead):
+    """Linear classifier on the pooled patch tokens of a bidirectional base model that takes `pixel_values`
+    (`pool_image`: the mean of the tokens; override it, e.g. for a class token)."""
+
+    main_input_name = "pixel_values"
+    base_model_causal = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "image_size", None) is None:
+            raise ValueError(f"{type(self).__name__} needs `image_size` (and its patch settings) in its config.")
+        self.num_labels = config.num_labels
+        self.model = self.build_base_model(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def pool_image(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(B, N, d)` -> `(B, d)`."""
+        return hidden_states.mean(dim=1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        """`pixel_values`: `(B, C, H, W)`; `labels`: `(B,)` class ids."""
+        outputs = self.model(
+            pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **kwargs
+        )
+        logits = self.classifier(self.pool_image(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        return ImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=getattr(outputs, "attentions", None),
+        )
