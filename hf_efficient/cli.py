@@ -18,6 +18,7 @@ without changes here. Errors the user can fix print one line, `hf-efficient: err
 """
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -32,6 +33,7 @@ from .tasks import TASKS, TaskError
 
 PROG = "hf-efficient"
 DEFAULT_PROMPT = "def "
+DEFAULT_MAX_NEW_TOKENS = 200  # `generate`'s default length (never saved in a checkpoint's generation config)
 
 
 class UsageError(Exception):
@@ -168,7 +170,9 @@ class GenerateArguments:
         default_factory=list,
         metadata={"help": f"prompt text (repeat for a batch; default: {DEFAULT_PROMPT!r})", "action": "extend"},
     )
-    max_new_tokens: int | None = _option("tokens to add (capped by the model's context)")
+    max_new_tokens: int | None = _option(
+        f"tokens to add (default {DEFAULT_MAX_NEW_TOKENS}; capped by the model's position limit with a one-line note)"
+    )
     do_sample: bool | None = _option("sample", nargs="?", const=True)
     greedy: bool = _option("greedy / beam search decoding (not with --do-sample)", default=False)
     temperature: float | None = _option("sampling temperature")
@@ -178,6 +182,7 @@ class GenerateArguments:
     repetition_penalty: float | None = _option("penalise repeated tokens")
     num_return_sequences: int | None = _option("samples per prompt")
     seed: int = _option("sampling seed", default=0)
+    disable_tqdm: bool | None = _option("no progress bars", nargs="?", const=True)
 
     def settings(self) -> dict:
         """The `generate()` options given (None: from the checkpoint's generation config)."""
@@ -291,6 +296,7 @@ def parse(argv: list[str]) -> tuple[str, list]:
     """`argv` -> (command, one value per argument class of the command: a dataclass instance, or for
     `TrainArguments` the dict of its parsed fields, built into `TrainArguments` by the run)."""
     argv = [a for a in argv if a != "--debug"]  # --debug is read anywhere on the line (see `main`)
+    argv = _move_disable_tqdm(argv)
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     command = COMMANDS[namespace.command]
@@ -311,6 +317,90 @@ def parse(argv: list[str]) -> tuple[str, list]:
                 setattr(instance, item.name, values[item.name])
         parsed.append(instance)
     return namespace.command, parsed
+
+
+QUIET_FLAGS = ("--disable-tqdm", "--disable_tqdm")
+# Boolean flags that take an optional value (`--flag`, `--flag false`): bare, they must not swallow the next word.
+OPTIONAL_BOOL_FLAGS = (*QUIET_FLAGS, "--use-cpu", "--use_cpu", "--do-sample", "--do_sample")
+BOOL_WORDS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
+
+
+def _move_disable_tqdm(argv: list[str]) -> list[str]:
+    """`--disable-tqdm` is read in any position: given before the command name, it moves after it (`list` has no
+    progress bars and ignores it); a bare optional-value boolean flag followed by a word that is not a boolean (a
+    checkpoint folder) is read as `--flag=true`."""
+    argv = [
+        f"{a}=true"
+        if a in OPTIONAL_BOOL_FLAGS and (i + 1 == len(argv) or argv[i + 1].lower() not in BOOL_WORDS)
+        else a
+        for i, a in enumerate(argv)
+    ]
+    command_index = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
+    if command_index is None:
+        return argv
+    before = [a for a in argv[:command_index] if a in QUIET_FLAGS or a.split("=", 1)[0] in QUIET_FLAGS]
+    if not before:
+        return argv
+    rest = [a for a in argv[:command_index] if a not in before]
+    command = argv[command_index]
+    moved = [] if command == "list" else before
+    return [*rest, command, *moved, *argv[command_index + 1 :]]
+
+
+def wants_quiet(arguments: list) -> bool:
+    """Whether the parsed command asked for no progress bars (`--disable-tqdm`, in any of its argument classes)."""
+    for value in arguments:
+        flag = value.get("disable_tqdm") if isinstance(value, dict) else getattr(value, "disable_tqdm", None)
+        if flag:
+            return True
+    return False
+
+
+class progress_bars_disabled:  # noqa: N801 (a context manager, used as a function)
+    """Silence every progress bar of the libraries the command runs (datasets' map/filter/split bars,
+    transformers' weight loading/saving bars, huggingface_hub's, evaluate's), restoring their state afterwards;
+    the Trainer's own bars follow `TrainingArguments.disable_tqdm`."""
+
+    def __enter__(self):
+        import datasets
+        import huggingface_hub.utils as hub_utils
+        from transformers.utils import logging as hf_logging
+
+        self.state = (
+            hf_logging.is_progress_bar_enabled(),
+            datasets.is_progress_bar_enabled(),
+            hub_utils.are_progress_bars_disabled(),
+        )
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        hub_utils.disable_progress_bars()
+        self.evaluate_on = None
+        try:
+            from evaluate.utils import logging as evaluate_logging
+
+            self.evaluate_on = evaluate_logging.is_progress_bar_enabled()
+            evaluate_logging.disable_progress_bar()
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        import datasets
+        import huggingface_hub.utils as hub_utils
+        from transformers.utils import logging as hf_logging
+
+        transformers_on, datasets_on, hub_off = self.state
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if not hub_off:
+            hub_utils.enable_progress_bars()
+        if self.evaluate_on:
+            from evaluate.utils import logging as evaluate_logging
+
+            evaluate_logging.enable_progress_bar()
+        return False
 
 
 # -------------------------------------------------------------------------------------------------------- listing
@@ -357,10 +447,11 @@ def run(argv: list[str], callbacks=()) -> int:
 
     from . import training
 
-    if command == "train":
-        training.run_train(*arguments, callbacks=callbacks)
-    else:
-        getattr(training, f"run_{command}")(*arguments)
+    with progress_bars_disabled() if wants_quiet(arguments) else contextlib.nullcontext():
+        if command == "train":
+            training.run_train(*arguments, callbacks=callbacks)
+        else:
+            getattr(training, f"run_{command}")(*arguments)
     return 0
 
 

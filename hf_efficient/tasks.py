@@ -227,7 +227,13 @@ def _encode_labels(train, validation, column: str):
     def encode(batch):
         return {"label": [index[str(v)] for v in batch["label"]]}
 
-    return train.map(encode, batched=True), validation.map(encode, batched=True), names
+    def encoded(split):
+        # (explicit features: `datasets` otherwise keeps the column's string type and the ids stay strings)
+        features = split.features.copy()
+        features["label"] = ClassLabel(names=names)
+        return split.map(encode, batched=True, features=features)
+
+    return encoded(train), encoded(validation), names
 
 
 def image_processor_for(image_size: int, num_channels: int):
@@ -303,9 +309,12 @@ class Task:
                 tokenizer = None
         return tokenizer if tokenizer is not None else byte_data.default_tokenizer()
 
-    def load_data(self, args, processing, config: dict, train=True, seed=42, sized_by_data=False) -> TaskData:
+    def load_data(
+        self, args, processing, config: dict, train=True, seed=42, sized_by_data=False, config_class=None
+    ) -> TaskData:
         """The task's data for a model whose config is `config` (a dict); `args`: the `DataArguments`;
-        `sized_by_data`: the model is new and may take sizes from the data (`TaskData.config_updates`)."""
+        `sized_by_data`: the model is new and may take sizes from the data (`TaskData.config_updates`), and
+        `config_class` (its config class, when known) tells how the config counts them."""
         tokenizer = processing
         if config.get("max_position_embeddings"):
             tokenizer.model_max_length = config["max_position_embeddings"]  # lets pipelines truncate to it
@@ -530,7 +539,7 @@ class ImageClassification(Task):
             return image_processor_for(config["image_size"], config.get("num_channels", 3))
         return None
 
-    def load_data(self, args, processing, config, train=True, seed=42, sized_by_data=False):
+    def load_data(self, args, processing, config, train=True, seed=42, sized_by_data=False, config_class=None):
         """`sized_by_data`: a new model whose image size, channels and patch size come from the data."""
         from transformers import DefaultDataCollator
 
@@ -558,7 +567,7 @@ class ImageClassification(Task):
             _check_images(split, size, source)
         if sized_by_data:
             channels = 3
-            updates = self.sized_config(config, size, channels)
+            updates = self.sized_config(config, size, channels, config_class)
         else:
             channels, updates = config.get("num_channels", 3), {}
             if size != config["image_size"]:
@@ -586,9 +595,10 @@ class ImageClassification(Task):
             config_updates=updates,
         )
 
-    def sized_config(self, config: dict, size: int, channels: int) -> dict:
+    def sized_config(self, config: dict, size: int, channels: int, config_class=None) -> dict:
         """Image size and channels from the data; where the config has them, the smallest patch size that gives
-        at most `max_tokens` tokens (unless set) and `max_position_embeddings` = the number of tokens."""
+        at most `max_tokens` patches (unless set) and `max_position_embeddings` = the number of tokens: the
+        patches plus the tokens the config adds to them (`extra_tokens`, e.g. a class token)."""
         updates = {"image_size": size, "num_channels": channels}
         tokens = size * size
         if "patch_size" in config:
@@ -598,8 +608,25 @@ class ImageClassification(Task):
             updates["patch_size"] = patch
             tokens = (size // patch) ** 2
         if "max_position_embeddings" in config:
-            updates["max_position_embeddings"] = tokens
+            updates["max_position_embeddings"] = tokens + extra_tokens(config_class, {**config, **updates})
         return updates
+
+
+def extra_tokens(config_class, values: dict) -> int:
+    """Tokens a vision config adds to its patches, read from the config class without building (validating) it:
+    a `num_extra_tokens` attribute, else 1 where a `uses_class_token` property is true (AFT's DeiT-style class
+    token), else 0. Any architecture declaring either gets a model that fits its data, with no branch here."""
+    if config_class is None:
+        return 0
+    probe = config_class.__new__(config_class)  # the values as attributes, so the class's properties can read them
+    probe.__dict__.update(values)
+    try:
+        count = getattr(probe, "num_extra_tokens", None)
+        if count is None:
+            count = 1 if getattr(probe, "uses_class_token", False) is True else 0
+        return int(count)
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 def _as_mode(image, channels: int):

@@ -10,6 +10,7 @@ The `run_*` functions take the argument dataclasses of `hf_efficient.cli` and ra
 user can fix; the CLI turns that into a one-line message. Everything task-specific is in `hf_efficient.tasks`.
 """
 
+import difflib
 import json
 import math
 import os
@@ -22,10 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
 import hf_efficient
 
 from . import model_card
-from .cli import DEFAULT_PROMPT, TrainArguments
+from .cli import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT, TrainArguments
 from .hub import auto_map_for, copy_code, has_code
 from .tasks import TASKS, Task, TaskData, TaskError, first_line, task_of_architecture, task_of_auto
 
@@ -75,8 +79,10 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSource:
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise TaskError(f"model folder {name!r} has no config.json")
-        kind = "checkpoint" if has_weights(folder) else "preset"
-        return _from_folder(kind, name, str(folder), trust_remote_code)
+        if has_weights(folder):
+            check_weight_files(folder)
+            return _from_folder("checkpoint", name, str(folder), trust_remote_code)
+        return _from_folder("preset", name, str(folder), trust_remote_code)
     if folder.exists():
         raise TaskError(f"model {name!r} is a file; pass a folder with config.json, an architecture or a preset")
     if name in hf_efficient.ARCHITECTURES:
@@ -101,6 +107,7 @@ def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSource:
 def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> ModelSource:
     from transformers import AutoConfig
 
+    check_model_type(Path(path) / "config.json", trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:
@@ -116,6 +123,54 @@ def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> Mo
     return ModelSource(
         kind, display, path, config.model_type, config, _task_of_config(config, card_task), trust_remote_code
     )
+
+
+def check_model_type(config_file: Path, trust_remote_code: bool) -> None:
+    """The `model_type` of a folder's config.json must be one transformers knows (hf-efficient's are registered), or
+    a type whose code the folder ships (`auto_map`, with --trust-remote-code): else name it and the valid types."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TaskError(f"{str(config_file)!r} is not a valid JSON config: {first_line(error)}") from error
+    model_type = saved.get("model_type") if isinstance(saved, dict) else None
+    if model_type in CONFIG_MAPPING or (trust_remote_code and "AutoConfig" in (saved.get("auto_map") or {})):
+        return
+    ours = sorted(hf_efficient.ARCHITECTURES)
+    close = difflib.get_close_matches(str(model_type), [*ours, *CONFIG_MAPPING.keys()], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise TaskError(
+        f"{str(config_file)!r} names model_type {model_type!r}, which is not registered{hint} (hf-efficient's "
+        f"types: {', '.join(ours)}; any transformers model type also loads, and another type's shipped code with "
+        "--trust-remote-code)"
+    )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    names = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    return names + sorted(folder.glob("model-*.safetensors"))
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file of the folder must be whole (a run killed while saving leaves a truncated one): the
+    error names the file and, where the folder (or its `.partial` staging folder) has one, the last good
+    checkpoint."""
+    from safetensors import safe_open
+
+    for path in weight_files(folder):
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+            problem = None if path.stat().st_size > 8 else "empty"
+        except Exception as error:  # safetensors raises its own error type for a damaged header or a short file
+            problem = first_line(error)
+        if problem is not None:
+            good = last_complete_checkpoint(folder)[0] or last_complete_checkpoint(staging_folder(folder))[0]
+            advice = f"; the last good checkpoint is {str(good)!r}: pass it instead" if good else ""
+            raise TaskError(f"the weights file {str(path)!r} is damaged or truncated ({problem}){advice}")
 
 
 def _task_of_config(config, card_task: str | None) -> str | None:
@@ -143,6 +198,25 @@ def check_task_head(source: ModelSource, task: Task) -> None:
             raise TaskError(f"model {source.name!r} ({source.model_type}) has no head for task {task.name!r}")
     if source.config is not None:
         task.check_config(source.config.to_dict(), source.name)
+
+
+def announce_new_model(source: ModelSource, model_name: str) -> None:
+    """`train --model FOLDER` on a folder without weights trains a new (randomly initialised) model from its
+    config.json: say so in one line. A training output without weights (e.g. an unfinished run's `.partial` folder,
+    whose weights are in its checkpoints) is an error naming the checkpoint to pass instead."""
+    folder = Path(model_name).expanduser()
+    if source.kind != "preset" or not folder.is_dir():
+        return
+    found, _ = last_complete_checkpoint(folder)
+    if found is not None or (folder / "trainer_state.json").is_file():
+        advice = f": pass --model {found} to fine-tune its last checkpoint" if found else ""
+        raise TaskError(f"model folder {str(folder)!r} is a training run without final weights{advice}")
+    print(
+        f"hf-efficient: {str(folder)!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}): training "
+        "a new, randomly initialised model from its config",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def parse_overrides(text: str | None) -> dict:
@@ -211,25 +285,56 @@ def create_model(task: Task, source: ModelSource, config, new_head: bool = False
         if source.kind == "checkpoint":
             # hf-efficient's own classes are registered: remote code is only for other model types.
             remote = source.trust_remote_code and source.model_type not in hf_efficient.ARCHITECTURES
-            kwargs = {"config": config, "trust_remote_code": remote}
+            kwargs = {"config": config, "trust_remote_code": remote, "output_loading_info": True}
             if new_head:
                 kwargs["ignore_mismatched_sizes"] = True
-            return auto.from_pretrained(source.path, **kwargs)
+            model, info = auto.from_pretrained(source.path, **kwargs)
+            check_loaded_weights(model, info, source, new_head)
+            return model
         return auto.from_config(config)
+    except TaskError:
+        raise
     except (ValueError, TypeError, KeyError, OSError) as error:
         raise TaskError(f"cannot build a {task.auto_class} from {source.name!r}: {first_line(error)}") from error
 
 
+def check_loaded_weights(model, info: dict, source: ModelSource, new_head: bool) -> None:
+    """A checkpoint's weights must fit the model its config builds: a missing, unexpected or resized weight is an
+    error (a config.json of another model type loads with every weight missing and would give a random model).
+    With `new_head` (a new classifier on a checkpoint), only weights outside the base model (the head's) may be
+    missing, unexpected (the old head's) or resized."""
+    prefix = f"{getattr(model, 'base_model_prefix', '') or 'model'}."
+    problems = {
+        "missing": sorted(info.get("missing_keys") or ()),
+        "unexpected": sorted(info.get("unexpected_keys") or ()),
+        "resized": sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()),
+    }
+    if new_head:
+        problems = {kind: [k for k in keys if k.startswith(prefix)] for kind, keys in problems.items()}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if not problems:
+        return
+    shown = "; ".join(
+        f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in problems.items()
+    )
+    raise TaskError(
+        f"the weights of {source.path!r} do not fit the {type(model).__name__} its config.json (model_type "
+        f"{source.model_type!r}) builds: {shown}; is config.json from another model?"
+    )
+
+
 def default_generation_config(model, tokenizer):
+    """The sampling settings saved with a causal checkpoint. No length (`max_new_tokens` / `max_length`): a saved
+    length would win over a caller's `max_length` in transformers; `hf-efficient generate` has its own default
+    (`cli.DEFAULT_MAX_NEW_TOKENS`, capped by the model's position limit)."""
     from transformers import GenerationConfig
 
-    limit = getattr(model.config, "max_position_embeddings", None) or 512
     return GenerationConfig(
         do_sample=True,
         temperature=0.8,
         top_k=0,
         top_p=0.95,
-        max_new_tokens=min(200, max(1, limit - 16)),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=getattr(model.config, "bos_token_id", None),
@@ -241,28 +346,217 @@ def staging_folder(output_dir: Path) -> Path:
     return output_dir.with_name(output_dir.name + STAGING_SUFFIX)
 
 
-def prepare_output(output_dir: str, overwrite: bool, resume: str | None) -> tuple[Path, Path, str | None]:
-    """Check the output folder and its staging folder (`<out>.partial`, where a run writes until it is complete);
-    returns (final, staging, the checkpoint to resume from)."""
-    from transformers.trainer_utils import get_last_checkpoint
+# What a run writes into its output folder (top-level names; `fnmatch` patterns). With --overwrite-output-dir, an
+# existing folder is replaced only if everything in it is one of these (an earlier run's output): anything else is the
+# user's and is never deleted (the run refuses the folder instead).
+RUN_OUTPUT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "all_results.json",
+    "train_results.json",
+    "eval_results.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "checkpoint-*",
+    "runs",
+)
 
+
+def _code_file_names() -> set[str]:
+    """The source files a checkpoint carries for trust_remote_code (those of every registered architecture)."""
+    return {path.name for path in (PACKAGE_ROOT / "models").glob("*/*.py") if path.name != "__init__.py"}
+
+
+def is_run_output(path: Path) -> bool:
+    """Whether `path` (an entry of an output folder) is something an hf-efficient run writes there."""
+    import fnmatch
+
+    if path.name == "README.md":
+        return model_card.is_generated(path)  # a hand-written README is the user's
+    if path.name in _code_file_names():
+        return path.is_file()
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_OUTPUT_PATTERNS)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The entries of `folder` that no run wrote (the user's files)."""
+    return sorted(p.name for p in folder.iterdir() if not is_run_output(p))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (None: it is complete). The Trainer writes
+    trainer_state.json last, so a run killed while saving leaves it missing, empty or cut short."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        present = ", ".join(sorted(p.name for p in folder.iterdir())[:4]) or "nothing"
+        return f"no trainer_state.json (it holds {present}): killed while saving"
+    try:
+        steps = json.loads(state.read_text()).get("global_step")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return (
+            f"trainer_state.json is {'empty' if state.stat().st_size == 0 else 'not valid JSON'}: killed while saving"
+        )
+    if not isinstance(steps, int):
+        return "trainer_state.json has no global_step"
+    if not has_weights(folder):
+        return "no model weights"
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as handle:
+                    handle.keys()
+            except Exception as error:
+                return f"{path.name} is damaged ({first_line(error)})"
+    return None
+
+
+def last_complete_checkpoint(folder: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete `checkpoint-N` of `folder`, [(newer incomplete checkpoint, why)])."""
+    import re
+
+    if not folder.is_dir():
+        return None, []
+    numbered = []
+    for path in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            numbered.append((int(match.group(1)), path))
+    skipped = []
+    for _, path in sorted(numbered, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def check_output_location(final: Path) -> None:
+    """The run writes into `<final>.partial` beside `final` and renames it into place at the end: check, before any
+    training, that this rename can happen (a writable parent folder on the same file system, not a mount point)."""
+    if final == Path(final.anchor):
+        raise TaskError(f"--output-dir {str(final)!r} is a file-system root: pass a folder inside it")
+    if os.path.ismount(final):
+        raise TaskError(
+            f"--output-dir {str(final)!r} is a mount point: the run writes into {str(staging_folder(final))!r} and "
+            "renames it into place at the end, which a mount point cannot take; pass a folder inside it"
+        )
+    parent = final.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TaskError(f"cannot create --output-dir {str(final)!r}: {str(parent)!r} is not a folder")
+    try:  # a real probe: permissions, read-only file systems and root all answer truthfully
+        probe = Path(tempfile.mkdtemp(prefix=".hf-efficient-probe-", dir=parent))
+        moved = probe.with_name(probe.name + "-renamed")
+        probe.rename(moved)
+        moved.rmdir()
+    except OSError as error:
+        raise TaskError(
+            f"cannot write the output folder {str(final)!r}: its parent {str(parent)!r} does not allow creating and "
+            f"renaming folders ({first_line(error)}); pass another --output-dir"
+        ) from error
+
+
+def prepare_output(
+    output_dir: str, overwrite: bool, resume: str | None, dataset: str | None = None
+) -> tuple[Path, Path, str | None]:
+    """Check the output folder and its staging folder (`<out>.partial`, where a run writes until it is complete);
+    returns (final, staging, the checkpoint to resume from). Nothing is deleted here."""
     final = Path(output_dir).expanduser().resolve()
     staging = staging_folder(final)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
-        raise TaskError(f"output folder {str(final)!r} already exists; pass --overwrite-output-dir or another one")
+    check_output_location(final)
+    if final.exists() and not final.is_dir():
+        raise TaskError(f"--output-dir {str(final)!r} is a file: pass a folder")
+    if final.is_dir() and any(final.iterdir()):
+        if not overwrite:
+            raise TaskError(f"output folder {str(final)!r} already exists; pass --overwrite-output-dir or another one")
+        foreign = foreign_entries(final)
+        inside = [p for p in (Path.cwd(), Path(dataset).expanduser().resolve() if dataset else None) if p]
+        inside = [p for p in inside if p == final or final in p.parents]
+        if inside:
+            foreign = sorted({*foreign, *(str(p) for p in inside)})
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise TaskError(
+                f"--overwrite-output-dir replaces only an earlier run's output, but {str(final)!r} also holds files "
+                f"the command did not write ({shown}); they are never deleted: pass another --output-dir, or move "
+                "them out"
+            )
     if resume == "last":
-        resume = get_last_checkpoint(str(staging)) if staging.is_dir() else None
-        if resume is None:
-            raise TaskError(f"--resume-from-checkpoint: no checkpoint-* folder in {str(staging)!r} to resume from")
+        found, skipped = last_complete_checkpoint(staging)
+        for path, why in skipped:
+            print(f"hf-efficient: skipping the incomplete checkpoint {path.name} ({why})", file=sys.stderr)
+        if found is None:
+            where = f"; incomplete: {', '.join(p.name for p, _ in skipped)}" if skipped else ""
+            raise TaskError(
+                f"--resume-from-checkpoint: no complete checkpoint-* folder in {str(staging)!r} to resume from{where}"
+            )
+        print(f"hf-efficient: resuming from {found}", file=sys.stderr)
+        resume = str(found)
     elif resume is not None:
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise TaskError(f"--resume-from-checkpoint {resume!r} is not a Trainer checkpoint folder")
+        folder = Path(resume).expanduser()
+        problem = checkpoint_problem(folder) if folder.is_dir() else "not a folder"
+        if problem is not None:
+            good = last_complete_checkpoint(folder.parent)[0] if folder.parent.is_dir() else None
+            advice = f"; the last complete one is {str(good)!r}" if good and good != folder else ""
+            raise TaskError(
+                f"--resume-from-checkpoint {resume!r} is not a complete Trainer checkpoint ({problem}){advice}"
+            )
     elif staging.exists() and any(staging.iterdir()) and not overwrite:
         raise TaskError(
             f"{str(staging)!r} holds an unfinished run: pass --resume-from-checkpoint to continue it "
             "or --overwrite-output-dir to start over"
         )
     return final, staging, resume
+
+
+def remove_incomplete_checkpoints(staging: Path, resume: str | None) -> None:
+    """Before resuming: the run's own half-written checkpoints newer than the one it resumes from are removed (the
+    Trainer would otherwise rotate complete ones away in their favour, or save into them)."""
+    if resume is None or Path(resume).parent.resolve() != staging.resolve():
+        return
+    for path, why in last_complete_checkpoint(staging)[1]:
+        print(f"hf-efficient: removing the incomplete checkpoint {path} ({why})", file=sys.stderr)
+        shutil.rmtree(path)
+
+
+def install_output(staging: Path, final: Path) -> None:
+    """Move the finished run into place. A new folder is one rename. An existing one (--overwrite-output-dir) loses
+    only an earlier run's output (`is_run_output`); anything else in it stays."""
+    if final.is_dir():
+        for item in final.iterdir():
+            if is_run_output(item):
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    cwd = Path.cwd().resolve()
+    if final.is_dir() and not any(final.iterdir()) and cwd != final and final not in cwd.parents:
+        final.rmdir()
+    if not final.exists():
+        staging.rename(final)
+        return
+    for item in staging.iterdir():  # user files appeared during the run: replace only the run's entries
+        target = final / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
 
 
 def accelerator_available() -> bool:
@@ -322,6 +616,44 @@ class TimeBudget:
         return bool(flag.item())
 
 
+class LogAtSave(TrainerCallback):
+    """Log the training loss at every checkpoint step, so that a checkpoint's log history covers every step up to
+    it and a resumed run can report the loss of the whole run (`whole_run_loss`)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def checkpoint_finished(checkpoint: str) -> bool:
+    """Whether a checkpoint was written at the last step of its run (its `max_steps`)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return 0 < int(state.get("max_steps") or 0) <= int(state["global_step"])
+
+
+def whole_run_loss(state, resumed_from: int, resumed_loss: float | None) -> dict:
+    """`train_loss` of a resumed run over the whole run: the checkpoint's logged losses (each the mean over the
+    steps since the previous log) up to the step it resumed from, plus the resumed part's mean loss."""
+    steps = state.global_step - resumed_from
+    total, covered, previous = 0.0, 0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry.get("step", 0) <= resumed_from:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = covered = entry["step"]
+    if steps > 0 and resumed_loss is not None:
+        total += resumed_loss * steps
+        covered += steps
+    values = {"resumed_from_step": resumed_from, "train_loss_resumed_part": resumed_loss}
+    if covered:
+        values["train_loss"] = total / covered
+        values["train_loss_steps"] = covered  # the steps the loss covers (all of them, unless logs are missing)
+    return values
+
+
 def command_line() -> str:
     return shlex.join(["hf-efficient", *sys.argv[1:]]) if sys.argv and sys.argv[0] else "hf-efficient"
 
@@ -356,10 +688,14 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
     source = resolve_model(model_name, model_args.trust_remote_code)
     task = TASKS[model_args.task or source.task or "clm"]
     check_task_head(source, task)
+    announce_new_model(source, model_name)
     config_class, values = config_values(source, task, overrides)
     output_dir = training_values["output_dir"] or str(Path("out") / f"{Path(model_name).name or 'model'}-{task.name}")
     final, staging, resume = prepare_output(
-        output_dir, training_values["overwrite_output_dir"], training_values["resume_from_checkpoint"]
+        output_dir,
+        training_values["overwrite_output_dir"],
+        training_values["resume_from_checkpoint"],
+        data_args.dataset,
     )
     args = training_arguments(training_values, task, staging, resume)
 
@@ -367,15 +703,18 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
     draft = {**values, **overrides}
     with args.main_process_first(desc="data"):
         processing = task.load_processing(source.path, source.kind == "checkpoint", None if sized_by_data else draft)
-        data = task.load_data(data_args, processing, draft, seed=args.seed, sized_by_data=sized_by_data)
+        data = task.load_data(
+            data_args, processing, draft, seed=args.seed, sized_by_data=sized_by_data, config_class=config_class
+        )
     config = build_config(config_class, values, data, overrides)
     set_seed(args.seed)
-    model = create_model(task, source, config, new_head=data.label_names is not None)
+    model = create_model(task, source, config, new_head=data.label_names is not None or source.task != task.name)
     if task.name == "clm" and hasattr(model, "generation_config"):
         model.generation_config = default_generation_config(model, data.processing)
     if args.should_save:
         if staging.exists() and resume is None:
-            shutil.rmtree(staging)
+            shutil.rmtree(staging)  # an unfinished earlier run (--overwrite-output-dir): the run's own folder
+        remove_incomplete_checkpoints(staging, resume)
         staging.mkdir(parents=True, exist_ok=True)
 
     budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes else None
@@ -388,7 +727,7 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         processing_class=data.processing,
         compute_metrics=data.compute_metrics,
         preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
-        callbacks=[*callbacks, *([budget.callback] if budget else [])],
+        callbacks=[*callbacks, LogAtSave(), *([budget.callback] if budget else [])],
     )
     main = trainer.is_world_process_zero()
     if main:
@@ -398,8 +737,18 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
             f"{args.world_size} process(es) on {args.device.type}; writing {final}",
             flush=True,
         )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(train_result.metrics)
+    if resume is not None and checkpoint_finished(resume):
+        # Killed after its last checkpoint (during the final evaluation or save): the Trainer would run one step
+        # past max_steps, so load the checkpoint's weights and state, and evaluate and save as usual.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        metrics = {}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    if resume is not None:
+        metrics.update(whole_run_loss(trainer.state, checkpoint_step(resume), metrics.get("train_loss")))
     eval_metrics = trainer.evaluate()
     eval_metrics.update(task.metrics_from_loss(eval_metrics, data))
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -435,9 +784,7 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         _write_json(staging / "eval_results.json", eval_metrics)
         _write_json(staging / "all_results.json", results)
         (staging / "README.md").write_text(model_card.render(final.name, unwrapped.config, task.name, results))
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        staging.rename(final)
+        install_output(staging, final)
         _print_results(task.name, results, final)
     trainer.accelerator.wait_for_everyone()
     if main and task.name == "clm" and not args.no_sample:
@@ -480,9 +827,25 @@ def load_checkpoint(checkpoint_args, task_name: str | None = None):
         raise TaskError(f"cannot tell the task of {checkpoint_args.checkpoint!r}: pass --task")
     task = TASKS[task_name]
     check_task_head(source, task)
+    check_causal(source, task)
     model = create_model(task, source, source.config)
     processing = task.load_processing(source.path, own=True, config=model.config.to_dict())
     return source, task, model, processing
+
+
+def check_causal(source: ModelSource, task: Task) -> None:
+    """A masked-LM (bidirectional) checkpoint cannot evaluate or generate as a causal LM: its weights were trained
+    to see both sides, and a causal head would silently give a wrong model."""
+    if task.name != "clm" or source.task == "clm":  # a saved causal-LM head is causal whatever the config says
+        return
+    causal = getattr(source.config, "causal", None)
+    if source.task == "mlm" or (source.task is None and causal is False):
+        head = (getattr(source.config, "architectures", None) or ["?"])[0]
+        raise TaskError(
+            f"{source.path!r} is a masked-LM / bidirectional checkpoint ({head}, causal={causal}): it cannot "
+            "generate or be evaluated as a causal LM; evaluate it with --task mlm, or fine-tune it into a causal "
+            "LM with `hf-efficient train --model <folder> --task clm`"
+        )
 
 
 def evaluate_checkpoint(task: Task, model, processing, data_args, eval_args) -> dict:
@@ -513,6 +876,7 @@ def evaluate_checkpoint(task: Task, model, processing, data_args, eval_args) -> 
             compute_metrics=data.compute_metrics,
             preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
         )
+        trainer.remove_callback(PrinterCallback)  # (--disable-tqdm) the metrics are printed once, as JSON
         metrics = trainer.evaluate()
     metrics.update(task.metrics_from_loss(metrics, data))
     metrics.update(task=task.name, dataset=data.description, dataset_path=data_args.dataset)
@@ -539,13 +903,22 @@ def generate_text(model, tokenizer, prompts: list[str], settings: dict) -> list[
     if prompt_length == 0:
         raise TaskError("the prompt is empty: pass --prompt with at least one character")
     settings = {k: v for k, v in settings.items() if v is not None}
-    new_tokens = settings.get("max_new_tokens") or model.generation_config.max_new_tokens or 100
-    limit = getattr(model.config, "max_position_embeddings", None)
+    new_tokens = settings.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+    if new_tokens <= 0:
+        raise TaskError(f"--max-new-tokens must be positive, got {new_tokens}")
+    limit = position_limit(model.config)
     if limit is not None:
         if prompt_length >= limit:
-            raise TaskError(f"the prompt has {prompt_length} tokens: the model's context is {limit}")
+            raise TaskError(
+                f"the prompt has {prompt_length} tokens: the model's context is {limit} tokens "
+                f"(max_position_embeddings), so there is no room to generate; shorten the prompt"
+            )
         if prompt_length + new_tokens > limit:
-            print(f"hf-efficient: generating {limit - prompt_length} tokens (context {limit})", file=sys.stderr)
+            print(
+                f"hf-efficient: generating {limit - prompt_length} tokens, not {new_tokens}: the model's context is "
+                f"{limit} (max_position_embeddings) and the prompt has {prompt_length}",
+                file=sys.stderr,
+            )
             new_tokens = limit - prompt_length
     settings["max_new_tokens"] = new_tokens
     if settings.get("num_beams", 1) > 1 and "do_sample" not in settings:
@@ -559,6 +932,15 @@ def generate_text(model, tokenizer, prompts: list[str], settings: dict) -> list[
     except ValueError as error:
         raise TaskError(f"generation failed: {first_line(error)}") from error
     return tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model takes (`max_position_embeddings`), or None where the config says its inputs
+    are not limited by it (`needs_positions` False, e.g. AFT-simple / AFT-conv without position embeddings)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or getattr(config, "needs_positions", True) is False:
+        return None
+    return int(limit)
 
 
 def run_generate(checkpoint_args, generate_args) -> list[str]:

@@ -110,7 +110,7 @@ def bad_inputs(tmp_path):
         (["train", "--config-overrides", "intermediate_size=7"], "intermediate_size"),
         (["train", *tiny, "--block-size", "64"], "exceeds the model's context"),
         (["train", *tiny, "--max-stepz", "3"], "unrecognized arguments: --max-stepz"),
-        (["train", *tiny, "--resume-from-checkpoint"], "no checkpoint-* folder"),
+        (["train", *tiny, "--resume-from-checkpoint"], "no complete checkpoint-* folder"),
         (["evaluate", str(tmp_path / "nothing-here")], "unknown model"),
         (["generate", "model_cards/gmlp-small-clm-256"], "has no weights"),
     ]

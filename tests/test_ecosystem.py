@@ -139,7 +139,7 @@ def test_evaluate_generate_and_publish(trained, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--- sample 1\nimport " in out and "--- sample 2\nclass " in out
     assert cli.main(["generate", str(folder), "--greedy", "--num-beams", "2", "--max-new-tokens", "100"]) == 0
-    assert "generating 28 tokens (context 32)" in capsys.readouterr().err
+    assert "generating 28 tokens, not 100: the model's context is 32" in capsys.readouterr().err
 
     # publish into a new folder; the upload fails (no network) with one line, and the folder stays complete
     published = tmp_path / "published"
