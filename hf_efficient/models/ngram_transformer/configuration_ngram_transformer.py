@@ -3,6 +3,15 @@ N-gram Masked Self-Attention", 2020)."""
 
 from transformers import PreTrainedConfig
 
+from .config_checks import (
+    require_activation,
+    require_choice,
+    require_divides,
+    require_positive,
+    require_positive_int,
+    require_probability,
+)
+
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
 
 
@@ -132,7 +141,8 @@ class NgramTransformerConfig(PreTrainedConfig):
 
     def _validate(self):
         """Reject invalid values at creation time, naming the field and the value."""
-        for name in (
+        require_positive_int(
+            self,
             "vocab_size",
             "hidden_size",
             "intermediate_size",
@@ -140,50 +150,19 @@ class NgramTransformerConfig(PreTrainedConfig):
             "num_encoder_layers",
             "num_attention_heads",
             "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"NgramTransformerConfig: `{name}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
+        )
+        require_divides(self, "num_attention_heads", "hidden_size")
+        require_positive_int(self, "ngram_size", "attention_block_size", allow_none=True)
+        n, block = self.ngram_size, self.attention_block_size
+        if n is not None and block is not None and block < n - 1:
             raise ValueError(
-                f"NgramTransformerConfig: `num_attention_heads` ({self.num_attention_heads}) must divide "
-                f"`hidden_size` ({self.hidden_size})."
+                f"NgramTransformerConfig: `attention_block_size` ({block}) must be >= ngram_size - 1 ({n - 1}): "
+                "a block's queries reach back only into the previous block."
             )
-        n = self.ngram_size
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"NgramTransformerConfig: `ngram_size` must be an integer >= 1 or None, got {n!r}.")
-        block = self.attention_block_size
-        if block is not None:
-            if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-                raise ValueError(
-                    f"NgramTransformerConfig: `attention_block_size` must be a positive integer, got {block!r}."
-                )
-            if n is not None and block < n - 1:
-                raise ValueError(
-                    f"NgramTransformerConfig: `attention_block_size` ({block}) must be >= ngram_size - 1 ({n - 1}): "
-                    "a block's queries reach back only into the previous block."
-                )
-        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(
-                f"NgramTransformerConfig: unknown `position_embedding_type` {self.position_embedding_type!r}; "
-                f"expected one of {POSITION_EMBEDDING_TYPES}."
-            )
-        for name in ("hidden_dropout_prob", "attention_dropout", "activation_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"NgramTransformerConfig: `{name}` must be in [0, 1), got {value!r}.")
-        from transformers.activations import ACT2FN
-
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"NgramTransformerConfig: unknown `hidden_act` {self.hidden_act!r}.")
-        if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
-            raise ValueError(
-                f"NgramTransformerConfig: `initializer_range` must be positive, got {self.initializer_range!r}."
-            )
-        if not self.layer_norm_eps > 0:
-            raise ValueError(
-                f"NgramTransformerConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}."
-            )
+        require_choice(self, "position_embedding_type", POSITION_EMBEDDING_TYPES)
+        require_probability(self, "hidden_dropout_prob", "attention_dropout", "activation_dropout")
+        require_activation(self)
+        require_positive(self, "initializer_range", "layer_norm_eps")
 
 
 __all__ = ["NgramTransformerConfig"]

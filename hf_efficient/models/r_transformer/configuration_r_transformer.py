@@ -3,6 +3,14 @@
 
 from transformers import PreTrainedConfig
 
+from .config_checks import (
+    require_choice,
+    require_divides,
+    require_positive,
+    require_positive_int,
+    require_probability,
+)
+
 RNN_TYPES = ("gru", "lstm", "rnn")
 LOCAL_RNN_IMPLEMENTATIONS = ("auto", "projected", "unfold")
 
@@ -65,6 +73,8 @@ class RTransformerConfig(PreTrainedConfig):
             `C`-feature vector mapped to `d` by a linear layer.
         tie_word_embeddings (`bool`, defaults to `True`): tie the LM head weight to the token embeddings (the official
             char and word models).
+        use_cache (`bool`, defaults to `True`): return a decoding cache by default (`RTransformerForCausalLM`);
+            `False` makes a forward return `cache=None`.
     """
 
     model_type = "r_transformer"
@@ -128,7 +138,8 @@ class RTransformerConfig(PreTrainedConfig):
 
     def _validate(self):
         """Reject invalid values at creation time, naming the field and the value."""
-        for name in (
+        require_positive_int(
+            self,
             "hidden_size",
             "num_hidden_layers",
             "num_attention_heads",
@@ -136,40 +147,13 @@ class RTransformerConfig(PreTrainedConfig):
             "local_window",
             "num_rnn_layers",
             "num_channels",
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"RTransformerConfig: `{name}` must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"RTransformerConfig: `num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` "
-                f"({self.hidden_size})."
-            )
-        if self.rnn_type not in RNN_TYPES:
-            raise ValueError(f"RTransformerConfig: `rnn_type` must be one of {RNN_TYPES}, got {self.rnn_type!r}.")
-        if self.local_rnn_implementation not in LOCAL_RNN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"RTransformerConfig: `local_rnn_implementation` must be one of {LOCAL_RNN_IMPLEMENTATIONS}, "
-                f"got {self.local_rnn_implementation!r}."
-            )
-        if self.vocab_size is not None and (not _is_int(self.vocab_size) or self.vocab_size <= 0):
-            raise ValueError(
-                f"RTransformerConfig: `vocab_size` must be a positive integer or None, got {self.vocab_size!r}."
-            )
-        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size <= 0):
-            raise ValueError(
-                f"RTransformerConfig: `image_size` must be a positive integer or None, got {self.image_size!r}."
-            )
-        for name in ("hidden_dropout_prob", "attention_dropout", "embedding_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"RTransformerConfig: `{name}` must be in [0, 1), got {value!r}.")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range <= 0:
-            raise ValueError(
-                f"RTransformerConfig: `initializer_range` must be positive, got {self.initializer_range!r}."
-            )
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            raise ValueError(f"RTransformerConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        )
+        require_divides(self, "num_attention_heads", "hidden_size")
+        require_choice(self, "rnn_type", RNN_TYPES)
+        require_choice(self, "local_rnn_implementation", LOCAL_RNN_IMPLEMENTATIONS)
+        require_positive_int(self, "vocab_size", "image_size", allow_none=True)
+        require_probability(self, "hidden_dropout_prob", "attention_dropout", "embedding_dropout")
+        require_positive(self, "initializer_range", "layer_norm_eps")
         if self.official_layer_norm and self.hidden_size < 2:
             raise ValueError(
                 f"RTransformerConfig: the official LayerNorm (unbiased std) needs `hidden_size` >= 2, "

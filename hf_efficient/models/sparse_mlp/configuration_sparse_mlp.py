@@ -2,7 +2,16 @@
 Computation", arXiv:2109.02008, 2021)."""
 
 from transformers import PreTrainedConfig
-from transformers.activations import ACT2FN
+
+from .config_checks import (
+    require_activation,
+    require_choice,
+    require_divides,
+    require_non_negative,
+    require_positive,
+    require_positive_int,
+    require_probability,
+)
 
 CAPACITY_PRIORITIES = ("importance", "position")
 
@@ -173,14 +182,8 @@ class SparseMLPConfig(PreTrainedConfig):
 
     def _validate(self):
         """Reject invalid values and combinations at creation time, naming the field."""
-
-        def positive_int(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SparseMLPConfig: `{name}` must be a positive integer, got {value!r}.")
-
-        for name in (
+        require_positive_int(
+            self,
             "image_size",
             "patch_size",
             "num_channels",
@@ -192,20 +195,21 @@ class SparseMLPConfig(PreTrainedConfig):
             "num_channel_experts",
             "token_top_k",
             "channel_top_k",
-        ):
-            positive_int(name, getattr(self, name))
-        for name in (
+        )
+        require_positive_int(
+            self,
             "sparse_num_patches",
             "sparse_hidden_size",
             "sparse_token_mixing_dim",
             "sparse_channel_mixing_dim",
+            allow_none=True,
+        )
+        require_divides(self, "patch_size", "image_size")
+        if (
+            not isinstance(self.num_sparse_layers, int)
+            or isinstance(self.num_sparse_layers, bool)
+            or not 0 <= self.num_sparse_layers <= self.num_hidden_layers
         ):
-            positive_int(name, getattr(self, name), allow_none=True)
-        if self.image_size % self.patch_size != 0:
-            raise ValueError(
-                f"SparseMLPConfig: `patch_size` ({self.patch_size}) must divide `image_size` ({self.image_size})."
-            )
-        if not isinstance(self.num_sparse_layers, int) or not 0 <= self.num_sparse_layers <= self.num_hidden_layers:
             raise ValueError(
                 f"SparseMLPConfig: `num_sparse_layers` must be an integer in [0, num_hidden_layers="
                 f"{self.num_hidden_layers}], got {self.num_sparse_layers!r}."
@@ -225,37 +229,15 @@ class SparseMLPConfig(PreTrainedConfig):
                 f"SparseMLPConfig: the default `sparse_hidden_size` is hidden_size / 2, so `hidden_size` must be even, "
                 f"got {self.hidden_size} (or set `sparse_hidden_size`)."
             )
-        if self.capacity_factor is not None and (
-            isinstance(self.capacity_factor, bool)
-            or not isinstance(self.capacity_factor, (int, float))
-            or not self.capacity_factor > 0
-        ):
-            raise ValueError(
-                f"SparseMLPConfig: `capacity_factor` must be a positive number or None, got {self.capacity_factor!r}."
-            )
-        if self.capacity_priority not in CAPACITY_PRIORITIES:
-            raise ValueError(
-                f"SparseMLPConfig: `capacity_priority` must be one of {CAPACITY_PRIORITIES}, "
-                f"got {self.capacity_priority!r}."
-            )
-        if self.router_jitter_noise is not None and not self.router_jitter_noise >= 0:
-            raise ValueError(
-                f"SparseMLPConfig: `router_jitter_noise` must be >= 0 or None, got {self.router_jitter_noise!r}."
-            )
-        if not self.router_aux_loss_coef >= 0:
-            raise ValueError(
-                f"SparseMLPConfig: `router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef!r}."
-            )
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"SparseMLPConfig: `drop_path_rate` must be in [0, 1), got {self.drop_path_rate!r}.")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(
-                f"SparseMLPConfig: `hidden_act` {self.hidden_act!r} is not an activation of transformers."
-            )
-        if not self.initializer_range > 0:
-            raise ValueError(f"SparseMLPConfig: `initializer_range` must be positive, got {self.initializer_range!r}.")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"SparseMLPConfig: `layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        if self.capacity_factor is not None:
+            require_positive(self, "capacity_factor")
+        require_choice(self, "capacity_priority", CAPACITY_PRIORITIES)
+        if self.router_jitter_noise is not None:
+            require_non_negative(self, "router_jitter_noise")
+        require_non_negative(self, "router_aux_loss_coef")
+        require_probability(self, "drop_path_rate")
+        require_activation(self)
+        require_positive(self, "initializer_range", "layer_norm_eps")
 
 
 __all__ = ["SparseMLPConfig"]

@@ -1,0 +1,84 @@
+"""Config validation shared by every architecture: each check raises a ValueError naming the class, the field and
+the value, at config creation (not when the model is built).
+
+This file is carried byte-identically by every architecture folder (remote code only follows imports to files in
+the same folder). The master copy is `hf_efficient/models/shared/config_checks.py`: edit it there and run
+`python scripts/check_copies.py --fix`.
+"""
+
+from transformers.activations import ACT2FN
+
+
+def _fail(config, name: str, requirement: str) -> None:
+    raise ValueError(f"{type(config).__name__}: `{name}` must be {requirement}, got {getattr(config, name)!r}.")
+
+
+def require_positive_int(config, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            _fail(config, name, "a positive integer" + (" or None" if allow_none else ""))
+
+
+def require_probability(config, *names: str) -> None:
+    """Dropout-like rates in [0, 1)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            _fail(config, name, "in [0, 1)")
+
+
+def require_positive(config, *names: str) -> None:
+    """Strictly positive numbers (epsilons)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            _fail(config, name, "a positive number")
+
+
+def require_non_negative(config, *names: str) -> None:
+    """Numbers >= 0 (initialisation standard deviations)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            _fail(config, name, "a number >= 0")
+
+
+def require_choice(config, name: str, choices) -> None:
+    if getattr(config, name) not in choices:
+        _fail(config, name, f"one of {', '.join(repr(c) for c in choices)}")
+
+
+def require_activation(config, name: str = "hidden_act") -> None:
+    """An activation name transformers' `ACT2FN` knows (`gelu`, `relu`, `silu`, ...)."""
+    value = getattr(config, name)
+    if not isinstance(value, str) or value not in ACT2FN:
+        _fail(config, name, f"an activation name known to transformers ({', '.join(sorted(ACT2FN))})")
+
+
+def require_divides(config, divisor: str, dividend: str) -> None:
+    """`getattr(config, divisor)` divides `getattr(config, dividend)` (e.g. heads divide the width)."""
+    if getattr(config, dividend) % getattr(config, divisor) != 0:
+        raise ValueError(
+            f"{type(config).__name__}: `{divisor}` ({getattr(config, divisor)}) must divide `{dividend}` "
+            f"({getattr(config, dividend)})."
+        )
+
+
+def require_image_settings(config) -> None:
+    """`image_size` and `patch_size` set together (vision) or both None (text); the patch divides the image."""
+    image_size, patch_size = config.image_size, config.patch_size
+    if (image_size is None) != (patch_size is None):
+        raise ValueError(
+            f"{type(config).__name__}: `image_size` ({image_size!r}) and `patch_size` ({patch_size!r}) must be set "
+            "together (vision) or both left None (text)."
+        )
+    if image_size is not None:
+        require_positive_int(config, "image_size", "patch_size", "num_channels")
+        if image_size % patch_size != 0:
+            raise ValueError(
+                f"{type(config).__name__}: `image_size` ({image_size}) must be a positive multiple of `patch_size` "
+                f"({patch_size})."
+            )
