@@ -112,6 +112,14 @@ def _segment_rows(segment_size: int | None, rows: int, row_size: int, *tensors: 
     return max(1, positions // row_size)
 
 
+def _recomputed(fn: Callable, enabled, *tensors: torch.Tensor):
+    """`fn(*tensors)`, under non-reentrant checkpoint when `enabled`: for the O(L d) summaries of the segmented ops,
+    whose internals (pooling indices, within-span softmaxes, layout copies) are cheaper to recompute than to keep."""
+    if not enabled:
+        return fn(*tensors)
+    return torch.utils.checkpoint.checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
+
+
 def _by_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor) -> torch.Tensor:
     """`fn(r0, r1, *tensors)` -> the output of rows `[r0, r1)` (stacked along dim 2), over all `rows`.
 
@@ -193,9 +201,9 @@ def block_summaries(
     real_e = real[..., None]
     span_query = pool(q, real_e, dim=-2, span_summary=span_summary)
     span_key = pool(k, real_e, dim=-2, span_summary=span_summary)
-    inner = torch.einsum("...d,...jd->...j", span_query, k)  # (..., n, s)
+    inner = (k @ span_query[..., None])[..., 0]  # (..., n, s): batched (s, D) @ (D, 1), no layout copy
     weights = _softmax(inner, real.expand_as(inner)).to(v.dtype)
-    span_value = torch.einsum("...j,...jd->...d", weights, v)
+    span_value = (weights[..., None, :] @ v)[..., 0, :]
     return span_key, span_value, real.any(dim=-1)
 
 
@@ -253,7 +261,10 @@ def fixed_attention(
     qb, kb, vb = (t.unflatten(2, (n, s)) for t in (q, k, v))  # (B, H, N, s, .)
     real_b = real.view(batch_size, 1, n, s)
 
-    span_key, span_value, nonempty = block_summaries(qb, kb, vb, real_b, span_summary)  # (B, H, N, .), (B, 1, N)
+    per_segment = _segment_rows(segment_size, n, s, q, k, v)
+    span_key, span_value, nonempty = _recomputed(
+        lambda qb, kb, vb: block_summaries(qb, kb, vb, real_b, span_summary), per_segment, qb, kb, vb
+    )  # (B, H, N, .), (B, 1, N)
     seg = torch.arange(n, device=q.device)
     causal_ok = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() if causal else None
 
@@ -270,7 +281,6 @@ def fixed_attention(
         p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
 
-    per_segment = _segment_rows(segment_size, n, s, q, k, v)
     out = _by_segments(segments, n, per_segment, qb, kb, vb, span_key, span_value)
     return out.flatten(2, 3)[:, :, :length]
 
@@ -281,6 +291,49 @@ def fixed_attention(
 def num_logsparse_levels(length: int) -> int:
     """ceil(log2 L): the number of dyadic span sizes 1, 2, 4, ... a sequence of length L needs."""
     return max(0, (length - 1).bit_length())
+
+
+def _logsparse_summaries(q, k, v, real, levels: int, span_summary: str) -> tuple[torch.Tensor, ...]:
+    """Keys and values of the aligned blocks of every level (level 0: the tokens themselves), pooled pairwise from
+    the level below: `(*keys (B, H, P / 2^l, D), *values (B, H, P / 2^l, Dv))`. O(P) entries in all."""
+    batch_size = q.shape[0]
+    padded = q.shape[2]
+    real_e = real[:, None, :, None]
+    span_keys, span_values = [], []
+    fill = float("-inf") if span_summary == "max" else 0.0
+    pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
+    count = real[:, None].to(q.dtype)  # (B, 1, blocks): real positions per block
+    for level in range(levels):
+        size = 2**level
+        num_blocks = padded // size
+        if level == 0:  # single tokens: the abstraction is the token itself
+            span_key, span_value = k, v
+        else:
+            pairs = (num_blocks, 2)
+            if span_summary == "max":
+                pooled_q, pooled_k = (t.unflatten(2, pairs).amax(3) for t in (pooled_q, pooled_k))
+            else:
+                pooled_q, pooled_k = (t.unflatten(2, pairs).sum(3) for t in (pooled_q, pooled_k))
+            count = count.unflatten(2, pairs).sum(3)
+            nonempty = (count > 0)[..., None]
+            if span_summary == "max":
+                span_query = torch.where(nonempty, pooled_q, 0.0)
+                span_key = torch.where(nonempty, pooled_k, 0.0)
+            elif span_summary == "mean":
+                span_query, span_key = (
+                    pooled_q / count.clamp(min=1)[..., None],
+                    pooled_k / count.clamp(min=1)[..., None],
+                )
+            else:
+                span_query, span_key = pooled_q, pooled_k
+            kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
+            real_b = real.view(batch_size, 1, num_blocks, size)
+            inner = (kb @ span_query[..., None])[..., 0]  # pooled query vs its own block's keys (B, H, n, size)
+            weights = _softmax(inner, real_b.expand_as(inner)).to(v.dtype)
+            span_value = (weights[..., None, :] @ vb)[..., 0, :]
+        span_keys.append(span_key)
+        span_values.append(span_value)
+    return (*span_keys, *span_values)
 
 
 def logsparse_attention(
@@ -324,41 +377,16 @@ def logsparse_attention(
     real_e = real[:, None, :, None]  # (B, 1, P, 1)
 
     # Block summaries of every level: keys (B, H, P / 2^l, D), values (B, H, P / 2^l, Dv), nonempty (B, 1, P / 2^l).
-    span_keys, span_values, span_real = [], [], []
-    fill = float("-inf") if span_summary == "max" else 0.0
-    pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
+    span_real = []
     count = real[:, None].to(q.dtype)  # (B, 1, blocks): real positions per block
-    for level in range(levels):
-        size = 2**level
-        num_blocks = padded // size
-        if level == 0:  # single tokens: the abstraction is the token itself
-            span_key, span_value = k, v
-        else:
-            pairs = (num_blocks, 2)
-            if span_summary == "max":
-                pooled_q, pooled_k = (t.unflatten(2, pairs).amax(3) for t in (pooled_q, pooled_k))
-            else:
-                pooled_q, pooled_k = (t.unflatten(2, pairs).sum(3) for t in (pooled_q, pooled_k))
-            count = count.unflatten(2, pairs).sum(3)
-            nonempty = (count > 0)[..., None]
-            if span_summary == "max":
-                span_query = torch.where(nonempty, pooled_q, 0.0)
-                span_key = torch.where(nonempty, pooled_k, 0.0)
-            elif span_summary == "mean":
-                span_query, span_key = (
-                    pooled_q / count.clamp(min=1)[..., None],
-                    pooled_k / count.clamp(min=1)[..., None],
-                )
-            else:
-                span_query, span_key = pooled_q, pooled_k
-            kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
-            real_b = real.view(batch_size, 1, num_blocks, size)
-            inner = torch.einsum("bhnd,bhnjd->bhnj", span_query, kb)  # pooled query vs its own block's keys
-            weights = _softmax(inner, real_b.expand_as(inner)).to(v.dtype)
-            span_value = torch.einsum("bhnj,bhnjd->bhnd", weights, vb)
-        span_keys.append(span_key)
-        span_values.append(span_value)
+    for _ in range(levels):
         span_real.append(count > 0)
+        count = count.unflatten(2, (count.shape[2] // 2, 2)).sum(3)
+    per_segment = _segment_rows(segment_size, padded, 1, q, k, v)
+    summaries = _recomputed(
+        lambda q, k, v: _logsparse_summaries(q, k, v, real, levels, span_summary), per_segment, q, k, v
+    )
+    span_keys, span_values = summaries[:levels], summaries[levels:]
 
     def segment(p0, p1, q, k, v, *summaries):
         keys, values = summaries[:levels], summaries[levels:]
@@ -402,7 +430,6 @@ def logsparse_attention(
             out = out + merge(p)
         return out
 
-    per_segment = _segment_rows(segment_size, padded, 1, q, k, v)
     if per_segment:
         per_segment = 1 << (per_segment.bit_length() - 1)  # a power of two: segments aligned to every level
     out = _by_segments(segment, padded, per_segment, q, k, v, *span_keys, *span_values)
@@ -562,8 +589,13 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, dim: int, rev
     at a time under checkpoint (`_by_segments`; 0 = one piece).
     """
     real_e = real_b[..., None]
-    span_query, nonempty = cumulative_pool(qb, real_e, dim, span_summary, reverse)
-    span_key, _ = cumulative_pool(kb, real_e, dim, span_summary, reverse)
+
+    def pools(qb, kb):
+        span_query, nonempty = cumulative_pool(qb, real_e, dim, span_summary, reverse)
+        span_key, _ = cumulative_pool(kb, real_e, dim, span_summary, reverse)
+        return span_query, span_key, nonempty
+
+    span_query, span_key, nonempty = _recomputed(pools, per_segment, qb, kb)  # (running-max indices not kept)
     nonempty = nonempty[..., 0]  # (B, 1, R, C)
     size = qb.shape[dim]
     idx = torch.arange(size, device=qb.device)
@@ -634,14 +666,18 @@ def mixture_attention(
 
     # Column spans: column m, rows above r (below r when reverse); one per m != c. Row spans: row t != r (t < r when
     # causal), columns left of c (right of c when reverse).
-    column_spans = [
-        _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=2, reverse=reverse, per_segment=per_segment)
-        for reverse in ((False, True) if not causal else (False,))
-    ]
-    row_spans = [
-        _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=3, reverse=reverse, per_segment=per_segment)
-        for reverse in (False, True)
-    ]
+    # (Segmented: each summary is recomputed as a whole in the backward, so its pooled queries are not kept either.)
+    def summaries_of(dim, reverse):
+        return _recomputed(
+            lambda qb, kb, vb: _running_span_summaries(qb, kb, vb, real_b, span_summary, dim, reverse, per_segment),
+            per_segment,
+            qb,
+            kb,
+            vb,
+        )
+
+    column_spans = [summaries_of(2, reverse) for reverse in ((False, True) if not causal else (False,))]
+    row_spans = [summaries_of(3, reverse) for reverse in (False, True)]
     num_col = len(column_spans)
 
     def segment(r0, r1, qb, kb, vb, *summaries):
