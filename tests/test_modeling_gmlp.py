@@ -14,10 +14,15 @@ from hf_efficient.models.gmlp import (
     GMLPForSequenceClassification,
     GMLPForTokenClassification,
     GMLPModel,
+    ops_gmlp,
 )
 from hf_efficient.models.gmlp.ops_gmlp import spatial_gating_projection, tiny_attention
 from tests.model_tester import GenericModelTests
-from tests.references.gmlp_reference import sgu_projection_reference, tiny_attention_reference
+from tests.references.gmlp_reference import (
+    sgu_projection_dense_reference,
+    sgu_projection_reference,
+    tiny_attention_reference,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 16
@@ -86,6 +91,39 @@ def test_sgu_projection_matches_reference(causal, with_positions, num_queries):
         gate, weight, bias, causal=causal, num_queries=num_queries, positions=positions, key_mask=key_mask
     )
     torch.testing.assert_close(fast.double(), reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("total", [7, 13])
+def test_causal_blocked_sgu_projection_forward_and_gradients(total, padded, dtype, monkeypatch):
+    """The blocked lower-triangular causal projection (blocks of 3 rows: several off-diagonal and partial diagonal
+    blocks) equals the loop reference and, for the gradients of gate, W and b, the dense masked product (float64)."""
+    monkeypatch.setattr(ops_gmlp, "CAUSAL_BLOCK", 3)
+    generator = torch.Generator().manual_seed(1)
+    batch, channels, n = 2, 5, 16
+    gate = torch.randn(batch, total, channels, generator=generator).to(dtype)
+    weight, bias = torch.randn(n, n, generator=generator), torch.randn(n, generator=generator)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(batch, total, dtype=torch.long)
+        key_mask[1, -3:] = 0
+    leaves = [t.clone().requires_grad_() for t in (gate, weight, bias)]
+    leaves64 = [t.detach().double().requires_grad_() for t in (gate, weight, bias)]
+    fast = spatial_gating_projection(*leaves, causal=True, key_mask=key_mask)
+    assert fast.dtype == dtype
+    loop = sgu_projection_reference(gate, weight, bias, causal=True, key_mask=key_mask)
+    dense = sgu_projection_dense_reference(*leaves64, causal=True, key_mask=key_mask)
+    torch.testing.assert_close(dense.detach(), loop, rtol=0, atol=1e-10)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-1)
+    torch.testing.assert_close(fast.double(), dense.detach(), **tol)
+    grad_out = torch.randn(batch, total, channels, generator=generator)
+    grads = torch.autograd.grad((fast.float() * grad_out).sum(), leaves)
+    grads64 = torch.autograd.grad((dense * grad_out.double()).sum(), leaves64)
+    for got, want in zip(grads, grads64):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, **tol)
+    assert (grads[1][:total, :total].triu(1) == 0).all()  # the masked upper triangle gets no gradient
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -27,6 +27,19 @@ def sgu_projection_reference(gate, weight, bias, *, causal, num_queries=None, po
     return out
 
 
+def sgu_projection_dense_reference(gate, weight, bias, *, causal, key_mask=None):
+    """The same projection as one dense, differentiable float64 product (positions 0 .. T-1, all T queries):
+    out = (W[:T, :T] * keep) @ gate + bias[:T], keep[b, i, j] = key_mask[b, j] and (j <= i if causal)."""
+    total = gate.shape[1]
+    keep = torch.ones(gate.shape[0], total, total, dtype=torch.bool)
+    if causal:
+        keep &= torch.ones(total, total, dtype=torch.bool).tril()
+    if key_mask is not None:
+        keep &= key_mask.bool()[:, None, :]
+    w = weight[:total, :total].double() * keep
+    return w @ gate.double() + bias[:total, None].double()
+
+
 def tiny_attention_reference(query, key, value, *, causal, key_mask=None):
     """softmax_j(q_i . k_j / sqrt(d)) v_j over allowed j (causal: j <= i; key_mask: real keys)."""
     batch, num_queries, dim = query.shape

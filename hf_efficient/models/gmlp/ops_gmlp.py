@@ -9,6 +9,56 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Query rows per block of the causal spatial projection (`_CausalSpatialProjection`).
+CAUSAL_BLOCK = 256
+
+
+class _CausalSpatialProjection(torch.autograd.Function):
+    """`tril(W[:T, :T]) @ gate` without the masked upper triangle: blocked lower-triangular products.
+
+    Query block `[a, b)` needs keys `< a` (a plain product with `W[a:b, :a]`, no mask) and the diagonal block
+    `tril(W[a:b, a:b])`: half the FLOPs of the dense product, and no masked `T x T` copy of `W`, forward or backward.
+    The batch is folded into the columns (`(T, B * C)`), so each block is one GEMM. Saved: `W` (the parameter) and the
+    gate. Backward, per block: `dgate[:b] += W[a:b, :b]^T g`, `dW[a:b, :a] = g gate[:a]^T`, and the lower triangle of
+    `g gate[a:b]^T` on the diagonal block; the upper triangle of `dW` stays 0 (as the masked product's).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, gate, block):
+        batch, length, channels = gate.shape
+        cols = gate.transpose(0, 1).reshape(length, batch * channels)  # (T, B * C)
+        out = torch.empty_like(cols)
+        for a in range(0, length, block):  # blocks of query rows
+            b = min(a + block, length)
+            diag = torch.tril(weight[a:b, a:b].to(gate.dtype))
+            torch.matmul(diag, cols[a:b], out=out[a:b])
+            if a:
+                out[a:b].addmm_(weight[a:b, :a].to(gate.dtype), cols[:a])
+        ctx.save_for_backward(weight, cols)
+        ctx.block, ctx.shape = block, (batch, length, channels)
+        return out.view(length, batch, channels).transpose(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, cols = ctx.saved_tensors
+        batch, length, channels = ctx.shape
+        g_cols = grad.transpose(0, 1).reshape(length, batch * channels).to(cols.dtype)
+        d_cols = torch.zeros_like(cols) if ctx.needs_input_grad[1] else None
+        d_weight = torch.zeros_like(weight) if ctx.needs_input_grad[0] else None
+        for a in range(0, length, ctx.block):
+            b = min(a + ctx.block, length)
+            g = g_cols[a:b]
+            if d_cols is not None:
+                d_cols[a:b].addmm_(torch.tril(weight[a:b, a:b].to(g.dtype)).T, g)
+                if a:
+                    d_cols[:a].addmm_(weight[a:b, :a].to(g.dtype).T, g)
+            if d_weight is not None:
+                d_weight[a:b, a:b] = torch.tril(g @ cols[a:b].T)
+                if a:
+                    d_weight[a:b, :a] = g @ cols[:a].T
+        d_gate = None if d_cols is None else d_cols.view(length, batch, channels).transpose(0, 1)
+        return d_weight, d_gate, None
+
 
 def spatial_gating_projection(
     gate: torch.Tensor,
@@ -32,7 +82,8 @@ def spatial_gating_projection(
         weight: `(N, N)` spatial weight `W` (`N` = max_position_embeddings), laid out as timm's `nn.Linear(N, N)`:
             `out[m] = sum_n W[m, n] v[n]`.
         bias: `(N,)` spatial bias `b`.
-        causal: mask `j > i` (equivalently: use the lower triangle of `W`).
+        causal: mask `j > i` (equivalently: use the lower triangle of `W`). A full causal forward (no positions,
+            `Lq == T`) multiplies only the lower triangle, in blocks of `CAUSAL_BLOCK` rows (`_CausalSpatialProjection`).
         num_queries: `Lq`, the number of trailing positions to compute (default: all `T`).
         positions: `(B or 1, T)` position ids `p`. `None` means `0 .. T-1` for every row, which takes the fast path
             (one `(Lq, T)` slice of `W` shared by the batch). Left-padded batches pass `cumsum(mask) - 1` here so each
@@ -47,6 +98,10 @@ def spatial_gating_projection(
     if key_mask is not None:
         # masked_fill rather than a multiply: a NaN/inf in a padded slot must not leak through 0 * x.
         gate = gate.masked_fill(~key_mask.bool()[..., None], 0.0)
+
+    if positions is None and causal and num_queries == total_len:
+        # Full causal forward: blocked lower-triangular products, the masked upper triangle is never multiplied.
+        return _CausalSpatialProjection.apply(weight, gate, CAUSAL_BLOCK) + bias[:total_len, None].to(gate.dtype)
 
     if positions is None:
         w = weight[total_len - num_queries : total_len, :total_len]
