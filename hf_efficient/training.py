@@ -476,10 +476,11 @@ def check_output_location(final: Path) -> None:
 
 
 def prepare_output(
-    output_dir: str, overwrite: bool, resume: str | None, dataset: str | None = None
+    output_dir: str, overwrite: bool, resume: str | None, dataset: str | None = None, staging_ok: bool = False
 ) -> tuple[Path, Path, str | None]:
     """Check the output folder and its staging folder (`<out>.partial`, where a run writes until it is complete);
-    returns (final, staging, the checkpoint to resume from). Nothing is deleted here."""
+    returns (final, staging, the checkpoint to resume from). Nothing is deleted here. `staging_ok`: a leftover
+    staging folder is no unfinished training run (publish)."""
     final = Path(output_dir).expanduser().resolve()
     staging = staging_folder(final)
     check_output_location(final)
@@ -520,7 +521,7 @@ def prepare_output(
             raise TaskError(
                 f"--resume-from-checkpoint {resume!r} is not a complete Trainer checkpoint ({problem}){advice}"
             )
-    elif staging.exists() and any(staging.iterdir()) and not overwrite:
+    elif staging.exists() and any(staging.iterdir()) and not overwrite and not staging_ok:
         raise TaskError(
             f"{str(staging)!r} holds an unfinished run: pass --resume-from-checkpoint to continue it "
             "or --overwrite-output-dir to start over"
@@ -969,8 +970,8 @@ def run_publish(checkpoint_args, data_args, publish_args) -> Path:
         raise TaskError(f"{checkpoint_args.checkpoint!r} is not a local folder: pass --output-dir")
     folder = Path(publish_args.output_dir).expanduser().resolve() if publish_args.output_dir else local.resolve()
     in_place = local.is_dir() and local.resolve() == folder
-    if not in_place and folder.exists() and any(folder.iterdir()) and not publish_args.overwrite_output_dir:
-        raise TaskError(f"output folder {str(folder)!r} already exists; pass --overwrite-output-dir or another one")
+    if not in_place:  # the same rules as `train`: checked first, and never deleting the user's files
+        prepare_output(str(folder), publish_args.overwrite_output_dir, None, data_args.dataset, staging_ok=True)
     results = model_card.read_results(local) if local.is_dir() else {}
     if not any(key in results for key in model_card.METRIC_NAMES) and not publish_args.no_evaluate:
         print(f"hf-efficient: no measured metrics in {source.path}: evaluating on the task's validation data")
@@ -1002,9 +1003,7 @@ def run_publish(checkpoint_args, data_args, publish_args) -> Path:
             os.replace(item, folder / item.name)
         staging.rmdir()
     else:
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        install_output(staging, folder)
     print(f"hf-efficient: Hub-ready folder: {folder}")
     if publish_args.repo_id:
         upload(folder, publish_args)

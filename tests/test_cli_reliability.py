@@ -97,6 +97,10 @@ def test_overwrite_never_deletes_the_users_files(tmp_path, capsys, monkeypatch):
     assert code == 1 and "eval_notes.txt" in last_line(err)
     assert (fresh / "eval_notes.txt").read_text() == "keep" and (fresh / "model.safetensors").is_file()
 
+    # publish --output-dir follows the same rule
+    code, _, err = run_cli(capsys, "publish", fresh, "--output-dir", out, "--overwrite-output-dir", "--no-evaluate")
+    assert code == 1 and "corpus.txt" in last_line(err) and corpus.is_file() and notes.read_text() == "my notes\n"
+
     # the final move itself keeps anything that is not the run's (e.g. a file that appeared during the run)
     staging, final = tmp_path / "s", tmp_path / "f"
     staging.mkdir()
