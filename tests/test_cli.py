@@ -169,6 +169,23 @@ def test_every_registered_architecture_trains_from_the_command(model_type, tmp_p
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type and "AutoConfig" in config["auto_map"]
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    # the saved weights fit the model its config builds (evaluate refuses missing / unexpected weights)
+    evaluate = ["evaluate", str(out), "--max-eval-samples", "2", "--max-eval-bytes", "4000", "--disable-tqdm"]
+    assert cli.main([*evaluate, *([] if task == "image-cls" else ["--block-size", "64"])]) == 0
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    [m for m in sorted(hf_efficient.ARCHITECTURES) if "image-cls" in training.registry()["architectures"][m]["tasks"]],
+)
+def test_every_vision_architecture_fits_the_image_task_out_of_the_box(model_type, tmp_path):
+    """A model built from an architecture name for image-cls fits the data (patches + any extra token the config
+    counts, e.g. AFT's class token), with its config class defaults and no per-architecture branch."""
+    out = tmp_path / "out"
+    argv = ["train", "--model", model_type, "--task", "image-cls", "--max-steps", "1", "--max-train-samples", "4"]
+    argv += ["--max-eval-samples", "2", "--disable-tqdm", "--save-strategy", "no", "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["image_size"] == 8
 
 
 def test_flags_are_typed_dataclass_fields_in_both_spellings():
