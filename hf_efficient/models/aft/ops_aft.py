@@ -74,8 +74,9 @@ NEG_INF = float("-inf")
 _BLOCK_ELEMENTS = 1 << 22
 # Largest (query block x keys) bias tile of AFT-full (forward and backward).
 _TILE_ELEMENTS = 1 << 22
-# Causal AFT-simple/local/conv1d longer than this (with autograd on) run in segments of this many positions, each
-# recomputed in the backward (`_run_segments`): the op's saved activations are then one segment's, not the sequence's.
+# Causal AFT-simple/local/conv1d longer than twice this (with autograd on) run in segments of this many positions,
+# each recomputed in the backward (`_run_segments`): the op's saved activations are then one segment's, not the
+# sequence's. Shorter calls run in one piece (no recomputation).
 _SEGMENT = 2048
 
 
@@ -268,12 +269,12 @@ def _has_key(valid, causal, query_offset=0, num_queries=None, prefix_nonempty=No
 
 
 def _segment_length(segment_size, causal, length, *tensors):
-    """The segment length to use (0: run in one piece): only causal ops longer than it, with autograd on."""
+    """The segment length to use (0: run in one piece): only causal ops longer than twice it, with autograd on."""
     segment = _SEGMENT if segment_size is None else segment_size
     if not isinstance(segment, int) or segment < 0:
         raise ValueError(f"segment_size must be a non-negative int (0 = one piece); got {segment_size!r}.")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return segment if (causal and needs_grad and 0 < segment < length) else 0
+    return segment if (causal and needs_grad and segment > 0 and length > 2 * segment) else 0
 
 
 def _run_segments(call, sliced, length, segment, initial_state, return_state):
@@ -338,6 +339,8 @@ def _sums_as_key(sums):
 
 def _auto_chunk(length):
     """Chunk of the prefix scan: about sqrt(L), so the (L/C)^2 chunk-carry matrix stays O(L)."""
+    if isinstance(length, torch.SymInt):  # a dynamic length in an exported graph: one chunk size for every length
+        return 16
     return max(16, 1 << math.ceil(math.log2(max(1.0, math.sqrt(length)))))
 
 
@@ -679,8 +682,8 @@ def aft_simple(
     den >= 1, so no certificate is needed. Causal: running (prefix) sums with a per-chunk running-max
     rescale (`_prefix_scan`), O(L d), certified and repaired exactly where the chunk's max sits far
     above a query's own prefix max. `initial_state` (causal) continues from earlier tokens.
-    Training memory: a causal call longer than `segment_size` (default `_SEGMENT`; 0 = never) with autograd on
-    runs as checkpointed segments (`_run_segments`), the same maths.
+    Training memory: a causal call longer than twice `segment_size` (default `_SEGMENT`; 0 = never) with autograd
+    on runs as checkpointed segments (`_run_segments`), the same maths.
     """
     _check_qkv(q, k, v)
     batch, length, d = q.shape
@@ -928,7 +931,7 @@ def aft_local(
     Cost: the window part is a blocked band matmul, O(L s d) time and O(L s + L d) memory
     (`_window_part`); the out-of-window part is a prefix sum at t - s (and a suffix sum at t + s), O(L d)
     (`_prefix_scan`). Both are sums of positive terms, merged by their references and certified.
-    Training memory: causal calls longer than `segment_size` run as checkpointed segments (see `aft_simple`).
+    Training memory: causal calls longer than twice `segment_size` run as checkpointed segments (see `aft_simple`).
     """
     _check_qkv(q, k, v)
     if not isinstance(window, int) or window < 1:
@@ -995,7 +998,7 @@ def aft_conv1d(
     Computed as the positive decomposition window + outside (`aft_local`'s blocked band matmul with the
     (h, bs, strip) kernel block shared by all blocks), never as e^w - 1: a kernel far below 0 would cancel
     the global sum catastrophically. Same result, O(L ks d) time, O(L d) memory. Training memory: causal
-    calls longer than `segment_size` run as checkpointed segments (see `aft_simple`).
+    calls longer than twice `segment_size` run as checkpointed segments (see `aft_simple`).
     """
     _check_qkv(q, k, v)
     batch, length, d = q.shape

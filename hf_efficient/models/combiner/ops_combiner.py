@@ -44,8 +44,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 COMBINER_TYPES = ("fixed", "logsparse", "axial", "mixture")
-# With autograd on, a sequence longer than this many positions runs its per-query work in checkpointed segments of
-# about this many positions (`_by_segments`): the saved activations are then one segment's logits, not the sequence's.
+# With autograd on, a sequence longer than twice this many positions runs its per-query work in checkpointed segments
+# of about this many positions (`_by_segments`): the saved activations are then one segment's logits, not the
+# sequence's. Shorter sequences run in one piece (no recomputation: the short-context speed is kept).
 SEGMENT_POSITIONS = 2048
 SPAN_SUMMARIES = ("max", "mean", "sum")
 
@@ -100,14 +101,14 @@ def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.
     return list(probs.split([part.shape[-1] for part, _ in parts], dim=-1))
 
 
-def _segment_rows(segment_size: int | None, rows: int, row_size: int, *tensors: torch.Tensor) -> int:
+def _segment_rows(segment_size: int | None, length: int, row_size: int, *tensors: torch.Tensor) -> int:
     """Rows (blocks of `row_size` positions) per checkpointed segment; 0 = run in one piece (no autograd needed, or
-    the whole sequence fits in one segment)."""
+    `length`, the unpadded sequence length, is at most twice the segment)."""
     positions = SEGMENT_POSITIONS if segment_size is None else segment_size
     if not isinstance(positions, int) or positions < 0:
         raise ValueError(f"segment_size must be a non-negative int (0 = one piece), got {segment_size!r}.")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if not needs_grad or positions == 0 or rows * row_size <= positions:
+    if not needs_grad or positions == 0 or length <= 2 * positions:
         return 0
     return max(1, positions // row_size)
 
@@ -248,7 +249,7 @@ def fixed_attention(
 
     Blocked layout: `(B, H, L, D) -> (B, H, N, s, D)` with `N = Lp / s`. Per segment the direct logits are
     `(N, s, s)` and the span logits `(N, s, N)`; they are concatenated to `(B, H, N, s, s + N)` for one softmax.
-    Cost O(L (s + N)) time and memory. With autograd on and `L > segment_size` (default `SEGMENT_POSITIONS`), the
+    Cost O(L (s + N)) time and memory. With autograd on and `L > 2 segment_size` (default `SEGMENT_POSITIONS`), the
     logits are formed segment by segment of queries and recomputed in the backward (`_by_segments`): the saved
     activations are then O(L) (the span summaries) plus one segment's logits.
 
@@ -261,7 +262,7 @@ def fixed_attention(
     qb, kb, vb = (t.unflatten(2, (n, s)) for t in (q, k, v))  # (B, H, N, s, .)
     real_b = real.view(batch_size, 1, n, s)
 
-    per_segment = _segment_rows(segment_size, n, s, q, k, v)
+    per_segment = _segment_rows(segment_size, length, s, q, k, v)
     span_key, span_value, nonempty = _recomputed(
         lambda qb, kb, vb: block_summaries(qb, kb, vb, real_b, span_summary), per_segment, qb, kb, vb
     )  # (B, H, N, .), (B, 1, N)
@@ -361,7 +362,7 @@ def logsparse_attention(
     `(B, H, P / 2^l, 2^l, .)`. Pooled keys / queries of level l are pooled from level l - 1 (pairs of blocks), the
     sibling of block n is block `n xor 1` (a flip of the pair axis, no gather), and each level contributes one span
     logit per position: the joint softmax is over `(B, H, P, 1 + levels)`. Time and memory O(L log L); the loops
-    are over the O(log L) levels only. With autograd on and `L > segment_size`, the per-position logits and the
+    are over the O(log L) levels only. With autograd on and `L > 2 segment_size`, the per-position logits and the
     weighted span values are formed by aligned power-of-two segments of positions and recomputed in the backward
     (`_by_segments`); the block summaries (O(L) in all) are kept.
 
@@ -382,7 +383,7 @@ def logsparse_attention(
     for _ in range(levels):
         span_real.append(count > 0)
         count = count.unflatten(2, (count.shape[2] // 2, 2)).sum(3)
-    per_segment = _segment_rows(segment_size, padded, 1, q, k, v)
+    per_segment = _segment_rows(segment_size, length, 1, q, k, v)
     summaries = _recomputed(
         lambda q, k, v: _logsparse_summaries(q, k, v, real, levels, span_summary), per_segment, q, k, v
     )
@@ -528,7 +529,7 @@ def axial_attention(
 
     Blocked layout `(B, H, R, C, .)`: direct logits `(R, C, C)`, span logits `(R, C, R)` (query (r, c) against
     abstractions (t, c)), one softmax over `(B, H, R, C, C + R)`. Cost O(L (C + R)). With autograd on and
-    `L > segment_size`, the row attention of the abstractions and the joint logits are formed segment by segment
+    `L > 2 segment_size`, the row attention of the abstractions and the joint logits are formed segment by segment
     of rows and recomputed in the backward (`_by_segments`); the abstractions (O(L d)) are kept.
 
     Args:
@@ -544,7 +545,7 @@ def axial_attention(
     cols, rows = block_size, padded // block_size
     qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
     real_b = real.view(batch_size, 1, rows, cols)
-    per_segment = _segment_rows(segment_size, rows, cols, q, k, v)
+    per_segment = _segment_rows(segment_size, length, cols, q, k, v)
 
     if per_segment:
         hidden = _masked_hidden(hidden_states, real, padded)
@@ -645,7 +646,7 @@ def mixture_attention(
 
     Logits: row direct `(R, C, C)`, column direct `(R, C, R)`, column spans `(R, C, C)` (x2 bidirectional), row
     spans `(R, C, R)` x2; one softmax over their concatenation. Cost O(L (C + R)). With autograd on and
-    `L > segment_size`, the span values and the joint logits are formed segment by segment of rows and recomputed
+    `L > 2 segment_size`, the span values and the joint logits are formed segment by segment of rows and recomputed
     in the backward (`_by_segments`); the span summaries (O(L d)) are kept.
 
     Returns `(B, H, L, Dv)`.
@@ -656,7 +657,7 @@ def mixture_attention(
     cols, rows = block_size, padded // block_size
     qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
     real_b = real.view(batch_size, 1, rows, cols)
-    per_segment = _segment_rows(segment_size, rows, cols, q, k, v)
+    per_segment = _segment_rows(segment_size, length, cols, q, k, v)
     row_idx = torch.arange(rows, device=q.device)
     col_idx = torch.arange(cols, device=q.device)
     earlier = row_idx[None, :] < row_idx[:, None]  # [own r, t]
@@ -730,8 +731,8 @@ def combiner_attention(
 ) -> torch.Tensor:
     """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op.
 
-    `segment_size` (positions; default `SEGMENT_POSITIONS`, 0 = never): with autograd on, longer sequences form
-    their logits segment by segment under checkpoint (same maths, activations of one segment).
+    `segment_size` (positions; default `SEGMENT_POSITIONS`, 0 = never): with autograd on, sequences longer than twice it
+    form their logits segment by segment under checkpoint (same maths, activations of one segment).
     """
     seg = dict(segment_size=segment_size)
     if combiner_type == "fixed":
