@@ -14,7 +14,8 @@ an unknown flag is an error naming the closest one). `train` takes `ModelArgumen
 
 Every registered architecture (`hf_efficient.ARCHITECTURES`, each with its `AUTO_MAPPING` of heads) is available
 without changes here. Errors the user can fix print one line, `hf-efficient: error: ...`, and exit non-zero;
-`--debug` (anywhere on the line, or `HF_EFFICIENT_DEBUG=1`) shows the traceback instead.
+`--debug` (anywhere on the line, or `HF_EFFICIENT_DEBUG=1`) shows the traceback instead; `--disable-tqdm` (anywhere
+on the line too) silences every progress bar of the command.
 """
 
 import argparse
@@ -296,7 +297,7 @@ def parse(argv: list[str]) -> tuple[str, list]:
     """`argv` -> (command, one value per argument class of the command: a dataclass instance, or for
     `TrainArguments` the dict of its parsed fields, built into `TrainArguments` by the run)."""
     argv = [a for a in argv if a != "--debug"]  # --debug is read anywhere on the line (see `main`)
-    argv = _move_disable_tqdm(argv)
+    argv = _normalise_flags(argv)
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     command = COMMANDS[namespace.command]
@@ -325,7 +326,7 @@ OPTIONAL_BOOL_FLAGS = (*QUIET_FLAGS, "--use-cpu", "--use_cpu", "--do-sample", "-
 BOOL_WORDS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
 
 
-def _move_disable_tqdm(argv: list[str]) -> list[str]:
+def _normalise_flags(argv: list[str]) -> list[str]:
     """`--disable-tqdm` is read in any position: given before the command name, it moves after it (`list` has no
     progress bars and ignores it); a bare optional-value boolean flag followed by a word that is not a boolean (a
     checkpoint folder) is read as `--flag=true`."""

@@ -185,6 +185,9 @@ def test_resume_picks_the_newest_complete_checkpoint_and_reports_the_whole_run(t
     assert run_cli(capsys, *run, "--output-dir", late, "--resume-from-checkpoint")[0] == 0
     results = json.loads((late / "all_results.json").read_text())
     assert results["global_step"] == 6 and results["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
+    c = load_file(late / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], atol=1e-6, rtol=1e-6)
 
 
 def test_resume_with_no_complete_checkpoint_names_the_incomplete_ones(tmp_path, capsys):
