@@ -417,6 +417,22 @@ class GenericModelTests:
         )
         assert torch.equal(beams, beams_no_cache), "beam search must reorder the cache correctly"
 
+    def test_generate_stops_at_the_length_limit(self, variant, causal_head):
+        """A fixed-length model stops at its limit instead of failing partway; a full prompt is a clear error."""
+        model = self.make_model(variant, causal_head)
+        from hf_efficient.models.shared.heads import sequence_length_limit
+
+        limit = sequence_length_limit(model.config)
+        if limit is None:
+            pytest.skip("no length limit in this variant")
+        model.generation_config.pad_token_id = model.config.pad_token_id
+        ids, mask = self._prompt(model, length=min(5, limit - 1))
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=limit + 10)
+        assert out.shape[-1] == limit
+        full = self.make_inputs(model.config, causal_head, batch_size=1, seq_length=limit)["input_ids"]
+        with pytest.raises(ValueError, match=f"at most {limit}"):
+            model.generate(full, max_new_tokens=2)
+
     def test_cached_logits_equal_full_forward(self, variant, causal_head):
         model = self.make_model(variant, causal_head)
         model.generation_config.pad_token_id = model.config.pad_token_id

@@ -131,6 +131,11 @@ class NgramTransformerConfig(PreTrainedConfig):
         )
 
     @property
+    def needs_positions(self) -> bool:
+        """Whether `max_position_embeddings` limits the length (only the learned table does)."""
+        return self.position_embedding_type == "learned"
+
+    @property
     def resolved_block_size(self) -> int | None:
         """The block length the blocked attention uses (`None` for full causal attention)."""
         if self.ngram_size is None:

@@ -22,6 +22,7 @@ import functools
 
 import torch
 from torch import nn
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_layers import GenericForTokenClassification
 from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
@@ -29,9 +30,34 @@ from transformers.modeling_outputs import (
     MaskedLMOutput,
     SequenceClassifierOutput,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .common import last_token_pool, mean_pool
+
+logger = logging.get_logger(__name__)
+
+
+def sequence_length_limit(config) -> int | None:
+    """The longest sequence a model takes: `max_position_embeddings`, unless the config says its inputs are not
+    limited by it (`needs_positions` False: no position table, e.g. AFT-simple or sinusoidal positions)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or getattr(config, "needs_positions", True) is False:
+        return None
+    return limit
+
+
+class SequenceLengthLimit(StoppingCriteria):
+    """Stops generation when the sequences reach the model's length limit (a fixed spatial matrix or position
+    table), instead of failing on the next forward."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = input_ids.shape[-1] >= self.limit
+        if done:
+            logger.warning_once(f"Generation stopped at the model's length limit of {self.limit} tokens.")
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class BaseModelHead:
@@ -63,6 +89,22 @@ class CausalLMHead(BaseModelHead):
         bias = bool(getattr(config, "lm_head_bias", False))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=bias)
         self.post_init()
+
+    def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
+        """`GenerationMixin.generate`, stopping at the model's length limit (`sequence_length_limit`) where it has one:
+        a prompt that already fills it is a ValueError, and generation ends there instead of failing partway."""
+        limit = sequence_length_limit(self.config)
+        if limit is not None:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+            if prompt is not None and prompt.shape[-1] >= limit:
+                raise ValueError(
+                    f"{type(self).__name__}: the prompt has {prompt.shape[-1]} tokens and this model takes at most "
+                    f"{limit} (max_position_embeddings): there is no room to generate. Shorten the prompt."
+                )
+            stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), SequenceLengthLimit(limit)])
+        return super().generate(
+            inputs, generation_config=generation_config, stopping_criteria=stopping_criteria, **kwargs
+        )
 
     # `position_ids` is not a named argument on purpose: `generate()` would then compute and pass them, and the base
     # models derive the same positions from `attention_mask` themselves (a caller's `position_ids` still pass through).
