@@ -21,8 +21,11 @@ SEQ_CLS_MODULES = ("asyncio", "email", "tkinter", "unittest")
 
 
 def default_tokenizer() -> ByT5Tokenizer:
-    """The byte-level tokeniser saved with every text checkpoint (complete on the Hub, needs no files)."""
-    return ByT5Tokenizer()
+    """The byte-level tokeniser saved with every text checkpoint (complete on the Hub, needs no files).
+
+    Its mask token is `<extra_id_0>` (id 259, already in the vocabulary: no id or tokenisation changes), so masked-LM
+    checkpoints work with `pipeline("fill-mask")` and `DataCollatorForLanguageModeling`."""
+    return ByT5Tokenizer(mask_token="<extra_id_0>")
 
 
 def stdlib_root() -> Path:

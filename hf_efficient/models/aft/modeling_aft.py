@@ -253,6 +253,11 @@ class AFTBlock(GradientCheckpointingLayer):
 
 
 class AFTPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
+    # The decoding state is running sums over every past key (and a rolling window): it cannot be rolled back to
+    # drop rejected draft tokens, so
+    # `generate(assistant_model=...)` and prompt-lookup decoding raise transformers' "not supported with stateful
+    # models" error.
+    _is_stateful = True
     config: AFTConfig
     _no_split_modules = ["AFTBlock"]
 
@@ -344,8 +349,11 @@ class AFTModel(AFTPreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
         check_attention_mask(attention_mask, total_len, past_length)
+        # Reading the mask's values (is there padding at all?) is data-dependent control flow: it is skipped while
+        # compiling or exporting, where the graph keeps the general, masked path.
+        eager = not torch.compiler.is_compiling()
         key_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not (eager and bool(attention_mask.all())):
             key_mask = attention_mask[:, -seq_len:] != 0
         if self.config.needs_positions and total_len > self.config.max_position_embeddings:
             raise ValueError(
@@ -358,7 +366,7 @@ class AFTModel(AFTPreTrainedModel):
         past = cache.get_states(0) if cache is not None else {}
         if "position_start" in past:
             start = past["position_start"]
-        elif attention_mask is not None and not bool(attention_mask[:, 0].all()):
+        elif attention_mask is not None and not (eager and bool(attention_mask[:, 0].all())):
             start = -(attention_mask != 0).long().argmax(-1)
         else:
             start = torch.zeros(1, dtype=torch.long, device=device)

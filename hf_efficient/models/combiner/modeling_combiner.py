@@ -155,6 +155,11 @@ class CombinerBlock(GradientCheckpointingLayer):
 
 
 class CombinerPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
+    # The decoding state is span summaries folded as spans complete: it cannot be rolled back to drop rejected
+    # draft tokens, so
+    # `generate(assistant_model=...)` and prompt-lookup decoding raise transformers' "not supported with stateful
+    # models" error.
+    _is_stateful = True
     config: CombinerConfig
     _no_split_modules = ["CombinerBlock"]
 
@@ -189,6 +194,25 @@ class CombinerModel(CombinerPreTrainedModel):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def _run_packed_blocks(
+        self, hidden_states: torch.Tensor, order: torch.LongTensor, output_hidden_states: bool, **block_kwargs
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`run_blocks` on packed tokens (`hidden_states` `(B, L, d)` in the packed `order`), returning the outputs
+        in the caller's order. The returned hidden states are on the autograd graph the outputs depend on: each
+        block reads the packed copy *of the returned tensor*, so `hidden_states[i].retain_grad()` gets a gradient
+        (attribution, probing) as it does without padding."""
+        inverse = torch.argsort(order, dim=1)
+        if not output_hidden_states:
+            hidden_states, _ = run_blocks(self.layers, hidden_states, self.norm, False, **block_kwargs)
+            return _gather_tokens(hidden_states, inverse), None
+        all_hidden_states = ()
+        for block in self.layers:
+            in_place = _gather_tokens(hidden_states, inverse)
+            all_hidden_states += (in_place,)
+            hidden_states = block(_gather_tokens(in_place, order), **block_kwargs)
+        hidden_states = _gather_tokens(self.norm(hidden_states), inverse)
+        return hidden_states, all_hidden_states + (hidden_states,)
 
     @can_return_tuple
     def forward(
@@ -226,8 +250,11 @@ class CombinerModel(CombinerPreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
         check_attention_mask(attention_mask, total_len, past_length)
+        # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
+        # skipped while compiling or exporting, where the graph keeps the general (packed, masked) path.
+        eager = not torch.compiler.is_compiling()
         new_mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
-        if new_mask is not None and bool(new_mask.all()):
+        if new_mask is not None and eager and bool(new_mask.all()):
             new_mask = None  # no padding among these tokens: the fast paths
 
         order = None
@@ -251,7 +278,7 @@ class CombinerModel(CombinerPreTrainedModel):
         if new_mask is not None:
             position_ids = position_ids.masked_fill(new_mask == 0, 0)  # padding: any valid index will do
         limit = self.config.max_position_embeddings
-        longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        longest = int(position_ids.max()) + 1 if eager and position_ids.numel() else seq_len
         if longest > limit:
             raise ValueError(
                 f"Sequence length {longest} exceeds max_position_embeddings={limit} (the learned position table) of "
@@ -259,21 +286,15 @@ class CombinerModel(CombinerPreTrainedModel):
             )
 
         hidden_states = self.dropout(inputs_embeds + self.embed_positions(position_ids))
-        hidden_states, all_hidden_states = run_blocks(
-            self.layers,
-            hidden_states,
-            self.norm,
-            output_hidden_states,
-            causal=self.causal,
-            key_mask=new_mask,
-            cache=cache,
-        )
-        if order is not None:
-            inverse = torch.argsort(order, dim=1)
-            hidden_states = _gather_tokens(hidden_states, inverse)
-            if output_hidden_states:
-                all_hidden_states = tuple(_gather_tokens(h, inverse) for h in all_hidden_states)
-
+        block_kwargs = dict(causal=self.causal, key_mask=new_mask, cache=cache)
+        if order is None:
+            hidden_states, all_hidden_states = run_blocks(
+                self.layers, hidden_states, self.norm, output_hidden_states, **block_kwargs
+            )
+        else:
+            hidden_states, all_hidden_states = self._run_packed_blocks(
+                hidden_states, order, output_hidden_states, **block_kwargs
+            )
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 

@@ -4,6 +4,8 @@ Reads top to bottom in the order data flows: decoding cache -> spatial gating un
 PreTrainedModel -> base model -> heads.
 """
 
+import math
+
 import torch
 from torch import nn
 from transformers import initialization as init
@@ -13,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from .common import (
@@ -33,13 +36,36 @@ from .heads import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from .ops_gmlp import spatial_gating_projection, tiny_attention
-from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
+from .ops_gmlp import spatial_gating_projection
+from .state_cache import StateCache, StateCacheLayer, StateCacheModelMixin, resolve_state_cache
+
+
+class GMLPCacheLayer(StateCacheLayer):
+    """One gMLP block's decoding state. Every tensor is per position (`(B, T, ...)`: gate inputs, tiny-attention
+    keys/values, positions and mask), so the state can be cut back to an earlier length: `crop` is exact, which is
+    what assisted and prompt-lookup decoding need to drop rejected draft tokens."""
+
+    is_croppable = True
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` positions (a negative value removes `-max_length` from the end), as
+        `DynamicLayer.crop` does."""
+        if max_length < 0:
+            max_length = self.num_seen_tokens - abs(max_length)
+        if max_length >= self.num_seen_tokens:
+            return
+        self.states = {name: t[:, :max_length] for name, t in self.states.items()}
+        self.num_seen_tokens = max_length
 
 
 class GMLPCache(StateCache):
     """Decoding cache of a gMLP model: per block the normalised gate inputs of past positions (and aMLP's tiny
-    attention keys/values), so a new token costs O(t) per block instead of a full recompute."""
+    attention keys/values), so a new token costs O(t) per block instead of a full recompute. Croppable (every state
+    is per position), so `generate(assistant_model=...)` and prompt-lookup decoding work."""
+
+    def __init__(self, config=None, num_layers: int | None = None):
+        super().__init__(config, num_layers)
+        self.layers = [GMLPCacheLayer() for _ in self.layers]
 
 
 class GMLPSpatialGatingUnit(nn.Module):
@@ -95,12 +121,69 @@ class GMLPSpatialGatingUnit(nn.Module):
         return u * gate, v
 
 
+def tiny_attention_mask(
+    num_queries: int, total_len: int, *, causal: bool, key_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask `(B or 1, 1, Lq, T)` of aMLP's tiny attention (True = attend), or None where `is_causal` (or no
+    mask at all) says everything: no padding and either bidirectional or `Lq == T`.
+
+    The queries are the last `Lq` of `T` positions. A padded query may see no real key at all (left padding +
+    causal), and a fully masked softmax row is NaN: such rows (and only those) attend to their own position; their
+    outputs are padding anyway. This is the mask `ops_gmlp.tiny_attention` builds.
+    """
+    if key_mask is None and (not causal or num_queries == total_len):
+        return None
+    allowed = torch.ones(num_queries, total_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = torch.tril(allowed, diagonal=total_len - num_queries)
+    allowed = allowed[None]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, :]
+        own = (
+            torch.arange(num_queries, device=device)[:, None] + (total_len - num_queries)
+            == torch.arange(total_len, device=device)[None, :]
+        )
+        allowed = allowed | (own[None] & ~allowed.any(dim=-1, keepdim=True))
+    return allowed[:, None]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    is_causal: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax(q k^T * scaling) v` with a boolean mask (True = attend) or `is_causal`; q `(B, 1, Lq, d_attn)`,
+    k / v `(B, 1, T, d)`. Returns `(B, Lq, 1, d_v)` and the probabilities `(B, 1, Lq, T)`."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None and is_causal:
+        num_queries, total_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(num_queries, total_len, dtype=torch.bool, device=query.device).tril(
+            total_len - num_queries
+        )
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
 class GMLPTinyAttention(nn.Module):
-    """aMLP's tiny single-head attention: `W_o softmax(q k^T / sqrt(d_attn)) v`, output `d_ffn / 2` channels."""
+    """aMLP's tiny single-head attention: `W_o softmax(q k^T / sqrt(d_attn)) v`, output `d_ffn / 2` channels.
+
+    Runs through transformers' attention interface: `config._attn_implementation` "eager" or "sdpa" (the default).
+    """
 
     def __init__(self, config: GMLPConfig):
         super().__init__()
+        self.config = config
         self.attn_size = config.tiny_attn_size
+        self.scaling = 1.0 / math.sqrt(config.tiny_attn_size)
         self.qkv = nn.Linear(config.hidden_size, 3 * config.tiny_attn_size)
         self.out = nn.Linear(config.tiny_attn_size, config.intermediate_size // 2)
 
@@ -118,8 +201,25 @@ class GMLPTinyAttention(nn.Module):
         if past_key is not None:
             key = torch.cat([past_key, key], dim=1)
             value = torch.cat([past_value, value], dim=1)
-        attended = tiny_attention(query, key, value, causal=causal, key_mask=key_mask)
-        return self.out(attended), key, value
+        num_queries, total_len = query.shape[1], key.shape[1]
+        mask = tiny_attention_mask(num_queries, total_len, causal=causal, key_mask=key_mask, device=query.device)
+        implementation = self.config._attn_implementation or "sdpa"
+        attention = (
+            eager_attention_forward
+            if implementation == "eager"
+            else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        )
+        attended, _ = attention(
+            self,
+            query[:, None],
+            key[:, None],
+            value[:, None],
+            mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            is_causal=causal and mask is None,
+        )
+        return self.out(attended[:, :, 0]), key, value
 
 
 class GMLPBlock(GradientCheckpointingLayer):
@@ -180,6 +280,14 @@ class GMLPBlock(GradientCheckpointingLayer):
 class GMLPPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
     config: GMLPConfig
     _no_split_modules = ["GMLPBlock"]
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate()` builds the (croppable) `GMLPCache` up front, as it does a `DynamicCache` for KV models:
+        assisted and prompt-lookup decoding need the cache before the first forward."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        base = getattr(self, self.base_model_prefix, self)
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False and base.causal:
+            model_kwargs["cache"] = GMLPCache(self.config)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -243,11 +351,15 @@ class GMLPModel(GMLPPreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
         check_attention_mask(attention_mask, total_len, past_length)
-        if attention_mask is not None and bool(attention_mask.all()):
+        # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
+        # skipped while compiling or exporting, where the graph keeps the general (masked, gathered) path.
+        eager = not torch.compiler.is_compiling()
+        if attention_mask is not None and eager and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast paths
+        explicit_positions = position_ids is not None
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, seq_len, inputs_embeds.device)
-        max_position = int(position_ids.max()) if position_ids.numel() else -1
+        max_position = int(position_ids.max()) if eager and explicit_positions and position_ids.numel() else -1
         limit = self.config.max_position_embeddings
         if total_len > limit or max_position >= limit:
             raise ValueError(
@@ -272,8 +384,12 @@ class GMLPModel(GMLPPreTrainedModel):
                 else torch.ones(batch_size, seq_len, dtype=torch.long, device=inputs_embeds.device)
             )
             key_mask = torch.cat([past_mask, new_mask], dim=1) if past_mask is not None else new_mask
-        elif attention_mask is None and torch.equal(
-            positions, torch.arange(seq_len, device=positions.device).expand(batch_size, seq_len)
+        elif attention_mask is None and (
+            not explicit_positions
+            or (
+                eager
+                and torch.equal(positions, torch.arange(seq_len, device=positions.device).expand(batch_size, seq_len))
+            )
         ):
             positions = None
 
