@@ -5,12 +5,15 @@
     hf-efficient train --task image-cls --model gmlp --output-dir out/digits
     hf-efficient evaluate out/gmlp-clm
     hf-efficient generate out/gmlp-clm --prompt "def " --temperature 0.7
+    hf-efficient train --task seq2seq --output-dir out/words           # N-gram encoder-decoder: numbers -> words
+    hf-efficient generate out/words --prompt "1987-03-09"
     hf-efficient publish out/gmlp-clm --repo-id you/gmlp-clm
 
 The options of each command are typed argument dataclasses parsed with `transformers.HfArgumentParser`, as in
 transformers' example scripts: every field is a flag, spelled `--field_name` or `--field-name` (no abbreviations;
 an unknown flag is an error naming the closest one). `train` takes `ModelArguments`, `TrainDataArguments` and
-`TrainArguments`, a `TrainingArguments` subclass, so every `TrainingArguments` field is a flag of its own.
+`TrainArguments`, a `Seq2SeqTrainingArguments` subclass, so every `Seq2SeqTrainingArguments` field is a flag of its
+own (the generation fields apply to the seq2seq task, which trains with `Seq2SeqTrainer`).
 
 Every registered architecture (`hf_efficient.ARCHITECTURES`, each with its `AUTO_MAPPING` of heads) is available
 without changes here. Errors the user can fix print one line, `hf-efficient: error: ...`, and exit non-zero;
@@ -27,13 +30,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 from .tasks import TASKS, TaskError
 
 PROG = "hf-efficient"
-DEFAULT_PROMPT = "def "
+DEFAULT_PROMPT = TASKS["clm"].default_prompt  # `generate`'s prompt for a causal LM (each task declares its own)
 DEFAULT_MAX_NEW_TOKENS = 200  # `generate`'s default length (never saved in a checkpoint's generation config)
 
 
@@ -56,7 +59,7 @@ class ModelArguments:
         "a registered architecture (with its config class defaults and the task's sizes for a new model), a preset "
         "name or folder (model_cards/<preset>), a checkpoint folder, or a Hub id. Default: the task's "
         "`default_model` (the main job's preset gmlp-main-job: a 0.7M-parameter gMLP; for image-cls a tiny vision "
-        "gMLP sized from the images)",
+        "gMLP sized from the images; for seq2seq the N-gram encoder-decoder preset ngram-transformer-tiny-n4)",
         aliases=["--model"],
     )
     task: str | None = _option("default: the checkpoint's or preset's task, else clm", choices=sorted(TASKS))
@@ -101,9 +104,10 @@ class TrainDataArguments(DataArguments):
 
 
 @dataclass
-class TrainArguments(TrainingArguments):
-    """`TrainingArguments` with the command's defaults. The fields left `None` take the task's defaults
-    (`Task.training`); it is built once, when the task and the staging folder are known."""
+class TrainArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` (`TrainingArguments` plus the generation fields of `Seq2SeqTrainer`) with the
+    command's defaults. The fields left `None` take the task's defaults (`Task.training`); it is built once, when the
+    task and the staging folder are known."""
 
     _argument_group_name = "training (TrainingArguments: every field is a flag)"
 
@@ -130,7 +134,16 @@ class TrainArguments(TrainingArguments):
     max_train_minutes: float | None = _option(
         "stop training after this many minutes (then evaluate and save as usual; all_results.json records it)"
     )
-    no_sample: bool = _option("clm: do not print a generated sample at the end", default=False)
+    predict_with_generate: bool | None = _option(
+        "seq2seq: evaluation generates and reports BLEU, chrF and exact match besides the loss (default: the task's: "
+        "true)",
+        nargs="?",
+        const=True,
+    )
+    generation_max_length: int | None = _option(
+        "seq2seq: max_length of evaluation's generate() (default: the longest validation target plus a margin)"
+    )
+    no_sample: bool = _option("clm, seq2seq: do not print a generated sample at the end", default=False)
 
 
 @dataclass
@@ -169,7 +182,10 @@ class PublishArguments(EvaluationArguments):
 class GenerateArguments:
     prompt: list[str] = field(
         default_factory=list,
-        metadata={"help": f"prompt text (repeat for a batch; default: {DEFAULT_PROMPT!r})", "action": "extend"},
+        metadata={
+            "help": f"prompt text (repeat for a batch; default: the task's, {DEFAULT_PROMPT!r} for clm)",
+            "action": "extend",
+        },
     )
     max_new_tokens: int | None = _option(
         f"tokens to add (default {DEFAULT_MAX_NEW_TOKENS}; capped by the model's position limit with a one-line note)"
@@ -230,12 +246,15 @@ COMMANDS = {
     "evaluate": Command(
         "evaluate a saved checkpoint on a dataset",
         "Evaluate a checkpoint (folder or Hub id) on its task's validation data (the embedded default or "
-        "--dataset): loss, bits per byte / perplexity (text) or accuracy (classification). Prints JSON.",
+        "--dataset): loss, bits per byte / perplexity (text), accuracy (classification), BLEU / chrF / exact match "
+        "of greedy generations (seq2seq). Prints JSON.",
         (CheckpointArguments, DataArguments, EvaluateArguments),
     ),
     "generate": Command(
-        "generate text from a causal checkpoint",
-        "Sample text from a causal LM checkpoint. Options left out come from its generation_config.json.",
+        "generate text from a causal LM or seq2seq checkpoint",
+        "Sample text from a causal LM checkpoint (the prompt continued), or generate a seq2seq checkpoint's output "
+        "for each prompt (e.g. --prompt 1987-03-09 for the embedded numbers-to-words task). Options left out come "
+        "from its generation_config.json (a causal LM samples; a seq2seq model decodes greedily).",
         (CheckpointArguments, GenerateArguments),
     ),
     "publish": Command(
@@ -322,7 +341,15 @@ def parse(argv: list[str]) -> tuple[str, list]:
 
 QUIET_FLAGS = ("--disable-tqdm", "--disable_tqdm")
 # Boolean flags that take an optional value (`--flag`, `--flag false`): bare, they must not swallow the next word.
-OPTIONAL_BOOL_FLAGS = (*QUIET_FLAGS, "--use-cpu", "--use_cpu", "--do-sample", "--do_sample")
+OPTIONAL_BOOL_FLAGS = (
+    *QUIET_FLAGS,
+    "--use-cpu",
+    "--use_cpu",
+    "--do-sample",
+    "--do_sample",
+    "--predict-with-generate",
+    "--predict_with_generate",
+)
 BOOL_WORDS = {"yes", "no", "true", "false", "t", "f", "y", "n", "1", "0"}
 
 

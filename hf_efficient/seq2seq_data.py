@@ -156,6 +156,17 @@ def numbers_to_words_dataset(
     )
 
 
+def numbers_to_words_splits(validation_size: int = 300):
+    """numbers and ISO dates to English words, e.g. 1987-03-09 -> March ninth, nineteen eighty-seven (embedded)
+
+    The `seq2seq` data of the `hf-efficient` command, as `(train, validation)`: the 20,000 training pairs of
+    `numbers_to_words_dataset()` and the first `validation_size` of its validation pairs (evaluation generates every
+    target, so it is kept to a few hundred rows); the `test` split is left for benchmarks."""
+    splits = numbers_to_words_dataset()
+    validation = splits["validation"]
+    return splits["train"], validation.select(range(min(validation_size, len(validation))))
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 _13A_RULES = (
     (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation and symbols
@@ -288,6 +299,7 @@ __all__ = [
     "number_to_words",
     "numbers_to_words_dataset",
     "numbers_to_words_pairs",
+    "numbers_to_words_splits",
     "ordinal_to_words",
     "seq2seq_metrics",
     "text_metrics",

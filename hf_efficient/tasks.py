@@ -11,9 +11,13 @@ Default data is embedded (no download):
 - `image-cls`: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`: 1,797 real 8 x 8
   grey-scale images, 10 classes), 20% held out (stratified, fixed seed). Images are fed as RGB (grey replicated),
   as transformers' image pipelines load them.
-- `seq2seq`: *continue a line of Python*: source = a line of standard-library source (at most 96 bytes), target =
-  the next non-empty line. (`Seq2SeqTask.embedded` names the function; any function returning `(train,
-  validation)` datasets with `source` and `target` columns can replace it.)
+- `seq2seq`: *write numbers and dates out in English words* (`hf_efficient.seq2seq_data`): `"40,517"` -> `"forty
+  thousand five hundred seventeen"`, `"1987-03-09"` -> `"March ninth, nineteen eighty-seven"`; 20,000 training
+  pairs, 300 validation pairs with no source in common. As in translation the source carries the information and
+  the target needs local reordering; evaluation generates (greedy, `Seq2SeqTrainer(predict_with_generate=True)`,
+  at most a few tokens past the longest validation target) and reports corpus BLEU, chrF and exact match besides
+  the loss. (`Seq2SeqTask.embedded` names the function; any function returning `(train, validation)` datasets
+  with `source` and `target` columns can replace it.)
 
 Any local `datasets`-loadable path replaces the default: a file or folder of json / jsonl / csv / tsv / text /
 parquet files (`train.*`, `validation.*` / `test.*` give the splits), a folder saved with `save_to_disk`, or an
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as byte_data
+from . import seq2seq_data
 
 TEXT_SUFFIXES = {
     ".json": "json",
@@ -267,6 +272,9 @@ class TaskData:
     label_names: list[str] | None = None
     byte_level: bool = False  # byte tokens: the loss gives bits per byte
     config_updates: dict = field(default_factory=dict)  # what a new model's config takes from the data
+    # Set when `compute_metrics` scores generated text (Seq2SeqTrainer with predict_with_generate): the
+    # `generation_max_length` evaluation generates up to, derived from the data.
+    generation_max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -289,8 +297,11 @@ class Task:
     default_model: str = "gmlp-main-job"  # `--model` when none is given: the main job's preset
     new_model: dict = field(default_factory=dict)
     new_config: dict = field(default_factory=dict)
+    default_prompt: str | None = None  # tasks that generate: `generate`'s prompt when none is given (and the sample)
+    generation: dict | None = None  # tasks that generate: the decoding settings saved in generation_config.json
     modality = "text"
     remove_unused_columns = True  # Trainer drops the columns the model's forward does not take
+    trainer = "Trainer"  # the transformers Trainer class that trains and evaluates the task
 
     def check_config(self, config: dict, name: str) -> None:
         """A config (as a dict) the task cannot use is a one-line error."""
@@ -468,9 +479,14 @@ class SequenceClassification(Task):
 class Seq2SeqTask(Task):
     """`seq2seq`: (source, target) text pairs. `embedded()` returns the default `(train, validation)` datasets with
     `source` and `target` columns, and the first line of its docstring describes them: switching the default data
-    is changing `embedded=` in the `TASKS` declaration."""
+    is changing `embedded=` in the `TASKS` declaration.
 
-    embedded: Callable = byte_data.stdlib_next_line_dataset
+    Trained and evaluated with `Seq2SeqTrainer`: with `predict_with_generate` (the task's default) evaluation
+    generates greedily and reports corpus BLEU, chrF and exact match (`seq2seq_data.seq2seq_metrics`) as well as
+    the loss; the generation length is the longest validation target plus a margin (`generation_length`)."""
+
+    embedded: Callable = seq2seq_data.numbers_to_words_splits
+    trainer = "Seq2SeqTrainer"
 
     def __post_init__(self):
         if self.default_data is None:
@@ -498,17 +514,28 @@ class Seq2SeqTask(Task):
             return split.map(encode, batched=True, remove_columns=split.column_names)
 
         train_set = tokenize(_limit(train_set, getattr(args, "max_train_samples", None))) if train else None
+        validation = tokenize(_limit(validation, args.max_eval_samples))
         return TaskData(
             train_set,
-            tokenize(_limit(validation, args.max_eval_samples)),
+            validation,
             description,
             tokenizer,
             collator=DataCollatorForSeq2Seq(tokenizer),
+            compute_metrics=seq2seq_data.seq2seq_metrics(tokenizer),
             byte_level=is_byte_tokenizer(tokenizer),
+            generation_max_length=generation_length(validation["labels"], block_size),
         )
 
     def metrics_from_loss(self, metrics, data):
         return loss_metrics(metrics, "eval", data.byte_level)
+
+
+def generation_length(labels, block_size: int) -> int:
+    """`max_length` of evaluation's `generate()` for an encoder-decoder (decoder tokens, the start token included):
+    the longest target (its tokens with eos, plus the start token) and a margin of a quarter (at least 8 tokens) for
+    a model that has not learned to stop yet, at most `block_size` + 1 (a target is cut to `block_size`)."""
+    longest = max((len(ids) for ids in labels), default=1) + 1
+    return min(longest + max(8, longest // 4), block_size + 1)
 
 
 @dataclass(frozen=True)
@@ -667,6 +694,8 @@ TASKS = {
             "Python standard-library source bytes (embedded)",
             training=dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
             new_config={"causal": True},  # the causal head is causal anyway; the saved base model should match it
+            default_prompt="def ",
+            generation=dict(do_sample=True, temperature=0.8, top_k=0, top_p=0.95),
         ),
         LanguageModelling(
             "mlm",
@@ -715,9 +744,18 @@ TASKS = {
             ("ForConditionalGeneration", "ForSeq2SeqLM"),
             "text2text-generation",
             "sequence-to-sequence generation",
-            training=dict(max_steps=300, per_device_train_batch_size=16, learning_rate=1e-3),
+            training=dict(
+                max_steps=1000,
+                per_device_train_batch_size=32,
+                learning_rate=1e-3,
+                predict_with_generate=True,  # evaluation generates: BLEU / chrF / exact match besides the loss
+            ),
+            # A small N-gram encoder-decoder (N = 4; 2 + 2 layers, d 128) that trains on a CPU.
+            default_model="ngram-transformer-tiny-n4",
             new_config={"is_encoder_decoder": True},  # an architecture with both forms builds the encoder-decoder
-            embedded=byte_data.stdlib_next_line_dataset,  # the default data: a function returning (train, validation)
+            default_prompt="1987-03-09",
+            generation=dict(do_sample=False, num_beams=1),  # greedy, as evaluation decodes
+            embedded=seq2seq_data.numbers_to_words_splits,  # the default data: a function returning (train, validation)
         ),
     )
 }

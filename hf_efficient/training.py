@@ -1,15 +1,17 @@
 """What the `hf-efficient` command does, as one pipeline per command:
 
     train:    resolve the model (architecture, preset or checkpoint) -> the task -> TrainArguments -> the task's data
-              -> the config (built once) -> the model -> Trainer -> a Hub-ready folder (staged in <out>.partial)
-    evaluate: load a checkpoint -> the task's validation data -> Trainer.evaluate
-    generate: load a causal checkpoint -> generate()
+              -> the config (built once) -> the model -> the task's Trainer (Seq2SeqTrainer for seq2seq) -> a
+              Hub-ready folder (staged in <out>.partial)
+    evaluate: load a checkpoint -> the task's validation data -> Trainer.evaluate (seq2seq: generating)
+    generate: load a causal LM or seq2seq checkpoint -> generate()
     publish:  load a checkpoint -> (evaluate) -> a Hub-ready folder -> upload
 
 The `run_*` functions take the argument dataclasses of `hf_efficient.cli` and raise `TaskError` for anything the
 user can fix; the CLI turns that into a one-line message. Everything task-specific is in `hf_efficient.tasks`.
 """
 
+import copy
 import difflib
 import json
 import math
@@ -29,7 +31,7 @@ from transformers.trainer_callback import PrinterCallback
 import hf_efficient
 
 from . import model_card
-from .cli import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT, TrainArguments
+from .cli import DEFAULT_MAX_NEW_TOKENS, TrainArguments
 from .hub import auto_map_for, copy_code, has_code
 from .tasks import TASKS, Task, TaskData, TaskError, first_line, task_of_architecture, task_of_auto
 
@@ -324,21 +326,21 @@ def check_loaded_weights(model, info: dict, source: ModelSource, new_head: bool)
     )
 
 
-def default_generation_config(model, tokenizer):
-    """The sampling settings saved with a causal checkpoint. No length (`max_new_tokens` / `max_length`): a saved
-    length would win over a caller's `max_length` in transformers; `hf-efficient generate` has its own default
+def default_generation_config(model, tokenizer, task: Task | None = None):
+    """The decoding settings saved with a checkpoint of a task that generates (`Task.generation`: sampling for clm,
+    the default `task`, greedy for seq2seq) and the special tokens. No length (`max_new_tokens` / `max_length`): a saved length would win
+    over a caller's `max_length` in transformers; `hf-efficient generate` has its own default
     (`cli.DEFAULT_MAX_NEW_TOKENS`, capped by the model's position limit)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        do_sample=True,
-        temperature=0.8,
-        top_k=0,
-        top_p=0.95,
+    tokens = dict(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=getattr(model.config, "bos_token_id", None),
     )
+    if getattr(model.config, "is_encoder_decoder", False):
+        tokens["decoder_start_token_id"] = getattr(model.config, "decoder_start_token_id", None)
+    return GenerationConfig(**(task or TASKS["clm"]).generation, **tokens)
 
 
 # ------------------------------------------------------------------------------------------------ run environment
@@ -571,6 +573,8 @@ def training_arguments(values: dict, task: Task, staging: Path, resume: str | No
     """`TrainArguments` from the parsed flags, the task's defaults for those not given, and the staging folder."""
     values = dict(values, output_dir=str(staging), resume_from_checkpoint=resume)
     values.update({k: v for k, v in task.training.items() if values.get(k) is None})
+    if values.get("predict_with_generate") is None:
+        values["predict_with_generate"] = False
     if values["per_device_eval_batch_size"] is None:
         values["per_device_eval_batch_size"] = values["per_device_train_batch_size"]
     values["remove_unused_columns"] = task.remove_unused_columns
@@ -681,7 +685,8 @@ def _write_json(path: Path, values: dict) -> None:
 def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Path:
     """`hf-efficient train` (`training_values`: the parsed `TrainArguments` fields): returns the finished folder."""
     import torch
-    from transformers import Trainer, set_seed
+    import transformers
+    from transformers import set_seed
 
     started = time.time()
     overrides = parse_overrides(model_args.config_overrides)
@@ -708,10 +713,18 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
             data_args, processing, draft, seed=args.seed, sized_by_data=sized_by_data, config_class=config_class
         )
     config = build_config(config_class, values, data, overrides)
+    compute_metrics = data.compute_metrics
+    if data.generation_max_length is not None:  # the metrics score generated text
+        if not args.predict_with_generate:
+            compute_metrics = None  # --predict-with-generate false: the loss only
+        elif args.generation_max_length is None:
+            args.generation_max_length = data.generation_max_length
     set_seed(args.seed)
     model = create_model(task, source, config, new_head=data.label_names is not None or source.task != task.name)
-    if task.name == "clm" and hasattr(model, "generation_config"):
-        model.generation_config = default_generation_config(model, data.processing)
+    generation_config = None
+    if task.generation is not None and hasattr(model, "generation_config"):
+        generation_config = default_generation_config(model, data.processing, task)
+        model.generation_config = copy.deepcopy(generation_config)
     if args.should_save:
         if staging.exists() and resume is None:
             shutil.rmtree(staging)  # an unfinished earlier run (--overwrite-output-dir): the run's own folder
@@ -719,14 +732,14 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         staging.mkdir(parents=True, exist_ok=True)
 
     budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes else None
-    trainer = Trainer(
+    trainer = getattr(transformers, task.trainer)(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
         data_collator=data.collator,
         processing_class=data.processing,
-        compute_metrics=data.compute_metrics,
+        compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
         callbacks=[*callbacks, LogAtSave(), *([budget.callback] if budget else [])],
     )
@@ -774,6 +787,8 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
     }
     if has_code(unwrapped):  # config.json gets an auto_map, the folder the code: it loads with trust_remote_code
         unwrapped.config.auto_map = auto_map_for(unwrapped)
+    if generation_config is not None:  # (Seq2SeqTrainer's evaluation fills in every default, `max_length` included)
+        unwrapped.generation_config = generation_config
     trainer.save_model(str(staging))
     if main:
         if has_code(unwrapped):
@@ -788,10 +803,10 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         install_output(staging, final)
         _print_results(task.name, results, final)
     trainer.accelerator.wait_for_everyone()
-    if main and task.name == "clm" and not args.no_sample:
+    if main and task.default_prompt is not None and not args.no_sample:
         torch.manual_seed(args.seed)
-        text = generate_text(unwrapped, data.processing, [DEFAULT_PROMPT], {})[0]
-        print(f"hf-efficient: sample (prompt {DEFAULT_PROMPT!r}):\n" + text, flush=True)
+        text = generate_text(unwrapped, data.processing, [task.default_prompt], {})[0]
+        print(f"hf-efficient: sample (prompt {task.default_prompt!r}):\n" + text, flush=True)
     return final
 
 
@@ -802,6 +817,9 @@ def _print_results(task: str, results: dict, folder: Path) -> None:
         "eval_bits_per_byte",
         "eval_perplexity",
         "eval_accuracy",
+        "eval_bleu",
+        "eval_chrf",
+        "eval_exact_match",
         "global_step",
         "stopped_by_time_budget",
         "world_size",
@@ -818,11 +836,15 @@ def _fmt(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------ evaluate, generate
-def load_checkpoint(checkpoint_args, task_name: str | None = None):
-    """(source, task, model, processing class) of a saved checkpoint."""
+def load_checkpoint(checkpoint_args, task_name: str | None = None, generating: bool = False):
+    """(source, task, model, processing class) of a saved checkpoint. `generating`: the checkpoint's task if that
+    task generates (`Task.default_prompt`: clm, seq2seq), else clm."""
     source = resolve_model(checkpoint_args.checkpoint, checkpoint_args.trust_remote_code)
     if source.kind != "checkpoint":
         raise TaskError(f"{checkpoint_args.checkpoint!r} has no weights (a preset?): train it first")
+    if generating:
+        own = TASKS.get(source.task or "")
+        task_name = own.name if own is not None and own.default_prompt is not None else "clm"
     task_name = task_name or source.task
     if task_name is None:
         raise TaskError(f"cannot tell the task of {checkpoint_args.checkpoint!r}: pass --task")
@@ -850,7 +872,10 @@ def check_causal(source: ModelSource, task: Task) -> None:
 
 
 def evaluate_checkpoint(task: Task, model, processing, data_args, eval_args) -> dict:
-    from transformers import Trainer, TrainingArguments
+    """The task's metrics of a checkpoint on the validation data, with the task's Trainer; where the task scores
+    generated text (seq2seq), evaluation generates (greedy, up to the data's `generation_max_length`)."""
+    import transformers
+    from transformers import Seq2SeqTrainingArguments
 
     data = task.load_data(data_args, processing, model.config.to_dict(), train=False, seed=eval_args.seed)
     if data.label_names is not None and getattr(model.config, "id2label", None):
@@ -860,15 +885,17 @@ def evaluate_checkpoint(task: Task, model, processing, data_args, eval_args) -> 
                 f"({', '.join(map(str, data.label_names[:10]))})"
             )
     with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
+        args = Seq2SeqTrainingArguments(  # (TrainingArguments and the generation fields, read by Seq2SeqTrainer)
             output_dir=scratch,
             per_device_eval_batch_size=eval_args.per_device_eval_batch_size,
             report_to="none",
             use_cpu=not accelerator_available(),
             remove_unused_columns=task.remove_unused_columns,
             disable_tqdm=eval_args.disable_tqdm,
+            predict_with_generate=data.generation_max_length is not None,
+            generation_max_length=data.generation_max_length,
         )
-        trainer = Trainer(
+        trainer = getattr(transformers, task.trainer)(
             model=model,
             args=args,
             eval_dataset=data.validation,
@@ -894,21 +921,37 @@ def run_evaluate(checkpoint_args, data_args, eval_args) -> dict:
 
 
 def generate_text(model, tokenizer, prompts: list[str], settings: dict) -> list[str]:
-    """Prompts -> generated texts (prompt included), the checkpoint's generation config updated by `settings`."""
+    """Prompts -> generated texts, the checkpoint's generation config updated by `settings`. A causal LM continues
+    the prompt (left-padded, no special tokens; the text includes the prompt); an encoder-decoder reads each prompt
+    as its source, encoded as in training (with eos), and the text is the decoder's output alone."""
     import torch
 
     model.eval()
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=encoder_decoder)
     prompt_length = encoded["input_ids"].shape[1]
-    if prompt_length == 0:
+    if prompt_length == 0 or not all(prompts):
         raise TaskError("the prompt is empty: pass --prompt with at least one character")
     settings = {k: v for k, v in settings.items() if v is not None}
     new_tokens = settings.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
     if new_tokens <= 0:
         raise TaskError(f"--max-new-tokens must be positive, got {new_tokens}")
     limit = position_limit(model.config)
-    if limit is not None:
+    if limit is not None and encoder_decoder:  # the source fills the encoder; the decoder starts with one token
+        if prompt_length > limit:
+            raise TaskError(
+                f"the prompt has {prompt_length} tokens: the model's encoder takes at most {limit} "
+                "(max_position_embeddings); shorten the prompt"
+            )
+        if new_tokens > limit - 1:
+            print(
+                f"hf-efficient: generating at most {limit - 1} tokens, not {new_tokens}: the model's decoder takes "
+                f"{limit} (max_position_embeddings), its start token included",
+                file=sys.stderr,
+            )
+            new_tokens = limit - 1
+    elif limit is not None:
         if prompt_length >= limit:
             raise TaskError(
                 f"the prompt has {prompt_length} tokens: the model's context is {limit} tokens "
@@ -945,12 +988,13 @@ def position_limit(config) -> int | None:
 
 
 def run_generate(checkpoint_args, generate_args) -> list[str]:
+    """`hf-efficient generate`: a causal LM's continuations, or a seq2seq checkpoint's outputs, of the prompts."""
     from transformers import set_seed
 
     settings = generate_args.settings()
-    _, _, model, tokenizer = load_checkpoint(checkpoint_args, "clm")
+    _, task, model, tokenizer = load_checkpoint(checkpoint_args, generating=True)
     set_seed(generate_args.seed)
-    texts = generate_text(model, tokenizer, generate_args.prompt or [DEFAULT_PROMPT], settings)
+    texts = generate_text(model, tokenizer, generate_args.prompt or [task.default_prompt], settings)
     for index, text in enumerate(texts):
         if len(texts) > 1:
             print(f"--- sample {index + 1}")
@@ -982,8 +1026,8 @@ def run_publish(checkpoint_args, data_args, publish_args) -> Path:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    if task.name == "clm" and not (local / "generation_config.json").is_file():
-        model.generation_config = default_generation_config(model, processing)
+    if task.generation is not None and not (local / "generation_config.json").is_file():
+        model.generation_config = default_generation_config(model, processing, task)
     if has_code(model):
         hf_efficient.save_pretrained_with_code(model, staging)
     else:

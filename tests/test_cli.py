@@ -273,3 +273,78 @@ def test_seq2seq_default_data_is_one_declaration():
     data = task.load_data(args, default_tokenizer(), {"max_position_embeddings": 16}, seed=0)
     assert data.description == "numbers to words (test data)" and len(data.train) == 3
     assert data.train[1]["labels"] == default_tokenizer()("two")["input_ids"]
+    # evaluation generates up to the longest target (5 bytes of "three", eos, the start token) and a margin of 8
+    assert data.generation_max_length == 7 + 8
+    assert tasks.generation_length([[5] * 40], block_size=16) == 17  # never past a cut target (16) + start
+
+
+def test_seq2seq_default_is_the_numbers_to_words_task_on_an_ngram_encoder_decoder(capsys):
+    """The default seq2seq data is the embedded numbers/dates-to-words task (not the stdlib next-line task), the
+    default model an N-gram encoder-decoder preset, and `list` says so."""
+    from hf_efficient import seq2seq_data
+
+    task = tasks.TASKS["seq2seq"]
+    assert task.embedded is seq2seq_data.numbers_to_words_splits and task.trainer == "Seq2SeqTrainer"
+    train, validation = task.embedded()
+    assert (len(train), len(validation)) == (20_000, 300)
+    assert not set(train["source"]) & set(validation["source"])
+    assert validation[:2] == {k: v[:2] for k, v in seq2seq_data.numbers_to_words_dataset()["validation"][:2].items()}
+    preset = json.loads((training.REPO_ROOT / "model_cards" / task.default_model / "config.json").read_text())
+    assert preset["model_type"] == "ngram_transformer" and preset["is_encoder_decoder"] is True
+    assert preset["ngram_size"] == 4 and preset["hidden_size"] <= 128  # small enough for a CPU
+    code, out, _ = run_cli(capsys, "list", "--json")
+    entry = json.loads(out)["tasks"]["seq2seq"]
+    assert entry["default_model"] == "ngram-transformer-tiny-n4" and "English words" in entry["default_data"]
+
+
+def test_seq2seq_trains_evaluates_and_generates_on_the_embedded_task(tmp_path, capsys):
+    """`train --task seq2seq` (the default N-gram encoder-decoder, the embedded data, the real Seq2SeqTrainer):
+    evaluation generates and reports BLEU / chrF / exact match besides the loss; `evaluate` on the folder gives the
+    same figures, and they are the corpus metrics of what `generate` writes for the same sources."""
+    from hf_efficient.data import default_tokenizer
+    from hf_efficient.seq2seq_data import text_metrics
+
+    out = tmp_path / "words"
+    rows = 32
+    argv = ["train", "--task", "seq2seq", "--max-steps", "40", "--learning-rate", "3e-3", "--max-eval-samples", rows]
+    argv += ["--disable-tqdm", "--save-strategy", "no", "--logging-steps", "100", "--output-dir", out]
+    code, stdout, err = run_cli(capsys, *map(str, argv))
+    assert code == 0, err
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["task"] == "seq2seq" and results["model"] == "ngram-transformer-tiny-n4"
+    assert results["global_step"] == 40 and "English words" in results["dataset"]
+    for key in ("eval_bleu", "eval_chrf", "eval_exact_match"):
+        assert 0.0 <= results[key] <= 100.0, (key, results[key])
+    assert results["eval_chrf"] > 0 and np.isfinite(results["eval_loss"]) and results["eval_bits_per_byte"] > 0
+    assert "eval_bleu=" in stdout and "eval_chrf=" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "ngram_transformer" and config["is_encoder_decoder"] and config["ngram_size"] == 4
+    # a clean greedy generation config (Seq2SeqTrainer's evaluation fills in every default, max_length 20 included)
+    saved = json.loads((out / "generation_config.json").read_text())
+    assert saved["do_sample"] is False and "max_length" not in saved and saved["decoder_start_token_id"] == 0
+    assert "hf-efficient: sample (prompt '1987-03-09'):" in stdout
+
+    code, stdout, err = run_cli(capsys, "evaluate", str(out), "--max-eval-samples", str(rows), "--disable-tqdm")
+    assert code == 0, err
+    metrics = json.loads(stdout[stdout.index("{") :])
+    for key in ("eval_bleu", "eval_chrf", "eval_exact_match", "eval_loss"):
+        assert metrics[key] == pytest.approx(results[key], rel=1e-6, abs=1e-9), key
+
+    # `generate` on the same sources, as long as evaluation generates: its outputs score the same BLEU / chrF
+    _, validation = tasks.TASKS["seq2seq"].embedded()
+    sources, targets = list(validation["source"][:rows]), list(validation["target"][:rows])
+    labels = default_tokenizer()(text_target=targets)["input_ids"]
+    new_tokens = tasks.generation_length(labels, block_size=256) - 1  # (max_length counts the start token)
+    prompts = [item for source in sources for item in ("--prompt", source)]
+    _, arguments = cli.parse(["generate", str(out), "--max-new-tokens", str(new_tokens), *prompts])
+    texts = training.run_generate(*arguments)
+    capsys.readouterr()
+    assert len(texts) == rows
+    scores = text_metrics(texts, targets)
+    for key in ("bleu", "chrf", "exact_match"):
+        assert scores[key] == pytest.approx(metrics[f"eval_{key}"], rel=1e-6, abs=1e-9), (key, texts[:3])
+
+    # the command line, on the issue's example: the decoder's output alone (not the prompt continued)
+    code, stdout, err = run_cli(capsys, "generate", str(out), "--prompt", "1987-03-09", "--max-new-tokens", "60")
+    assert code == 0, err
+    assert stdout.strip() and not stdout.startswith("1987-03-09")
