@@ -93,14 +93,15 @@ def check_file(path: Path, fix: bool) -> list[str]:
     return problems
 
 
-def check_whole_files(fix: bool) -> tuple[int, list[str]]:
+def check_whole_files(fix: bool, models: Path = PACKAGE / "models") -> tuple[int, list[str]]:
     """Compare every architecture folder's copy of a `models/shared/*.py` file with the master."""
     problems, count = [], 0
-    for master in sorted(SHARED.glob("*.py")):
+    shared = models / "shared"
+    for master in sorted(shared.glob("*.py")):
         if master.name == "__init__.py":
             continue
-        for copy in sorted(PACKAGE.glob(f"models/*/{master.name}")):
-            if copy.parent == SHARED:
+        for copy in sorted(models.glob(f"*/{master.name}")):
+            if copy.parent == shared:
                 continue
             count += 1
             if copy.read_bytes() != master.read_bytes():
@@ -124,7 +125,9 @@ def main(argv=None) -> int:
     for problem in problems:
         print(problem)
     status = "fixed" if args.fix else "out of sync"
-    print(f"check_copies: {count} marked copies and {whole_count} whole-file copies checked, {len(problems)} {status}.")
+    print(
+        f"check_copies: {count} marked copies and {whole_count} whole-file copies checked, {len(problems)} {status}."
+    )
     return 1 if problems and not args.fix else 0
 
 
