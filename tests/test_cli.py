@@ -204,6 +204,11 @@ def test_flags_are_typed_dataclass_fields_in_both_spellings():
     assert training_values["learning_rate"] is None  # not given: the task's default applies
     _, (model, _, defaults) = cli.parse(["train"])
     assert model.model_name_or_path is None and defaults["max_train_minutes"] is None and defaults["use_cpu"] is None
+    assert defaults["predict_with_generate"] is None  # the task's default (True for seq2seq)
+    _, (_, _, values) = cli.parse(["train", "--predict-with-generate", "false", "--generation-max-length", "50"])
+    assert values["predict_with_generate"] is False and values["generation_max_length"] == 50
+    _, (_, _, values) = cli.parse(["train", "--predict_with_generate", "--generation_num_beams", "4"])
+    assert values["predict_with_generate"] is True and values["generation_num_beams"] == 4
     _, (checkpoint, generate) = cli.parse(["generate", "folder", "--prompt", "a", "--prompt", "b", "--greedy"])
     assert checkpoint.checkpoint == "folder" and generate.prompt == ["a", "b"]
     assert generate.settings()["do_sample"] is False
