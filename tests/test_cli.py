@@ -311,16 +311,19 @@ def test_seq2seq_trains_evaluates_and_generates_on_the_embedded_task(tmp_path, c
 
     out = tmp_path / "words"
     rows = 32
-    argv = ["train", "--task", "seq2seq", "--max-steps", "40", "--learning-rate", "3e-3", "--max-eval-samples", rows]
+    argv = ["train", "--task", "seq2seq", "--max-steps", 100, "--per-device-train-batch-size", 16]
+    argv += ["--warmup-steps", 10]
+    argv += ["--learning-rate", "3e-3", "--per-device-eval-batch-size", rows, "--max-eval-samples", rows]
     argv += ["--disable-tqdm", "--save-strategy", "no", "--logging-steps", "100", "--output-dir", out]
     code, stdout, err = run_cli(capsys, *map(str, argv))
     assert code == 0, err
     results = json.loads((out / "all_results.json").read_text())
     assert results["task"] == "seq2seq" and results["model"] == "ngram-transformer-tiny-n4"
-    assert results["global_step"] == 40 and "English words" in results["dataset"]
+    assert results["global_step"] == 100 and "English words" in results["dataset"]
     for key in ("eval_bleu", "eval_chrf", "eval_exact_match"):
         assert 0.0 <= results[key] <= 100.0, (key, results[key])
-    assert results["eval_chrf"] > 0 and np.isfinite(results["eval_loss"]) and results["eval_bits_per_byte"] > 0
+    # 100 steps teach the target's character n-grams (chrF 15.3 here; an untrained model's repeated byte: about 2)
+    assert results["eval_chrf"] > 5 and np.isfinite(results["eval_loss"]) and results["eval_bits_per_byte"] > 0
     assert "eval_bleu=" in stdout and "eval_chrf=" in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "ngram_transformer" and config["is_encoder_decoder"] and config["ngram_size"] == 4
