@@ -282,6 +282,44 @@ def test_generate_stops_at_a_fixed_length_models_limit(model_type, fields, tmp_p
         assert f"the prompt has {len(prompt)} tokens: the model's context is 24 tokens" in last_line(err)
 
 
+def test_generate_on_a_seq2seq_checkpoint_respects_its_encoder_and_decoder_limits(tmp_path, capsys):
+    """A seq2seq checkpoint generates the decoder's output for each prompt (encoded with eos, as in training). With a
+    learned position table of 24 rows the source may fill the encoder (24 tokens) and the decoder generates at
+    most 23 tokens after its start token; a longer source is a one-line error."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = hf_efficient.get_config_class("ngram_transformer")(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        is_encoder_decoder=True,
+        position_embedding_type="learned",
+        max_position_embeddings=24,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    model.generation_config = training.default_generation_config(model, default_tokenizer(), tasks.TASKS["seq2seq"])
+    model.save_pretrained(tmp_path / "s2s")
+    default_tokenizer().save_pretrained(tmp_path / "s2s")
+    assert model.generation_config.do_sample is False and model.generation_config.decoder_start_token_id == 0
+
+    prompt = "x" * 23  # 23 bytes + eos: the whole encoder
+    code, out, err = run_cli(capsys, "generate", tmp_path / "s2s", "--prompt", prompt, "--max-new-tokens", "100")
+    assert code == 0, err
+    assert "generating at most 23 tokens, not 100: the model's decoder takes 24" in err
+    assert not out.startswith(prompt)  # the output alone, not the prompt continued
+    tokenizer = default_tokenizer()
+    encoded = tokenizer([prompt], return_tensors="pt")
+    expected = model.generate(**encoded, max_new_tokens=23, eos_token_id=None)
+    assert expected.shape[1] == 24  # start token + 23
+    reference = tokenizer.batch_decode(model.generate(**encoded, max_new_tokens=23), skip_special_tokens=True)[0]
+    assert out == reference + "\n"
+    code, _, err = run_cli(capsys, "generate", tmp_path / "s2s", "--prompt", "x" * 24, "--max-new-tokens", "5")
+    assert code == 1
+    assert "the prompt has 25 tokens: the model's encoder takes at most 24" in last_line(err)
+
+
 def test_position_limit_is_read_from_the_config():
     aft = hf_efficient.get_config_class("aft")
     assert training.position_limit(aft(aft_type="full", max_position_embeddings=24, causal=True)) == 24
