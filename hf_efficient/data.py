@@ -153,20 +153,3 @@ def digits_dataset(validation_percent: float = 20.0, seed: int = 0):
         return Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
 
     return build(train_idx), build(val_idx)
-
-
-def stdlib_next_line_dataset(max_pairs: int = 20_000, max_length: int = 96):
-    """next line of Python standard-library source, given a line (embedded)
-
-    The embedded `seq2seq` task: (a line of standard-library source, the next non-empty line), at most
-    `max_length` characters each."""
-    from datasets import Dataset
-
-    out = {}
-    for split in ("train", "validation"):
-        text = stdlib_bytes(split, max_bytes=4_000_000 if split == "train" else 400_000)
-        lines = [line.strip() for line in text.decode("utf-8", errors="ignore").splitlines() if line.strip()]
-        pairs = [(a[:max_length], b[:max_length]) for a, b in zip(lines, lines[1:])]
-        pairs = pairs[: max_pairs if split == "train" else max_pairs // 10]
-        out[split] = Dataset.from_dict({"source": [a for a, _ in pairs], "target": [b for _, b in pairs]})
-    return out["train"], out["validation"]

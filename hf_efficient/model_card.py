@@ -16,6 +16,9 @@ METRIC_NAMES = {
     "eval_accuracy": ("accuracy", "Validation accuracy"),
     "eval_loss": ("loss", "Validation loss (nats per token)"),
     "eval_perplexity": ("perplexity", "Validation perplexity"),
+    "eval_bleu": ("bleu", "Validation BLEU"),
+    "eval_chrf": ("chrf", "Validation chrF"),
+    "eval_exact_match": ("exact_match", "Validation exact match (%)"),
 }
 
 
@@ -140,7 +143,10 @@ def render(name: str, config, task: str, results: dict) -> str:
         "```",
         "",
         "From the shell: `hf-efficient evaluate <folder>`"
-        + (", `hf-efficient generate <folder> --prompt 'def '`" if task == "clm" else "")
+        + {
+            "clm": ", `hf-efficient generate <folder> --prompt 'def '`",
+            "seq2seq": ", `hf-efficient generate <folder> --prompt '1987-03-09'`",
+        }.get(task, "")
         + ", `hf-efficient publish <folder> --repo-id <you>/<name>`.",
         "",
     ]
