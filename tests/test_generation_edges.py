@@ -12,6 +12,8 @@ from hf_efficient.models.combiner import CombinerConfig, CombinerForCausalLM, Co
 from hf_efficient.models.gmlp import GMLPCache, GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM
 from hf_efficient.models.gmlp.modeling_gmlp import GMLPTinyAttention
 from hf_efficient.models.gmlp.ops_gmlp import tiny_attention
+from hf_efficient.models.ngram_transformer import NgramTransformerConfig, NgramTransformerForCausalLM
+from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
 
 
 def gmlp(seed=0, layers=2, **overrides):
@@ -87,11 +89,31 @@ def _stateful_models():
         yield f"aft-{aft_type}", AFTForCausalLM, AFTConfig(aft_type=aft_type, **aft)
     for combiner_type in ("fixed", "logsparse", "axial", "mixture"):
         yield f"combiner-{combiner_type}", CombinerForCausalLM, CombinerConfig(combiner_type=combiner_type, **combiner)
+    yield (
+        "r-transformer",
+        RTransformerForCausalLM,
+        RTransformerConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
+        ),
+    )
+    yield (
+        "ngram-transformer",
+        NgramTransformerForCausalLM,
+        NgramTransformerConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            ngram_size=3,
+        ),
+    )
 
 
 @pytest.mark.parametrize("name, head, config", list(_stateful_models()), ids=lambda x: x if isinstance(x, str) else "")
 def test_stateful_models_refuse_assisted_decoding_clearly(name, head, config):
-    """AFT's running sums and Combiner's span summaries cannot be rolled back: transformers' own clear error."""
+    """AFT's running sums, Combiner's span summaries, R-Transformer's LocalRNN windows and the N-gram rolling cache
+    are not rolled back: transformers' own clear error."""
     torch.manual_seed(0)
     model = head(config).eval()
     ids = prompt()

@@ -23,6 +23,7 @@ from .common import (
     PatchEmbeddings,
     check_attention_mask,
     drop_path,
+    eager_attention_forward,
     positions_from_mask,
     run_blocks,
     stochastic_depth_rates,
@@ -145,32 +146,6 @@ def tiny_attention_mask(
         )
         allowed = allowed | (own[None] & ~allowed.any(dim=-1, keepdim=True))
     return allowed[:, None]
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    is_causal: bool = False,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`softmax(q k^T * scaling) v` with a boolean mask (True = attend) or `is_causal`; q `(B, 1, Lq, d_attn)`,
-    k / v `(B, 1, T, d)`. Returns `(B, Lq, 1, d_v)` and the probabilities `(B, 1, Lq, T)`."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is None and is_causal:
-        num_queries, total_len = query.shape[2], key.shape[2]
-        attention_mask = torch.ones(num_queries, total_len, dtype=torch.bool, device=query.device).tril(
-            total_len - num_queries
-        )
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class GMLPTinyAttention(nn.Module):

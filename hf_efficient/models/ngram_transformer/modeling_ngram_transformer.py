@@ -233,6 +233,9 @@ class NgramTransformerDecoderLayer(GradientCheckpointingLayer):
 class NgramTransformerPreTrainedModel(EfficientPreTrainedModel):
     config: NgramTransformerConfig
     _no_split_modules = ["NgramTransformerEncoderLayer", "NgramTransformerDecoderLayer"]
+    # The rolling N-gram cache is built by the decoder itself and not cropped token by token: assisted /
+    # prompt-lookup decoding get transformers' own "not supported with stateful models" error.
+    _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -277,10 +277,11 @@ def causal_attention_mask(
 
 
 class RTransformerPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel):
-    config_class = RTransformerConfig
     config: RTransformerConfig
     _no_split_modules = ["RTransformerBlock"]
-    _supports_sdpa = True
+    # The LocalRNN windows are not rolled back token by token: assisted / prompt-lookup decoding get transformers'
+    # own "not supported with stateful models" error instead of a failure deep inside generate().
+    _is_stateful = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
