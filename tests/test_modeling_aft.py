@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import set_seed
 
 from hf_efficient.models.aft import (
@@ -11,8 +13,9 @@ from hf_efficient.models.aft import (
     AFTForMaskedLM,
     AFTForSequenceClassification,
     AFTModel,
+    ops_aft,
 )
-from hf_efficient.models.aft.modeling_aft import AFTLayer
+from hf_efficient.models.aft.modeling_aft import AFTLayer, AFTPositionBias
 from tests.model_tester import GenericModelTests
 from tests.references.aft_reference import (
     aft_reference,
@@ -40,6 +43,21 @@ INVALID_CONFIGS = [
     ({"image_size": 32, "patch_size": 4, "causal": True}, "causal"),
     ({"drop_path_rate": 1.5}, "drop_path_rate"),
 ]
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
 
 
 def tiny_config(head, **overrides) -> AFTConfig:
@@ -214,6 +232,64 @@ def test_left_padded_batch_uses_each_samples_own_positions():
             torch.cat([padded, torch.randint(3, 64, (1, 11))]), attention_mask=torch.cat([mask, mask.new_ones(1, 11)])
         ).logits
     torch.testing.assert_close(both[0, 3:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", [AFTForCausalLM, AFTForMaskedLM], ids=["causal", "bidirectional"])
+def test_full_factorised_bias_equals_dense_bias(head, monkeypatch):
+    """AFT-full streams its bias from the factors `(u, v)`: logits and every parameter gradient equal the path
+    that forms the dense `u v^T` block and hands it to `aft_full`, on a left-padded batch."""
+    config = tiny_config(head, aft_type="full")
+    set_seed(0)
+    model = head(config)
+    model.eval()  # no dropout; gradients still flow
+    ids = torch.randint(3, 64, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, :3] = 0
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    factors = AFTPositionBias.factors
+    monkeypatch.setattr(AFTPositionBias, "factors", lambda self, *a: calls.append(1) or factors(self, *a))
+    logits, grads = logits_and_grads()
+    assert len(calls) == config.num_hidden_layers
+
+    def dense(self, query_start, num_queries, key_start, num_keys):
+        u, v = factors(self, query_start, num_queries, key_start, num_keys)
+        return u @ v.transpose(-1, -2)  # (B, Lq, Lk): aft_full's dense-bias path
+
+    monkeypatch.setattr(AFTPositionBias, "factors", dense)
+    dense_logits, dense_grads = logits_and_grads()
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == dense_grads.keys()
+    bias_grads = [grad for name, grad in grads.items() if "position_bias" in name]
+    assert len(bias_grads) == 2 * config.num_hidden_layers and all(grad.abs().sum() > 0 for grad in bias_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dense_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_full_model_never_forms_the_length_squared_bias(monkeypatch):
+    """Forward + backward of AFT-full at L = 2048 on a left-padded batch: no tensor of L * L elements or more
+    (the dense per-sample bias would be 2 L^2). Tiles of 2^18 elements (128 queries x 2048 keys) instead of the
+    default 2^22 = 2048^2, so that one tile is not the whole matrix at this length."""
+    length = 2048
+    monkeypatch.setattr(ops_aft, "_TILE_ELEMENTS", 1 << 18)
+    config = tiny_config(AFTForCausalLM, aft_type="full", max_position_embeddings=length, num_hidden_layers=1)
+    set_seed(0)
+    model = AFTForCausalLM(config)
+    ids = torch.randint(3, 64, (2, length))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[0, :5] = 0
+    with _LargestTensor() as mode:
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+    assert torch.isfinite(loss)
+    assert model.model.layers[0].aft.position_bias.u.grad.abs().sum() > 0
+    assert 0 < mode.numel < length * length
 
 
 # ---------------------------------------------------------------------- decoding state size

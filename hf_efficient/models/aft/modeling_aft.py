@@ -82,6 +82,17 @@ class AFTPositionBias(nn.Module):
             return self.weight[rows[:, :, None], cols[:, None, :]]
         return torch.matmul(self.u[rows], self.v[cols].transpose(1, 2))
 
+    def factors(self, query_start: torch.Tensor, num_queries: int, key_start: torch.Tensor, num_keys: int):
+        """AFT-full bias as factors `(u_rows (Bp, Lq, d'), v_cols (Bp, Lk, d'))` with `w = u_rows v_cols^T`, so
+        `aft_full` streams it and the `(Lq, Lk)` matrix never exists; the learned `(n, n)` matrix (no factors)
+        gives its dense block `(Bp, Lq, Lk)` as `matrix`."""
+        if self.weight is not None:
+            return self.matrix(query_start, num_queries, key_start, num_keys)
+        device = query_start.device
+        rows = self._index(query_start, torch.arange(num_queries, device=device))
+        cols = self._index(key_start, torch.arange(num_keys, device=device))
+        return self.u[rows], self.v[cols]
+
     def band(self, start: torch.Tensor, length: int, window: int, causal: bool) -> torch.Tensor:
         """AFT-local bias band `(Bp, L, n_w)`: `band[t, j] = w[p_t, p_t + o_j]` with `p_t = start + t` and the window
         offsets `o_j` of `local_window_offsets` (no `(L, n_w, d')` tensor: blocked matmul for the factorised form).
@@ -197,11 +208,16 @@ class AFTLayer(nn.Module):
             else:
                 out = aft_conv1d(query, key, value, kernel, causal=causal, key_padding_mask=key_mask, **stateful)
         else:  # full: the bias of the new queries against every key so far
-            w = self.position_bias.matrix(start + past_length, num_new, start, past_length + num_new)
             if step:
+                w = self.position_bias.matrix(start + past_length, 1, start, past_length + 1)
                 out, new_state = aft_full_step(query[:, 0], key[:, 0], value[:, 0], w[:, 0], state, valid)
             else:
-                w = w if w.shape[0] > 1 else w[0]
+                # Factors `(u, v)` (or the dense block of a learned matrix): aft_full streams `u v^T` in tiles.
+                w = self.position_bias.factors(start + past_length, num_new, start, past_length + num_new)
+                if isinstance(w, tuple):
+                    w = tuple(x if x.shape[0] > 1 else x[0] for x in w)
+                else:
+                    w = w if w.shape[0] > 1 else w[0]
                 out = aft_full(query, key, value, w, causal=causal, key_padding_mask=key_mask, **stateful)
         if step:
             out = out[:, None]
