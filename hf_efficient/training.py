@@ -33,6 +33,7 @@ import hf_efficient
 from . import model_card
 from .cli import DEFAULT_MAX_NEW_TOKENS, TrainArguments
 from .hub import auto_map_for, copy_code, has_code
+from .models.shared.heads import sequence_length_limit
 from .tasks import TASKS, Task, TaskData, TaskError, first_line, task_of_architecture, task_of_auto
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -978,13 +979,8 @@ def generate_text(model, tokenizer, prompts: list[str], settings: dict) -> list[
     return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
-def position_limit(config) -> int | None:
-    """The longest sequence a model takes (`max_position_embeddings`), or None where the config says its inputs
-    are not limited by it (`needs_positions` False, e.g. AFT-simple / AFT-conv without position embeddings)."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None or getattr(config, "needs_positions", True) is False:
-        return None
-    return int(limit)
+# The longest sequence a model takes: the same rule the models' own `generate()` stops at (heads.py).
+position_limit = sequence_length_limit
 
 
 def run_generate(checkpoint_args, generate_args) -> list[str]:
