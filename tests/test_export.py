@@ -64,7 +64,8 @@ def combiner_config(**overrides):
 # Dynamic lengths: (multiple, smallest count, traced count): the sequence length is `multiple * n`. The blocked ops
 # lay positions out in blocks (AFT's prefix-scan chunks of 16 and window blocks, Combiner's segments), so a dynamic
 # length is a whole number of blocks, at least two. None: the op's Python loop count follows the length (AFT-full's
-# query tiles, Combiner-logsparse's O(log L) levels), so the length is static (one export per length).
+# query tiles), so the length is static (one export per length). Combiner-logsparse exports with its level count
+# fixed by max_position_embeddings (any length, no block multiple).
 VARIANTS = {
     "gmlp": (lambda **kw: gmlp_config(**kw), GMLPForCausalLM, GMLPForSequenceClassification, (1, 2, 12)),
     "amlp": (
@@ -73,12 +74,17 @@ VARIANTS = {
         GMLPForSequenceClassification,
         (1, 2, 12),
     ),
-    "aft-full": (lambda **kw: aft_config(aft_type="full", **kw), AFTForCausalLM, AFTForSequenceClassification, None),
+    "aft-full": (
+        lambda **kw: aft_config(aft_type="full", **kw),
+        AFTForCausalLM,
+        AFTForSequenceClassification,
+        (16, 2, 2),
+    ),
     "aft-full-matrix": (
         lambda **kw: aft_config(aft_type="full", position_bias_dim=None, **kw),
         AFTForCausalLM,
         AFTForSequenceClassification,
-        None,
+        (16, 2, 2),
     ),
     "aft-local": (
         lambda **kw: aft_config(aft_type="local", **kw),
@@ -108,7 +114,7 @@ VARIANTS = {
         lambda **kw: combiner_config(combiner_type="logsparse", **kw),
         CombinerForCausalLM,
         CombinerForSequenceClassification,
-        None,
+        (1, 2, 12),
     ),
     "combiner-axial": (
         lambda **kw: combiner_config(combiner_type="axial", **kw),

@@ -24,7 +24,13 @@ from .common import (
 )
 from .configuration_combiner import CombinerConfig
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
-from .ops_combiner import axial_abstraction_keys, combiner_attention, combiner_prefill_state, combiner_step
+from .ops_combiner import (
+    axial_abstraction_keys,
+    combiner_attention,
+    combiner_prefill_state,
+    combiner_step,
+    num_logsparse_levels,
+)
 from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
@@ -51,6 +57,9 @@ class CombinerAttention(nn.Module):
         self.span_summary = config.span_summary
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.logsparse_levels = (
+            num_logsparse_levels(config.max_position_embeddings) if config.combiner_type == "logsparse" else None
+        )
         width, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(width, width, bias=bias)
         self.k_proj = nn.Linear(width, width, bias=bias)
@@ -101,7 +110,20 @@ class CombinerAttention(nn.Module):
         )
         state = cache.get_states(self.layer_idx) if cache is not None else {}
         if not state:
-            out = combiner_attention(q, k, v, causal=causal, key_mask=key_mask, hidden_states=hidden_states, **options)
+            # While compiling / exporting, Logsparse runs a level count fixed by the position table (levels past
+            # ceil(log2 L) have no allowed span: same result), so no shape inside the op follows the length and the
+            # length can be dynamic. Eager keeps ceil(log2 L) levels (no padding of short inputs to the table).
+            static_levels = self.logsparse_levels if torch.compiler.is_compiling() else None
+            out = combiner_attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                key_mask=key_mask,
+                hidden_states=hidden_states,
+                num_levels=static_levels,
+                **options,
+            )
             if cache is not None:
                 lengths = (
                     key_mask.long().sum(-1)

@@ -68,8 +68,16 @@ def _real_mask(key_mask: torch.Tensor | None, batch_size: int, length: int, devi
     return key_mask.bool()
 
 
-def _pad_length(x: torch.Tensor, target: int, dim: int = -2) -> torch.Tensor:
-    """Zero-pad `x` along `dim` to length `target`."""
+def _pad_length(x: torch.Tensor, target: int, dim: int = -2, static: bool = False) -> torch.Tensor:
+    """Zero-pad `x` along `dim` to length `target`.
+
+    `static`: `target` is a fixed size and `x`'s length may be symbolic (`torch.export` with a dynamic length): pad
+    with `target` zeros and cut back to `target`, so that no tensor has the symbolic size `target - L` (which would
+    guard on it being 0 or 1)."""
+    if static:
+        shape = list(x.shape)
+        shape[dim] = target
+        return torch.cat([x, x.new_zeros(shape)], dim=dim).narrow(dim, 0, target)
     missing = target - x.shape[dim]
     if missing == 0:
         return x
@@ -294,46 +302,73 @@ def num_logsparse_levels(length: int) -> int:
     return max(0, (length - 1).bit_length())
 
 
+# Below this block size the per-block products of Logsparse run as broadcast multiply + sum (one vectorised kernel,
+# and a cheap backward); from it on as batched matmuls (no (P, D) temporary). Thousands of tiny matmuls (blocks of
+# 2, 4, 8 positions) are slower than the elementwise form, forward and above all backward.
+_SMALL_BLOCK = 32
+
+
+def _block_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`x (..., n, s, D)`, `y (..., n, D)` -> `(..., n, s)`: each row of a block dotted with its block's vector."""
+    if x.shape[-2] < _SMALL_BLOCK:
+        return (x * y[..., None, :]).sum(-1)
+    return (x @ y[..., None])[..., 0]
+
+
+def _block_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`w (..., n, s)`, `x (..., n, s, Dv)` -> `(..., n, Dv)`: the `w`-weighted sum of each block's rows."""
+    if x.shape[-2] < _SMALL_BLOCK:
+        return (w[..., None] * x).sum(-2)
+    return (w[..., None, :] @ x)[..., 0, :]
+
+
+def _pair_pool(t: torch.Tensor, span_summary: str) -> torch.Tensor:
+    """Pool adjacent pairs along dim 2 (`(B, H, 2n, D)` -> `(B, H, n, D)`): max, or sum (mean divides later)."""
+    pairs = t.unflatten(2, (t.shape[2] // 2, 2))
+    if span_summary == "max":
+        return torch.maximum(pairs[:, :, :, 0], pairs[:, :, :, 1])
+    return pairs[:, :, :, 0] + pairs[:, :, :, 1]
+
+
+def _logsparse_counts(real: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Real positions per aligned block of every level: `(B, 1, P / 2^l)` for l = 0 .. levels - 1."""
+    counts = [real[:, None].to(torch.int32)]
+    for _ in range(1, levels):
+        counts.append(_pair_pool(counts[-1][..., None], "sum")[..., 0])
+    return counts
+
+
 def _logsparse_summaries(q, k, v, real, levels: int, span_summary: str) -> tuple[torch.Tensor, ...]:
     """Keys and values of the aligned blocks of every level (level 0: the tokens themselves), pooled pairwise from
     the level below: `(*keys (B, H, P / 2^l, D), *values (B, H, P / 2^l, Dv))`. O(P) entries in all."""
     batch_size = q.shape[0]
     padded = q.shape[2]
-    real_e = real[:, None, :, None]
-    span_keys, span_values = [], []
-    fill = float("-inf") if span_summary == "max" else 0.0
-    pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
-    count = real[:, None].to(q.dtype)  # (B, 1, blocks): real positions per block
-    for level in range(levels):
+    counts = _logsparse_counts(real, levels)
+    span_keys, span_values = [k], [v]  # level 0: a single token's abstraction is the token itself
+    if levels > 1:
+        real_e = real[:, None, :, None]
+        fill = float("-inf") if span_summary == "max" else 0.0
+        pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
+    for level in range(1, levels):
         size = 2**level
         num_blocks = padded // size
-        if level == 0:  # single tokens: the abstraction is the token itself
-            span_key, span_value = k, v
+        pooled_q, pooled_k = _pair_pool(pooled_q, span_summary), _pair_pool(pooled_k, span_summary)
+        count = counts[level][..., None]  # (B, 1, n, 1)
+        if span_summary == "max":
+            nonempty = count > 0
+            span_query = torch.where(nonempty, pooled_q, 0.0)
+            span_key = torch.where(nonempty, pooled_k, 0.0)
+        elif span_summary == "mean":
+            divisor = count.clamp(min=1).to(q.dtype)
+            span_query, span_key = pooled_q / divisor, pooled_k / divisor
         else:
-            pairs = (num_blocks, 2)
-            if span_summary == "max":
-                pooled_q, pooled_k = (t.unflatten(2, pairs).amax(3) for t in (pooled_q, pooled_k))
-            else:
-                pooled_q, pooled_k = (t.unflatten(2, pairs).sum(3) for t in (pooled_q, pooled_k))
-            count = count.unflatten(2, pairs).sum(3)
-            nonempty = (count > 0)[..., None]
-            if span_summary == "max":
-                span_query = torch.where(nonempty, pooled_q, 0.0)
-                span_key = torch.where(nonempty, pooled_k, 0.0)
-            elif span_summary == "mean":
-                span_query, span_key = (
-                    pooled_q / count.clamp(min=1)[..., None],
-                    pooled_k / count.clamp(min=1)[..., None],
-                )
-            else:
-                span_query, span_key = pooled_q, pooled_k
-            kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
-            real_b = real.view(batch_size, 1, num_blocks, size)
-            inner = (kb @ span_query[..., None])[..., 0]  # pooled query vs its own block's keys (B, H, n, size)
-            weights = _softmax(inner, real_b.expand_as(inner)).to(v.dtype)
-            span_value = (weights[..., None, :] @ vb)[..., 0, :]
+            span_query, span_key = pooled_q, pooled_k
+        kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
+        inner = _block_dots(kb, span_query)  # pooled query vs its own block's keys (B, H, n, size)
+        block_real = real.view(batch_size, 1, num_blocks, size)
+        weights = _softmax(inner, block_real.expand_as(inner)).to(v.dtype)
         span_keys.append(span_key)
-        span_values.append(span_value)
+        span_values.append(_block_mix(weights, vb))
     return (*span_keys, *span_values)
 
 
@@ -346,6 +381,7 @@ def logsparse_attention(
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
     segment_size: int | None = None,
+    num_levels: int | None = None,
 ) -> torch.Tensor:
     r"""Combiner-Logsparse: dyadic spans.
 
@@ -366,23 +402,30 @@ def logsparse_attention(
     weighted span values are formed by aligned power-of-two segments of positions and recomputed in the backward
     (`_by_segments`); the block summaries (O(L) in all) are kept.
 
+    `num_levels` (default `ceil(log2 L)`) fixes the number of levels, e.g. from the longest length a model takes:
+    the levels past `ceil(log2 L)` have no allowed span (causal: every sibling lies to the right; bidirectional:
+    every sibling is padding), so the result is the same, and the shapes inside no longer follow `L` (what
+    `torch.export` with a dynamic length needs; the model passes it while compiling / exporting).
+
     Returns `(B, H, L, Dv)`.
     """
     _check_summary(span_summary)
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, _ = _prepare(q, k, v, key_mask, None)
-    levels = num_logsparse_levels(length)
+    if num_levels is None:
+        levels = num_logsparse_levels(length)
+    else:
+        if not isinstance(num_levels, int) or num_levels < 0:
+            raise ValueError(f"num_levels must be a non-negative int, got {num_levels!r}.")
+        torch._check(length <= 2**num_levels, lambda: f"num_levels={num_levels} covers {2**num_levels} positions")
+        levels = num_levels
     padded = 2**levels
-    q, k, v = (_pad_length(t, padded) for t in (q, k, v))
-    real = _pad_length(real, padded, dim=-1)
+    q, k, v = (_pad_length(t, padded, static=num_levels is not None) for t in (q, k, v))
+    real = _pad_length(real, padded, dim=-1, static=num_levels is not None)
     real_e = real[:, None, :, None]  # (B, 1, P, 1)
 
     # Block summaries of every level: keys (B, H, P / 2^l, D), values (B, H, P / 2^l, Dv), nonempty (B, 1, P / 2^l).
-    span_real = []
-    count = real[:, None].to(q.dtype)  # (B, 1, blocks): real positions per block
-    for _ in range(levels):
-        span_real.append(count > 0)
-        count = count.unflatten(2, (count.shape[2] // 2, 2)).sum(3)
+    span_real = [count > 0 for count in _logsparse_counts(real, levels)]
     per_segment = _segment_rows(segment_size, length, 1, q, k, v)
     summaries = _recomputed(
         lambda q, k, v: _logsparse_summaries(q, k, v, real, levels, span_summary), per_segment, q, k, v
@@ -406,14 +449,9 @@ def logsparse_attention(
                 )  # (B, H, n, .), (B, 1, n)
                 if causal:  # only a left sibling: odd blocks
                     sibling_ok = sibling_ok & (torch.arange(n0, n1, device=q.device) % 2 == 1)
-                qb = qc.unflatten(2, (n1 - n0, size))
-                level_logits = torch.einsum("bhnsd,bhnd->bhns", qb, sibling_key).reshape(*qc.shape[:3], 1)
+                level_logits = _block_dots(qc.unflatten(2, (n1 - n0, size)), sibling_key).reshape(*qc.shape[:3], 1)
                 ok = sibling_ok[..., None].expand(batch_size, 1, n1 - n0, size).reshape(batch_size, 1, width, 1)
-                merges.append(
-                    lambda p, value=sibling_value, n=n1 - n0, size=size: (
-                        p.view(batch_size, num_heads, n, size, 1) * value[:, :, :, None, :]
-                    ).flatten(2, 3)
-                )
+                merges.append((n1 - n0, size, sibling_value[:, :, :, None, :]))
             else:  # the segment lies inside one block of this level: one sibling for all its positions
                 sibling = (p0 // size) ^ 1
                 sibling_key = keys[level][:, :, sibling : sibling + 1]  # (B, H, 1, D)
@@ -422,18 +460,21 @@ def logsparse_attention(
                 if causal and sibling > p0 // size:
                     ok = torch.zeros_like(ok)
                 level_logits = qc @ sibling_key.transpose(-1, -2)  # (B, H, c, 1)
-                merges.append(lambda p, value=sibling_value: p * value)
+                merges.append((1, width, sibling_value[:, :, :, None, :]))
             logits.append(level_logits)
             allowed.append(ok)
         probs = _joint_softmax(list(zip(logits, allowed)), vc.dtype)
         out = probs[0] * vc
-        for merge, p in zip(merges, probs[1:]):
-            out = out + merge(p)
+        for (n, size, value), p in zip(merges, probs[1:]):  # out += p * value, blockwise, no temporary
+            blocked = (batch_size, num_heads, n, size)
+            out = torch.addcmul(out.view(*blocked, -1), p.view(*blocked, 1), value).view(out.shape)
         return out
 
     if per_segment:
         per_segment = 1 << (per_segment.bit_length() - 1)  # a power of two: segments aligned to every level
     out = _by_segments(segment, padded, per_segment, q, k, v, *span_keys, *span_values)
+    if num_levels is not None:  # a fresh tensor: a slice (a view) of the static buffer would guard on L == P
+        return out.index_select(2, torch.arange(length, device=out.device))
     return out[:, :, :length]
 
 
@@ -728,11 +769,13 @@ def combiner_attention(
     abstraction_key_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     hidden_states: torch.Tensor | None = None,
     segment_size: int | None = None,
+    num_levels: int | None = None,
 ) -> torch.Tensor:
     """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op.
 
     `segment_size` (positions; default `SEGMENT_POSITIONS`, 0 = never): with autograd on, sequences longer than twice it
     form their logits segment by segment under checkpoint (same maths, activations of one segment).
+    `num_levels` (Logsparse only): a fixed number of dyadic levels (see `logsparse_attention`).
     """
     seg = dict(segment_size=segment_size)
     if combiner_type == "fixed":
@@ -740,7 +783,9 @@ def combiner_attention(
             q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary, **seg
         )
     if combiner_type == "logsparse":
-        return logsparse_attention(q, k, v, causal=causal, key_mask=key_mask, span_summary=span_summary, **seg)
+        return logsparse_attention(
+            q, k, v, causal=causal, key_mask=key_mask, span_summary=span_summary, num_levels=num_levels, **seg
+        )
     if combiner_type == "axial":
         if abstraction_key_fn is None:
             raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
