@@ -74,17 +74,12 @@ VARIANTS = {
         GMLPForSequenceClassification,
         (1, 2, 12),
     ),
-    "aft-full": (
-        lambda **kw: aft_config(aft_type="full", **kw),
-        AFTForCausalLM,
-        AFTForSequenceClassification,
-        (16, 2, 2),
-    ),
+    "aft-full": (lambda **kw: aft_config(aft_type="full", **kw), AFTForCausalLM, AFTForSequenceClassification, None),
     "aft-full-matrix": (
         lambda **kw: aft_config(aft_type="full", position_bias_dim=None, **kw),
         AFTForCausalLM,
         AFTForSequenceClassification,
-        (16, 2, 2),
+        None,
     ),
     "aft-local": (
         lambda **kw: aft_config(aft_type="local", **kw),
