@@ -10,9 +10,14 @@ from torch import nn
 CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}
 
 
-def make_cell(rnn: nn.RNNBase, rnn_type: str) -> nn.Module:
-    """A cell with the same weights as the one-layer RNN module `rnn` (PyTorch's layouts agree)."""
+def make_cell(rnn: nn.RNNBase, rnn_type: str, share: bool = False) -> nn.Module:
+    """A cell with the same weights as the one-layer RNN module `rnn` (PyTorch's layouts agree): copies, or with
+    `share` the very parameters (gradients then reach `rnn`'s)."""
     cell = CELLS[rnn_type](rnn.input_size, rnn.hidden_size).to(rnn.weight_ih_l0.dtype)
+    if share:
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            setattr(cell, name, getattr(rnn, f"{name}_l0"))
+        return cell
     with torch.no_grad():
         cell.weight_ih.copy_(rnn.weight_ih_l0)
         cell.weight_hh.copy_(rnn.weight_hh_l0)
@@ -67,7 +72,8 @@ def layer_norm_reference(x, weight, bias, eps, official):
 
 
 def model_reference(model, hidden_states, attention_mask=None):
-    """The base model's blocks (eval mode) from its parameters: hidden_states (B, L, d) embeddings -> (B, L, d)."""
+    """The base model's blocks (eval mode) from its parameters: hidden_states (B, L, d) embeddings -> (B, L, d).
+    Differentiable in every parameter of `model` (the cells share the LocalRNN's parameters)."""
     config = model.config
     heads = config.num_attention_heads
 
@@ -78,7 +84,7 @@ def model_reference(model, hidden_states, attention_mask=None):
     batch, length, dim = x.shape
     for block in model.layers:
         for layer in block.rnn_layers:
-            cell = make_cell(layer.local_rnn.rnn, config.rnn_type)
+            cell = make_cell(layer.local_rnn.rnn, config.rnn_type, share=True)
             x = x + local_rnn_reference(
                 norm(layer.norm, x), cell, config.rnn_type, config.local_window, attention_mask
             )
