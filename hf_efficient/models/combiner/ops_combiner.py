@@ -621,43 +621,36 @@ def axial_attention(
 # ----------------------------------------------------------------------------------------------------------------------
 # Combiner-Mixture
 # ----------------------------------------------------------------------------------------------------------------------
-def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, dim: int, reverse: bool, per_segment: int = 0):
-    """Summaries of the spans "strictly before (after, if reverse) each entry along `dim`" of a `(B, H, R, C, .)`
-    grid, `dim` in {2 (rows: column spans), 3 (columns: row spans)}: keys `(B, H, R, C, D)`, values
-    `(B, H, R, C, Dv)`, nonempty `(B, 1, R, C)`.
+def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool, per_segment: int = 0):
+    """Summaries of the spans "strictly before (after, if reverse) each entry along its line" of a `(B, H, N, n, .)`
+    grid of N lines of n entries (the rows of the row-major grid: row spans; the columns of the column-major grid:
+    column spans): keys `(B, H, N, n, D)`, values `(B, H, N, n, Dv)`, nonempty `(B, 1, N, n)`.
 
     The value of the span ending at entry e is the softmax over the span's real keys of `q_pool(e) . k`; the logits
-    against every entry of the line are `(B, H, R, C, line length)`, i.e. O(L sqrt L), formed `per_segment` rows
-    at a time under checkpoint (`_by_segments`; 0 = one piece).
+    against every entry of the line are `(B, H, N, n, n)`, i.e. O(L sqrt L), formed `per_segment` lines at a time
+    under checkpoint (`_by_segments`; 0 = one piece). A line's running pool needs that line only, so each segment
+    pools its own queries (recomputed in the backward, never kept); the keys are pooled once (their running-max
+    indices are not kept either).
     """
     real_e = real_b[..., None]
-
-    def pools(qb, kb):
-        span_query, nonempty = cumulative_pool(qb, real_e, dim, span_summary, reverse)
-        span_key, _ = cumulative_pool(kb, real_e, dim, span_summary, reverse)
-        return span_query, span_key, nonempty
-
-    span_query, span_key, nonempty = _recomputed(pools, per_segment, qb, kb)  # (running-max indices not kept)
-    nonempty = nonempty[..., 0]  # (B, 1, R, C)
-    size = qb.shape[dim]
-    idx = torch.arange(size, device=qb.device)
+    line = qb.shape[3]
+    idx = torch.arange(line, device=qb.device)
     inside = idx[None, :] > idx[:, None] if reverse else idx[None, :] < idx[:, None]  # [entry e, member j]
 
-    def values(r0, r1, span_query, kb, vb):
-        sq = span_query[:, :, r0:r1]
-        if dim == 2:  # column spans: entry (r, c), members (t, c)
-            logits = torch.einsum("bhrcd,bhtcd->bhrct", sq, kb)
-            ok = inside[r0:r1, None, :] & real_b.transpose(2, 3)[:, :, None, :, :]  # (B, 1, r, C, R)
-            weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
-            return torch.einsum("bhrct,bhtcd->bhrcd", weights, vb)
-        # row spans: entry (r, c), members (r, m)
-        logits = sq @ kb[:, :, r0:r1].transpose(-1, -2)  # (B, H, r, C, C)
-        ok = inside & real_b[:, :, r0:r1, None, :]
-        weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
-        return weights @ vb[:, :, r0:r1]
+    def pooled_keys(kb):
+        return cumulative_pool(kb, real_e, 3, span_summary, reverse)
 
-    value = _by_segments(values, qb.shape[2], per_segment, span_query, kb, vb)
-    return span_key, value, nonempty
+    span_key, nonempty = _recomputed(pooled_keys, per_segment, kb)
+
+    def values(l0, l1, qb, kb, vb):
+        span_query, _ = cumulative_pool(qb[:, :, l0:l1], real_e[:, :, l0:l1], 3, span_summary, reverse)
+        logits = span_query @ kb[:, :, l0:l1].transpose(-1, -2)  # (B, H, l, n, n): entry e vs member j
+        ok = inside & real_b[:, :, l0:l1, None, :]
+        weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
+        return weights @ vb[:, :, l0:l1]
+
+    value = _by_segments(values, qb.shape[2], per_segment, qb, kb, vb)
+    return span_key, value, nonempty[..., 0]
 
 
 def mixture_attention(
@@ -686,9 +679,12 @@ def mixture_attention(
     values, computed with running (exclusive) pools along the rows or columns.
 
     Logits: row direct `(R, C, C)`, column direct `(R, C, R)`, column spans `(R, C, C)` (x2 bidirectional), row
-    spans `(R, C, R)` x2; one softmax over their concatenation. Cost O(L (C + R)). With autograd on and
-    `L > 2 segment_size`, the span values and the joint logits are formed segment by segment of rows and recomputed
-    in the backward (`_by_segments`); the span summaries (O(L d)) are kept.
+    spans `(R, C, R)` x2; one softmax over their concatenation. Cost O(L (C + R)). Everything that runs along a
+    column (own column, column spans, row spans seen from a column) is a plain batched matmul on a column-major copy
+    of the grid (`(B, H, C, R, .)`, made once) instead of an einsum that permutes its operands at every use. With
+    autograd on and `L > 2 segment_size`, the span values and the joint logits are formed segment by segment and
+    recomputed in the backward (`_by_segments`): kept are the span keys and values (O(L d)); the pooled span queries
+    are recomputed inside each segment of lines (a running pool along a line needs that line only).
 
     Returns `(B, H, L, Dv)`.
     """
@@ -696,60 +692,59 @@ def mixture_attention(
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
     cols, rows = block_size, padded // block_size
-    qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))
+    qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))  # row-major grid (B, H, R, C, .)
+    qt, kt, vt = (t.transpose(2, 3).contiguous() for t in (qb, kb, vb))  # column-major grid (B, H, C, R, .)
     real_b = real.view(batch_size, 1, rows, cols)
+    real_t = real_b.transpose(2, 3)  # (B, 1, C, R)
     per_segment = _segment_rows(segment_size, length, cols, q, k, v)
+    columns_per_segment = max(1, per_segment * cols // rows) if per_segment else 0
     row_idx = torch.arange(rows, device=q.device)
     col_idx = torch.arange(cols, device=q.device)
-    earlier = row_idx[None, :] < row_idx[:, None]  # [own r, t]
-    other_row = earlier if causal else row_idx[None, :] != row_idx[:, None]
+    other_row = row_idx[None, :] < row_idx[:, None] if causal else row_idx[None, :] != row_idx[:, None]  # [own r, t]
     other_col = col_idx[None, :] != col_idx[:, None]  # [own c, span column m]
-    column_real = real_b.transpose(2, 3)[:, :, None, :, :]  # (B, 1, 1, C, R)
+    row_causal = col_idx[None, :] <= col_idx[:, None]
+    column_real = real_t[:, :, None, :, :]  # (B, 1, 1, C, R)
 
-    # Column spans: column m, rows above r (below r when reverse); one per m != c. Row spans: row t != r (t < r when
-    # causal), columns left of c (right of c when reverse).
-    # (Segmented: each summary is recomputed as a whole in the backward, so its pooled queries are not kept either.)
-    def summaries_of(dim, reverse):
-        return _recomputed(
-            lambda qb, kb, vb: _running_span_summaries(qb, kb, vb, real_b, span_summary, dim, reverse, per_segment),
-            per_segment,
-            qb,
-            kb,
-            vb,
-        )
-
-    column_spans = [summaries_of(2, reverse) for reverse in ((False, True) if not causal else (False,))]
-    row_spans = [summaries_of(3, reverse) for reverse in (False, True)]
+    # Column spans: column m, rows above r (below r when reverse); one per m != c. Computed along the columns of the
+    # column-major grid: keys / values (B, H, C, R, .), nonempty (B, 1, C, R).
+    column_spans = [
+        _running_span_summaries(qt, kt, vt, real_t, span_summary, reverse, columns_per_segment)
+        for reverse in ((False, True) if not causal else (False,))
+    ]
+    # Row spans: row t != r (t < r when causal), columns left of c (right of c when reverse): (B, H, R, C, .).
+    row_spans = [
+        _running_span_summaries(qb, kb, vb, real_b, span_summary, reverse, per_segment) for reverse in (False, True)
+    ]
     num_col = len(column_spans)
+    nonempty_col = [nonempty.transpose(2, 3) for _, _, nonempty in column_spans]  # (B, 1, R, C) at (r, m)
+    nonempty_row = [nonempty.transpose(2, 3)[:, :, None] for _, _, nonempty in row_spans]  # (B, 1, 1, C, R) at (t, c)
 
-    def segment(r0, r1, qb, kb, vb, *summaries):
+    def segment(r0, r1, qb, kb, vb, qt, kt, vt, *summaries):
         qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
+        qct = qt[:, :, :, r0:r1]  # (B, H, C, r, D)
         own_other_row = other_row[r0:r1, None, :]  # (r, 1, R)
-        parts, merges = [], []
-        # Direct: own row (prefix when causal) ...
+        # Every part's logits are laid out (B, H, r, C, .) (column-major products as transposed views) for the one
+        # softmax; "row" parts merge with row-major values, "col" parts with column-major ones.
         row_ok = real_b[:, :, r0:r1, None, :]
-        if causal:
-            row_ok = row_ok & (col_idx[None, :] <= col_idx[:, None])
-        parts.append((qc @ kb[:, :, r0:r1].transpose(-1, -2), row_ok))  # (B, H, r, C, C) [r, c, m]
-        merges.append(lambda p: p @ vc)
-        # ... and own column (above when causal), other rows only.
-        parts.append((torch.einsum("bhrcd,bhtcd->bhrct", qc, kb), own_other_row & column_real))  # (B, H, r, C, R)
-        merges.append(lambda p: torch.einsum("bhrct,bhtcd->bhrcd", p, vb))
-        for index, (_, _, nonempty) in enumerate(column_spans):
-            key, value = summaries[2 * index], summaries[2 * index + 1]
-            logits = qc @ key[:, :, r0:r1].transpose(-1, -2)  # (B, H, r, C, C): query (r, c), span (r, m)
-            parts.append((logits, other_col & nonempty[:, :, r0:r1, None, :]))
-            merges.append(lambda p, value=value: p @ value[:, :, r0:r1])
-        for index, (_, _, nonempty) in enumerate(row_spans):
-            key, value = summaries[2 * (num_col + index)], summaries[2 * (num_col + index) + 1]
-            logits = torch.einsum("bhrcd,bhtcd->bhrct", qc, key)  # (B, H, r, C, R): query (r, c), span (t, c)
-            parts.append((logits, own_other_row & nonempty.transpose(2, 3)[:, :, None, :, :]))
-            merges.append(lambda p, value=value: torch.einsum("bhrct,bhtcd->bhrcd", p, value))
+        parts = [(qc @ kb[:, :, r0:r1].transpose(-1, -2), row_ok & row_causal if causal else row_ok)]  # own row
+        merges = [("row", vc)]
+        parts.append(((qct @ kt.transpose(-1, -2)).transpose(2, 3), own_other_row & column_real))  # own column
+        merges.append(("col", vt))
+        for index in range(num_col):  # query (r, c) vs column span (r, m): keys of row r, read column-major
+            key, value = (t.transpose(2, 3)[:, :, r0:r1] for t in summaries[2 * index : 2 * index + 2])
+            parts.append((qc @ key.transpose(-1, -2), other_col & nonempty_col[index][:, :, r0:r1, None, :]))
+            merges.append(("row", value))
+        for index in range(len(row_spans)):  # query (r, c) vs row span (t, c): keys of column c, read row-major
+            key, value = (t.transpose(2, 3) for t in summaries[2 * (num_col + index) : 2 * (num_col + index) + 2])
+            parts.append(((qct @ key.transpose(-1, -2)).transpose(2, 3), own_other_row & nonempty_row[index]))
+            merges.append(("col", value))
         probs = _joint_softmax(parts, vc.dtype)
-        return sum(merge(p) for merge, p in zip(merges, probs))
+        out_row = sum(p @ value for (kind, value), p in zip(merges, probs) if kind == "row")
+        out_col = sum(p.transpose(2, 3) @ value for (kind, value), p in zip(merges, probs) if kind == "col")
+        return out_row + out_col.transpose(2, 3)
 
     summaries = [t for key, value, _ in (*column_spans, *row_spans) for t in (key, value)]
-    out = _by_segments(segment, rows, per_segment, qb, kb, vb, *summaries)
+    out = _by_segments(segment, rows, per_segment, qb, kb, vb, qt, kt, vt, *summaries)
     return out.flatten(2, 3)[:, :, :length]
 
 
@@ -942,7 +937,7 @@ def combiner_prefill_state(
     # mixture
     state.update(q=q, k=k, v=v)
     for side, reverse in (("left", False), ("right", True)):
-        key, value, _ = _running_span_summaries(qb, kb, vb, real_b, span_summary, dim=3, reverse=reverse)
+        key, value, _ = _running_span_summaries(qb, kb, vb, real_b, span_summary, reverse=reverse)
         state[f"{side}_k"], state[f"{side}_v"] = key, value
     above = real_b & (torch.arange(n, device=device)[None, :] < current[:, None])[:, None, :, None]
     state["col_k"], state["col_v"] = _column_summaries(qb, kb, vb, above, span_summary)
@@ -1157,7 +1152,7 @@ def _mixture_step(q, k, v, state, cols, span_summary, valid):
         real_row = _all_real(len(rows), 1, cols, device=device)
         batch = q.shape[0]
         for side, reverse in (("left", False), ("right", True)):
-            key, value, _ = _running_span_summaries(*own, real_row, span_summary, dim=3, reverse=reverse)
+            key, value, _ = _running_span_summaries(*own, real_row, span_summary, reverse=reverse)
             for name, summary in ((f"{side}_k", key), (f"{side}_v", value)):
                 buffer = _grow(state[name], int(row.max()) + 1)
                 state[name] = _write(buffer, row, _expand_rows(summary[:, :, 0], rows, batch), done)
