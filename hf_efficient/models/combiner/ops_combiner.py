@@ -539,7 +539,14 @@ def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, 
         return weights @ vb[:, :, r0:r1]  # (B, H, r, C, Dv)
 
     row_output = _by_segments(row_attention, rows, 0 if row_logits is not None else per_segment, qb, kb, vb)
-    keys = abstraction_key_fn(row_output.flatten(2, 3), hidden_states)
+    # Segmented (long sequences): the key function's internals (its projections' and LayerNorm's inputs, O(L d) each)
+    # are recomputed in the backward rather than kept.
+    keys = _recomputed(
+        lambda row_output, *hidden: abstraction_key_fn(row_output, hidden[0] if hidden else None),
+        per_segment,
+        row_output.flatten(2, 3),
+        *(() if hidden_states is None else (hidden_states,)),
+    )
     expected = (batch_size, num_heads, rows * cols, qb.shape[-1])
     if tuple(keys.shape) != expected:
         raise ValueError(f"abstraction_key_fn must return {expected}, got {tuple(keys.shape)}.")
@@ -600,21 +607,24 @@ def axial_attention(
     causal_ok = torch.ones(cols, cols, dtype=torch.bool, device=q.device).tril() if causal else None
     row = torch.arange(rows, device=q.device)
     row_real = real_b.any(-1)[:, :, None, None, :]  # (B, 1, 1, 1, R)
+    # The span part runs along the columns: plain batched matmuls on column-major copies (B, H, C, R, .) of the
+    # queries and abstractions, made once, instead of einsums permuting their operands at every use.
+    qt, abs_key_t, abs_value_t = (t.transpose(2, 3).contiguous() for t in (qb, abs_key, abs_value))
 
-    def segment(r0, r1, qb, kb, vb, abs_key, abs_value):
+    def segment(r0, r1, qb, kb, vb, qt, abs_key_t, abs_value_t):
         qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
         direct = qc @ kb[:, :, r0:r1].transpose(-1, -2) if row_logits is None else row_logits
         direct_ok = real_b[:, :, r0:r1, None, :]
         if causal:
             direct_ok = direct_ok & causal_ok
-        span_logits = torch.einsum("bhrcd,bhtcd->bhrct", qc, abs_key)  # (B, H, r, C, R)
+        span_logits = (qt[:, :, :, r0:r1] @ abs_key_t.transpose(-1, -2)).transpose(2, 3)  # (B, H, r, C, R)
         own = row[r0:r1, None]
         other = row[None, :] < own if causal else row[None, :] != own  # [own r, span t]
         span_ok = other[:, None, :] & row_real
         p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
-        return p_direct @ vc + torch.einsum("bhrct,bhtcd->bhrcd", p_span, abs_value)
+        return p_direct @ vc + (p_span.transpose(2, 3) @ abs_value_t).transpose(2, 3)
 
-    out = _by_segments(segment, rows, per_segment, qb, kb, vb, abs_key, abs_value)
+    out = _by_segments(segment, rows, per_segment, qb, kb, vb, qt, abs_key_t, abs_value_t)
     return out.flatten(2, 3)[:, :, :length]
 
 
