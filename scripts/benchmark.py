@@ -11,7 +11,8 @@ and the public peers: speed, memory, scaling, decoding, hardware efficiency, ima
     python scripts/benchmark.py scaling --device cuda
 
 Modes: `scaling` (fwd+bwd time and peak memory vs length at the block, token-mixer (FFN zeroed) and small-LM levels,
-one fresh process per point, fitted log-log slopes, crossover length vs SDPA), `decode` (per-token latency and
+one fresh process per point, fitted log-log slopes, crossover length vs SDPA), `compile` (the small LM's training
+step eager vs `model.compile()`: step time, compile time, graph breaks, peak memory), `decode` (per-token latency and
 cache size after a prefix, of the small LM and of the token mixer alone), `peers` (aft-pytorch, g-mlp-pytorch,
 timm; ours / theirs), `hardware` (achieved FLOP/s of a training step / the measured matmul peak), `images` (images/s
 of a training step and of inference, beside ViT), `quality` (bits-per-byte leaderboard), `recall` (multi-query
@@ -42,7 +43,7 @@ from bench_lib import specs  # noqa: E402
 
 SCHEMA = "hf-efficient-benchmark/1"
 ROOT = specs.ROOT
-MODES = ("scaling", "decode", "peers", "hardware", "images", "quality", "recall")
+MODES = ("scaling", "compile", "decode", "peers", "hardware", "images", "quality", "recall")
 
 # Per-profile defaults; every one can be overridden by a flag.
 PROFILES = {
@@ -56,6 +57,8 @@ PROFILES = {
         batch=1,
         min_fit_length=2048,
         mmap_threshold_kb=0,
+        compile_lengths=[2048],
+        compile_backend="inductor",
         prefixes=[128, 512, 2048, 8192],
         decode_levels=["model", "mixer"],
         decode_steps=16,
@@ -64,7 +67,8 @@ PROFILES = {
         peer_lengths=[256, 1024],
         peer_batch=2,
         peer_repeats=5,
-        timm_models=["gmlp_ti16_224", "gmlp_s16_224"],
+        # timm's model beside our preset of the same name, or "timm_name=preset" (Sparse-MLP-B vs timm's Mixer-B)
+        timm_models=["gmlp_ti16_224", "gmlp_s16_224", "mixer_b16_224", "mixer_b16_224=sparse-mlp-b16-224"],
         timm_batch=4,
         hw_length=1024,
         hw_batch=2,
@@ -117,6 +121,8 @@ PROFILES["tiny"] = {
     "repeats": 1,
     "time_target": 1.0,
     "min_fit_length": 0,
+    "compile_lengths": [32],
+    "compile_backend": "aot_eager",  # the smoke test checks the plumbing; inductor's C++ build takes minutes here
     "mmap_threshold_kb": 128,  # exercise the pinned-allocator memory option in the smoke test
     "prefixes": [16, 32],
     "decode_steps": 2,
@@ -215,6 +221,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], help="fresh-process start method")
     parser.add_argument("--timm-python", help="python with timm + torchvision (default: this one, if timm imports)")
+    parser.add_argument(
+        "--peer-groups",
+        nargs="+",
+        choices=["aft", "gmlp", "timm"],
+        default=["aft", "gmlp", "timm"],
+        help="peers: which pairs (aft-pytorch, g-mlp-pytorch, timm's vision models; default all)",
+    )
     parser.add_argument("--readme", action="store_true", help="report: also rewrite the README's generated sections")
     parser.add_argument(
         "--check", action="store_true", help="report: exit 1 (with a diff) if the README's tables are not generated"
@@ -319,6 +332,20 @@ def run_mode(args, mode: str) -> None:
             "results": points,
             "summary": scaling.summarise(entries, points, args.levels, args.min_fit_length),
         }
+    elif mode == "compile":
+        from bench_lib import scaling
+
+        points = scaling.compile_run(
+            entries, sizes, args.compile_lengths, args.device, args.budget, args.repeats, args.time_target,
+            args.batch, memory_cap if not args.device.startswith("cuda") else None, args.start_method, args.threads,
+            backend=args.compile_backend,
+        )  # fmt: skip
+        payload = {
+            "settings": {"lengths": args.compile_lengths, "repeats": args.repeats, "batch": args.batch}
+            | {"backend": args.compile_backend}
+            | {"sizes": sizes["model"], "memory_cap_bytes": memory_cap},
+            "results": points,
+        }
     else:
         if not args.device.startswith("cuda"):
             measure.cap_address_space(memory_cap)
@@ -344,7 +371,7 @@ def run_mode(args, mode: str) -> None:
 
             rows = peers.run(
                 sizes, args.peer_lengths, args.peer_batch, args.device, args.peer_repeats, args.timm_python,
-                args.timm_models, args.timm_batch, args.threads,
+                args.timm_models, args.timm_batch, args.threads, groups=args.peer_groups,
             )  # fmt: skip
             payload = {
                 "settings": {

@@ -16,11 +16,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_lib import images, measure, report, scaling, specs  # noqa: E402
 
 STATUSES = {"ok", "oom", "timeout", "error", "skipped"}
-MODES = ("scaling", "decode", "peers", "hardware", "images", "quality", "recall")
+MODES = ("scaling", "compile", "decode", "peers", "hardware", "images", "quality", "recall")
 
 # Required fields of an "ok" row, per mode.
 OK_FIELDS = {
     "scaling": {"name", "level", "length", "time_s", "peak_memory_mb", "memory_method", "parameters"},
+    "compile": {"name", "length", "mode", "time_s", "peak_memory_mb"},
     "decode": {"name", "prefix", "ms_per_token", "cache_mb", "prefill_s"},
     "peers": {"pair", "peer", "ours_s", "theirs_s", "ratio"},
     "hardware": {"name", "step_s", "step_gflop", "achieved_gflops", "fraction_of_peak"},
@@ -64,10 +65,13 @@ def check_schema(data: dict, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mode_tiny(mode, tmp_path):
-    extra = ("--lengths", "32") if mode == "scaling" else ()
+    extra = {"scaling": ("--lengths", "32"), "compile": ("--only", "amlp", "ngram-8", "llama-sdpa")}.get(
+        mode, ()
+    )
     data = run_benchmark(mode, tmp_path, *extra)
     check_schema(data, mode)
-    all_entries, skipped = specs.discover()
+    only = list(extra[1:]) if extra[:1] == ("--only",) else None
+    all_entries, skipped = specs.discover(names=only)
     entries, mode_skipped = specs.split_for_mode(all_entries, mode)
     assert data["skipped"] == skipped + mode_skipped
     assert all(s["reason"] for s in data["skipped"])
@@ -105,6 +109,15 @@ def test_mode_tiny(mode, tmp_path):
         if sys.platform == "linux":  # glibc's mallopt pinned the threshold in every worker
             ok = [row for row in data["results"] if row["status"] == "ok"]
             assert all("glibc mmap threshold 128 KiB" in row["memory_method"] for row in ok)
+    if mode == "compile":
+        # each entry eager and compiled (the tiny profile compiles with aot_eager), with no graph break
+        assert data["settings"]["backend"] == "aot_eager"
+        assert {(r["name"], r["mode"]) for r in data["results"]} == {
+            (n, m) for n in ("amlp", "ngram-8", "llama-sdpa") for m in ("eager", "compiled")
+        }
+        assert all(r["status"] == "ok" for r in data["results"]), data["results"]
+        compiled = [r for r in data["results"] if r["mode"] == "compiled"]
+        assert all(r["compile_s"] > 0 and r["graph_breaks"] == 0 for r in compiled), compiled
     if mode == "peers":
         assert {row["status"] for row in data["results"]} <= {"ok", "skipped"}, data["results"]
         assert any(row["pair"].startswith("aft-local") for row in data["results"])

@@ -191,9 +191,8 @@ TIMM_WORKER = r"""
 import json, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch, timm, transformers
-from transformers import AutoConfig
-import hf_efficient
-from hf_efficient.models.gmlp import GMLPForImageClassification
+from transformers import AutoConfig, AutoModelForImageClassification
+import hf_efficient  # registers the model types with the Auto classes
 args = json.loads(sys.argv[2])
 torch.set_num_threads(args["threads"]) if args["threads"] else None
 device = args["device"]
@@ -202,26 +201,40 @@ def timed(fn):
     t = time.perf_counter(); fn()
     if device.startswith("cuda"): torch.cuda.synchronize()
     return time.perf_counter() - t
+def medians(fa, fb):
+    timed(fa); timed(fb)  # warm-up
+    a, b = [], []
+    for _ in range(args["repeats"]):  # alternated A/B
+        a.append(timed(fa)); b.append(timed(fb))
+    return a, b
 rows = []
-for name in args["models"]:
+for spec in args["models"]:
+    # "timm_name" pairs timm's model with our preset of the same name; "timm_name=preset" with another preset (e.g.
+    # timm's dense Mixer-B/16 as the peer of our Sparse-MLP-B/16).
+    name, _, preset = spec.partition("=")
+    preset = preset or name.replace("_", "-")
     torch.manual_seed(0)
     theirs = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
-    config = AutoConfig.from_pretrained(f"{sys.argv[1]}/model_cards/{name.replace('_', '-')}")
-    ours = GMLPForImageClassification(config).to(device)
+    config = AutoConfig.from_pretrained(f"{sys.argv[1]}/model_cards/{preset}")
+    config.num_labels = 1000
+    ours = AutoModelForImageClassification.from_config(config).to(device)
     x = torch.randn(args["batch"], 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (args["batch"],), device=device)
-    def run_ours():
+    def train_ours():
         torch.nn.functional.cross_entropy(ours(pixel_values=x).logits, labels).backward(); ours.zero_grad(set_to_none=True)
-    def run_theirs():
+    def train_theirs():
         torch.nn.functional.cross_entropy(theirs(x), labels).backward(); theirs.zero_grad(set_to_none=True)
-    timed(run_ours); timed(run_theirs)
-    a, b = [], []
-    for _ in range(args["repeats"]):
-        a.append(timed(run_ours)); b.append(timed(run_theirs))
-    rows.append({"pair": f"gmlp vision ({name})", "peer": f"timm {timm.__version__} {name}", "batch": args["batch"],
+    ours.train(); theirs.train()
+    a, b = medians(train_ours, train_theirs)
+    ours.eval(); theirs.eval()
+    with torch.no_grad():
+        ai, bi = medians(lambda: ours(pixel_values=x), lambda: theirs(x))
+    rows.append({"pair": f"{preset} (image classifier)", "peer": f"timm {timm.__version__} {name}", "batch": args["batch"],
                  "status": "ok", "ours_s": round(statistics.median(a), 5), "theirs_s": round(statistics.median(b), 5),
                  "ratio": round(statistics.median(a) / statistics.median(b), 3),
                  "ours_all_s": [round(t, 5) for t in a], "theirs_all_s": [round(t, 5) for t in b],
+                 "ours_infer_s": round(statistics.median(ai), 5), "theirs_infer_s": round(statistics.median(bi), 5),
+                 "infer_ratio": round(statistics.median(ai) / statistics.median(bi), 3),
                  "ours_parameters": sum(p.numel() for p in ours.parameters()),
                  "theirs_parameters": sum(p.numel() for p in theirs.parameters()),
                  "environment": f"torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__} "
@@ -231,7 +244,7 @@ print("RESULT " + json.dumps(rows))
 
 
 def _timm_pairs(timm_python, models, batch, device, repeats, threads, timeout):
-    base = {"peer": "timm gMLP", "batch": batch}
+    base = {"peer": "timm", "batch": batch}
     python = timm_python
     if python is None:
         if _missing("timm") is None:
@@ -240,7 +253,7 @@ def _timm_pairs(timm_python, models, batch, device, repeats, threads, timeout):
             return [
                 {
                     **base,
-                    "pair": f"gmlp vision ({m})",
+                    "pair": f"{m} (image classifier)",
                     "status": "skipped",
                     "reason": "timm is not importable here and no --timm-python was given",
                 }
@@ -255,7 +268,7 @@ def _timm_pairs(timm_python, models, batch, device, repeats, threads, timeout):
         return [
             {
                 **base,
-                "pair": f"gmlp vision ({m})",
+                "pair": f"{m} (image classifier)",
                 "status": "error",
                 "error": f"{type(error).__name__}: {error}"[:400],
             }
@@ -268,22 +281,27 @@ def _timm_pairs(timm_python, models, batch, device, repeats, threads, timeout):
                 row["python"] = python
             return rows
     return [
-        {**base, "pair": f"gmlp vision ({m})", "status": "error", "error": (proc.stderr or proc.stdout)[-400:]}
+        {**base, "pair": f"{m} (image classifier)", "status": "error", "error": (proc.stderr or proc.stdout)[-400:]}
         for m in models
     ]
 
 
+GROUPS = ("aft", "gmlp", "timm")
+
+
 def run(
-    sizes, lengths, batch, device, repeats, timm_python, timm_models, timm_batch, threads, log=print
+    sizes, lengths, batch, device, repeats, timm_python, timm_models, timm_batch, threads, log=print, groups=GROUPS
 ) -> list[dict]:
+    """The peer pairs of `groups` (`aft`: aft-pytorch, `gmlp`: g-mlp-pytorch, `timm`: timm's vision models)."""
     d = sizes["model"]["hidden_size"]
     depth = sizes["model"]["num_hidden_layers"]
     rows = []
-    for group in (
-        lambda: _aft_pairs(d, lengths, batch, device, repeats),
-        lambda: _gmlp_pairs(d, depth, lengths, batch, device, repeats),
-        lambda: _timm_pairs(timm_python, timm_models, timm_batch, device, repeats, threads, timeout=1800),
-    ):
+    runners = {
+        "aft": lambda: _aft_pairs(d, lengths, batch, device, repeats),
+        "gmlp": lambda: _gmlp_pairs(d, depth, lengths, batch, device, repeats),
+        "timm": lambda: _timm_pairs(timm_python, timm_models, timm_batch, device, repeats, threads, timeout=1800),
+    }
+    for group in (runners[name] for name in GROUPS if name in groups):
         for row in group():
             rows.append(row)
             log(

@@ -77,8 +77,13 @@ def scaling_point(
     memory_cap: int | None = None,
     seed: int = 0,
     mmap_threshold_kb: int = 0,
+    compile_model: bool = False,
+    backend: str = "inductor",
 ) -> dict:
-    """Worker (fresh process): build one model, measure fwd+bwd time (median) and peak memory at `length`."""
+    """Worker (fresh process): build one model, measure fwd+bwd time (median) and peak memory at `length`.
+
+    With `compile_model`, the model is compiled in place first (`model.compile(backend=backend)`, otherwise
+    torch.compile's defaults) and the first, compiling step is timed apart (`compile_s`)."""
     import torch
 
     if threads:
@@ -99,6 +104,9 @@ def scaling_point(
     model.train()
     step = make_step(model, level, batch, length, device, seed)
     build_s = time.perf_counter() - build_start
+    compiled = {}
+    if compile_model:
+        compiled = _compile(model, step, device, backend)
     memory = measure.PeakMemory(device)
     memory.start()
     try:
@@ -108,6 +116,7 @@ def scaling_point(
         memory.stop()
     return {
         "status": "ok",
+        **compiled,
         **timing,
         "peak_memory_mb": round(peak / 2**20, 2),
         "memory_method": memory.method + (f", glibc mmap threshold {mmap_threshold_kb} KiB" if pinned else ""),
@@ -115,6 +124,68 @@ def scaling_point(
         "build_s": round(build_s, 3),
         "threads": torch.get_num_threads(),
     }
+
+
+def _compile(model, step, device: str, backend: str = "inductor") -> dict:
+    """Compile `model` in place and run the first (compiling) step; returns its time and dynamo's graph breaks."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend=backend)
+    compile_s = measure.time_call(step, device)
+    breaks = counters["graph_break"]
+    return {
+        "compile_s": round(compile_s, 2),
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": sorted({reason.split("\n")[0][:160] for reason in breaks})[:5],
+    }
+
+
+def compile_run(
+    entries: list[dict],
+    sizes: dict,
+    lengths: list[int],
+    device: str,
+    budget: float,
+    repeats: int,
+    time_target: float,
+    batch: int,
+    memory_cap: int | None,
+    start_method: str,
+    threads: int | None,
+    log=print,
+    backend: str = "inductor",
+) -> list[dict]:
+    """Eager vs `model.compile()` training steps (forward + backward of the small LM) per entry and length, each in a
+    fresh process, eager and compiled one after the other. A compiled point's time limit is `budget` plus ten
+    minutes for the compilation (inductor builds C++ on a CPU)."""
+    points = []
+    for length in lengths:
+        for entry in entries:
+            for mode in ("eager", "compiled"):
+                record = {"name": entry["name"], "model_type": entry["model_type"], "length": length, "mode": mode}
+                kwargs = dict(
+                    entry=entry, level="model", length=length, sizes=sizes, device=device, batch=batch,
+                    repeats=repeats, time_target=time_target, threads=threads, memory_cap=memory_cap,
+                    compile_model=mode == "compiled", backend=backend,
+                )  # fmt: skip
+                timeout = budget + (600 if mode == "compiled" else 0)
+                record.update(measure.run_fresh(scaling_point, kwargs, timeout=timeout, start_method=start_method))
+                points.append(record)
+                log(
+                    f"  compile {entry['name']:18s} L={length:6d} {mode:8s} {record['status']:7s} "
+                    + (
+                        f"{record['time_s']:.3f} s  {record['peak_memory_mb']:.0f} MB"
+                        + (f"  (compile {record['compile_s']:.0f} s, {record['graph_breaks']} graph breaks)"
+                           if mode == "compiled" else "")
+                        if record["status"] == "ok"
+                        else record.get("error", "")[:100]
+                    )
+                )  # fmt: skip
+    return points
 
 
 def fit_slope(points: list[tuple[float, float]]) -> float | None:

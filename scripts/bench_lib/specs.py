@@ -154,7 +154,7 @@ BASELINES.append(
 BASELINE_NAMES = [b["name"] for b in BASELINES]
 REFERENCE = "llama-sdpa"  # every ratio is "ours / Llama SDPA", measured side by side in one run
 IMAGE_REFERENCE = "vit-sdpa"  # the `images` mode's ratios are "ours / ViT SDPA"
-TEXT_MODES = ("scaling", "decode", "hardware", "quality", "recall")
+TEXT_MODES = ("scaling", "compile", "decode", "hardware", "quality", "recall")
 
 
 def evaluate_templates(value, sizes: dict):

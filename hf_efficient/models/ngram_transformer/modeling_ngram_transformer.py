@@ -35,7 +35,7 @@ from .common import (
 )
 from .configuration_ngram_transformer import NgramTransformerConfig
 from .heads import CausalLMHead
-from .ops_ngram_transformer import ngram_attention, padding_mask, sinusoidal_positions
+from .ops_ngram_transformer import ngram_attention, padding_free, padding_mask, sinusoidal_positions
 
 
 # ---------------------------------------------------------------------------------------------- decoding cache
@@ -283,7 +283,8 @@ class _Embedder(nn.Module):
     def forward(self, model_name, embeds, position_ids) -> torch.Tensor:
         if self.config.position_embedding_type == "learned":
             limit = self.config.max_position_embeddings
-            if position_ids.numel() and int(position_ids.max()) >= limit:
+            # A value check reads data: skipped in a compiled / exported graph (no branch on data there).
+            if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= limit:
                 raise ValueError(
                     f"{model_name}: position {int(position_ids.max())} exceeds max_position_embeddings={limit} "
                     "(the learned position table)."
@@ -393,7 +394,7 @@ class NgramTransformerDecoder(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, length, device)
         hidden_states = self.embedder("NgramTransformerDecoder", embeds, position_ids)
-        key_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        key_mask = padding_free(attention_mask)
         cross_mask = padding_mask(encoder_attention_mask)
 
         all_hidden = (hidden_states,) if output_hidden_states else None

@@ -139,11 +139,20 @@ def _dense(query, key, value, ngram_size, attention_fn, valid, implicit_causal, 
     return out, (weights if return_weights else None)
 
 
+def padding_free(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None where the `(B, S)` 0/1 mask has no padding (the unmasked fast paths), else the mask itself.
+
+    In a compiled or exported graph the mask is always kept: whether it is all ones is data, and a graph must not
+    branch on data (the masked path gives the same result for a mask of ones)."""
+    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
+        return None
+    return attention_mask
+
+
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """`(B, S)` 0/1 key mask -> `(B, 1, 1, S)` boolean attention mask (True = attend), or None without padding."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    return attention_mask.bool()[:, None, None, :]
+    attention_mask = padding_free(attention_mask)
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
 def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -157,4 +166,11 @@ def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtyp
     return encoding.to(dtype)
 
 
-__all__ = ["default_block_size", "ngram_attention", "ngram_band", "padding_mask", "sinusoidal_positions"]
+__all__ = [
+    "default_block_size",
+    "ngram_attention",
+    "ngram_band",
+    "padding_free",
+    "padding_mask",
+    "sinusoidal_positions",
+]

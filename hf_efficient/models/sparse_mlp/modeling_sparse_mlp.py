@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.integrations.moe import use_experts_implementation
+from transformers.integrations.moe import grouped_mm_experts_forward, use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils.generic import can_return_tuple
@@ -81,6 +81,10 @@ class SparseMLPExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.LongTensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # The padded buffer's size is the largest expert load, a data-dependent shape (a graph break): in a
+            # compiled graph the same sums run as transformers' grouped matmul over the expert-sorted pairs.
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         return padded_experts_forward(
             hidden_states,
             top_k_index,
