@@ -104,8 +104,12 @@ def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.
     Returns the probabilities split back into the parts, in `dtype`.
     """
     logits = torch.cat([part for part, _ in parts], dim=-1)
-    allowed = torch.cat([mask.expand(*part.shape) for part, mask in parts], dim=-1)
-    probs = _softmax(logits, allowed).to(dtype)
+    # The masks never depend on the head: concatenated with a head dim of 1 and broadcast by the fill.
+    allowed = torch.cat([mask.expand(part.shape[0], 1, *part.shape[2:]) for part, mask in parts], dim=-1)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    # In place: `wide` is fresh (from the cat or the upcast), and neither's backward reads its output.
+    wide = logits.to(compute_dtype).masked_fill_(~allowed, torch.finfo(compute_dtype).min)
+    probs = torch.softmax(wide, dim=-1).to(dtype)
     return list(probs.split([part.shape[-1] for part, _ in parts], dim=-1))
 
 
