@@ -439,3 +439,87 @@ def test_segments_only_with_autograd_and_bad_size():
     assert _segment_rows(0, 9, 4, q.clone().requires_grad_()) == 0
     with pytest.raises(ValueError, match="segment_size must be a non-negative int .* got -2"):
         combiner_attention(q.requires_grad_(), k, v, combiner_type="fixed", causal=True, block_size=4, segment_size=-2)
+
+
+# ---------------------------------------------------------------------- issue 15 / 14 paths
+@pytest.mark.parametrize("small_block", [32, 1], ids=["elementwise-small-blocks", "matmul-every-block"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("span_summary", ["max", "mean"])
+def test_logsparse_block_product_forms_match_reference(small_block, causal, span_summary, monkeypatch):
+    """Logsparse forms its per-block products elementwise below `_SMALL_BLOCK` positions and as batched matmuls from
+    it on; both forms (forced here at small sizes), one piece and segmented, equal the dense reference in outputs
+    and gradients (float64 reference, left padding and holes)."""
+    from hf_efficient.models.combiner import ops_combiner
+
+    monkeypatch.setattr(ops_combiner, "_SMALL_BLOCK", small_block)
+    length = 15
+    q, k, v = make_qkv(length, seed=21)
+    mask = make_mask(length, "holes")
+    kwargs = kwargs_for("logsparse", causal, length, mask, span_summary=span_summary)
+    rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+    grad_out = torch.randn(BATCH, HEADS, length, DIM, generator=torch.Generator().manual_seed(22)) * rows
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    reference = combiner_reference(*leaves64, **kwargs)
+    grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
+    for segment_size in (0, 4):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fast = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
+        torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+        for got, want in zip(torch.autograd.grad((fast * grad_out).sum(), leaves), grads64):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logsparse_fixed_level_count_equals_default(causal, dtype):
+    """`num_levels` beyond ceil(log2 L) (what the model passes while compiling / exporting, from its position
+    table) adds only levels with no allowed span: outputs and gradients equal the default level count, padded or
+    not; too few levels is an error naming the value."""
+    for length, mask_kind in ((13, "right"), (14, "left"), (16, "none")):
+        q, k, v = (t.to(dtype) for t in make_qkv(length, seed=23))
+        mask = make_mask(length, mask_kind)
+        rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+        results = []
+        for num_levels in (None, 6):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = combiner_attention(
+                *leaves, combiner_type="logsparse", causal=causal, block_size=4, key_mask=mask, num_levels=num_levels
+            )
+            grads = torch.autograd.grad((out.float() * rows).sum(), leaves)
+            assert out.shape == v.shape and out.dtype == dtype
+            results.append((out, grads))
+        (out, grads), (fixed, fixed_grads) = results
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(fixed[rows].float(), out[rows].float(), **tol)
+        for got, want in zip(fixed_grads, grads):
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+    with pytest.raises(ValueError, match="num_levels must be a non-negative int, got -1"):
+        combiner_attention(q, k, v, combiner_type="logsparse", causal=True, block_size=4, num_levels=-1)
+    with pytest.raises(RuntimeError, match="num_levels=3 covers 8 positions"):
+        combiner_attention(q, k, v, combiner_type="logsparse", causal=True, block_size=4, num_levels=3)
+
+
+@pytest.mark.parametrize("variant", ["mixture", "axial"])
+@pytest.mark.parametrize("segment_size", [5, 8])
+def test_segmented_rectangular_grid_matches_reference(variant, segment_size):
+    """Mixture / Axial on a grid with more rows than columns (block 3, 22 positions -> 8 x 3, bidirectional, holes):
+    the column-major products and the column-wise segments of the span summaries equal the dense reference,
+    outputs and gradients."""
+    length = 22
+    q, k, v = make_qkv(length, seed=24)
+    mask = torch.ones(BATCH, length, dtype=torch.long)
+    mask[0, [2, 9, 10]] = 0
+    mask[1, length - 4 :] = 0
+    rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+    grad_out = torch.randn(BATCH, HEADS, length, DIM, generator=torch.Generator().manual_seed(25)) * rows
+    for causal in (True, False):
+        kwargs = kwargs_for(variant, causal, length, mask, block_size=3)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+        fast = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
+        reference = combiner_reference(*leaves64, **kwargs)
+        torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+        grads = torch.autograd.grad((fast * grad_out).sum(), leaves)
+        grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
+        for got, want in zip(grads, grads64):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
