@@ -613,7 +613,9 @@ def axial_attention(
     row_real = real_b.any(-1)[:, :, None, None, :]  # (B, 1, 1, 1, R)
     # The span part runs along the columns: plain batched matmuls on column-major copies (B, H, C, R, .) of the
     # queries and abstractions, made once, instead of einsums permuting their operands at every use.
-    qt, abs_key_t, abs_value_t = (t.transpose(2, 3).contiguous() for t in (qb, abs_key, abs_value))
+    # (Segmented: the queries' column-major form stays a view of q, nothing more kept for the backward.)
+    qt = qb.transpose(2, 3) if per_segment else qb.transpose(2, 3).contiguous()
+    abs_key_t, abs_value_t = (t.transpose(2, 3).contiguous() for t in (abs_key, abs_value))
 
     def segment(r0, r1, qb, kb, vb, qt, abs_key_t, abs_value_t):
         qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
@@ -707,10 +709,12 @@ def mixture_attention(
     q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
     cols, rows = block_size, padded // block_size
     qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))  # row-major grid (B, H, R, C, .)
-    qt, kt, vt = (t.transpose(2, 3).contiguous() for t in (qb, kb, vb))  # column-major grid (B, H, C, R, .)
     real_b = real.view(batch_size, 1, rows, cols)
     real_t = real_b.transpose(2, 3)  # (B, 1, C, R)
     per_segment = _segment_rows(segment_size, length, cols, q, k, v)
+    # Column-major grid (B, H, C, R, .): one piece, contiguous copies made once; segmented (long sequences), views
+    # of q, k, v, so that nothing more is kept for the backward (each segment's products copy what they read).
+    qt, kt, vt = (t.transpose(2, 3) if per_segment else t.transpose(2, 3).contiguous() for t in (qb, kb, vb))
     columns_per_segment = max(1, per_segment * cols // rows) if per_segment else 0
     row_idx = torch.arange(rows, device=q.device)
     col_idx = torch.arange(cols, device=q.device)
