@@ -741,25 +741,29 @@ def mixture_attention(
         qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
         qct = qt[:, :, :, r0:r1]  # (B, H, C, r, D)
         own_other_row = other_row[r0:r1, None, :]  # (r, 1, R)
-        # Every part's logits are laid out (B, H, r, C, .) (column-major products as transposed views) for the one
-        # softmax; "row" parts merge with row-major values, "col" parts with column-major ones.
+        width = (batch_size, 1, r1 - r0, cols)  # masks: (B, 1, r, C, .), the same for every head
+        # Two groups of keys, each one batched matmul. Row group (keys of query row r, row-major): the own row and
+        # the column spans (r, m). Column group (keys of query column c, column-major): the own column and the row
+        # spans (t, c). One softmax over [row group, column group] per query.
+        col_summaries = [t.transpose(2, 3) for t in summaries[: 2 * num_col]]  # (B, H, R, C, .) row-major views
+        row_summaries = [t.transpose(2, 3) for t in summaries[2 * num_col :]]  # (B, H, C, R, .) column-major views
+        row_keys = torch.cat([kb[:, :, r0:r1], *(t[:, :, r0:r1] for t in col_summaries[0::2])], dim=3)
+        row_values = torch.cat([vc, *(t[:, :, r0:r1] for t in col_summaries[1::2])], dim=3)
+        col_keys = torch.cat([kt, *row_summaries[0::2]], dim=3)  # (B, H, C, R (1 + 2), D)
+        col_values = torch.cat([vt, *row_summaries[1::2]], dim=3)
         row_ok = real_b[:, :, r0:r1, None, :]
-        parts = [(qc @ kb[:, :, r0:r1].transpose(-1, -2), row_ok & row_causal if causal else row_ok)]  # own row
-        merges = [("row", vc)]
-        parts.append(((qct @ kt.transpose(-1, -2)).transpose(2, 3), own_other_row & column_real))  # own column
-        merges.append(("col", vt))
-        for index in range(num_col):  # query (r, c) vs column span (r, m): keys of row r, read column-major
-            key, value = (t.transpose(2, 3)[:, :, r0:r1] for t in summaries[2 * index : 2 * index + 2])
-            parts.append((qc @ key.transpose(-1, -2), other_col & nonempty_col[index][:, :, r0:r1, None, :]))
-            merges.append(("row", value))
-        for index in range(len(row_spans)):  # query (r, c) vs row span (t, c): keys of column c, read row-major
-            key, value = (t.transpose(2, 3) for t in summaries[2 * (num_col + index) : 2 * (num_col + index) + 2])
-            parts.append(((qct @ key.transpose(-1, -2)).transpose(2, 3), own_other_row & nonempty_row[index]))
-            merges.append(("col", value))
-        probs = _joint_softmax(parts, vc.dtype)
-        out_row = sum(p @ value for (kind, value), p in zip(merges, probs) if kind == "row")
-        out_col = sum(p.transpose(2, 3) @ value for (kind, value), p in zip(merges, probs) if kind == "col")
-        return out_row + out_col.transpose(2, 3)
+        row_masks = [(row_ok & row_causal if causal else row_ok).expand(*width, cols)]  # own row (prefix)
+        row_masks += [(other_col & nonempty[:, :, r0:r1, None, :]).expand(*width, cols) for nonempty in nonempty_col]
+        col_masks = [(own_other_row & column_real).expand(*width, rows)]  # own column, other rows
+        col_masks += [(own_other_row & nonempty).expand(*width, rows) for nonempty in nonempty_row]
+        p_row, p_col = _joint_softmax(
+            [
+                (qc @ row_keys.transpose(-1, -2), torch.cat(row_masks, dim=-1)),  # (B, H, r, C, C (1 + spans))
+                ((qct @ col_keys.transpose(-1, -2)).transpose(2, 3), torch.cat(col_masks, dim=-1)),  # (., R (1 + 2))
+            ],
+            vc.dtype,
+        )
+        return p_row @ row_values + (p_col.transpose(2, 3) @ col_values).transpose(2, 3)
 
     summaries = [t for key, value, _ in (*column_spans, *row_spans) for t in (key, value)]
     out = _by_segments(segment, rows, per_segment, qb, kb, vb, qt, kt, vt, *summaries)
