@@ -2,12 +2,16 @@
 
 gMLP, AFT and Combiner are covered in tests/test_export.py. Every step is compiled with `fullgraph=True` (a graph
 break is an error) and must give the eager loss and gradients; inputs are left-padded where the model takes a mask.
+These use the `aot_eager` backend (dynamo's graph and AOTAutograd's backward, no code generation); one test runs
+torch.compile's default backend (inductor: generated C++ kernels) on gMLP, the model whose documented option is
+`model.compile()` for training (see README, "Compiling").
 """
 
 import pytest
 import torch
 import torch._dynamo
 
+from hf_efficient.models.gmlp import GMLPConfig, GMLPForCausalLM
 from hf_efficient.models.ngram_transformer import (
     NgramTransformerConfig,
     NgramTransformerForCausalLM,
@@ -111,3 +115,40 @@ def test_sparse_mlp_compiles_without_graph_break(capacity_factor):
     pixels = torch.randn(4, 3, 16, 16, generator=generator)
     loss = _compare(model, {"pixel_values": pixels, "labels": torch.tensor([0, 1, 2, 1])})
     assert torch.isfinite(loss)
+
+
+def test_gmlp_inductor_training_step_equals_eager():
+    """`model.compile()` as the README documents it (torch.compile's defaults: inductor): same loss and gradients as
+    eager, within float32 reassociation (inductor fuses and reorders reductions)."""
+    config = GMLPConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        max_position_embeddings=32,
+        causal=True,
+        sgu_init_std=0.1,
+    )
+    torch.manual_seed(0)
+    model = GMLPForCausalLM(config).train()
+    ids, mask = _text_inputs(length=32)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    loss_eager, grads_eager = run()
+    counters.clear()
+    model.compile()
+    loss_compiled, grads_compiled = run()
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
+    assert grads_compiled.keys() == grads_eager.keys()
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
