@@ -61,7 +61,9 @@ class RTransformerLocalRNN(nn.Module):
     layout (`rnn.weight_ih_l0`, ...). Two computations with equal outputs (`config.local_rnn_implementation`):
     `"projected"` (`ops_r_transformer.local_rnn`: input projections once per position, M batched recurrence steps)
     and `"unfold"` (the official form: `rnn` over the `(B L, M, d)` unfolded windows); `"auto"` takes the faster
-    per device type as measured by `scripts/bench_localrnn.py` (`AUTO_IMPLEMENTATION`).
+    per device type as measured by `scripts/bench_localrnn.py` (`AUTO_IMPLEMENTATION`). In training, `"projected"`
+    runs as one autograd Function whose backward recomputes the window steps by segments of positions beyond
+    `ops_r_transformer.SEGMENT_POSITIONS` (activations O(L d), not O(L M d)); `"unfold"` keeps nn.RNN's activations.
     """
 
     def __init__(self, config: RTransformerConfig):
