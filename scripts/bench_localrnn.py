@@ -4,6 +4,12 @@ target against Llama-SDPA of the same size.
 
     OMP_NUM_THREADS=1 python scripts/bench_localrnn.py localrnn --lengths 1024 4096 --device cpu
     OMP_NUM_THREADS=1 python scripts/bench_localrnn.py target --length 4096
+    OMP_NUM_THREADS=1 python scripts/bench_localrnn.py segments --lengths 1024 4096 16384 --rnn-types gru
+
+`segments` (issue 15): the projected LocalRNN's training cost three ways: autograd through the M steps (the
+computation before the hand-written backward), the autograd Function in one piece (steps kept from the forward) and
+by segments of `--segment` positions (steps recomputed in the backward); forward + backward time and the bytes its
+graph keeps for the backward (unique storages seen by `saved_tensors_hooks`, inputs and weights included).
 
 Prints one JSON line per measurement (fastest of `--repeats` timed runs after one warm-up). Times forward and
 forward + backward; the FLOP/s of the projected LocalRNN are counted as 2 (L + (M - 1) L) G d^2 multiply-adds per
@@ -17,7 +23,7 @@ import time
 
 import torch
 
-from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
+from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM, ops_r_transformer
 from hf_efficient.models.r_transformer.modeling_r_transformer import RTransformerBlock, RTransformerLocalRNN
 from hf_efficient.models.r_transformer.ops_r_transformer import GATES
 
@@ -65,6 +71,56 @@ def bench_localrnn(args) -> None:
             a, w = torch.randn(rows, d, device=args.device), torch.randn(gates * d, d, device=args.device)
             matmul = timed(lambda a=a, w=w: torch.nn.functional.linear(a, w), args.repeats, args.device)
             row["matmul_ceiling_gflops"] = round(2 * rows * gates * d * d / matmul / 1e9, 2)
+            print(json.dumps(row), flush=True)
+
+
+def _kept_bytes(fn) -> tuple[torch.Tensor, int]:
+    """`fn()` and the bytes of the distinct storages its autograd graph keeps for the backward."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def _segment_ways(inputs, weights, rnn_type: str, window: int, segment: int) -> dict:
+    """The three ways of computing the projected LocalRNN with autograd, as closures."""
+    length, hidden_size = inputs.shape[1] - (window - 1), weights[1].shape[1]
+
+    def autograd_steps():  # the recurrence with autograd recording every step (no Function)
+        bias = ops_r_transformer._folded_input_bias(weights[2], weights[3], rnn_type, hidden_size)
+        projected = torch.nn.functional.linear(inputs, weights[0], bias)
+        return ops_r_transformer._recurrence(
+            projected, weights[1], weights[3], rnn_type=rnn_type, window=window, num_out=length, keep=False
+        )[0]
+
+    def function(segment_size):
+        return lambda: ops_r_transformer.local_rnn(
+            inputs, *weights, rnn_type=rnn_type, window=window, segment=segment_size
+        )
+
+    return {"autograd": autograd_steps, "one_piece": function(max(length, 1)), "segmented": function(segment)}
+
+
+def bench_segments(args) -> None:
+    modules = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM, "rnn": torch.nn.RNN}
+    for length in args.lengths:
+        for rnn_type in args.rnn_types:
+            torch.manual_seed(0)
+            rnn = modules[rnn_type](args.hidden_size, args.hidden_size, batch_first=True).to(args.device)
+            weights = (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
+            shape = (args.batch_size, args.window - 1 + length, args.hidden_size)
+            inputs = torch.randn(*shape, device=args.device, requires_grad=True)
+            row = {"bench": "segments", "rnn_type": rnn_type, "B": args.batch_size, "L": length}
+            row.update({"d": args.hidden_size, "M": args.window, "segment": args.segment, "device": args.device})
+            for name, fn in _segment_ways(inputs, weights, rnn_type, args.window, args.segment).items():
+                row[f"{name}_kept_mb"] = round(_kept_bytes(fn)[1] / 2**20, 1)
+                step_time = timed(lambda fn=fn: fn().sum().backward(), args.repeats, args.device)
+                row[f"{name}_fwd_bwd_ms"] = round(step_time * 1e3, 1)
             print(json.dumps(row), flush=True)
 
 
@@ -133,7 +189,7 @@ def bench_target(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["localrnn", "target"])
+    parser.add_argument("mode", choices=["localrnn", "target", "segments"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -146,8 +202,9 @@ def main(argv=None) -> None:
     parser.add_argument("--intermediate-size", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--segment", type=int, default=ops_r_transformer.SEGMENT_POSITIONS)
     args = parser.parse_args(argv)
-    bench_localrnn(args) if args.mode == "localrnn" else bench_target(args)
+    {"localrnn": bench_localrnn, "target": bench_target, "segments": bench_segments}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 segments, and the official LayerNorm's Function, against the loop references in outputs and gradients (float32 and
 bfloat16, padding and cached left context included), plus what they keep for the backward."""
 
+import json
+
 import pytest
 import torch
 from transformers import set_seed
@@ -248,3 +250,24 @@ def test_segmented_training_equals_one_piece_with_gradient_checkpointing(monkeyp
         torch.testing.assert_close(loss, results[0][0], rtol=0, atol=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, results[0][1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------- the measuring script
+def test_bench_localrnn_segments_mode_reports_kept_bytes(capsys):
+    """`scripts/bench_localrnn.py segments` at a small size: one JSON row per (length, rnn type); the segmented
+    Function keeps far less than autograd through the steps, and less than the one-piece Function."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_localrnn.py"
+    spec = importlib.util.spec_from_file_location("bench_localrnn", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["segments", "--lengths", "512", "--hidden-size", "64", "--window", "4", "--segment", "64"]
+    bench.main([*argv, "--repeats", "1", "--rnn-types", "gru", "lstm"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["rnn_type"] for row in rows] == ["gru", "lstm"]
+    for row in rows:
+        assert row["segmented_kept_mb"] * 5 < row["autograd_kept_mb"], row
+        assert row["segmented_kept_mb"] < row["one_piece_kept_mb"], row
+        assert all(row[f"{way}_fwd_bwd_ms"] > 0 for way in ("autograd", "one_piece", "segmented"))
