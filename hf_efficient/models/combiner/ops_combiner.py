@@ -749,17 +749,21 @@ def mixture_attention(
         row_summaries = [t.transpose(2, 3) for t in summaries[2 * num_col :]]  # (B, H, C, R, .) column-major views
         row_keys = torch.cat([kb[:, :, r0:r1], *(t[:, :, r0:r1] for t in col_summaries[0::2])], dim=3)
         row_values = torch.cat([vc, *(t[:, :, r0:r1] for t in col_summaries[1::2])], dim=3)
-        col_keys = torch.cat([kt, *row_summaries[0::2]], dim=3)  # (B, H, C, R (1 + 2), D)
-        col_values = torch.cat([vt, *row_summaries[1::2]], dim=3)
+        # Causal: only the rows above the segment's last one are allowed in the column group (the rest would be
+        # masked to exactly 0), so a segment reads rows [0, r1) only.
+        top = r1 if causal else rows
+        col_keys = torch.cat([kt[:, :, :, :top], *(t[:, :, :, :top] for t in row_summaries[0::2])], dim=3)
+        col_values = torch.cat([vt[:, :, :, :top], *(t[:, :, :, :top] for t in row_summaries[1::2])], dim=3)
         row_ok = real_b[:, :, r0:r1, None, :]
         row_masks = [(row_ok & row_causal if causal else row_ok).expand(*width, cols)]  # own row (prefix)
         row_masks += [(other_col & nonempty[:, :, r0:r1, None, :]).expand(*width, cols) for nonempty in nonempty_col]
-        col_masks = [(own_other_row & column_real).expand(*width, rows)]  # own column, other rows
-        col_masks += [(own_other_row & nonempty).expand(*width, rows) for nonempty in nonempty_row]
+        own_other_row = own_other_row[..., :top]
+        col_masks = [(own_other_row & column_real[..., :top]).expand(*width, top)]  # own column, other rows
+        col_masks += [(own_other_row & nonempty[..., :top]).expand(*width, top) for nonempty in nonempty_row]
         p_row, p_col = _joint_softmax(
             [
                 (qc @ row_keys.transpose(-1, -2), torch.cat(row_masks, dim=-1)),  # (B, H, r, C, C (1 + spans))
-                ((qct @ col_keys.transpose(-1, -2)).transpose(2, 3), torch.cat(col_masks, dim=-1)),  # (., R (1 + 2))
+                ((qct @ col_keys.transpose(-1, -2)).transpose(2, 3), torch.cat(col_masks, dim=-1)),  # (., top (1 + 2))
             ],
             vc.dtype,
         )
