@@ -73,6 +73,7 @@ class TestRTransformer(AttentionTests, GenericModelTests):
         ({"hidden_dropout_prob": 1.0}, "hidden_dropout_prob"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
         ({"local_rnn_implementation": "cudnn"}, "local_rnn_implementation"),
+        ({"local_rnn_segment_length": 0}, "local_rnn_segment_length"),
         ({"image_size": 0}, "image_size"),
         ({"vocab_size": 0}, "vocab_size"),
     ]

@@ -206,12 +206,11 @@ def _tiny(rnn_type, **overrides):
 
 @pytest.mark.parametrize("segment", [10**6, 2])
 @pytest.mark.parametrize("rnn_type,official", [("gru", True), ("lstm", False), ("rnn", True)])
-def test_model_gradients_match_reference(monkeypatch, rnn_type, official, segment):
+def test_model_gradients_match_reference(rnn_type, official, segment):
     """Every parameter's gradient of the base model (padded batch) equals the loop reference model's, with the
     LocalRNN's steps kept (one piece) or recomputed in segments of 2 positions."""
-    monkeypatch.setattr(ops, "SEGMENT_POSITIONS", segment)
     set_seed(0)
-    model = RTransformerModel(_tiny(rnn_type, official_layer_norm=official))
+    model = RTransformerModel(_tiny(rnn_type, official_layer_norm=official, local_rnn_segment_length=segment))
     ids = torch.randint(3, 64, (2, 9))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1, 1, 0]])
     real = mask[..., None].float()
@@ -227,15 +226,15 @@ def test_model_gradients_match_reference(monkeypatch, rnn_type, official, segmen
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_segmented_training_equals_one_piece_with_gradient_checkpointing(monkeypatch):
+def test_segmented_training_equals_one_piece_with_gradient_checkpointing():
     """The causal LM's loss and gradients: one piece, by segments, and by segments under transformers' gradient
     checkpointing (an outer checkpoint around the Function) all agree."""
     ids = torch.randint(3, 64, (2, 11))
     results = []
     for segment, checkpointing in ((10**6, False), (3, False), (3, True), (10**6, True)):
-        monkeypatch.setattr(ops, "SEGMENT_POSITIONS", segment)
         set_seed(0)
-        model = RTransformerForCausalLM(_tiny("gru", attn_implementation="sdpa"))
+        model = RTransformerForCausalLM(_tiny("gru", attn_implementation="sdpa", local_rnn_segment_length=segment))
+        assert model.model.layers[0].rnn_layers[0].local_rnn.segment_length == segment
         if checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -271,3 +270,27 @@ def test_bench_localrnn_segments_mode_reports_kept_bytes(capsys):
         assert row["segmented_kept_mb"] * 5 < row["autograd_kept_mb"], row
         assert row["segmented_kept_mb"] < row["one_piece_kept_mb"], row
         assert all(row[f"{way}_fwd_bwd_ms"] > 0 for way in ("autograd", "one_piece", "segmented"))
+
+
+@pytest.mark.parametrize("segment_length,length", [(4, 11), (16, 11)])
+def test_model_recomputes_steps_only_above_the_segment_length(monkeypatch, segment_length, length):
+    """`config.local_rnn_segment_length` reaches the op: a longer sequence runs the steps without keeping them in
+    the forward (one call per segment) and recomputes them per segment in the backward; a shorter one keeps them."""
+    calls = []
+    recurrence = ops._recurrence
+
+    def recording(*args, keep, **kwargs):
+        calls.append((torch.is_grad_enabled(), keep, kwargs["num_out"]))
+        return recurrence(*args, keep=keep, **kwargs)
+
+    monkeypatch.setattr(ops, "_recurrence", recording)
+    model = RTransformerForCausalLM(_tiny("gru", num_rnn_layers=1, local_rnn_segment_length=segment_length))
+    ids = torch.randint(3, 64, (1, length))
+    loss = model(ids, labels=ids).loss
+    forward, calls[:] = list(calls), []
+    loss.backward()
+    if length > segment_length:  # per layer: 3 segments (4 + 4 + 3) computed, then recomputed
+        assert [keep for _, keep, _ in forward] == [False] * 6 and [n for *_, n in forward] == [4, 4, 3] * 2
+        assert [keep for _, keep, _ in calls] == [True] * 6 and [n for *_, n in calls] == [4, 4, 3] * 2
+    else:
+        assert [(keep, n) for _, keep, n in forward] == [(True, length)] * 2 and not calls

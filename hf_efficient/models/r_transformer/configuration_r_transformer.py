@@ -56,6 +56,11 @@ class RTransformerConfig(PreTrainedConfig):
             unfolded to `(B L, M, d)` and fed to `nn.GRU` / `nn.LSTM` / `nn.RNN` (fused kernels, M times the input
             projections and memory). `"auto"`: the faster one measured per device type (`scripts/bench_localrnn.py`):
             `"projected"` on CPU; devices not measured yet (CUDA included) also take `"projected"`.
+        local_rnn_segment_length (`int`, defaults to 1024): training memory vs time of the `"projected"` LocalRNN
+            (exact either way). With autograd on, a LocalRNN call over at most this many positions keeps its window
+            steps' tensors for the backward (O(L M d) floats); a longer call keeps only its inputs and recomputes the
+            steps in the backward, this many positions at a time (O(L d) + O(segment M d) floats, about one extra
+            LocalRNN forward in time). Smaller: less memory at short lengths, slower training; larger: the reverse.
         hidden_dropout_prob (`float`, defaults to 0.1): dropout on every residual branch and inside the FFN (the
             official `dropout`).
         attention_dropout (`float`, defaults to 0.1): dropout on the attention probabilities (the official code uses
@@ -90,6 +95,7 @@ class RTransformerConfig(PreTrainedConfig):
         local_window: int = 7,
         num_rnn_layers: int = 1,
         local_rnn_implementation: str = "auto",
+        local_rnn_segment_length: int = 1024,
         hidden_dropout_prob: float = 0.1,
         attention_dropout: float = 0.1,
         embedding_dropout: float = 0.1,
@@ -117,6 +123,7 @@ class RTransformerConfig(PreTrainedConfig):
         self.local_window = local_window
         self.num_rnn_layers = num_rnn_layers
         self.local_rnn_implementation = local_rnn_implementation
+        self.local_rnn_segment_length = local_rnn_segment_length
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_dropout = attention_dropout
         self.embedding_dropout = embedding_dropout
@@ -147,6 +154,7 @@ class RTransformerConfig(PreTrainedConfig):
             "local_window",
             "num_rnn_layers",
             "num_channels",
+            "local_rnn_segment_length",
         )
         require_divides(self, "num_attention_heads", "hidden_size")
         require_choice(self, "rnn_type", RNN_TYPES)

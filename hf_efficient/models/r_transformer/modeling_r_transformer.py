@@ -62,8 +62,9 @@ class RTransformerLocalRNN(nn.Module):
     `"projected"` (`ops_r_transformer.local_rnn`: input projections once per position, M batched recurrence steps)
     and `"unfold"` (the official form: `rnn` over the `(B L, M, d)` unfolded windows); `"auto"` takes the faster
     per device type as measured by `scripts/bench_localrnn.py` (`AUTO_IMPLEMENTATION`). In training, `"projected"`
-    runs as one autograd Function whose backward recomputes the window steps by segments of positions beyond
-    `ops_r_transformer.SEGMENT_POSITIONS` (activations O(L d), not O(L M d)); `"unfold"` keeps nn.RNN's activations.
+    runs as one autograd Function whose backward recomputes the window steps by segments of
+    `config.local_rnn_segment_length` positions in calls longer than that (activations O(L d), not O(L M d));
+    `"unfold"` keeps nn.RNN's activations.
     """
 
     def __init__(self, config: RTransformerConfig):
@@ -71,6 +72,7 @@ class RTransformerLocalRNN(nn.Module):
         self.rnn_type = config.rnn_type
         self.window = config.local_window
         self.implementation = config.local_rnn_implementation
+        self.segment_length = config.local_rnn_segment_length
         self.rnn = RNN_MODULES[config.rnn_type](config.hidden_size, config.hidden_size, batch_first=True)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -87,6 +89,7 @@ class RTransformerLocalRNN(nn.Module):
                 self.rnn.bias_hh_l0,
                 rnn_type=self.rnn_type,
                 window=self.window,
+                segment=self.segment_length,
             )
         batch_size, padded_len, dim = inputs.shape
         num_out = padded_len - (self.window - 1)
