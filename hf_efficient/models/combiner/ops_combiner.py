@@ -653,10 +653,14 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool
     idx = torch.arange(line, device=qb.device)
     inside = idx[None, :] > idx[:, None] if reverse else idx[None, :] < idx[:, None]  # [entry e, member j]
 
-    def pooled_keys(kb):
-        return cumulative_pool(kb, real_e, 3, span_summary, reverse)
+    def pooled_keys(l0, l1, kb):
+        return cumulative_pool(kb[:, :, l0:l1], real_e[:, :, l0:l1], 3, span_summary, reverse)[0]
 
-    span_key, nonempty = _recomputed(pooled_keys, per_segment, kb)
+    # Segmented: by segments of lines too (a running pool needs its own line only), so that the pool's temporaries
+    # (masked copy, running max and its indices, shift) are one segment's, and none is kept for the backward.
+    span_key = _by_segments(pooled_keys, qb.shape[2], per_segment, kb)
+    with torch.no_grad():
+        _, nonempty = cumulative_pool(real_e, real_e, 3, "sum", reverse)  # (B, 1, N, n, 1): a real entry in the span
 
     def values(l0, l1, qb, kb, vb):
         span_query, _ = cumulative_pool(qb[:, :, l0:l1], real_e[:, :, l0:l1], 3, span_summary, reverse)
