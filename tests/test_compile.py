@@ -86,6 +86,28 @@ def test_ngram_seq2seq_compiles_without_graph_break():
     _compare(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_ngram_causal_lm_exports_equal_to_eager(dynamic):
+    """torch.export of the decoder-only N-gram LM, with a static length and with a dynamic one (a multiple of the
+    attention block size, 4 here): the program's logits equal eager ones on left-padded batches of other lengths."""
+    torch.manual_seed(0)
+    model = NgramTransformerForCausalLM(ngram_config()).eval()
+    ids, mask = _text_inputs()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    shapes = None
+    if dynamic:
+        blocks = torch.export.Dim("blocks", min=2, max=16)
+        shapes = {"input_ids": {1: 4 * blocks}, "attention_mask": {1: 4 * blocks}, "use_cache": None}
+    program = torch.export.export(model, (), inputs, dynamic_shapes=shapes)
+    for length in [8, 24, 40] if dynamic else [16]:
+        ids, mask = _text_inputs(length)
+        inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        with torch.no_grad():
+            expected = model(**inputs).logits
+            got = program.module()(**inputs).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def sparse_config(**overrides):
     kwargs = dict(
         image_size=16,
