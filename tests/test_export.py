@@ -62,10 +62,10 @@ def combiner_config(**overrides):
 
 # name -> (config factory with overrides, causal LM head, classifier head, dynamic lengths)
 # Dynamic lengths: (multiple, smallest count, traced count): the sequence length is `multiple * n`. The blocked ops
-# lay positions out in blocks (AFT's prefix-scan chunks of 16 and window blocks, Combiner's segments), so a dynamic
-# length is a whole number of blocks, at least two. None: the op's Python loop count follows the length (AFT-full's
-# query tiles), so the length is static (one export per length). Combiner-logsparse exports with its level count
-# fixed by max_position_embeddings (any length, no block multiple).
+# lay positions out in blocks (AFT's prefix-scan chunks of 16 and window blocks, AFT-full's scanned query tiles of 16,
+# Combiner's segments), so a dynamic length is a whole number of blocks, at least two. None: the op's Python loop
+# count follows the length, so the length is static (one export per length). Combiner-logsparse exports with its
+# level count fixed by max_position_embeddings (any length, no block multiple).
 VARIANTS = {
     "gmlp": (lambda **kw: gmlp_config(**kw), GMLPForCausalLM, GMLPForSequenceClassification, (1, 2, 12)),
     "amlp": (
@@ -74,12 +74,17 @@ VARIANTS = {
         GMLPForSequenceClassification,
         (1, 2, 12),
     ),
-    "aft-full": (lambda **kw: aft_config(aft_type="full", **kw), AFTForCausalLM, AFTForSequenceClassification, None),
+    "aft-full": (
+        lambda **kw: aft_config(aft_type="full", **kw),
+        AFTForCausalLM,
+        AFTForSequenceClassification,
+        (16, 2, 2),
+    ),
     "aft-full-matrix": (
         lambda **kw: aft_config(aft_type="full", position_bias_dim=None, **kw),
         AFTForCausalLM,
         AFTForSequenceClassification,
-        None,
+        (16, 2, 2),
     ),
     "aft-local": (
         lambda **kw: aft_config(aft_type="local", **kw),
@@ -198,24 +203,49 @@ def _large_key_model(aft_type, kind):
     return model
 
 
-@pytest.mark.parametrize("aft_type", ["simple", "local"])
+def _fallback_entries(monkeypatch):
+    """A list that grows by the number of entries each call of AFT's exact fallback recomputes (forward)."""
+    calls = []
+    original = ops_aft._exact_entries
+    monkeypatch.setattr(ops_aft, "_exact_entries", lambda *a, **k: calls.append(len(a[3])) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("aft_type", ["full", "simple", "local"])
 def test_export_keeps_aft_exact_fallback(aft_type, monkeypatch):
     """The fallback is a `torch.cond` branch in the graph (not a Python `if` on data): an exported AFT matches eager
     on inputs where the fast path's certificate fails."""
     model = _large_key_model(aft_type, "causal_lm")
     inputs = make_inputs("causal_lm", 32)
-    calls = []
-    original = ops_aft._exact_entries
-    monkeypatch.setattr(ops_aft, "_exact_entries", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _fallback_entries(monkeypatch)
     with torch.no_grad():
         expected = model(**inputs).logits
     assert calls, "these inputs must exercise the exact fallback"
-    monkeypatch.setattr(ops_aft, "_exact_entries", original)
+    monkeypatch.undo()  # export traces the original fallback
     program = export(model, inputs)
     assert any("cond" in str(node.target) for node in program.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(expected).all()
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classifier"])
+def test_export_aft_full_dynamic_length_padded_unpadded_and_fallback(kind, monkeypatch):
+    """AFT-full exported once with a dynamic length (its query tiles are a `scan`, no loop that follows the length)
+    equals eager at other lengths, on a left-padded batch, a batch without padding, and inputs that take the exact
+    fallback (a `torch.cond` branch)."""
+    count = torch.export.Dim("blocks", min=2, max=MAX_LEN // 16)
+    for model in (make_model("aft-full", kind), _large_key_model("full", kind)):
+        program = export(model, make_inputs(kind, 32), dynamic=16 * count)
+        targets = [str(node.target) for node in program.graph.nodes]
+        assert any("scan" in t for t in targets) and any("cond" in t for t in targets)
+        for length in (48, 64):
+            for left_pad in (0, 5):
+                assert_same_logits(program, model, make_inputs(kind, length, seed=length, left_pad=left_pad))
+    calls = _fallback_entries(monkeypatch)
+    with torch.no_grad():
+        model(**make_inputs(kind, 48, seed=48, left_pad=5))
+    assert calls or kind == "classifier", "the large-key causal model must exercise the exact fallback"
 
 
 # ---------------------------------------------------------------------- torch.compile of a training step
@@ -245,22 +275,62 @@ def test_compiled_training_step_has_no_graph_break(variant, kind):
     assert count == 0, reasons
 
 
-def test_compiled_aft_training_step_breaks_only_at_the_fallback():
-    """Without dynamo's `capture_dynamic_output_shape_ops`, AFT's exact fallback (`nonzero`, a data-dependent shape)
-    cannot be in the graph: each AFT op call breaks the graph at the `if` on whether any entry needs it (an
-    `.item()`), and nothing else breaks."""
-    model = make_model("aft-simple", "causal_lm")
-    inputs = make_inputs("causal_lm", 32)
-    count, reasons = _graph_breaks(model, inputs, _labels("causal_lm", inputs))
-    assert count > 0 and all("item()" in reason for reason in reasons), reasons
+AFT_COMPILED = [(t, k) for t in ("full", "simple", "local", "conv") for k in ("causal_lm", "classifier")]
+
+
+@pytest.mark.parametrize("aft_type, kind", AFT_COMPILED)
+def test_compiled_aft_training_step_has_no_graph_break_by_default(aft_type, kind):
+    """Default dynamo settings (`capture_dynamic_output_shape_ops` off): AFT's exact fallback is the custom op
+    `ops_aft._exact_fix` (its eager `nonzero` stays inside the op), so the ops break no graph."""
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    model = make_model(f"aft-{aft_type}", kind)
+    inputs = make_inputs(kind, 32)
+    count, reasons = _graph_breaks(model, inputs, _labels(kind, inputs))
+    assert count == 0, reasons
+
+
+@pytest.mark.parametrize("aft_type, kind", AFT_COMPILED)
+def test_compiled_aft_training_step_fullgraph_equals_eager_through_the_fallback(aft_type, kind, monkeypatch):
+    """`torch.compile(step, fullgraph=True)` of a training step under default settings: same loss and gradients as
+    eager on inputs with keys far beyond exp's range; the causal models take the exact fallback, forward and backward
+    (the custom op's backward `_exact_grads`)."""
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    model = _large_key_model(aft_type, kind).train()
+    inputs = make_inputs(kind, 32)
+    labels = _labels(kind, inputs)
+
+    def step():
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels).loss
+
+    def grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    loss_eager, grads_eager = grads(step)
+    backward_entries = []
+    original = ops_aft._exact_grads
+    monkeypatch.setattr(
+        ops_aft, "_exact_grads", lambda s, idx, *a: backward_entries.append(len(idx)) or original(s, idx, *a)
+    )
+    forward_entries = _fallback_entries(monkeypatch)
+    loss_compiled, grads_compiled = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+    if kind == "causal_lm":
+        assert forward_entries and backward_entries, "these inputs must take the exact fallback"
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
+    assert grads_compiled.keys() == grads_eager.keys()
+    for name in grads_eager:
+        torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(
     "aft_type, kind", [("full", "causal_lm"), ("simple", "classifier"), ("local", "causal_lm"), ("conv", "classifier")]
 )
 def test_compiled_aft_training_step_has_no_graph_break(aft_type, kind, monkeypatch):
-    """With `torch._dynamo.config.capture_dynamic_output_shape_ops = True` the fallback is a `torch.cond` branch and
-    the training step has no graph break."""
+    """With `torch._dynamo.config.capture_dynamic_output_shape_ops = True` as well (where the fallback used to be a
+    `torch.cond` branch; now the same custom op as by default) the training step has no graph break."""
     monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
     model = make_model(f"aft-{aft_type}", kind)
     inputs = make_inputs(kind, 32)
@@ -270,8 +340,8 @@ def test_compiled_aft_training_step_has_no_graph_break(aft_type, kind, monkeypat
 
 @pytest.mark.parametrize("aft_type", ["simple"])
 def test_compiled_aft_step_gradients_equal_eager(aft_type, monkeypatch):
-    """The `torch.cond` fallback is differentiated like the eager `if`: same loss and gradients, on inputs that take
-    the fallback."""
+    """With `capture_dynamic_output_shape_ops = True` the fallback is differentiated like the eager `if`: same loss and
+    gradients, on inputs that take the fallback."""
     monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
     model = _large_key_model(aft_type, "causal_lm").train()
     inputs = make_inputs("causal_lm", 32)

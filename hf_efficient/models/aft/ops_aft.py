@@ -48,6 +48,7 @@ layer), n_w - 1 for AFT-local/conv (O(s d)), every past key for AFT-full (its w_
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -192,11 +193,199 @@ def _merge(parts):
     return ref, num, den
 
 
-def _finalize(num, den, has_key, exact_fn, magnitude=None):
+class _Exact(NamedTuple):
+    """What the exact fallback needs, as tensors and plain values (so that it can be the arguments of a custom op).
+
+    k (B, Lk, H, C), v (B, Lk, H, C, D), valid (B, Lk) bool; `offset`: position of query 0 among the keys (causal);
+    `extra`: () or (logit (B, H, C), value (B, H, C, D)), a folded prefix as one pseudo-key before every key;
+    `kind` / `bias` / `params`: the position bias (see `_bias_rows`).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor
+    causal: bool
+    offset: int = 0
+    extra: tuple = ()
+    kind: str = "none"
+    bias: tuple = ()
+    params: tuple = ()
+
+
+def _bias_gather(kind, bias, params, length, b, t, h):
+    """The position bias rows of the gathering kinds as (index into bias[0], inside mask or None):
+    rows = where(inside, bias[0][index], 0), (m, length) for query rows t of samples b, heads h."""
+    if kind == "dense":  # bias = (w (Bw, Lq, Lk),)
+        return (b if bias[0].shape[0] > 1 else torch.zeros_like(b), t), None
+    if kind == "band":  # bias = (band (Bb, H, Lb, n_w),), params = (window,): band[b, h, t, j] at key t + j - (s - 1)
+        band, window = bias[0], params[0]
+        cols = torch.arange(length, device=band.device)[None, :] - t[:, None] + window - 1
+        inside = (cols >= 0) & (cols < band.shape[-1])
+        bb = b if band.shape[0] > 1 else torch.zeros_like(b)
+        tb = t if band.shape[2] > 1 else torch.zeros_like(t)
+        return (bb[:, None], h[:, None], tb[:, None], cols.clamp(0, band.shape[-1] - 1)), inside
+    if kind == "grid":  # bias = (kernel (h, ks, ks),), params = (grid height, grid width), row-major grid
+        kern, gw = bias[0], params[1]
+        ks = kern.shape[-1]
+        pad = ks // 2
+        ky = torch.arange(length, device=kern.device) // gw
+        kx = torch.arange(length, device=kern.device) % gw
+        dy = ky[None, :] - (t // gw)[:, None] + pad
+        dx = kx[None, :] - (t % gw)[:, None] + pad
+        inside = (dy >= 0) & (dy < ks) & (dx >= 0) & (dx < ks)
+        return (h[:, None], dy.clamp(0, ks - 1), dx.clamp(0, ks - 1)), inside
+    raise ValueError(f"Unknown position bias kind {kind!r}.")
+
+
+def _bias_rows(kind, bias, params, length):
+    """bias_rows(b, t, h) -> (m, length): the position bias of query rows t (samples b, heads h) over every key.
+
+    kind "none": 0 (AFT-simple); "factors": bias = (u (Bw, Lq, r), v (Bw, Lk, r)), w = u v^T; "dense", "band",
+    "grid": gathered from bias[0] (`_bias_gather`).
+    """
+    if kind == "none":
+        return lambda b, t, h: 0.0
+    if kind == "factors":
+
+        def rows(b, t, h):
+            bw = b if bias[0].shape[0] > 1 else torch.zeros_like(b)
+            return torch.einsum("mr,mkr->mk", bias[0][bw, t], bias[1][bw])
+
+        return rows
+
+    def rows(b, t, h):
+        index, inside = _bias_gather(kind, bias, params, length, b, t, h)
+        values = bias[0][index]
+        return (
+            values
+            if inside is None
+            else torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
+        )
+
+    return rows
+
+
+def _bias_rows_backward(kind, bias, params, length, b, t, h, grad_rows, grads):
+    """Accumulate into `grads` (one per bias tensor) the gradient of `_bias_rows` given d rows (m, length)."""
+    if kind == "none":
+        return
+    if kind == "factors":
+        bw = b if bias[0].shape[0] > 1 else torch.zeros_like(b)
+        grads[0].index_put_((bw, t), torch.einsum("mk,mkr->mr", grad_rows, bias[1][bw]), accumulate=True)
+        grads[1].index_put_((bw,), grad_rows[..., None] * bias[0][bw, t][:, None, :], accumulate=True)
+        return
+    index, inside = _bias_gather(kind, bias, params, length, b, t, h)
+    grads[0].index_put_(index, grad_rows if inside is None else grad_rows * inside, accumulate=True)
+
+
+def _exact_values(spec, idx):
+    """Exact outputs (n, D) at the entries idx (n, 4) = (b, t, h, c) (`_exact_entries` with the spec's bias)."""
+    rows = _bias_rows(spec.kind, spec.bias, spec.params, spec.k.shape[1])
+    return _exact_entries(spec.k, spec.v, spec.valid, idx, rows, spec.causal, spec.offset, spec.extra or None)
+
+
+def _exact_rows_per_chunk(k, v):
+    """Entries per chunk of the exact fallback: (entries, keys, D) blocks of at most _BLOCK_ELEMENTS."""
+    return max(1, _BLOCK_ELEMENTS // max(1, (k.shape[1] + 1) * v.shape[-1]))
+
+
+def _repair(avg, redo, spec):
+    """Eager fallback: avg with the entries where `redo` (B, L, H, C) holds recomputed exactly (`nonzero`)."""
+    if bool(redo.any()):
+        idx = redo.nonzero()
+        avg = avg.index_put(tuple(idx.unbind(1)), _exact_values(spec, idx).to(avg.dtype))
+    return avg
+
+
+# The fallback inside a compiled graph: a custom op, opaque to dynamo (its output has the input's static shape), whose
+# eager implementation is `_repair` (data-dependent `nonzero`, chunks of entries). So `torch.compile` under default
+# settings traces the op with no graph break, and the fallback costs nothing when no entry needs it. Its backward is a
+# second custom op that recomputes the repaired entries' softmax and applies its explicit gradient (`_exact_grads`),
+# a chunk at a time. The namespace follows the module name, so a remote-code copy of this folder registers its own
+# ops beside an installed hf_efficient.
+_OPS_NAMESPACE = re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(f"{_OPS_NAMESPACE}::aft_exact_fix", mutates_args=())
+def _exact_fix(
+    avg: torch.Tensor,
+    redo: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    extra: list[torch.Tensor],
+    bias: list[torch.Tensor],
+    kind: str,
+    param0: int,
+    param1: int,
+    causal: bool,
+    offset: int,
+) -> torch.Tensor:
+    spec = _Exact(k, v, valid, causal, offset, tuple(extra), kind, tuple(bias), (param0, param1))
+    return _repair(avg.clone(), redo, spec)
+
+
+@_exact_fix.register_fake
+def _(avg, redo, k, v, valid, extra, bias, kind, param0, param1, causal, offset):
+    return torch.empty_like(avg)
+
+
+@torch.library.custom_op(f"{_OPS_NAMESPACE}::aft_exact_fix_backward", mutates_args=())
+def _exact_fix_backward(
+    grad: torch.Tensor,
+    redo: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    extra: list[torch.Tensor],
+    bias: list[torch.Tensor],
+    kind: str,
+    param0: int,
+    param1: int,
+    causal: bool,
+    offset: int,
+) -> list[torch.Tensor]:
+    """Gradients of the repaired entries' exact values with respect to [k, v, *extra, *bias] (`_exact_grads`)."""
+    spec = _Exact(k, v, valid, causal, offset, tuple(extra), kind, tuple(bias), (param0, param1))
+    grads = [torch.zeros_like(x) for x in [k, v, *extra, *bias]]
+    if bool(redo.any()):
+        idx = redo.nonzero()
+        _exact_grads(spec, idx, grad[tuple(idx.unbind(1))], grads)
+    return grads
+
+
+@_exact_fix_backward.register_fake
+def _(grad, redo, k, v, valid, extra, bias, kind, param0, param1, causal, offset):
+    return [torch.empty_like(x) for x in [k, v, *extra, *bias]]
+
+
+def _exact_fix_setup_context(ctx, inputs, output):
+    avg, redo, k, v, valid, extra, bias, *meta = inputs
+    ctx.save_for_backward(redo, k, v, valid, *extra, *bias)
+    ctx.n_extra = len(extra)
+    ctx.meta = meta  # kind, param0, param1, causal, offset
+
+
+def _exact_fix_backward_rule(ctx, grad):
+    redo, k, v, valid, *rest = ctx.saved_tensors
+    extra, bias = rest[: ctx.n_extra], rest[ctx.n_extra :]
+    grads = _exact_fix_backward(grad, redo, k, v, valid, extra, bias, *ctx.meta)
+    n = 2 + ctx.n_extra
+    grad_avg = grad.masked_fill(redo[..., None], 0)  # repaired entries do not depend on the fast path's avg
+    return grad_avg, None, grads[0], grads[1], None, grads[2:n], grads[n:], None, None, None, None, None
+
+
+_exact_fix.register_autograd(_exact_fix_backward_rule, setup_context=_exact_fix_setup_context)
+
+
+def _finalize(num, den, has_key, spec, magnitude=None):
     """num / den where the certificate holds, exact recomputation elsewhere, 0 for queries with no key.
 
-    num (B, L, H, C, D), den (B, L, H, C) relative to a reference >= the exact max; has_key (B, L).
-    `magnitude` (sum of |terms| of den, for a den with cancelling terms) adds a cancellation check.
+    num (B, L, H, C, D), den (B, L, H, C) relative to a reference >= the exact max; has_key (B, L); `spec` (`_Exact`)
+    the inputs of the exact fallback. `magnitude` (sum of |terms| of den, for a den with cancelling terms) adds a
+    cancellation check. Eager: a Python `if` and `nonzero` (`_repair`). `torch.compile`: the custom op
+    `_exact_fix` (no graph break under default settings). `torch.export`: a `torch.cond` branch (exported programs
+    keep plain aten ops; the data-dependent `nonzero` is allowed there).
     """
     ok = den >= _tau(den.dtype)
     if magnitude is not None:
@@ -204,19 +393,49 @@ def _finalize(num, den, has_key, exact_fn, magnitude=None):
     avg = num / torch.where(ok, den, torch.ones_like(den))[..., None]
     avg = torch.where(ok[..., None], avg, torch.zeros_like(avg))
     redo = ~ok & has_key[:, :, None, None]
-    if torch.compiler.is_exporting() or (
-        torch.compiler.is_compiling() and torch._dynamo.config.capture_dynamic_output_shape_ops
-    ):
+    if torch.compiler.is_exporting():
         # No Python branch on data in a graph: the fallback is a `torch.cond` branch, run only when needed.
-        def fix(avg, redo):
+        # The branches work on the flattened avg: with a symbolic length, cond cannot always match the strides of the
+        # two branches' 5-D outputs, while a 1-D tensor has stride 1.
+        def fix(flat, redo):
             idx = redo.nonzero()
-            return avg.index_put(tuple(idx.unbind(1)), exact_fn(idx).to(avg.dtype))
+            b, t, h, c = idx.unbind(1)
+            dv = flat.shape[0] // redo.numel()
+            entry = ((b * redo.shape[1] + t) * redo.shape[2] + h) * redo.shape[3] + c
+            at = entry[:, None] * dv + torch.arange(dv, device=flat.device)
+            return flat.index_put((at,), _exact_values(spec, idx).to(flat.dtype))
 
-        return torch.cond(redo.any(), fix, lambda avg, redo: avg.clone(), (avg, redo))
-    if bool(redo.any()):
-        idx = redo.nonzero()
-        avg = avg.index_put(tuple(idx.unbind(1)), exact_fn(idx).to(avg.dtype))
-    return avg
+        flat = torch.cond(redo.any(), fix, lambda flat, redo: flat.clone(), (avg.reshape(-1), redo))
+        return flat.reshape(avg.shape)
+    if torch.compiler.is_compiling():
+        return _exact_fix(
+            avg, redo, spec.k, spec.v, spec.valid, list(spec.extra), list(spec.bias), spec.kind,
+            *(tuple(spec.params) + (0, 0))[:2], spec.causal, spec.offset,
+        )  # fmt: skip
+    return _repair(avg, redo, spec)
+
+
+def _exact_logits(k, v, valid, chunk, bias_rows, causal, query_offset, extra):
+    """Logits (m, Lk [+ 1]) with padded / future keys at -inf, and values (m, Lk [+ 1], D), of the entries chunk (m, 4)
+    (the pseudo-key `extra` first)."""
+    b, t, h, c = chunk.unbind(1)
+    logits = k[b, :, h, c] + bias_rows(b, t, h)  # (m, Lk)
+    allowed = valid[b]
+    if causal:
+        allowed = allowed & (torch.arange(k.shape[1], device=k.device)[None, :] <= (t + query_offset)[:, None])
+    logits = logits.masked_fill(~allowed, NEG_INF)
+    values = v[b, :, h, c]  # (m, Lk, D)
+    if extra is not None:
+        logits = torch.cat([extra[0][b, h, c][:, None], logits], 1)
+        values = torch.cat([extra[1][b, h, c][:, None], values], 1)
+    return logits, values
+
+
+def _softmax_rows(logits):
+    """softmax over the last axis with the exact row max; a row with every logit -inf gives 0 (no NaN)."""
+    weights = torch.exp(logits - _finite_or_zero(logits.amax(-1, keepdim=True)).detach())
+    den = weights.sum(-1, keepdim=True)
+    return weights / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=None):
@@ -228,26 +447,45 @@ def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=No
     value (B, H, C, D)) is a pseudo-key before every key (a folded prefix state). Entries are processed
     in chunks so that the (m, Lk) blocks stay small. Returns (n, D).
     """
-    lk, dv = k.shape[1], v.shape[-1]
-    positions = torch.arange(lk, device=k.device)
-    rows = max(1, _BLOCK_ELEMENTS // max(1, (lk + 1) * dv))
+    rows = _exact_rows_per_chunk(k, v)
     out = []
     # Chunks of entries, not positions (one chunk in a graph, where the number of entries is data-dependent).
     for chunk in (idx,) if torch.compiler.is_compiling() else idx.split(rows):
-        b, t, h, c = chunk.unbind(1)
-        logits = k[b, :, h, c] + bias_rows(b, t, h)  # (m, Lk)
-        allowed = valid[b]
-        if causal:
-            allowed = allowed & (positions[None, :] <= (t + query_offset)[:, None])
-        logits = logits.masked_fill(~allowed, NEG_INF)
-        values = v[b, :, h, c]  # (m, Lk, D)
-        if extra is not None:
-            logits = torch.cat([extra[0][b, h, c][:, None], logits], 1)
-            values = torch.cat([extra[1][b, h, c][:, None], values], 1)
-        weights = torch.exp(logits - _finite_or_zero(logits.amax(-1, keepdim=True)).detach())
-        den = weights.sum(-1, keepdim=True)
-        out.append(torch.einsum("ml,mld->md", weights, values) / torch.where(den > 0, den, torch.ones_like(den)))
+        logits, values = _exact_logits(k, v, valid, chunk, bias_rows, causal, query_offset, extra)
+        out.append(torch.einsum("ml,mld->md", _softmax_rows(logits), values))
     return torch.cat(out)
+
+
+def _exact_grads(spec, idx, grad, grads):
+    """Backward of `_exact_values(spec, idx)` given d outputs grad (n, D), accumulated into grads (zeros like
+    [k, v, *extra, *bias]); same chunks of entries as the forward.
+
+    With p = softmax(l) over a row's logits l_j = K_j + bias_j (and the pseudo-key) and out = sum_j p_j V_j:
+    dV_j = p_j g, dl_j = p_j (V_j - out) . g, and dl_j flows to K_j, to the bias entry it was read from and to the
+    pseudo-key's logit.
+    """
+    k, v = spec.k, spec.v
+    rows_fn = _bias_rows(spec.kind, spec.bias, spec.params, k.shape[1])
+    extra = spec.extra or None
+    n_extra = len(spec.extra)
+    keys = torch.arange(k.shape[1], device=k.device)[None, :]
+    rows = _exact_rows_per_chunk(k, v)
+    for chunk, g in zip(idx.split(rows), grad.split(rows)):
+        logits, values = _exact_logits(k, v, spec.valid, chunk, rows_fn, spec.causal, spec.offset, extra)
+        p = _softmax_rows(logits)
+        g = g.to(values.dtype)
+        out = torch.einsum("ml,mld->md", p, values)
+        d_values = p[..., None] * g[:, None, :]  # (m, Lk [+ 1], D)
+        d_logits = p * torch.einsum("mld,md->ml", values - out[:, None], g)  # 0 on masked keys (p = 0)
+        b, t, h, c = chunk.unbind(1)
+        if extra is not None:
+            grads[2].index_put_((b, h, c), d_logits[:, 0], accumulate=True)
+            grads[3].index_put_((b, h, c), d_values[:, 0], accumulate=True)
+            d_logits, d_values = d_logits[:, 1:], d_values[:, 1:]
+        at = (b[:, None], keys, h[:, None], c[:, None])
+        grads[0].index_put_(at, d_logits, accumulate=True)
+        grads[1].index_put_(at, d_values, accumulate=True)
+        _bias_rows_backward(spec.kind, spec.bias, spec.params, k.shape[1], b, t, h, d_logits, grads[2 + n_extra :])
 
 
 def _has_key(valid, causal, query_offset=0, num_queries=None, prefix_nonempty=None):
@@ -523,6 +761,51 @@ class _AFTFullSums(torch.autograd.Function):
         return dk, dv, None, None, None, None, dw, du, dvv
 
 
+# Query rows per tile of AFT-full's graph form (`_full_sums_graph`), used for a symbolic (exported dynamic) length.
+_GRAPH_TILE = 16
+
+
+def _full_sums_graph(k, v, valid, causal, offset, w_dense, u, vv):
+    """num, den (B, Lq, d) as `_AFTFullSums.forward`, for a symbolic length (`torch.export` with a dynamic length).
+
+    The eager loop over query tiles follows the length, so a graph would be specialised to one length; here the loop
+    over tiles of `_GRAPH_TILE` query rows is a `scan` (one higher-order op for any number of tiles). Each step forms
+    one (Bw, tile, Lk) bias tile, exp(tile - rowmax) (causal keys after the query at -inf), times
+    [exp(K - colmax) * V, exp(K - colmax)]: memory O(Lk d + tile Lk), linear like the eager op; causal tiles multiply
+    every key (masked) rather than the keys up to their last query. Lq must be a whole number of tiles.
+    """
+    from torch._higher_order_ops.scan import scan
+
+    batch, lk, d = k.shape
+    rows = u if w_dense is None else w_dense  # (Bw, Lq, r | Lk)
+    bw, lq = rows.shape[0], rows.shape[1]
+    if lq % _GRAPH_TILE != 0:
+        raise ValueError(
+            f"A symbolic AFT-full length must be a multiple of {_GRAPH_TILE} (export with a Dim such as "
+            f"{_GRAPH_TILE} * Dim(...)); got {lq}."
+        )
+    n = lq // _GRAPH_TILE
+    beta = _masked_amax(k, valid[..., None], 1, keepdim=True)
+    e = _shifted_exp(k, beta, valid[..., None])
+    ev = torch.cat([e * v, e], -1)  # (B, Lk, 2d)
+    tiles = rows.reshape(bw, n, _GRAPH_TILE, rows.shape[-1]).transpose(0, 1)  # (n, Bw, tile, r | Lk)
+    starts = torch.arange(n, device=k.device) * _GRAPH_TILE
+    keys = torch.arange(lk, device=k.device)
+    in_tile = torch.arange(_GRAPH_TILE, device=k.device)
+
+    def step(carry, xs):
+        tile, start = xs
+        bias = torch.matmul(tile, vv.transpose(1, 2)) if w_dense is None else tile  # (Bw, tile, Lk)
+        if causal:
+            bias = bias.masked_fill(keys[None, :] > (offset + start + in_tile)[:, None], NEG_INF)
+        weights = torch.exp(bias - _finite_or_zero(bias.amax(-1, keepdim=True)))
+        return carry.clone(), torch.matmul(weights, ev)  # (B, tile, 2d)
+
+    _, out = scan(step, torch.zeros((), dtype=k.dtype, device=k.device), (tiles, starts))  # (n, B, tile, 2d)
+    out = out.transpose(0, 1).reshape(batch, lq, 2 * d)
+    return out[..., :d], out[..., d:]
+
+
 def aft_full(
     q, k, v, w, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, query_chunk_size=None
 ):
@@ -588,24 +871,18 @@ def aft_full(
         w_dense = w.to(dtype) if w.dim() == 3 else w.to(dtype)[None]
     valid = _key_valid(key_padding_mask, batch, lk, q.device)
     offset = lk - lq
-    chunk = query_chunk_size or max(64, min(lq, _TILE_ELEMENTS // max(lk, 1)))
-    num, den = _AFTFullSums.apply(kf, vf, valid, causal, offset, chunk, w_dense, wu, wv)
+    if torch.compiler.is_exporting() and isinstance(lq, torch.SymInt):  # a dynamic length: no loop over the tiles
+        num, den = _full_sums_graph(kf, vf, valid, causal, offset, w_dense, wu, wv)
+    else:
+        chunk = query_chunk_size or max(64, min(lq, _TILE_ELEMENTS // max(lk, 1)))
+        num, den = _AFTFullSums.apply(kf, vf, valid, causal, offset, chunk, w_dense, wu, wv)
     num = num.reshape(batch, lq, 1, d, 1)
     den = den.reshape(batch, lq, 1, d)
 
-    def bias_rows(b, t, h):
-        bw = b if (wu if factored else w_dense).shape[0] > 1 else torch.zeros_like(b)
-        if factored:
-            return torch.einsum("mr,mkr->mk", wu[bw, t], wv[bw])
-        return w_dense[bw, t]
-
     k4, v5 = kf[:, :, None, :], vf[:, :, None, :, None]
-    avg = _finalize(
-        num,
-        den,
-        _has_key(valid, causal, offset, lq),
-        lambda idx: _exact_entries(k4, v5, valid, idx, bias_rows, causal, offset),
-    )
+    bias = ("factors", (wu, wv)) if factored else ("dense", (w_dense,))
+    spec = _Exact(k4, v5, valid, causal, offset, (), *bias)
+    avg = _finalize(num, den, _has_key(valid, causal, offset, lq), spec)
     y = (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, lq, d)).to(q.dtype)
     if not return_state:
         return y
@@ -712,12 +989,12 @@ def aft_simple(
         return (gate * avg.reshape(batch, 1, d)).to(q.dtype)
     init = None if initial_state is None else _state_to_sums(initial_state, 1, d, 1, dtype)
     _, num, den = _prefix_scan(kf, vf, valid, chunk_size, init)
-    extra = None if init is None else _sums_as_key(init)
+    extra = () if init is None else _sums_as_key(init)
     avg = _finalize(
         num,
         den,
         _has_key(valid, True, prefix_nonempty=None if init is None else init.den[:, 0, :].gt(0).any(-1)),
-        lambda idx: _exact_entries(kf, vf, valid, idx, lambda b, t, h: 0.0, True, extra=extra),
+        _Exact(kf, vf, valid, True, 0, extra),
     )
     y = (gate * avg.reshape(batch, length, d)).to(q.dtype)
     if not return_state:
@@ -826,20 +1103,6 @@ def _window_part(k, v, valid, band, window, causal):
     return ref, out[..., :dv], out[..., dv]
 
 
-def _banded_bias_rows(band, window, length):
-    """bias_rows(b, t, h) for the exact fallback: band[b, h, t, j] at key t + j - (s - 1), 0 elsewhere."""
-
-    def rows(b, t, h):
-        cols = torch.arange(length, device=band.device)[None, :] - t[:, None] + window - 1
-        inside = (cols >= 0) & (cols < band.shape[-1])
-        bb = b if band.shape[0] > 1 else torch.zeros_like(b)
-        tb = t if band.shape[2] > 1 else torch.zeros_like(t)
-        values = band[bb[:, None], h[:, None], tb[:, None], cols.clamp(0, band.shape[-1] - 1)]
-        return torch.where(inside, values, torch.zeros((), dtype=band.dtype, device=band.device))
-
-    return rows
-
-
 def _banded(k, v, valid, band, window, causal, chunk_size, init):
     """Window part + out-of-window prefix (and suffix) sums, merged, certified. Returns avg (B, L, H, C, D)."""
     batch, length, heads, channels = k.shape
@@ -854,14 +1117,13 @@ def _banded(k, v, valid, band, window, causal, chunk_size, init):
         rev = _prefix_scan(k.flip(1), v.flip(1), valid.flip(1), chunk_size)
         parts.append(_shift(tuple(x.flip(1) for x in rev), -window, empty))
     _, num, den = _merge(parts)
-    rows = _banded_bias_rows(band, window, length)
-    extra = None if init is None else _sums_as_key(init)
+    extra = () if init is None else _sums_as_key(init)
     prefix_nonempty = None if init is None else (init.den > 0).flatten(1).any(-1)
     return _finalize(
         num,
         den,
         _has_key(valid, causal, prefix_nonempty=prefix_nonempty),
-        lambda idx: _exact_entries(k, v, valid, idx, rows, causal, extra=extra),
+        _Exact(k, v, valid, causal, 0, extra, "band", (band,), (window,)),
     )
 
 
@@ -1156,21 +1418,12 @@ def aft_conv2d(q, k, v, kernel, grid_size, *, key_padding_mask=None):
     den = glob * e.sum(1, keepdim=True) + conv(e, kappa, heads)
     magnitude = glob * e.sum(1, keepdim=True) + conv(e, kappa.abs(), heads)
 
-    def bias_rows(b, t, h):
-        ky = torch.arange(length, device=q.device) // gw
-        kx = torch.arange(length, device=q.device) % gw
-        dy = ky[None, :] - (t // gw)[:, None] + pad
-        dx = kx[None, :] - (t % gw)[:, None] + pad
-        inside = (dy >= 0) & (dy < ks) & (dx >= 0) & (dx < ks)
-        values = kern[h[:, None], dy.clamp(0, ks - 1), dx.clamp(0, ks - 1)]
-        return torch.where(inside, values, torch.zeros((), dtype=dtype, device=q.device))
-
     k4, v5 = kf[..., None], vf[:, :, :, None, :]
     avg = _finalize(
         num[:, :, :, None],
         den[..., None],
         _has_key(valid, False),
-        lambda idx: _exact_entries(k4, v5, valid, idx, bias_rows, False),
+        _Exact(k4, v5, valid, False, 0, (), "grid", (kern,), (gh, gw)),
         magnitude=magnitude[..., None],
     )
     return (torch.sigmoid(q.to(dtype)) * avg.reshape(batch, length, d)).to(q.dtype)
