@@ -9,6 +9,11 @@ Exported with a dynamic length: AFT-full's loop over query tiles becomes a `scan
 must give the streamed op's numerator and denominator.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch._dynamo
@@ -196,3 +201,68 @@ def test_full_graph_form_needs_whole_tiles():
     u = torch.zeros(1, 40, 3)
     with pytest.raises(ValueError, match="multiple of 16.*40"):
         ops_aft._full_sums_graph(k, v, torch.ones(1, 40, dtype=torch.bool), True, 0, None, u, u)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Remote code: the folder's copy registers its own custom ops
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_remote_code_copy_compiles_with_its_own_fallback_op(tmp_path):
+    """A checkpoint saved with its code, loaded with trust_remote_code where hf_efficient cannot be imported: its
+    ops_aft registers the fallback ops under its own namespace, and `torch.compile(fullgraph=True)` of a training
+    step through the fallback gives eager's loss and gradients."""
+    import hf_efficient
+    from hf_efficient.models.aft import AFTConfig, AFTForCausalLM
+
+    config = AFTConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, max_position_embeddings=32,
+        aft_type="full", position_bias_dim=8, position_bias_init_std=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AFTForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].aft.k_proj.weight.mul_(400.0)  # keys far beyond exp's range: the fallback runs
+    hf_efficient.save_pretrained_with_code(model, tmp_path / "model")
+    torch.save(
+        {"input_ids": torch.randint(3, 64, (2, 32), generator=torch.Generator().manual_seed(1))}, tmp_path / "x"
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_efficient"] = None  # any `import hf_efficient` now fails
+        import torch, transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        ops = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".ops_aft"]
+        assert ops._OPS_NAMESPACE != "hf_efficient_models_aft_ops_aft", ops._OPS_NAMESPACE
+        calls = []
+        original = ops._exact_grads
+        ops._exact_grads = lambda spec, idx, *a: calls.append(len(idx)) or original(spec, idx, *a)
+        ids = torch.load({str(tmp_path / "x")!r})["input_ids"]
+        model.train()
+
+        def step():
+            return model(input_ids=ids, labels=ids).loss
+
+        def grads(fn):
+            model.zero_grad()
+            loss = fn()
+            loss.backward()
+            return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+        loss_eager, grads_eager = grads(step)
+        loss_compiled, grads_compiled = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+        assert calls, "the compiled backward must run the remote copy's fallback"
+        torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads_compiled, grads_eager):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        print("REMOTE-COMPILE-OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert "REMOTE-COMPILE-OK" in result.stdout, result.stderr[-3000:]
