@@ -266,3 +266,41 @@ def test_remote_code_copy_compiles_with_its_own_fallback_op(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert "REMOTE-COMPILE-OK" in result.stdout, result.stderr[-3000:]
+
+
+class _FullOp(torch.nn.Module):
+    def __init__(self, causal):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v, u, w, mask):
+        return ops_aft.aft_full(q, k, v, (u, w), causal=self.causal, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_exported_full_op_with_dynamic_length_matches_reference(causal, dtype):
+    """`aft_full` with factors exported once with a dynamic length (16 * n): at other lengths, with padding, the
+    program equals the eager op and the dense reference, in float32 and bfloat16."""
+
+    def inputs(length, seed):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(B, length, D, generator=g) for _ in range(3))
+        u, w = (torch.randn(length, 3, generator=g) for _ in range(2))
+        mask = torch.ones(B, length)
+        mask[0, :5] = 0
+        return tuple(x.to(dtype) for x in (q, k * 4, v, u, w)) + (mask,)
+
+    n = torch.export.Dim("n", min=2, max=8)
+    length = 16 * n
+    shapes = ({1: length}, {1: length}, {1: length}, {0: length}, {0: length}, {1: length})
+    program = torch.export.export(_FullOp(causal), inputs(32, 0), dynamic_shapes=shapes)
+    assert any("scan" in str(node.target) for node in program.graph.nodes)
+    for size in (48, 128):
+        args = inputs(size, size)
+        got = program.module()(*args)
+        torch.testing.assert_close(got, _FullOp(causal)(*args), rtol=1e-5, atol=1e-5)
+        q, k, v, u, w, mask = (x.double() for x in args)
+        want = aft_reference(q, k, v, u @ w.T, causal, mask)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
