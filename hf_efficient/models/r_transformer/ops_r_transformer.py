@@ -45,6 +45,9 @@ def _recurrence(projected, weight_hh, bias_hh, *, rnn_type, window, num_out, kee
     weight_t = weight_hh.t().expand(batch_size, hidden_size, weight_hh.shape[0])
     hidden = cell = None
     saved = []
+    # Without autograd recording (inference, and inside `_LocalRNN`), fresh step results are overwritten in place
+    # (fewer allocations; the same numbers).
+    in_place = not torch.is_grad_enabled()
     for step in range(window):
         step_in = projected[:, step : step + num_out]
         if rnn_type == "gru":
@@ -53,10 +56,18 @@ def _recurrence(projected, weight_hh, bias_hh, *, rnn_type, window, num_out, kee
             if hidden is not None:
                 in_rz = torch.baddbmm(in_rz, hidden, weight_t[..., : 2 * hidden_size])
                 hh_n = torch.baddbmm(hh_n, hidden, weight_t[..., 2 * hidden_size :])
-            reset_update = torch.sigmoid(in_rz)
+            # in_rz is a fresh matmul output after step 0 (a view of `projected` at step 0)
+            in_place_rz = in_place and hidden is not None
+            reset_update = in_rz.sigmoid_() if in_place_rz else torch.sigmoid(in_rz)
             reset, update = reset_update.chunk(2, dim=-1)
-            new = torch.tanh(torch.addcmul(in_n, reset, hh_n))
-            hidden = new - update * new if hidden is None else torch.lerp(new, hidden, update)
+            new = torch.addcmul(in_n, reset, hh_n)
+            new = new.tanh_() if in_place else torch.tanh(new)
+            if hidden is None:
+                hidden = new - update * new
+            elif in_place and not keep:
+                hidden = new.lerp_(hidden, update)
+            else:
+                hidden = torch.lerp(new, hidden, update)
             if keep:
                 saved.append((hidden, reset_update, new, hh_n))
             continue
@@ -111,13 +122,14 @@ def _recurrence_backward(saved, grad_hidden, weight_hh, *, rnn_type, num_out, gr
                 grad_hh = reset_update.new_empty(*reset_update.shape[:-1], 3 * hidden_size)
             grad_rz, grad_hh_n = grad_hh[..., : 2 * hidden_size], grad_hh[..., 2 * hidden_size :]
             grad_a_n = torch.addcmul(grad_hidden, grad_hidden, update, value=-1)  # dn = g (1 - z)
-            grad_a_n = grad_a_n - grad_a_n * new * new  # da_n = dn (1 - n^2)
+            grad_a_n.addcmul_(grad_a_n, new * new, value=-1)  # da_n = dn (1 - n^2)
             torch.mul(grad_a_n, hh_n, out=grad_rz[..., :hidden_size])  # dr
             if prev is None:
                 torch.mul(grad_hidden, new, out=grad_rz[..., hidden_size:]).neg_()  # dz = g (0 - n)
             else:
                 torch.sub(prev, new, out=grad_rz[..., hidden_size:]).mul_(grad_hidden)  # dz = g (h_prev - n)
-            grad_rz.mul_(torch.addcmul(reset_update, reset_update, reset_update, value=-1))  # sigmoid'
+            grad_rz.mul_(reset_update)  # times sigmoid' = s (1 - s), in place
+            grad_rz.addcmul_(grad_rz, reset_update, value=-1)
             torch.mul(grad_a_n, reset, out=grad_hh_n)
             grad_b_hn += grad_hh_n.sum(dim=(0, 1), dtype=torch.float32)
             grad_step = grad_projected[:, step : step + num_out]
@@ -125,7 +137,7 @@ def _recurrence_backward(saved, grad_hidden, weight_hh, *, rnn_type, num_out, gr
             grad_step[..., 2 * hidden_size :] += grad_a_n
             if prev is None:
                 break
-            grad_hidden = torch.addcmul(grad_hh @ weight_hh, grad_hidden, update)
+            grad_hidden = (grad_hh @ weight_hh).addcmul_(grad_hidden, update)
         elif rnn_type == "rnn":
             hidden = saved[step][0]
             grad_hh = grad_gates = grad_hidden * (1 - hidden * hidden)
