@@ -40,6 +40,13 @@ trained activations, often with the +/-200 inputs of the stability tests) are re
 (`_exact_entries`: explicit row of logits, exact max, softmax), in chunks of entries. The result is
 exact and finite for any finite K and w in every dtype, and as fast as the structured op when nothing fails.
 
+Graphs (`_finalize`). Which entries fail is data: eager runs a Python `if` and `nonzero`. Under `torch.compile`
+the fallback is the custom op `_exact_fix` (output shaped like its input, eager `nonzero` inside, backward the
+explicit softmax gradient `_exact_grads`, both in the same chunks of entries as eager), so the ops break no graph
+under default dynamo settings. Under `torch.export` it is a `torch.cond` branch of plain aten ops. AFT-full's loop
+over query tiles follows the length; exported with a dynamic length it becomes a `scan` over tiles of
+`_GRAPH_TILE` queries (`_full_sums_graph`, memory still linear), the eager op keeping its streamed loop.
+
 Decoding state (`AFTState`): running sums (max, num, den) of the keys folded so far, relative to exp(max),
 plus a window of the last keys/values that the position bias still needs: none for AFT-simple (O(d) per
 layer), n_w - 1 for AFT-local/conv (O(s d)), every past key for AFT-full (its w_tt' is arbitrary).
@@ -825,7 +832,8 @@ def aft_full(
     [exp(K - colmax(K)) * V, exp(K - colmax(K))] (B, Lk, 2d) gives numerator and denominator in one matmul;
     the backward recomputes each tile instead of saving it. The reference rowmax + colmax is certified per
     output and repaired exactly where needed (see the module docstring). Causal blocks only multiply by the
-    keys up to their last query.
+    keys up to their last query. In `torch.export` with a dynamic length (a symbolic Lq), the loop over query blocks
+    is a `scan` over blocks of 16 queries (`_full_sums_graph`): Lq must then be a multiple of 16.
     """
     _check_qkv(q, k, v)
     if initial_state is not None:
