@@ -254,9 +254,11 @@ def _bias_rows(kind, bias, params, length):
         return lambda b, t, h: 0.0
     if kind == "factors":
 
-        def rows(b, t, h):
-            bw = b if bias[0].shape[0] > 1 else torch.zeros_like(b)
-            return torch.einsum("mr,mkr->mk", bias[0][bw, t], bias[1][bw])
+        def rows(b, t, h):  # u[b, t] against every sample's keys, then sample b's block: no (m, Lk, r) gather
+            u, v = bias
+            bw = b if u.shape[0] > 1 else torch.zeros_like(b)
+            every = torch.matmul(u[bw, t], v.reshape(-1, v.shape[-1]).T)  # (m, Bw * Lk)
+            return every.view(len(b), v.shape[0], v.shape[1])[torch.arange(len(b), device=b.device), bw]
 
         return rows
 
@@ -277,9 +279,13 @@ def _bias_rows_backward(kind, bias, params, length, b, t, h, grad_rows, grads):
     if kind == "none":
         return
     if kind == "factors":
-        bw = b if bias[0].shape[0] > 1 else torch.zeros_like(b)
-        grads[0].index_put_((bw, t), torch.einsum("mk,mkr->mr", grad_rows, bias[1][bw]), accumulate=True)
-        grads[1].index_put_((bw,), grad_rows[..., None] * bias[0][bw, t][:, None, :], accumulate=True)
+        u, v = bias
+        bw = b if u.shape[0] > 1 else torch.zeros_like(b)
+        spread = grad_rows.new_zeros(len(b), v.shape[0], v.shape[1])  # each row in its sample's block
+        spread[torch.arange(len(b), device=b.device), bw] = grad_rows
+        spread = spread.view(len(b), -1)  # (m, Bw * Lk)
+        grads[0].index_put_((bw, t), torch.matmul(spread, v.reshape(-1, v.shape[-1])), accumulate=True)
+        grads[1].add_(torch.matmul(spread.T, u[bw, t]).view_as(v))
         return
     index, inside = _bias_gather(kind, bias, params, length, b, t, h)
     grads[0].index_put_(index, grad_rows if inside is None else grad_rows * inside, accumulate=True)
@@ -288,12 +294,19 @@ def _bias_rows_backward(kind, bias, params, length, b, t, h, grad_rows, grads):
 def _exact_values(spec, idx):
     """Exact outputs (n, D) at the entries idx (n, 4) = (b, t, h, c) (`_exact_entries` with the spec's bias)."""
     rows = _bias_rows(spec.kind, spec.bias, spec.params, spec.k.shape[1])
-    return _exact_entries(spec.k, spec.v, spec.valid, idx, rows, spec.causal, spec.offset, spec.extra or None)
+    return _exact_entries(
+        spec.k, spec.v, spec.valid, idx, rows, spec.causal, spec.offset, spec.extra or None, _bias_width(spec)
+    )
 
 
-def _exact_rows_per_chunk(k, v):
-    """Entries per chunk of the exact fallback: (entries, keys, D) blocks of at most _BLOCK_ELEMENTS."""
-    return max(1, _BLOCK_ELEMENTS // max(1, (k.shape[1] + 1) * v.shape[-1]))
+def _bias_width(spec):
+    """Bias rows formed per entry: Bw for factors (u[t] against every sample's keys), else 1."""
+    return spec.bias[1].shape[0] if spec.kind == "factors" else 1
+
+
+def _exact_rows_per_chunk(k, v, width=1):
+    """Entries per chunk of the exact fallback: (entries, keys, max(D, width)) blocks of at most _BLOCK_ELEMENTS."""
+    return max(1, _BLOCK_ELEMENTS // max(1, (k.shape[1] + 1) * max(v.shape[-1], width)))
 
 
 def _repair(avg, redo, spec):
@@ -445,16 +458,16 @@ def _softmax_rows(logits):
     return weights / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=None):
+def _exact_entries(k, v, valid, idx, bias_rows, causal, query_offset=0, extra=None, width=1):
     """Exact, dense recomputation of selected outputs (the fallback of the certified fast paths).
 
     For each row (b, t, h, c) of idx (n, 4): sum_t' softmax_t'(K[b,t',h,c] + bias[t,t']) V[b,t',h,c,:],
     with the max over this row of logits (the exact key-axis max). bias_rows(b, t, h) -> (m, Lk) gives the
     position bias of query rows t of samples b (0 where the variant has none); `extra` = (logit (B, H, C),
     value (B, H, C, D)) is a pseudo-key before every key (a folded prefix state). Entries are processed
-    in chunks so that the (m, Lk) blocks stay small. Returns (n, D).
+    in chunks so that the (m, Lk, max(D, width)) blocks stay small. Returns (n, D).
     """
-    rows = _exact_rows_per_chunk(k, v)
+    rows = _exact_rows_per_chunk(k, v, width)
     out = []
     # Chunks of entries, not positions (one chunk in a graph, where the number of entries is data-dependent).
     for chunk in (idx,) if torch.compiler.is_compiling() else idx.split(rows):
@@ -476,7 +489,7 @@ def _exact_grads(spec, idx, grad, grads):
     extra = spec.extra or None
     n_extra = len(spec.extra)
     keys = torch.arange(k.shape[1], device=k.device)[None, :]
-    rows = _exact_rows_per_chunk(k, v)
+    rows = _exact_rows_per_chunk(k, v, _bias_width(spec))
     for chunk, g in zip(idx.split(rows), grad.split(rows)):
         logits, values = _exact_logits(k, v, spec.valid, chunk, rows_fn, spec.causal, spec.offset, extra)
         p = _softmax_rows(logits)
