@@ -73,9 +73,21 @@ def _recurrence(projected, weight_hh, bias_hh, *, rnn_type, window, num_out, kee
             continue
         gates = step_in if hidden is None else torch.baddbmm(step_in, hidden, weight_t)
         if rnn_type == "rnn":
-            hidden = torch.tanh(gates)
+            hidden = gates.tanh_() if in_place and hidden is not None else torch.tanh(gates)
             if keep:
                 saved.append((hidden,))
+            continue
+        if in_place:  # the activated gates in one tensor (kept for the backward when `keep`)
+            gates = gates if hidden is not None else gates.clone()  # step 0: `gates` is a view of `projected`
+            gates[..., : 2 * hidden_size].sigmoid_()
+            gates[..., 2 * hidden_size : 3 * hidden_size].tanh_()
+            gates[..., 3 * hidden_size :].sigmoid_()
+            in_gate, forget_gate, candidate, out_gate = gates.chunk(4, dim=-1)
+            new_cell = in_gate * candidate
+            cell = new_cell if cell is None else new_cell.addcmul_(forget_gate, cell)
+            hidden = torch.tanh(cell).mul_(out_gate)
+            if keep:
+                saved.append((hidden, gates, cell))
             continue
         in_gate, forget_gate, candidate, out_gate = gates.chunk(4, dim=-1)
         if keep:  # the activated gates in one tensor, for the backward
@@ -140,7 +152,7 @@ def _recurrence_backward(saved, grad_hidden, weight_hh, *, rnn_type, num_out, gr
             grad_hidden = (grad_hh @ weight_hh).addcmul_(grad_hidden, update)
         elif rnn_type == "rnn":
             hidden = saved[step][0]
-            grad_hh = grad_gates = grad_hidden * (1 - hidden * hidden)
+            grad_hh = grad_gates = (hidden * hidden).neg_().add_(1).mul_(grad_hidden)  # g (1 - h^2)
             grad_projected[:, step : step + num_out] += grad_gates
             if prev is None:
                 break
@@ -148,29 +160,32 @@ def _recurrence_backward(saved, grad_hidden, weight_hh, *, rnn_type, num_out, gr
         else:
             _, gates, cell = saved[step]
             in_gate, forget_gate, candidate, out_gate = gates.chunk(4, dim=-1)
+            if grad_hh is None:  # one buffer for the gates' pre-activation gradients [di, df, dg~, do], reused
+                grad_hh = gates.new_empty(gates.shape)
+            grad_in, grad_forget, grad_candidate, grad_out = grad_hh.chunk(4, dim=-1)
             tanh_cell = torch.tanh(cell)
-            grad_out = grad_hidden * tanh_cell
-            grad_c = grad_hidden * out_gate * (1 - tanh_cell * tanh_cell)
+            torch.mul(grad_hidden, tanh_cell, out=grad_out)  # do = g tanh(c)
+            # dc = g o (1 - tanh(c)^2) + the carried dc, in place on the fresh tanh(c)
+            grad_c = tanh_cell.mul_(tanh_cell).neg_().add_(1).mul_(out_gate).mul_(grad_hidden)
             if grad_cell is not None:
-                grad_c = grad_c + grad_cell
-            prev_cell = saved[step - 1][2] if step > 0 else None
-            sig_grads = torch.cat(
-                [grad_c * candidate, torch.zeros_like(grad_c) if prev_cell is None else grad_c * prev_cell], -1
-            )
-            sig_in_forget = gates[..., : 2 * hidden_size]
-            grad_gates = torch.cat(
-                [
-                    sig_grads * sig_in_forget * (1 - sig_in_forget),
-                    grad_c * in_gate * (1 - candidate * candidate),
-                    grad_out * out_gate * (1 - out_gate),
-                ],
-                -1,
-            )
-            grad_hh = grad_gates
-            grad_projected[:, step : step + num_out] += grad_gates
+                grad_c += grad_cell
+            torch.mul(grad_c, candidate, out=grad_in)  # di = dc g~
+            if step > 0:
+                torch.mul(grad_c, saved[step - 1][2], out=grad_forget)  # df = dc c_{k-1}
+            else:
+                grad_forget.zero_()  # c_{-1} = 0
+            torch.mul(grad_c, in_gate, out=grad_candidate)  # dg~ = dc i
+            # through the activations: sigmoid' = s (1 - s) for i, f, o; tanh' = 1 - t^2 for g~
+            sig_if, grad_if = gates[..., : 2 * hidden_size], grad_hh[..., : 2 * hidden_size]
+            grad_if.mul_(sig_if)
+            grad_if.addcmul_(grad_if, sig_if, value=-1)
+            grad_candidate.addcmul_(grad_candidate, candidate * candidate, value=-1)
+            grad_out.mul_(out_gate)
+            grad_out.addcmul_(grad_out, out_gate, value=-1)
+            grad_projected[:, step : step + num_out] += grad_hh
             if prev is None:
                 break
-            grad_cell = grad_c * forget_gate
+            grad_cell = grad_c.mul_(forget_gate)  # dc_{k-1} = dc f
             grad_hidden = grad_hh @ weight_hh
         grad_weight_hh.addmm_(
             grad_hh.reshape(-1, grad_hh.shape[-1]).t().float(), prev.reshape(-1, hidden_size).float()
