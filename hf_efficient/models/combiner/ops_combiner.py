@@ -312,16 +312,17 @@ def num_logsparse_levels(length: int) -> int:
 _SMALL_BLOCK = 32
 
 
-def _block_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """`x (..., n, s, D)`, `y (..., n, D)` -> `(..., n, s)`: each row of a block dotted with its block's vector."""
-    if x.shape[-2] < _SMALL_BLOCK:
+def _block_dots(x: torch.Tensor, y: torch.Tensor, elementwise: bool = True) -> torch.Tensor:
+    """`x (..., n, s, D)`, `y (..., n, D)` -> `(..., n, s)`: each row of a block dotted with its block's vector.
+    `elementwise=False`: matmuls at every block size (no temporary the size of `x`)."""
+    if elementwise and x.shape[-2] < _SMALL_BLOCK:
         return (x * y[..., None, :]).sum(-1)
     return (x @ y[..., None])[..., 0]
 
 
-def _block_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _block_mix(w: torch.Tensor, x: torch.Tensor, elementwise: bool = True) -> torch.Tensor:
     """`w (..., n, s)`, `x (..., n, s, Dv)` -> `(..., n, Dv)`: the `w`-weighted sum of each block's rows."""
-    if x.shape[-2] < _SMALL_BLOCK:
+    if elementwise and x.shape[-2] < _SMALL_BLOCK:
         return (w[..., None] * x).sum(-2)
     return (w[..., None, :] @ x)[..., 0, :]
 
@@ -342,9 +343,12 @@ def _logsparse_counts(real: torch.Tensor, levels: int) -> list[torch.Tensor]:
     return counts
 
 
-def _logsparse_summaries(q, k, v, real, levels: int, span_summary: str) -> tuple[torch.Tensor, ...]:
+def _logsparse_summaries(
+    q, k, v, real, levels: int, span_summary: str, elementwise: bool = True
+) -> tuple[torch.Tensor, ...]:
     """Keys and values of the aligned blocks of every level (level 0: the tokens themselves), pooled pairwise from
-    the level below: `(*keys (B, H, P / 2^l, D), *values (B, H, P / 2^l, Dv))`. O(P) entries in all."""
+    the level below: `(*keys (B, H, P / 2^l, D), *values (B, H, P / 2^l, Dv))`. O(P) entries in all.
+    `elementwise=False` (long, segmented sequences): matmul block products only, no `(B, H, P, D)` temporaries."""
     batch_size = q.shape[0]
     padded = q.shape[2]
     counts = _logsparse_counts(real, levels)
@@ -368,11 +372,11 @@ def _logsparse_summaries(q, k, v, real, levels: int, span_summary: str) -> tuple
         else:
             span_query, span_key = pooled_q, pooled_k
         kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
-        inner = _block_dots(kb, span_query)  # pooled query vs its own block's keys (B, H, n, size)
+        inner = _block_dots(kb, span_query, elementwise)  # pooled query vs its own block's keys (B, H, n, size)
         block_real = real.view(batch_size, 1, num_blocks, size)
         weights = _softmax(inner, block_real.expand_as(inner)).to(v.dtype)
         span_keys.append(span_key)
-        span_values.append(_block_mix(weights, vb))
+        span_values.append(_block_mix(weights, vb, elementwise))
     return (*span_keys, *span_values)
 
 
@@ -432,7 +436,11 @@ def logsparse_attention(
     span_real = [count > 0 for count in _logsparse_counts(real, levels)]
     per_segment = _segment_rows(segment_size, length, 1, q, k, v)
     summaries = _recomputed(
-        lambda q, k, v: _logsparse_summaries(q, k, v, real, levels, span_summary), per_segment, q, k, v
+        lambda q, k, v: _logsparse_summaries(q, k, v, real, levels, span_summary, not per_segment),
+        per_segment,
+        q,
+        k,
+        v,
     )
     span_keys, span_values = summaries[:levels], summaries[levels:]
 
