@@ -297,3 +297,28 @@ def test_model_recomputes_steps_only_above_the_segment_length(monkeypatch, segme
         assert [keep for _, keep, _ in calls] == [True] * 6 and [n for *_, n in calls] == [4, 4, 3] * 2
     else:
         assert [(keep, n) for _, keep, n in forward] == [(True, length)] * 2 and not calls
+
+
+@pytest.mark.parametrize("segment", [10**6, 3])
+@pytest.mark.parametrize("rnn_type", ["gru", "lstm", "rnn"])
+def test_ops_trace_without_graph_breaks_and_compiled_gradients_equal_eager(rnn_type, segment):
+    """torch.compile traces the Functions (forward and hand-written backward) without graph breaks, and the traced
+    graphs give the eager gradients."""
+    torch._dynamo.reset()
+    rnn, context, x, mask = _case(rnn_type, 3, length=7)
+    params = [rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0]
+    norm_weight = torch.randn(x.shape[-1], requires_grad=True)
+
+    def loss(context, x):
+        normed = official_layer_norm(x, norm_weight, params[2][: x.shape[-1]], 1e-6)
+        out = local_rnn(torch.cat([context, normed], 1), *params, rnn_type=rnn_type, window=3, segment=segment)
+        return (out * out).sum()
+
+    explanation = torch._dynamo.explain(loss)(context, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    leaves = [context, x, norm_weight, *params]
+    eager = torch.autograd.grad(loss(context, x), leaves)
+    # aot_eager: the traced forward and backward graphs run eagerly (inductor's code generation takes minutes on CPU)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(context, x), leaves)
+    for got, expected in zip(compiled, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -130,19 +130,21 @@ def _recurrence_backward(saved, grad_hidden, weight_hh, *, rnn_type, num_out, gr
         if rnn_type == "gru":
             _, reset_update, new, hh_n = saved[step]
             reset, update = reset_update.chunk(2, dim=-1)
-            if grad_hh is None:  # one buffer for [da_r, da_z, d(W_hn h + b_hn)], reused by every step
+            # One buffer for [da_r, da_z, d(W_hn h + b_hn)], reused by every step and filled through in-place ops on
+            # its slices (no `out=` into non-contiguous views, which torch.compile does not trace).
+            if grad_hh is None:
                 grad_hh = reset_update.new_empty(*reset_update.shape[:-1], 3 * hidden_size)
             grad_rz, grad_hh_n = grad_hh[..., : 2 * hidden_size], grad_hh[..., 2 * hidden_size :]
             grad_a_n = torch.addcmul(grad_hidden, grad_hidden, update, value=-1)  # dn = g (1 - z)
             grad_a_n.addcmul_(grad_a_n, new * new, value=-1)  # da_n = dn (1 - n^2)
-            torch.mul(grad_a_n, hh_n, out=grad_rz[..., :hidden_size])  # dr
+            grad_rz[..., :hidden_size].copy_(grad_a_n).mul_(hh_n)  # dr
             if prev is None:
-                torch.mul(grad_hidden, new, out=grad_rz[..., hidden_size:]).neg_()  # dz = g (0 - n)
+                grad_rz[..., hidden_size:].copy_(grad_hidden).mul_(new).neg_()  # dz = g (0 - n)
             else:
-                torch.sub(prev, new, out=grad_rz[..., hidden_size:]).mul_(grad_hidden)  # dz = g (h_prev - n)
+                grad_rz[..., hidden_size:].copy_(prev).sub_(new).mul_(grad_hidden)  # dz = g (h_prev - n)
             grad_rz.mul_(reset_update)  # times sigmoid' = s (1 - s), in place
             grad_rz.addcmul_(grad_rz, reset_update, value=-1)
-            torch.mul(grad_a_n, reset, out=grad_hh_n)
+            grad_hh_n.copy_(grad_a_n).mul_(reset)
             grad_b_hn += grad_hh_n.sum(dim=(0, 1), dtype=torch.float32)
             grad_step = grad_projected[:, step : step + num_out]
             grad_step[..., : 2 * hidden_size] += grad_rz
@@ -164,17 +166,17 @@ def _recurrence_backward(saved, grad_hidden, weight_hh, *, rnn_type, num_out, gr
                 grad_hh = gates.new_empty(gates.shape)
             grad_in, grad_forget, grad_candidate, grad_out = grad_hh.chunk(4, dim=-1)
             tanh_cell = torch.tanh(cell)
-            torch.mul(grad_hidden, tanh_cell, out=grad_out)  # do = g tanh(c)
+            grad_out.copy_(grad_hidden).mul_(tanh_cell)  # do = g tanh(c)
             # dc = g o (1 - tanh(c)^2) + the carried dc, in place on the fresh tanh(c)
             grad_c = tanh_cell.mul_(tanh_cell).neg_().add_(1).mul_(out_gate).mul_(grad_hidden)
             if grad_cell is not None:
                 grad_c += grad_cell
-            torch.mul(grad_c, candidate, out=grad_in)  # di = dc g~
+            grad_in.copy_(grad_c).mul_(candidate)  # di = dc g~
             if step > 0:
-                torch.mul(grad_c, saved[step - 1][2], out=grad_forget)  # df = dc c_{k-1}
+                grad_forget.copy_(grad_c).mul_(saved[step - 1][2])  # df = dc c_{k-1}
             else:
                 grad_forget.zero_()  # c_{-1} = 0
-            torch.mul(grad_c, in_gate, out=grad_candidate)  # dg~ = dc i
+            grad_candidate.copy_(grad_c).mul_(in_gate)  # dg~ = dc i
             # through the activations: sigmoid' = s (1 - s) for i, f, o; tanh' = 1 - t^2 for g~
             sig_if, grad_if = gates[..., : 2 * hidden_size], grad_hh[..., : 2 * hidden_size]
             grad_if.mul_(sig_if)
@@ -226,7 +228,6 @@ class _LocalRNN(torch.autograd.Function):
         inputs, weight_ih, weight_hh, bias_ih, bias_hh, *steps = ctx.saved_tensors
         rnn_type, window, segment, per_step = ctx.config
         kept = [tuple(steps[i : i + per_step]) for i in range(0, len(steps), per_step)] if per_step else None
-        del steps
         num_out = grad_output.shape[1]
         hidden_size = weight_hh.shape[1]
         bias_in = _folded_input_bias(bias_ih, bias_hh, rnn_type, hidden_size)
