@@ -258,6 +258,32 @@ def test_running_pool_is_exclusive_and_masked():
     assert pooled.tolist() == [[0.0, 3.0, 1.0, 1.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("length", [2, 3, 7, 16])
+def test_running_max_equals_cummax_form(dtype, reverse, length, monkeypatch):
+    """The eager running max (doubling steps, custom backward) against the cummax form used while compiling:
+    the same values, nonempty flags and gradients (ties included: integer-valued inputs; masked and empty spans)."""
+    gen = torch.Generator().manual_seed(length)
+    x = torch.randint(-3, 4, (2, 3, length, 5), generator=gen).to(dtype)  # many ties
+    real = torch.rand(2, 1, length, 1, generator=gen) > 0.3
+    real[0, 0, :, 0] = False  # a line with no real entry
+    # Integer gradients: their sums are exact in any order (the two forms accumulate in different orders).
+    grad = torch.randint(-4, 5, (2, 3, length, 5), generator=gen).to(dtype)
+
+    def run():
+        leaf = x.clone().requires_grad_(True)
+        pooled, nonempty = cumulative_pool(leaf, real, dim=2, span_summary="max", reverse=reverse)
+        pooled.backward(grad)
+        return pooled, nonempty, leaf.grad
+
+    eager = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced_form = run()
+    for a, b in zip(eager, traced_form):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------- sub-quadratic for real
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces."""

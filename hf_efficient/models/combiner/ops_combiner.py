@@ -167,6 +167,78 @@ def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> to
     return total / real.sum(dim=dim).clamp(min=1).to(x.dtype)
 
 
+def _doubling_scan(x: torch.Tensor, dim: int, op: Callable, reverse: bool) -> torch.Tensor:
+    """Inclusive running `op` (torch.maximum / torch.minimum) along `dim` (from the end when `reverse`), by
+    ceil(log2 n) vectorised doubling steps (Hillis-Steele) between two buffers: the same values as `cummax` /
+    `cummin`, which scan element by element and are several times slower on CPU. Returns a fresh tensor."""
+    n = x.shape[dim]
+    buffers = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2 if n > 2 else 1)]
+    step, source = 1, x
+    while step < n:
+        target = buffers[0] if source is not buffers[0] else buffers[-1]
+        if reverse:
+            target.narrow(dim, n - step, step).copy_(source.narrow(dim, n - step, step))
+            op(
+                source.narrow(dim, 0, n - step),
+                source.narrow(dim, step, n - step),
+                out=target.narrow(dim, 0, n - step),
+            )
+        else:
+            target.narrow(dim, 0, step).copy_(source.narrow(dim, 0, step))
+            op(
+                source.narrow(dim, step, n - step),
+                source.narrow(dim, 0, n - step),
+                out=target.narrow(dim, step, n - step),
+            )
+        source = target
+        step *= 2
+    return source if source is not x else x.clone()
+
+
+class _ExclusiveRunningMax(torch.autograd.Function):
+    """Exclusive running max of `x` over the entries where `real`, 0 where `nonempty` is False: the `max` branch of
+    `cumulative_pool`, with `cummax`'s exact values and gradients (the whole gradient of an output entry goes to the
+    last maximal entry of its span in scan order, as `cummax` picks it) but computed by doubling steps. Kept for the
+    backward: the argmax indices only (int64, as `cummax` keeps them)."""
+
+    @staticmethod
+    def forward(ctx, x, real, nonempty, dim: int, reverse: bool):
+        n = x.shape[dim]
+        masked = x.masked_fill(~real, float("-inf"))
+        running = _doubling_scan(masked, dim, torch.maximum, reverse)  # inclusive
+        out = torch.zeros_like(running)
+        if reverse:
+            out.narrow(dim, 0, n - 1).copy_(running.narrow(dim, 1, n - 1))
+        else:
+            out.narrow(dim, 1, n - 1).copy_(running.narrow(dim, 0, n - 1))
+        out.masked_fill_(~nonempty, 0.0)
+        if ctx.needs_input_grad[0]:
+            # Argmax of the inclusive running max at each entry: the last (first, scanning from the end) entry that
+            # reaches the running max, i.e. cummax's index (ties go to the entry scanned last).
+            position = torch.arange(n, device=x.device, dtype=torch.int32).view(n, *([1] * (x.dim() - dim - 1)))
+            reaches = masked == running
+            if reverse:
+                index = _doubling_scan(torch.where(reaches, position, n), dim, torch.minimum, True)
+            else:
+                index = _doubling_scan(torch.where(reaches, position, 0), dim, torch.maximum, False)
+            ctx.save_for_backward(index, nonempty)  # int32: half of cummax's int64 indices
+        ctx.dim, ctx.reverse, ctx.n = dim, reverse, n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, nonempty = ctx.saved_tensors
+        index = index.long()
+        dim, n = ctx.dim, ctx.n
+        grad = grad.masked_fill(~nonempty, 0.0)
+        grad_x = torch.zeros(index.shape, dtype=grad.dtype, device=grad.device)
+        if ctx.reverse:  # output entry t reads the running max at t + 1
+            grad_x.scatter_add_(dim, index.narrow(dim, 1, n - 1), grad.narrow(dim, 0, n - 1))
+        else:
+            grad_x.scatter_add_(dim, index.narrow(dim, 0, n - 1), grad.narrow(dim, 1, n - 1))
+        return grad_x, None, None, None, None
+
+
 def cumulative_pool(
     x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str, reverse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,10 +249,22 @@ def cumulative_pool(
     This is the summary of the spans "column above the current row" and "row left / right of the current column"
     of Combiner-Mixture: O(size of x), no quadratic work. (The official TF code's `approx_cummax` is a cumsum; this
     is a real running max for `max`, as in the official JAX code.)
+
+    Eagerly, `max` runs `_ExclusiveRunningMax` (doubling steps, no flips; cummax's values and gradients); while
+    compiling or exporting, the plain cummax form below (same maths), which traces with a symbolic length.
     """
+    dim = dim % x.dim()
+    length = x.shape[dim]
+    if span_summary == "max" and length > 1 and not torch.compiler.is_compiling():
+        with torch.no_grad():
+            inclusive = real.to(torch.int32).cumsum(dim)
+            if reverse:  # real entries strictly after t: total - inclusive count up to t
+                nonempty = inclusive.narrow(dim, length - 1, 1) > inclusive
+            else:  # strictly before t
+                nonempty = inclusive > real
+        return _ExclusiveRunningMax.apply(x, real, nonempty, dim, reverse), nonempty
     if reverse:
         x, real = x.flip(dim), real.flip(dim)
-    length = x.shape[dim]
 
     def shift(t: torch.Tensor, fill) -> torch.Tensor:
         # Exclusive: move everything one step along `dim`, the first entry becoming the empty span.
