@@ -152,6 +152,23 @@ def _by_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tens
     return torch.cat(outputs, dim=2)
 
 
+def _split_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """As `_by_segments`, for inputs that each segment reads along dim 2 only: `fn(r0, r1, *pieces)` gets the rows
+    `[r0, r1)` of every tensor (split outside the checkpoint, so a segment's backward returns gradients of its
+    pieces only, gathered by one concatenation at the end, instead of a full-size gradient per input and segment)."""
+    if not per_segment:
+        return fn(0, rows, *tensors)
+    sizes = [min(per_segment, rows - r0) for r0 in range(0, rows, per_segment)]
+    pieces = [t.split(sizes, dim=2) for t in tensors]
+    outputs = [
+        torch.utils.checkpoint.checkpoint(
+            fn, r0, r0 + size, *(p[i] for p in pieces), use_reentrant=False, preserve_rng_state=False
+        )
+        for i, (r0, size) in enumerate(zip(range(0, rows, per_segment), sizes))
+    ]
+    return torch.cat(outputs, dim=2)
+
+
 def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> torch.Tensor:
     """Pool `x` over `dim` using only the entries where `real` (broadcastable bool) is True.
 
@@ -745,23 +762,23 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool
     idx = torch.arange(line, device=qb.device)
     inside = idx[None, :] > idx[:, None] if reverse else idx[None, :] < idx[:, None]  # [entry e, member j]
 
-    def pooled_keys(l0, l1, kb):
-        return cumulative_pool(kb[:, :, l0:l1], real_e[:, :, l0:l1], 3, span_summary, reverse)[0]
+    def pooled_keys(l0, l1, kb):  # kb: lines [l0, l1)
+        return cumulative_pool(kb, real_e[:, :, l0:l1], 3, span_summary, reverse)[0]
 
     # Segmented: by segments of lines too (a running pool needs its own line only), so that the pool's temporaries
     # (masked copy, running max and its indices, shift) are one segment's, and none is kept for the backward.
-    span_key = _by_segments(pooled_keys, qb.shape[2], per_segment, kb)
+    span_key = _split_segments(pooled_keys, qb.shape[2], per_segment, kb)
     with torch.no_grad():
         _, nonempty = cumulative_pool(real_e, real_e, 3, "sum", reverse)  # (B, 1, N, n, 1): a real entry in the span
 
-    def values(l0, l1, qb, kb, vb):
-        span_query, _ = cumulative_pool(qb[:, :, l0:l1], real_e[:, :, l0:l1], 3, span_summary, reverse)
-        logits = span_query @ kb[:, :, l0:l1].transpose(-1, -2)  # (B, H, l, n, n): entry e vs member j
+    def values(l0, l1, qb, kb, vb):  # lines [l0, l1)
+        span_query, _ = cumulative_pool(qb, real_e[:, :, l0:l1], 3, span_summary, reverse)
+        logits = span_query @ kb.transpose(-1, -2)  # (B, H, l, n, n): entry e vs member j
         ok = inside & real_b[:, :, l0:l1, None, :]
         weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
-        return weights @ vb[:, :, l0:l1]
+        return weights @ vb
 
-    value = _by_segments(values, qb.shape[2], per_segment, qb, kb, vb)
+    value = _split_segments(values, qb.shape[2], per_segment, qb, kb, vb)
     return span_key, value, nonempty[..., 0]
 
 
@@ -833,40 +850,72 @@ def mixture_attention(
     nonempty_col = [nonempty.transpose(2, 3) for _, _, nonempty in column_spans]  # (B, 1, R, C) at (r, m)
     nonempty_row = [nonempty.transpose(2, 3)[:, :, None] for _, _, nonempty in row_spans]  # (B, 1, 1, C, R) at (t, c)
 
-    def segment(r0, r1, qb, kb, vb, qt, kt, vt, *summaries):
-        qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
-        qct = qt[:, :, :, r0:r1]  # (B, H, C, r, D)
-        own_other_row = other_row[r0:r1, None, :]  # (r, 1, R)
+    # Inputs of the joint softmax, column-major (B, H, C, R, .): the column spans' summaries (read by a segment at its
+    # own rows) and the column group: the own column and the row spans' summaries, read at every row above the
+    # segment when causal, at every row otherwise. Segmented, the column group is made contiguous once (its prefixes
+    # are then read by the products in place, with no per-segment concatenation; the row-major summaries are
+    # released), and each segment gets the prefix it reads as a view (sliced outside the checkpoint).
+    col_summaries = [t for key, value, _ in column_spans for t in (key, value)]
+    column_group = [kt, vt, *(t.transpose(2, 3) for key, value, _ in row_spans for t in (key, value))]
+    del column_spans, row_spans
+    if per_segment:
+        column_group = [t.contiguous() for t in column_group]
+
+    def segment(r0, r1, qc, kc, vc, qct, *rest):
+        # qc, kc, vc: rows [r0, r1) of the row-major grid; qct and the column spans' summaries (rest[:2 num_col]):
+        # those rows of the column-major grid; then the column group (rest[2 num_col:]), rows [0, top).
         width = (batch_size, 1, r1 - r0, cols)  # masks: (B, 1, r, C, .), the same for every head
-        # Two groups of keys, each one batched matmul. Row group (keys of query row r, row-major): the own row and
-        # the column spans (r, m). Column group (keys of query column c, column-major): the own column and the row
-        # spans (t, c). One softmax over [row group, column group] per query.
-        col_summaries = [t.transpose(2, 3) for t in summaries[: 2 * num_col]]  # (B, H, R, C, .) row-major views
-        row_summaries = [t.transpose(2, 3) for t in summaries[2 * num_col :]]  # (B, H, C, R, .) column-major views
-        row_keys = torch.cat([kb[:, :, r0:r1], *(t[:, :, r0:r1] for t in col_summaries[0::2])], dim=3)
-        row_values = torch.cat([vc, *(t[:, :, r0:r1] for t in col_summaries[1::2])], dim=3)
+        # Row group (keys of query row r, row-major): the own row and the column spans (r, m). Column group (keys of
+        # query column c, column-major): the own column and the row spans (t, c). One softmax over both groups.
+        col_rows = [t.transpose(2, 3) for t in rest[: 2 * num_col]]  # (B, H, r, C, .) row-major views
+        group = rest[2 * num_col :]
+        row_keys = torch.cat([kc, *col_rows[0::2]], dim=3)
+        row_values = torch.cat([vc, *col_rows[1::2]], dim=3)
         # Causal: only the rows above the segment's last one are allowed in the column group (the rest would be
         # masked to exactly 0), so a segment reads rows [0, r1) only.
-        top = r1 if causal else rows
-        col_keys = torch.cat([kt[:, :, :, :top], *(t[:, :, :, :top] for t in row_summaries[0::2])], dim=3)
-        col_values = torch.cat([vt[:, :, :, :top], *(t[:, :, :, :top] for t in row_summaries[1::2])], dim=3)
+        top = group[0].shape[3]
+        own_other_row = other_row[r0:r1, None, :top]  # (r, 1, top)
         row_ok = real_b[:, :, r0:r1, None, :]
         row_masks = [(row_ok & row_causal if causal else row_ok).expand(*width, cols)]  # own row (prefix)
         row_masks += [(other_col & nonempty[:, :, r0:r1, None, :]).expand(*width, cols) for nonempty in nonempty_col]
-        own_other_row = own_other_row[..., :top]
         col_masks = [(own_other_row & column_real[..., :top]).expand(*width, top)]  # own column, other rows
         col_masks += [(own_other_row & nonempty[..., :top]).expand(*width, top) for nonempty in nonempty_row]
-        p_row, p_col = _joint_softmax(
-            [
-                (qc @ row_keys.transpose(-1, -2), torch.cat(row_masks, dim=-1)),  # (B, H, r, C, C (1 + spans))
-                ((qct @ col_keys.transpose(-1, -2)).transpose(2, 3), torch.cat(col_masks, dim=-1)),  # (., top (1 + 2))
-            ],
-            vc.dtype,
-        )
-        return p_row @ row_values + (p_col.transpose(2, 3) @ col_values).transpose(2, 3)
+        row_part = (qc @ row_keys.transpose(-1, -2), torch.cat(row_masks, dim=-1))  # (B, H, r, C, C (1 + spans))
+        if not per_segment:  # one batched matmul per group (the column group concatenated once)
+            col_keys, col_values = (torch.cat(group[i::2], dim=3) for i in (0, 1))
+            col_part = ((qct @ col_keys.transpose(-1, -2)).transpose(2, 3), torch.cat(col_masks, dim=-1))
+            p_row, p_col = _joint_softmax([row_part, col_part], vc.dtype)
+            return p_row @ row_values + (p_col.transpose(2, 3) @ col_values).transpose(2, 3)
+        # Segmented: one product per member of the column group, on its contiguous prefix in place.
+        col_parts = [
+            ((qct @ key.transpose(-1, -2)).transpose(2, 3), mask) for key, mask in zip(group[0::2], col_masks)
+        ]
+        p_row, *p_cols = _joint_softmax([row_part, *col_parts], vc.dtype)
+        out = p_row @ row_values
+        for p_col, value in zip(p_cols, group[1::2]):
+            out = out + (p_col.transpose(2, 3) @ value).transpose(2, 3)
+        return out
 
-    summaries = [t for key, value, _ in (*column_spans, *row_spans) for t in (key, value)]
-    out = _by_segments(segment, rows, per_segment, qb, kb, vb, qt, kt, vt, *summaries)
+    if not per_segment:
+        out = segment(0, rows, qb, kb, vb, qt, *col_summaries, *column_group)
+    else:
+        # Inputs split into segments of rows outside the checkpoints (views), so that a segment's backward returns
+        # gradients of what it read, gathered once per input by the split's backward (no full-size gradient per
+        # input and segment); the column group's prefixes are views too.
+        sizes = [min(per_segment, rows - r0) for r0 in range(0, rows, per_segment)]
+        row_pieces = [t.split(sizes, dim=2) for t in (qb, kb, vb)]
+        column_pieces = [t.split(sizes, dim=3) for t in (qt, *col_summaries)]
+        outputs = []
+        for i, r0 in enumerate(range(0, rows, per_segment)):
+            r1 = r0 + sizes[i]
+            group_args = [t[:, :, :, :r1] for t in column_group] if causal else column_group
+            args = [*(p[i] for p in row_pieces), *(p[i] for p in column_pieces), *group_args]
+            outputs.append(
+                torch.utils.checkpoint.checkpoint(
+                    segment, r0, r1, *args, use_reentrant=False, preserve_rng_state=False
+                )
+            )
+        out = torch.cat(outputs, dim=2)
     return out.flatten(2, 3)[:, :, :length]
 
 
