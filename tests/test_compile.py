@@ -17,6 +17,11 @@ from hf_efficient.models.ngram_transformer import (
     NgramTransformerForCausalLM,
     NgramTransformerForConditionalGeneration,
 )
+from hf_efficient.models.r_transformer import (
+    RTransformerConfig,
+    RTransformerForCausalLM,
+    RTransformerForSequenceClassification,
+)
 from hf_efficient.models.sparse_mlp import SparseMLPConfig, SparseMLPForImageClassification
 
 
@@ -174,3 +179,63 @@ def test_gmlp_inductor_training_step_equals_eager():
     assert grads_compiled.keys() == grads_eager.keys()
     for name, grad in grads_eager.items():
         torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def r_transformer_config(**overrides):
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        local_window=3,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+        problem_type="single_label_classification",
+    )
+    return RTransformerConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("head", [RTransformerForCausalLM, RTransformerForSequenceClassification])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_r_transformer_exports_equal_to_eager(head, dynamic):
+    """torch.export of R-Transformer heads with a static length and with a dynamic one (any length: the LocalRNN runs
+    in one piece for a symbolic length); the program's logits equal eager ones on left-padded batches."""
+    torch.manual_seed(0)
+    model = head(r_transformer_config()).eval()
+    causal = head is RTransformerForCausalLM
+    ids, mask = _text_inputs()
+    inputs = {"input_ids": ids, "attention_mask": mask} | ({"use_cache": False} if causal else {})
+    shapes = None
+    if dynamic:
+        length = torch.export.Dim("length", min=2, max=64)
+        shapes = {name: ({1: length} if name != "use_cache" else None) for name in inputs}
+    program = torch.export.export(model, (), inputs, dynamic_shapes=shapes)
+    for length in [7, 16, 33] if dynamic else [16]:
+        ids, mask = _text_inputs(length)
+        inputs = {"input_ids": ids, "attention_mask": mask} | ({"use_cache": False} if causal else {})
+        with torch.no_grad():
+            expected = model(**inputs).logits
+            got = program.module()(**inputs).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_r_transformer_compiled_step_equals_eager_and_breaks_only_at_the_rnn_container():
+    """The LocalRNN's parameters live in an `nn.GRU` (the official checkpoint layout); dynamo does not trace into
+    `nn.RNNBase` modules, so the whole-model step breaks the graph there and nowhere else (the ops themselves compile
+    with `fullgraph=True`: tests/test_r_transformer_ops.py). The compiled step gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    model = RTransformerForCausalLM(r_transformer_config()).train()
+    ids, mask = _text_inputs()
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+
+    def step(**kwargs):
+        return model(**kwargs).loss
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(**inputs)
+    reasons = [reason.reason.split("\n")[0] for reason in explanation.break_reasons]
+    assert reasons and all("RNN, GRU, or LSTM" in reason for reason in reasons), reasons
+    _compare(model, inputs, fullgraph=False)

@@ -347,8 +347,10 @@ class RTransformerModel(RTransformerPreTrainedModel):
                 key_mask if key_mask is not None else hidden_states.new_ones(batch_size, seq_len, dtype=torch.long)
             )
             cache.update_states(0, 0, attention_mask=stored.long())
-        if key_mask is not None and bool(key_mask.all()):
-            key_mask = None  # nothing padded: the fast paths
+        # Nothing padded: the fast paths. Not in a compiled / exported graph, which must not branch on data (the
+        # masked path gives the same result for a mask of ones).
+        if key_mask is not None and not torch.compiler.is_compiling() and bool(key_mask.all()):
+            key_mask = None
         token_mask = key_mask[:, -seq_len:] if key_mask is not None else None
         mask = causal_attention_mask(
             key_mask,

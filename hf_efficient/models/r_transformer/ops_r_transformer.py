@@ -206,11 +206,16 @@ class _LocalRNN(torch.autograd.Function):
         num_out = inputs.shape[1] - (window - 1)
         hidden_size = weight_hh.shape[1]
         bias_in = _folded_input_bias(bias_ih, bias_hh, rnn_type, hidden_size)
-        one_piece = num_out <= segment
+        if isinstance(num_out, torch.SymInt):
+            # A symbolic length (torch.export / compile with a dynamic length): one piece, so that the graph does not
+            # specialise on the length (a Python loop over segments would); the steps are kept.
+            one_piece, bounds = True, [(0, num_out)]
+        else:
+            one_piece = num_out <= segment
+            bounds = [(start, min(start + segment, num_out)) for start in range(0, num_out, segment)]
         outputs = []
         saved = None
-        for start in range(0, num_out, segment):
-            stop = min(start + segment, num_out)
+        for start, stop in bounds:
             projected = F.linear(inputs[:, start : stop + window - 1], weight_ih, bias_in)
             hidden, saved = _recurrence(
                 projected, weight_hh, bias_hh, rnn_type=rnn_type, window=window, num_out=stop - start, keep=one_piece
