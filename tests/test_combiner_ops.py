@@ -260,7 +260,7 @@ def test_running_pool_is_exclusive_and_masked():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("length", [2, 3, 7, 16])
+@pytest.mark.parametrize("length", [2, 3, 7, 16, 300])  # 300: int32 indices (uint8 up to 255)
 def test_running_max_equals_cummax_form(dtype, reverse, length, monkeypatch):
     """The eager running max (doubling steps, custom backward) against the cummax form used while compiling:
     the same values, nonempty flags and gradients (ties included: integer-valued inputs; masked and empty spans)."""

@@ -232,13 +232,15 @@ class _ExclusiveRunningMax(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Argmax of the inclusive running max at each entry: the last (first, scanning from the end) entry that
             # reaches the running max, i.e. cummax's index (ties go to the entry scanned last).
-            position = torch.arange(n, device=x.device, dtype=torch.int32).view(n, *([1] * (x.dim() - dim - 1)))
-            reaches = masked == running
+            # Small integers (uint8 up to 255 entries): the candidate positions are a product, not a `where`.
+            index_dtype = torch.uint8 if n <= 255 else torch.int32
+            position = torch.arange(n, device=x.device, dtype=index_dtype).view(n, *([1] * (x.dim() - dim - 1)))
+            reaches = (masked == running).to(index_dtype)
             if reverse:
-                index = _doubling_scan(torch.where(reaches, position, n), dim, torch.minimum, True)
+                index = _doubling_scan(n - reaches * (n - position), dim, torch.minimum, True)
             else:
-                index = _doubling_scan(torch.where(reaches, position, 0), dim, torch.maximum, False)
-            ctx.save_for_backward(index, nonempty)  # int32: half of cummax's int64 indices
+                index = _doubling_scan(reaches * position, dim, torch.maximum, False)
+            ctx.save_for_backward(index, nonempty)  # uint8 / int32, not cummax's int64
         ctx.dim, ctx.reverse, ctx.n = dim, reverse, n
         return out
 
