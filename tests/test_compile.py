@@ -239,3 +239,18 @@ def test_r_transformer_compiled_step_equals_eager_and_breaks_only_at_the_rnn_con
     reasons = [reason.reason.split("\n")[0] for reason in explanation.break_reasons]
     assert reasons and all("RNN, GRU, or LSTM" in reason for reason in reasons), reasons
     _compare(model, inputs, fullgraph=False)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_sparse_mlp_classifier_exports_equal_to_eager(capacity_factor):
+    """torch.export of the image classifier (in a graph the default experts run the grouped matmul, no data-dependent
+    buffer size); the program's logits equal eager ones on other images."""
+    torch.manual_seed(0)
+    model = SparseMLPForImageClassification(sparse_config(capacity_factor=capacity_factor)).eval()
+    generator = torch.Generator().manual_seed(2)
+    program = torch.export.export(model, (), {"pixel_values": torch.randn(4, 3, 16, 16, generator=generator)})
+    pixels = torch.randn(4, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+        got = program.module()(pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
