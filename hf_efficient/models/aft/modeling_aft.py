@@ -21,6 +21,7 @@ from .common import (
     PatchEmbeddings,
     check_attention_mask,
     drop_path,
+    mask_if_padded,
     run_blocks,
     stochastic_depth_rates,
     token_embedding,
@@ -368,9 +369,9 @@ class AFTModel(AFTPreTrainedModel):
         # Reading the mask's values (is there padding at all?) is data-dependent control flow: it is skipped while
         # compiling or exporting, where the graph keeps the general, masked path.
         eager = not torch.compiler.is_compiling()
-        key_mask = None
-        if attention_mask is not None and not (eager and bool(attention_mask.all())):
-            key_mask = attention_mask[:, -seq_len:] != 0
+        key_mask = mask_if_padded(attention_mask)
+        if key_mask is not None:
+            key_mask = key_mask[:, -seq_len:] != 0
         if self.config.needs_positions and total_len > self.config.max_position_embeddings:
             raise ValueError(
                 f"Sequence length {total_len} exceeds max_position_embeddings={self.config.max_position_embeddings} "

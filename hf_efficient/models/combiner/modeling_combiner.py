@@ -20,6 +20,7 @@ from .common import (
     EfficientPreTrainedModel,
     FeedForward,
     check_attention_mask,
+    mask_if_padded,
     run_blocks,
 )
 from .configuration_combiner import CombinerConfig
@@ -275,9 +276,8 @@ class CombinerModel(CombinerPreTrainedModel):
         # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
         # skipped while compiling or exporting, where the graph keeps the general (packed, masked) path.
         eager = not torch.compiler.is_compiling()
-        new_mask = attention_mask[:, -seq_len:] if attention_mask is not None else None
-        if new_mask is not None and eager and bool(new_mask.all()):
-            new_mask = None  # no padding among these tokens: the fast paths
+        # no padding among these tokens: the fast paths
+        new_mask = mask_if_padded(attention_mask[:, -seq_len:] if attention_mask is not None else None)
 
         order = None
         decoding = cache is not None and past_length > 0

@@ -24,6 +24,7 @@ from .common import (
     check_attention_mask,
     drop_path,
     eager_attention_forward,
+    mask_if_padded,
     positions_from_mask,
     run_blocks,
     stochastic_depth_rates,
@@ -329,8 +330,7 @@ class GMLPModel(GMLPPreTrainedModel):
         # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
         # skipped while compiling or exporting, where the graph keeps the general (masked, gathered) path.
         eager = not torch.compiler.is_compiling()
-        if attention_mask is not None and eager and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the fast paths
+        attention_mask = mask_if_padded(attention_mask)  # no padding: take the fast paths
         explicit_positions = position_ids is not None
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, seq_len, inputs_embeds.device)

@@ -31,11 +31,12 @@ from .common import (
     check_attention_mask,
     eager_attention_forward,
     embed_inputs,
+    mask_if_padded,
     positions_from_mask,
 )
 from .configuration_ngram_transformer import NgramTransformerConfig
 from .heads import CausalLMHead
-from .ops_ngram_transformer import ngram_attention, padding_free, padding_mask, sinusoidal_positions
+from .ops_ngram_transformer import ngram_attention, padding_mask, sinusoidal_positions
 
 
 # ---------------------------------------------------------------------------------------------- decoding cache
@@ -394,7 +395,7 @@ class NgramTransformerDecoder(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, length, device)
         hidden_states = self.embedder("NgramTransformerDecoder", embeds, position_ids)
-        key_mask = padding_free(attention_mask)
+        key_mask = mask_if_padded(attention_mask)
         cross_mask = padding_mask(encoder_attention_mask)
 
         all_hidden = (hidden_states,) if output_hidden_states else None

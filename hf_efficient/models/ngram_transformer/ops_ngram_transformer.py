@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .common import mask_if_padded
+
 # attention_fn(query, key, value, mask, is_causal) -> (output (B, Lq, H, D), weights (B, H, Lq, Lk) or None), with
 # query (B, H, Lq, D), key / value (B, H, Lk, D) and a boolean mask (B, 1, Lq, Lk) (True = attend) or None.
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -139,19 +141,9 @@ def _dense(query, key, value, ngram_size, attention_fn, valid, implicit_causal, 
     return out, (weights if return_weights else None)
 
 
-def padding_free(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """None where the `(B, S)` 0/1 mask has no padding (the unmasked fast paths), else the mask itself.
-
-    In a compiled or exported graph the mask is always kept: whether it is all ones is data, and a graph must not
-    branch on data (the masked path gives the same result for a mask of ones)."""
-    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
-        return None
-    return attention_mask
-
-
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """`(B, S)` 0/1 key mask -> `(B, 1, 1, S)` boolean attention mask (True = attend), or None without padding."""
-    attention_mask = padding_free(attention_mask)
+    attention_mask = mask_if_padded(attention_mask)
     return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
@@ -170,7 +162,6 @@ __all__ = [
     "default_block_size",
     "ngram_attention",
     "ngram_band",
-    "padding_free",
     "padding_mask",
     "sinusoidal_positions",
 ]

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import EfficientPreTrainedModel, check_attention_mask, eager_attention_forward
+from .common import EfficientPreTrainedModel, check_attention_mask, eager_attention_forward, mask_if_padded
 from .configuration_r_transformer import RTransformerConfig
 from .heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
 from .ops_r_transformer import local_rnn, official_layer_norm
@@ -347,10 +347,7 @@ class RTransformerModel(RTransformerPreTrainedModel):
                 key_mask if key_mask is not None else hidden_states.new_ones(batch_size, seq_len, dtype=torch.long)
             )
             cache.update_states(0, 0, attention_mask=stored.long())
-        # Nothing padded: the fast paths. Not in a compiled / exported graph, which must not branch on data (the
-        # masked path gives the same result for a mask of ones).
-        if key_mask is not None and not torch.compiler.is_compiling() and bool(key_mask.all()):
-            key_mask = None
+        key_mask = mask_if_padded(key_mask)  # nothing padded: the fast paths
         token_mask = key_mask[:, -seq_len:] if key_mask is not None else None
         mask = causal_attention_mask(
             key_mask,

@@ -17,6 +17,16 @@ def _checking() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def mask_if_padded(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The `(B, L)` 0/1 mask where it has padding, None where it has none (the models' unmasked fast paths).
+
+    In a compiled or exported graph the mask is always kept: whether it is all ones is data, and a graph must not
+    branch on data (the masked paths give the same result for a mask of ones)."""
+    if attention_mask is None or (_checking() and bool(attention_mask.all())):
+        return None
+    return attention_mask
+
+
 def embed_inputs(
     model_name: str,
     *,
