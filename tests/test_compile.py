@@ -15,16 +15,16 @@ import torch._dynamo
 
 from hf_efficient.models.gmlp import GMLPConfig, GMLPForCausalLM
 from hf_efficient.models.ngram_transformer import (
-    NgramTransformerConfig,
     NgramTransformerForCausalLM,
     NgramTransformerForConditionalGeneration,
 )
 from hf_efficient.models.r_transformer import (
-    RTransformerConfig,
     RTransformerForCausalLM,
     RTransformerForSequenceClassification,
 )
 from hf_efficient.models.sparse_mlp import SparseMLPConfig, SparseMLPForImageClassification
+from tests.test_modeling_ngram_transformer import tiny_config as ngram_config
+from tests.test_modeling_r_transformer import tiny_config as r_transformer_tiny_config
 
 
 def _compare(model, inputs, fullgraph=True, backend="aot_eager"):
@@ -57,22 +57,6 @@ def _text_inputs(length=16, vocab=64):
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding on one row
     return ids, mask
-
-
-def ngram_config(**overrides):
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_encoder_layers=2,
-        num_attention_heads=2,
-        ngram_size=3,
-        attention_block_size=4,  # the blocked path runs at this length
-        hidden_dropout_prob=0.0,
-        is_encoder_decoder=False,
-    )
-    return NgramTransformerConfig(**{**kwargs, **overrides})
 
 
 @pytest.mark.parametrize("padded", [True, False])
@@ -187,21 +171,8 @@ def test_gmlp_inductor_training_step_equals_eager():
         torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def r_transformer_config(**overrides):
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        local_window=3,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_dropout=0.0,
-        embedding_dropout=0.0,
-        problem_type="single_label_classification",
-    )
-    return RTransformerConfig(**{**kwargs, **overrides})
+def r_transformer_config():
+    return r_transformer_tiny_config(problem_type="single_label_classification")
 
 
 @pytest.mark.parametrize("head", [RTransformerForCausalLM, RTransformerForSequenceClassification])
