@@ -549,3 +549,75 @@ def test_segmented_rectangular_grid_matches_reference(variant, segment_size):
         grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
         for got, want in zip(grads, grads64):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------------- recomputed segments (issue 15, memory)
+def _segment_fn(r0, r1, rows_piece, prefix, whole, unused, frozen):
+    """A segment reading its rows of one input, a prefix [0, r1) of another, all of a third (and not the fourth):
+    nonlinear in each, so that every gradient path is exercised."""
+    head = (rows_piece * prefix.sum(2, keepdim=True).tanh()).sin()
+    return head + whole.mean(2, keepdim=True) * frozen[:, :, r0:r1]
+
+
+@pytest.mark.parametrize("adopt", [True, False], ids=["last-segment-reads-all", "partial-reads-only"])
+def test_recomputed_segments_match_plain_autograd(adopt):
+    """`_RecomputedSegments` (eager) equals the same segments run under plain autograd, outputs and the gradient of
+    every input, with row slices, causal prefixes, whole inputs, an unused input and one that needs no gradient; it
+    keeps only its inputs (no activation saved beyond them)."""
+    from hf_efficient.models.combiner.ops_combiner import _recomputed_segments, _RecomputedSegments
+
+    generator = torch.Generator().manual_seed(5)
+    rows_in, prefix_in, whole_in, unused_in = (
+        torch.randn(2, 3, 10, 4, generator=generator, dtype=torch.float64).requires_grad_() for _ in range(4)
+    )
+    frozen = torch.randn(2, 3, 10, 4, generator=generator, dtype=torch.float64)
+    bounds = [(0, 4), (4, 7), (7, 10)] if adopt else [(0, 4), (4, 7)]
+    reads = [[(2, r0, r1), (2, 0, r1), None, (2, r0, r1), None] for r0, r1 in bounds]
+    tensors = (rows_in, prefix_in, whole_in, unused_in, frozen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fast = _recomputed_segments(_segment_fn, bounds, reads, 2, *tensors)
+    assert fast.grad_fn.__class__.__name__ == _RecomputedSegments.__name__ + "Backward"
+    assert {t.data_ptr() for t in saved} <= {t.data_ptr() for t in tensors}
+    plain = torch.cat(
+        [
+            _segment_fn(r0, r1, rows_in[:, :, r0:r1], prefix_in[:, :, :r1], whole_in, unused_in, frozen)
+            for r0, r1 in bounds
+        ],
+        dim=2,
+    )
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+    grad_out = torch.randn(plain.shape, generator=generator, dtype=torch.float64)
+    want = torch.autograd.grad(plain, (rows_in, prefix_in, whole_in, unused_in), grad_out, allow_unused=True)
+    got = torch.autograd.grad(fast, (rows_in, prefix_in, whole_in, unused_in), grad_out, allow_unused=True)
+    for g, w in zip(got, want):
+        w = torch.zeros_like(rows_in) if w is None else w
+        g = torch.zeros_like(rows_in) if g is None else g
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    torch.autograd.gradcheck(
+        lambda a, b, c: _recomputed_segments(_segment_fn, bounds, reads, 2, a, b, c, unused_in.detach(), frozen),
+        (rows_in, prefix_in, whole_in),
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_segmented_mixture_compiles_to_the_eager_result(causal):
+    """While compiling, the segments run under `torch.utils.checkpoint` instead of the eager Function (which holds a
+    Python callable): the compiled segmented Mixture op (full graph) equals eager, outputs and gradients."""
+    length = 16
+    mask = make_mask(length, "right")
+    q, k, v = make_qkv(length, seed=21)
+    kwargs = kwargs_for("mixture", causal, length, mask)
+
+    def op(q, k, v):
+        return combiner_attention(q, k, v, **kwargs, segment_size=3)
+
+    results = []
+    for fn in (op, torch.compile(op, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for g, w in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

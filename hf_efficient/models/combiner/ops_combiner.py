@@ -133,40 +133,123 @@ def _recomputed(fn: Callable, enabled, *tensors: torch.Tensor):
     return torch.utils.checkpoint.checkpoint(fn, *tensors, use_reentrant=False, preserve_rng_state=False)
 
 
-def _by_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """`fn(r0, r1, *tensors)` -> the output of rows `[r0, r1)` (stacked along dim 2), over all `rows`.
+def _by_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor, reads=None) -> torch.Tensor:
+    """`fn(r0, r1, *pieces)` -> the output of rows `[r0, r1)` (stacked along dim 2), over all `rows`.
 
-    `per_segment = 0`: one call. Otherwise one call per segment of rows, each under non-reentrant
-    `torch.utils.checkpoint`: the forward keeps only the (shared) inputs, and the backward recomputes one segment's
+    `reads(r0, r1)` gives, per tensor, the slice `(dim, start, stop)` rows `[r0, r1)` read, or None for the whole
+    tensor; `fn` gets those pieces (None: every tensor whole, `fn` slices itself). `per_segment = 0`: one call, on
+    the whole tensors (the pieces of rows `[0, rows)`). Otherwise one call per segment of rows, recomputed in the
+    backward (`_recomputed_segments`): the forward keeps only the inputs, and the backward recomputes one segment's
     logits and softmax at a time. Same maths, about one extra forward of the per-query work in time. The loop is
     over segments of thousands of positions, not over positions.
     """
     if not per_segment:
         return fn(0, rows, *tensors)
+    bounds = [(r0, min(r0 + per_segment, rows)) for r0 in range(0, rows, per_segment)]
+    specs = [reads(r0, r1) if reads is not None else [None] * len(tensors) for r0, r1 in bounds]
+    return _recomputed_segments(fn, bounds, specs, 2, *tensors)
+
+
+class _RecomputedSegments(torch.autograd.Function):
+    """`out[r0:r1] = fn(r0, r1, *pieces)` along `out_dim` for every segment, keeping only the inputs: the backward
+    recomputes one segment at a time and adds its pieces' gradients in place into full-size gradient buffers.
+
+    `reads[i]` gives, per input, the slice `(dim, start, stop)` segment `i` reads, or None (the whole tensor). What
+    the forward allocates is the output buffer; what the backward allocates is one gradient buffer per input: no
+    per-segment output pieces, concatenations or gradient pieces outlive their segment. (Under
+    `torch.utils.checkpoint` they do, interleaved with the segments' temporaries, and the process heap keeps the
+    holes: about 200 MB of resident memory per layer of Combiner-Mixture at 16k, beyond its live tensors.)
+    Gradient buffers are made when first needed; a segment that reads a whole input gives the buffer itself.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, bounds, reads, out_dim, *tensors):
+        out = None
+        for (r0, r1), read in zip(bounds, reads):
+            piece = fn(
+                r0, r1, *(t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1]) for t, sl in zip(tensors, read))
+            )
+            if out is None:
+                shape = list(piece.shape)
+                shape[out_dim] = bounds[-1][1]
+                out = piece.new_empty(shape)
+            out.narrow(out_dim, r0, r1 - r0).copy_(piece)
+            del piece
+        ctx.fn, ctx.bounds, ctx.reads, ctx.out_dim = fn, bounds, reads, out_dim
+        ctx.save_for_backward(*tensors)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward: a clear error, not a silently wrong result
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[4:]
+        grads = [None] * len(tensors)  # allocated on first use (or adopted, see below)
+        taken = {grad_out.untyped_storage().data_ptr()}
+        # Last segment first: a causal segment reads a prefix of some inputs, and the last one reads all of it, so
+        # its gradient can become the buffer itself instead of being added into a zero-filled one.
+        for (r0, r1), read in reversed(list(zip(ctx.bounds, ctx.reads))):
+            with torch.enable_grad():
+                pieces = [
+                    (t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1])).detach().requires_grad_(need)
+                    for t, sl, need in zip(tensors, read, wanted)
+                ]
+                out = ctx.fn(r0, r1, *pieces)
+            leaves = [p for p, need in zip(pieces, wanted) if need]
+            piece_grads = list(
+                torch.autograd.grad(out, leaves, grad_out.narrow(ctx.out_dim, r0, r1 - r0), allow_unused=True)
+            )
+            del out, pieces, leaves
+            for j, (t, sl, need) in enumerate(zip(tensors, read, wanted)):
+                if not need:
+                    continue
+                piece_grad = piece_grads.pop(0)  # dropped once added: one segment's gradients alive at a time
+                if piece_grad is None:
+                    continue
+                whole = sl is None or (sl[1] == 0 and sl[2] == t.shape[sl[0]])
+                storage = piece_grad.untyped_storage().data_ptr()
+                if grads[j] is None and whole and storage not in taken and 0 not in piece_grad.stride():
+                    grads[j] = piece_grad
+                    taken.add(storage)
+                    continue
+                if grads[j] is None:
+                    grads[j] = torch.zeros_like(t)
+                (grads[j] if sl is None else grads[j].narrow(sl[0], sl[1], sl[2] - sl[1])).add_(piece_grad)
+                del piece_grad
+        return None, None, None, None, *grads
+
+
+def _recomputed_segments(fn: Callable, bounds, reads, out_dim: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn(r0, r1, *pieces)` for every `(r0, r1)` in `bounds`, concatenated along `out_dim`, recomputed in the
+    backward; `reads[i]` is segment i's slice spec per input (see `_RecomputedSegments`).
+
+    Eager runs `_RecomputedSegments`. While compiling, each segment runs under non-reentrant `torch.utils.checkpoint`
+    instead (which the compiler traces; a Function holding a Python callable is not traceable), on the same slices.
+    """
+    if not torch.compiler.is_compiling():
+        return _RecomputedSegments.apply(fn, bounds, reads, out_dim, *tensors)
     outputs = [
         torch.utils.checkpoint.checkpoint(
-            fn, r0, min(r0 + per_segment, rows), *tensors, use_reentrant=False, preserve_rng_state=False
+            fn,
+            r0,
+            r1,
+            *(t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1]) for t, sl in zip(tensors, read)),
+            use_reentrant=False,
+            preserve_rng_state=False,
         )
-        for r0 in range(0, rows, per_segment)
+        for (r0, r1), read in zip(bounds, reads)
     ]
-    return torch.cat(outputs, dim=2)
+    return torch.cat(outputs, dim=out_dim)
 
 
 def _split_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor) -> torch.Tensor:
     """As `_by_segments`, for inputs that each segment reads along dim 2 only: `fn(r0, r1, *pieces)` gets the rows
-    `[r0, r1)` of every tensor (split outside the checkpoint, so a segment's backward returns gradients of its
-    pieces only, gathered by one concatenation at the end, instead of a full-size gradient per input and segment)."""
+    `[r0, r1)` of every tensor, and its gradients go straight into one gradient buffer per input
+    (`_recomputed_segments`), instead of a full-size gradient per input and segment."""
     if not per_segment:
         return fn(0, rows, *tensors)
-    sizes = [min(per_segment, rows - r0) for r0 in range(0, rows, per_segment)]
-    pieces = [t.split(sizes, dim=2) for t in tensors]
-    outputs = [
-        torch.utils.checkpoint.checkpoint(
-            fn, r0, r0 + size, *(p[i] for p in pieces), use_reentrant=False, preserve_rng_state=False
-        )
-        for i, (r0, size) in enumerate(zip(range(0, rows, per_segment), sizes))
-    ]
-    return torch.cat(outputs, dim=2)
+    bounds = [(r0, min(r0 + per_segment, rows)) for r0 in range(0, rows, per_segment)]
+    return _recomputed_segments(fn, bounds, [[(2, r0, r1)] * len(tensors) for r0, r1 in bounds], 2, *tensors)
 
 
 def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> torch.Tensor:
@@ -384,8 +467,7 @@ def fixed_attention(
     seg = torch.arange(n, device=q.device)
     causal_ok = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() if causal else None
 
-    def segments(n0, n1, qb, kb, vb, span_key, span_value):
-        qc, kc, vc = qb[:, :, n0:n1], kb[:, :, n0:n1], vb[:, :, n0:n1]
+    def segments(n0, n1, qc, kc, vc, span_key, span_value):  # qc, kc, vc: segments [n0, n1)
         direct = qc @ kc.transpose(-1, -2)  # (B, H, n, s, s)
         direct_ok = real_b[:, :, n0:n1, None, :]  # key j is real
         if causal:
@@ -397,7 +479,8 @@ def fixed_attention(
         p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
 
-    out = _by_segments(segments, n, per_segment, qb, kb, vb, span_key, span_value)
+    reads = lambda n0, n1: [(2, n0, n1)] * 3 + [None, None]  # noqa: E731
+    out = _by_segments(segments, n, per_segment, qb, kb, vb, span_key, span_value, reads=reads)
     return out.flatten(2, 3)[:, :, :length]
 
 
@@ -454,8 +537,12 @@ def _logsparse_summaries(
     `elementwise=False` (long, segmented sequences): matmul block products only, no `(B, H, P, D)` temporaries."""
     batch_size = q.shape[0]
     padded = q.shape[2]
-    counts = _logsparse_counts(real, levels)
     span_keys, span_values = [k], [v]  # level 0: a single token's abstraction is the token itself
+    # One contiguous copy of k and v shared by every level. The model's k, v are (B, L, H, D) projections viewed as
+    # (B, H, L, D): their block views are not matmul-compatible, and each level's product would otherwise copy (and,
+    # under autograd, keep) a whole (B, H, P, D) tensor: ~levels copies in all (~400 MB per layer at 16k).
+    k, v = k.contiguous(), v.contiguous()
+    counts = _logsparse_counts(real, levels)
     if levels > 1:
         real_e = real[:, None, :, None]
         fill = float("-inf") if span_summary == "max" else 0.0
@@ -547,20 +634,24 @@ def logsparse_attention(
     )
     span_keys, span_values = summaries[:levels], summaries[levels:]
 
-    def segment(p0, p1, q, k, v, *summaries):
+    def whole_pairs(size, width):  # a level whose sibling pairs lie inside segments of `width` positions
+        return 2 * size <= width
+
+    def segment(p0, p1, qc, kc, vc, *summaries):
+        # qc, kc, vc: positions [p0, p1); a level's summaries: its blocks [p0 / 2^l, p1 / 2^l) when whole sibling
+        # pairs lie inside the segment, else all of them (a handful: only the top levels)
         keys, values = summaries[:levels], summaries[levels:]
         width = p1 - p0
-        qc, vc = q[:, :, p0:p1], v[:, :, p0:p1]
-        logits = [(qc * k[:, :, p0:p1]).sum(-1, keepdim=True)]  # (B, H, c, 1): the direct part, i itself
+        logits = [(qc * kc).sum(-1, keepdim=True)]  # (B, H, c, 1): the direct part, i itself
         allowed = [real_e[:, :, p0:p1]]
         merges = []
         for level in range(levels):
             size = 2**level
-            if 2 * size <= width:  # whole sibling pairs inside the segment: flip the pair axis
+            if whole_pairs(size, width):  # whole sibling pairs inside the segment: flip the pair axis
                 n0, n1 = p0 // size, p1 // size
                 sibling_key, sibling_value, sibling_ok = (
-                    t[:, :, n0:n1].unflatten(2, ((n1 - n0) // 2, 2)).flip(3).flatten(2, 3)
-                    for t in (keys[level], values[level], span_real[level])
+                    t.unflatten(2, ((n1 - n0) // 2, 2)).flip(3).flatten(2, 3)
+                    for t in (keys[level], values[level], span_real[level][:, :, n0:n1])
                 )  # (B, H, n, .), (B, 1, n)
                 if causal:  # only a left sibling: odd blocks
                     sibling_ok = sibling_ok & (torch.arange(n0, n1, device=q.device) % 2 == 1)
@@ -587,7 +678,14 @@ def logsparse_attention(
 
     if per_segment:
         per_segment = 1 << (per_segment.bit_length() - 1)  # a power of two: segments aligned to every level
-    out = _by_segments(segment, padded, per_segment, q, k, v, *span_keys, *span_values)
+
+    def reads(p0, p1):
+        levels_read = [
+            (2, p0 >> level, p1 >> level) if whole_pairs(2**level, p1 - p0) else None for level in range(levels)
+        ]
+        return [(2, p0, p1)] * 3 + levels_read * 2
+
+    out = _by_segments(segment, padded, per_segment, q, k, v, *span_keys, *span_values, reads=reads)
     if num_levels is not None:  # a fresh tensor: a slice (a view) of the static buffer would guard on L == P
         return out.index_select(2, torch.arange(length, device=out.device))
     return out[:, :, :length]
@@ -646,14 +744,15 @@ def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, 
     """
     batch_size, num_heads, rows, cols, _ = qb.shape
 
-    def row_attention(r0, r1, qb, kb, vb):
-        logits = qb[:, :, r0:r1] @ kb[:, :, r0:r1].transpose(-1, -2) if row_logits is None else row_logits
+    def row_attention(r0, r1, qc, kc, vc):  # rows [r0, r1)
+        logits = qc @ kc.transpose(-1, -2) if row_logits is None else row_logits
         real_rows = real_b[:, :, r0:r1]
         abs_logits = logits.masked_fill(~real_rows[..., None], 0.0)  # zero query at padded slots
-        weights = _softmax(abs_logits, real_rows[:, :, :, None, :].expand_as(abs_logits)).to(vb.dtype)
-        return weights @ vb[:, :, r0:r1]  # (B, H, r, C, Dv)
+        weights = _softmax(abs_logits, real_rows[:, :, :, None, :].expand_as(abs_logits)).to(vc.dtype)
+        return weights @ vc  # (B, H, r, C, Dv)
 
-    row_output = _by_segments(row_attention, rows, 0 if row_logits is not None else per_segment, qb, kb, vb)
+    per_segment = 0 if row_logits is not None else per_segment
+    row_output = _by_segments(row_attention, rows, per_segment, qb, kb, vb, reads=lambda r0, r1: [(2, r0, r1)] * 3)
     # Segmented (long sequences): the key function's internals (its projections' and LayerNorm's inputs, O(L d) each)
     # are recomputed in the backward rather than kept.
     keys = _recomputed(
@@ -724,24 +823,25 @@ def axial_attention(
     row_real = real_b.any(-1)[:, :, None, None, :]  # (B, 1, 1, 1, R)
     # The span part runs along the columns: plain batched matmuls on column-major copies (B, H, C, R, .) of the
     # queries and abstractions, made once, instead of einsums permuting their operands at every use.
-    # (Segmented: the queries' column-major form stays a view of q, nothing more kept for the backward.)
-    qt = qb.transpose(2, 3) if per_segment else qb.transpose(2, 3).contiguous()
+    # (Segmented: each segment transposes its own rows of q, nothing more kept for the backward.)
+    qt = None if per_segment else qb.transpose(2, 3).contiguous()
     abs_key_t, abs_value_t = (t.transpose(2, 3).contiguous() for t in (abs_key, abs_value))
 
-    def segment(r0, r1, qb, kb, vb, qt, abs_key_t, abs_value_t):
-        qc, vc = qb[:, :, r0:r1], vb[:, :, r0:r1]
-        direct = qc @ kb[:, :, r0:r1].transpose(-1, -2) if row_logits is None else row_logits
+    def segment(r0, r1, qc, kc, vc, abs_key_t, abs_value_t):  # qc, kc, vc: rows [r0, r1)
+        direct = qc @ kc.transpose(-1, -2) if row_logits is None else row_logits
         direct_ok = real_b[:, :, r0:r1, None, :]
         if causal:
             direct_ok = direct_ok & causal_ok
-        span_logits = (qt[:, :, :, r0:r1] @ abs_key_t.transpose(-1, -2)).transpose(2, 3)  # (B, H, r, C, R)
+        qct = qc.transpose(2, 3) if per_segment else qt  # (B, H, C, r, D)
+        span_logits = (qct @ abs_key_t.transpose(-1, -2)).transpose(2, 3)  # (B, H, r, C, R)
         own = row[r0:r1, None]
         other = row[None, :] < own if causal else row[None, :] != own  # [own r, span t]
         span_ok = other[:, None, :] & row_real
         p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + (p_span.transpose(2, 3) @ abs_value_t).transpose(2, 3)
 
-    out = _by_segments(segment, rows, per_segment, qb, kb, vb, qt, abs_key_t, abs_value_t)
+    reads = lambda r0, r1: [(2, r0, r1)] * 3 + [None, None]  # noqa: E731
+    out = _by_segments(segment, rows, per_segment, qb, kb, vb, abs_key_t, abs_value_t, reads=reads)
     return out.flatten(2, 3)[:, :, :length]
 
 
@@ -901,23 +1001,28 @@ def mixture_attention(
     if not per_segment:
         out = segment(0, rows, qb, kb, vb, qt, *col_summaries, *column_group)
     else:
-        # Inputs split into segments of rows outside the checkpoints (views), so that a segment's backward returns
-        # gradients of what it read, gathered once per input by the split's backward (no full-size gradient per
-        # input and segment); the column group's prefixes are views too.
-        sizes = [min(per_segment, rows - r0) for r0 in range(0, rows, per_segment)]
-        row_pieces = [t.split(sizes, dim=2) for t in (qb, kb, vb)]
-        column_pieces = [t.split(sizes, dim=3) for t in (qt, *col_summaries)]
-        outputs = []
-        for i, r0 in enumerate(range(0, rows, per_segment)):
-            r1 = r0 + sizes[i]
-            group_args = [t[:, :, :, :r1] for t in column_group] if causal else column_group
-            args = [*(p[i] for p in row_pieces), *(p[i] for p in column_pieces), *group_args]
-            outputs.append(
-                torch.utils.checkpoint.checkpoint(
-                    segment, r0, r1, *args, use_reentrant=False, preserve_rng_state=False
-                )
-            )
-        out = torch.cat(outputs, dim=2)
+        # Each segment reads its rows of the row-major inputs (dim 2) and of the column-major ones (dim 3), and the
+        # column group's prefix of rows [0, r1) when causal (all of it otherwise); its gradients are added into one
+        # buffer per input (no full-size gradient per input and segment).
+        bounds = [(r0, min(r0 + per_segment, rows)) for r0 in range(0, rows, per_segment)]
+        reads = [
+            [(2, r0, r1)] * 3
+            + [(3, r0, r1)] * len(col_summaries)
+            + [(3, 0, r1) if causal else None] * len(column_group)
+            for r0, r1 in bounds
+        ]
+        out = _recomputed_segments(
+            # the column-major rows of q are its row-major rows transposed: one input, one gradient buffer
+            lambda r0, r1, qc, *rest: segment(r0, r1, qc, rest[0], rest[1], qc.transpose(2, 3), *rest[2:]),
+            bounds,
+            reads,
+            2,
+            qb,
+            kb,
+            vb,
+            *col_summaries,
+            *column_group,
+        )
     return out.flatten(2, 3)[:, :, :length]
 
 
