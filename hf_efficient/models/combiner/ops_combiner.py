@@ -914,8 +914,8 @@ def mixture_attention(
     column (own column, column spans, row spans seen from a column) is a plain batched matmul on a column-major copy
     of the grid (`(B, H, C, R, .)`, made once) instead of an einsum that permutes its operands at every use. With
     autograd on and `L > 2 segment_size`, the span values and the joint logits are formed segment by segment and
-    recomputed in the backward (`_by_segments`): kept are the span keys and values (O(L d)); the pooled span queries
-    are recomputed inside each segment of lines (a running pool along a line needs that line only).
+    recomputed in the backward (`_recomputed_segments`): kept are the span keys and values (O(L d)); the pooled span
+    queries are recomputed inside each segment of lines (a running pool along a line needs that line only).
 
     Returns `(B, H, L, Dv)`.
     """
@@ -954,14 +954,14 @@ def mixture_attention(
 
     # Inputs of the joint softmax, column-major (B, H, C, R, .): the column spans' summaries (read by a segment at its
     # own rows) and the column group: the own column and the row spans' summaries, read at every row above the
-    # segment when causal, at every row otherwise. Segmented, the column group is made contiguous once (its prefixes
-    # are then read by the products in place, with no per-segment concatenation; the row-major summaries are
-    # released), and each segment gets the prefix it reads as a view (sliced outside the checkpoint).
+    # segment when causal, at every row otherwise. Segmented, the row spans' summaries are made contiguous once (their
+    # prefixes are then read by the products in place; the row-major summaries are released), the own column is read
+    # from k and v themselves, and each segment gets the prefix it reads as a view (`_recomputed_segments`).
     col_summaries = [t for key, value, _ in column_spans for t in (key, value)]
     column_group = [kt, vt, *(t.transpose(2, 3) for key, value, _ in row_spans for t in (key, value))]
     del column_spans, row_spans
-    if per_segment:
-        column_group = [t.contiguous() for t in column_group]
+    if per_segment:  # the row spans' summaries; the own column is read from k, v themselves (below)
+        column_group = [t.contiguous() for t in column_group[2:]]
 
     def segment(r0, r1, qc, kc, vc, qct, *rest):
         # qc, kc, vc: rows [r0, r1) of the row-major grid; qct and the column spans' summaries (rest[:2 num_col]):
@@ -1005,24 +1005,24 @@ def mixture_attention(
         # column group's prefix of rows [0, r1) when causal (all of it otherwise); its gradients are added into one
         # buffer per input (no full-size gradient per input and segment).
         bounds = [(r0, min(r0 + per_segment, rows)) for r0 in range(0, rows, per_segment)]
+        group_read = (lambda r0, r1: (3, 0, r1)) if causal else (lambda r0, r1: None)  # noqa: E731
         reads = [
-            [(2, r0, r1)] * 3
+            [(2, r0, r1), (2, 0, r1) if causal else None, (2, 0, r1) if causal else None]
             + [(3, r0, r1)] * len(col_summaries)
-            + [(3, 0, r1) if causal else None] * len(column_group)
+            + [group_read(r0, r1)] * len(column_group)
             for r0, r1 in bounds
         ]
-        out = _recomputed_segments(
-            # the column-major rows of q are its row-major rows transposed: one input, one gradient buffer
-            lambda r0, r1, qc, *rest: segment(r0, r1, qc, rest[0], rest[1], qc.transpose(2, 3), *rest[2:]),
-            bounds,
-            reads,
-            2,
-            qb,
-            kb,
-            vb,
-            *col_summaries,
-            *column_group,
-        )
+
+        def segment_of_pieces(r0, r1, qc, k_top, v_top, *rest):
+            # k_top, v_top: the rows a segment's own column reads (rows [0, r1) when causal, all otherwise), which
+            # hold its own rows too; q's column-major rows are its row-major rows transposed. One input (and one
+            # gradient buffer) per tensor, no column-major copy of k and v kept.
+            col_sums, group = rest[: len(col_summaries)], rest[len(col_summaries) :]
+            own_column = (k_top.transpose(2, 3), v_top.transpose(2, 3))
+            kc, vc = k_top[:, :, r0:r1], v_top[:, :, r0:r1]
+            return segment(r0, r1, qc, kc, vc, qc.transpose(2, 3), *col_sums, *own_column, *group)
+
+        out = _recomputed_segments(segment_of_pieces, bounds, reads, 2, qb, kb, vb, *col_summaries, *column_group)
     return out.flatten(2, 3)[:, :, :length]
 
 
