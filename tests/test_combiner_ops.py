@@ -621,3 +621,27 @@ def test_segmented_mixture_compiles_to_the_eager_result(causal):
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for g, w in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_recomputed_segments_recompute_under_the_forward_autocast_state():
+    """Under `torch.autocast`, the backward recomputes each segment in the dtypes its forward ran in (as
+    torch.utils.checkpoint does), so the gradients are those of the computation that produced the output."""
+    from hf_efficient.models.combiner.ops_combiner import _recomputed_segments
+
+    seen = []
+
+    def fn(r0, r1, a, b):
+        product = a @ b.transpose(-1, -2)  # autocast: bfloat16
+        seen.append((torch.is_autocast_enabled("cpu"), product.dtype))
+        return product.float().softmax(-1) @ b.float()
+
+    a, b = (torch.randn(1, 2, 8, 4).requires_grad_() for _ in range(2))
+    bounds = [(0, 4), (4, 8)]
+    reads = [[(2, r0, r1), None] for r0, r1 in bounds]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _recomputed_segments(fn, bounds, reads, 2, a, b)
+    forward_calls = list(seen)
+    out.sum().backward()
+    assert forward_calls == [(True, torch.bfloat16)] * 2
+    assert seen[2:] == [(True, torch.bfloat16)] * 2  # the recomputation, outside the autocast block
+    assert a.grad is not None and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()

@@ -176,6 +176,14 @@ class _RecomputedSegments(torch.autograd.Function):
             out.narrow(out_dim, r0, r1 - r0).copy_(piece)
             del piece
         ctx.fn, ctx.bounds, ctx.reads, ctx.out_dim = fn, bounds, reads, out_dim
+        # The backward's recomputation runs under the forward's autocast state (as torch.utils.checkpoint does):
+        # under torch.autocast the segments are recomputed in the same dtypes they ran in.
+        device_type = tensors[0].device.type
+        ctx.autocast = dict(
+            device_type=device_type,
+            dtype=torch.get_autocast_dtype(device_type),
+            enabled=torch.is_autocast_enabled(device_type),
+        )
         ctx.save_for_backward(*tensors)
         return out
 
@@ -189,7 +197,7 @@ class _RecomputedSegments(torch.autograd.Function):
         # Last segment first: a causal segment reads a prefix of some inputs, and the last one reads all of it, so
         # its gradient can become the buffer itself instead of being added into a zero-filled one.
         for (r0, r1), read in reversed(list(zip(ctx.bounds, ctx.reads))):
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):
                 pieces = [
                     (t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1])).detach().requires_grad_(need)
                     for t, sl, need in zip(tensors, read, wanted)
