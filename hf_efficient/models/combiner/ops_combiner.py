@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 COMBINER_TYPES = ("fixed", "logsparse", "axial", "mixture")
-# With autograd on, a sequence longer than twice this many positions runs its per-query work in checkpointed segments
+# With autograd on, a sequence longer than twice this many positions runs its per-query work in recomputed segments
 # of about this many positions (`_by_segments`): the saved activations are then one segment's logits, not the
 # sequence's. Shorter sequences run in one piece (no recomputation: the short-context speed is kept).
 SEGMENT_POSITIONS = 2048
@@ -114,7 +114,7 @@ def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.
 
 
 def _segment_rows(segment_size: int | None, length: int, row_size: int, *tensors: torch.Tensor) -> int:
-    """Rows (blocks of `row_size` positions) per checkpointed segment; 0 = run in one piece (no autograd needed, or
+    """Rows (blocks of `row_size` positions) per recomputed segment; 0 = run in one piece (no autograd needed, or
     `length`, the unpadded sequence length, is at most twice the segment)."""
     positions = SEGMENT_POSITIONS if segment_size is None else segment_size
     if not isinstance(positions, int) or positions < 0:
@@ -748,7 +748,7 @@ def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, 
     query at (r, c) over row r (no causal mask: an abstracted row lies entirely before the queries that use it). A
     padded slot (r, c) uses a zero query, i.e. the plain mean of row r's real values, so that row r stays reachable
     from column c whatever the padding. `row_logits` `(B, H, R, C, C)` = `qb @ kb^T` when the caller has them;
-    None forms them segment by segment of rows (`per_segment` rows, checkpointed; 0 = one piece).
+    None forms them segment by segment of rows (`per_segment` rows, recomputed in the backward; 0 = one piece).
     """
     batch_size, num_heads, rows, cols, _ = qb.shape
 
@@ -863,9 +863,9 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool
 
     The value of the span ending at entry e is the softmax over the span's real keys of `q_pool(e) . k`; the logits
     against every entry of the line are `(B, H, N, n, n)`, i.e. O(L sqrt L), formed `per_segment` lines at a time
-    under checkpoint (`_by_segments`; 0 = one piece). A line's running pool needs that line only, so each segment
-    pools its own queries (recomputed in the backward, never kept); the keys are pooled once (their running-max
-    indices are not kept either).
+    and recomputed in the backward (`_split_segments`; 0 = one piece). A line's running pool needs that line only,
+    so each segment pools its own queries (recomputed in the backward, never kept); the keys are pooled once (their
+    running-max indices are not kept either).
     """
     real_e = real_b[..., None]
     line = qb.shape[3]
@@ -1055,7 +1055,7 @@ def combiner_attention(
     """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op.
 
     `segment_size` (positions; default `SEGMENT_POSITIONS`, 0 = never): with autograd on, sequences longer than twice it
-    form their logits segment by segment under checkpoint (same maths, activations of one segment).
+    form their logits segment by segment, recomputed in the backward (same maths, activations of one segment).
     `num_levels` (Logsparse only): a fixed number of dyadic levels (see `logsparse_attention`).
     """
     seg = dict(segment_size=segment_size)
