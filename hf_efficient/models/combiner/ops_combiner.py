@@ -150,6 +150,11 @@ def _by_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tens
     return _recomputed_segments(fn, bounds, specs, 2, *tensors)
 
 
+def _piece(t: torch.Tensor, read) -> torch.Tensor:
+    """The slice `read = (dim, start, stop)` of `t` (a view), or all of `t` for None."""
+    return t if read is None else t.narrow(read[0], read[1], read[2] - read[1])
+
+
 class _RecomputedSegments(torch.autograd.Function):
     """`out[r0:r1] = fn(r0, r1, *pieces)` along `out_dim` for every segment, keeping only the inputs: the backward
     recomputes one segment at a time and adds its pieces' gradients in place into full-size gradient buffers.
@@ -166,9 +171,7 @@ class _RecomputedSegments(torch.autograd.Function):
     def forward(ctx, fn, bounds, reads, out_dim, *tensors):
         out = None
         for (r0, r1), read in zip(bounds, reads):
-            piece = fn(
-                r0, r1, *(t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1]) for t, sl in zip(tensors, read))
-            )
+            piece = fn(r0, r1, *(_piece(t, sl) for t, sl in zip(tensors, read)))
             if out is None:
                 shape = list(piece.shape)
                 shape[out_dim] = bounds[-1][1]
@@ -198,10 +201,7 @@ class _RecomputedSegments(torch.autograd.Function):
         # its gradient can become the buffer itself instead of being added into a zero-filled one.
         for (r0, r1), read in reversed(list(zip(ctx.bounds, ctx.reads))):
             with torch.enable_grad(), torch.autocast(**ctx.autocast):
-                pieces = [
-                    (t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1])).detach().requires_grad_(need)
-                    for t, sl, need in zip(tensors, read, wanted)
-                ]
+                pieces = [_piece(t, sl).detach().requires_grad_(need) for t, sl, need in zip(tensors, read, wanted)]
                 out = ctx.fn(r0, r1, *pieces)
             leaves = [p for p, need in zip(pieces, wanted) if need]
             piece_grads = list(
@@ -222,7 +222,7 @@ class _RecomputedSegments(torch.autograd.Function):
                     continue
                 if grads[j] is None:
                     grads[j] = torch.zeros_like(t)
-                (grads[j] if sl is None else grads[j].narrow(sl[0], sl[1], sl[2] - sl[1])).add_(piece_grad)
+                _piece(grads[j], sl).add_(piece_grad)
                 del piece_grad
         return None, None, None, None, *grads
 
@@ -241,7 +241,7 @@ def _recomputed_segments(fn: Callable, bounds, reads, out_dim: int, *tensors: to
             fn,
             r0,
             r1,
-            *(t if sl is None else t.narrow(sl[0], sl[1], sl[2] - sl[1]) for t, sl in zip(tensors, read)),
+            *(_piece(t, sl) for t, sl in zip(tensors, read)),
             use_reentrant=False,
             preserve_rng_state=False,
         )
@@ -251,13 +251,9 @@ def _recomputed_segments(fn: Callable, bounds, reads, out_dim: int, *tensors: to
 
 
 def _split_segments(fn: Callable, rows: int, per_segment: int, *tensors: torch.Tensor) -> torch.Tensor:
-    """As `_by_segments`, for inputs that each segment reads along dim 2 only: `fn(r0, r1, *pieces)` gets the rows
-    `[r0, r1)` of every tensor, and its gradients go straight into one gradient buffer per input
-    (`_recomputed_segments`), instead of a full-size gradient per input and segment."""
-    if not per_segment:
-        return fn(0, rows, *tensors)
-    bounds = [(r0, min(r0 + per_segment, rows)) for r0 in range(0, rows, per_segment)]
-    return _recomputed_segments(fn, bounds, [[(2, r0, r1)] * len(tensors) for r0, r1 in bounds], 2, *tensors)
+    """`_by_segments` for inputs that each segment reads along dim 2 only: `fn(r0, r1, *pieces)` gets the rows
+    `[r0, r1)` of every tensor, and its gradients go straight into one gradient buffer per input."""
+    return _by_segments(fn, rows, per_segment, *tensors, reads=lambda r0, r1: [(2, r0, r1)] * len(tensors))
 
 
 def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> torch.Tensor:
@@ -487,7 +483,7 @@ def fixed_attention(
         p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
 
-    reads = lambda n0, n1: [(2, n0, n1)] * 3 + [None, None]  # noqa: E731
+    reads = lambda n0, n1: [(2, n0, n1)] * 3 + [None, None]  # noqa: E731  (its segments' q, k, v; all summaries)
     out = _by_segments(segments, n, per_segment, qb, kb, vb, span_key, span_value, reads=reads)
     return out.flatten(2, 3)[:, :, :length]
 
@@ -848,7 +844,7 @@ def axial_attention(
         p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + (p_span.transpose(2, 3) @ abs_value_t).transpose(2, 3)
 
-    reads = lambda r0, r1: [(2, r0, r1)] * 3 + [None, None]  # noqa: E731
+    reads = lambda r0, r1: [(2, r0, r1)] * 3 + [None, None]  # noqa: E731  (its rows of q, k, v; all abstractions)
     out = _by_segments(segment, rows, per_segment, qb, kb, vb, abs_key_t, abs_value_t, reads=reads)
     return out.flatten(2, 3)[:, :, :length]
 
@@ -1012,14 +1008,11 @@ def mixture_attention(
         # Each segment reads its rows of the row-major inputs (dim 2) and of the column-major ones (dim 3), and the
         # column group's prefix of rows [0, r1) when causal (all of it otherwise); its gradients are added into one
         # buffer per input (no full-size gradient per input and segment).
-        bounds = [(r0, min(r0 + per_segment, rows)) for r0 in range(0, rows, per_segment)]
-        group_read = (lambda r0, r1: (3, 0, r1)) if causal else (lambda r0, r1: None)  # noqa: E731
-        reads = [
-            [(2, r0, r1), (2, 0, r1) if causal else None, (2, 0, r1) if causal else None]
-            + [(3, r0, r1)] * len(col_summaries)
-            + [group_read(r0, r1)] * len(column_group)
-            for r0, r1 in bounds
-        ]
+
+        def reads(r0, r1):
+            top = (2, 0, r1) if causal else None  # the rows above the segment's last one (causal), or all
+            group_top = (3, 0, r1) if causal else None
+            return [(2, r0, r1), top, top] + [(3, r0, r1)] * len(col_summaries) + [group_top] * len(column_group)
 
         def segment_of_pieces(r0, r1, qc, k_top, v_top, *rest):
             # k_top, v_top: the rows a segment's own column reads (rows [0, r1) when causal, all otherwise), which
@@ -1030,7 +1023,9 @@ def mixture_attention(
             kc, vc = k_top[:, :, r0:r1], v_top[:, :, r0:r1]
             return segment(r0, r1, qc, kc, vc, qc.transpose(2, 3), *col_sums, *own_column, *group)
 
-        out = _recomputed_segments(segment_of_pieces, bounds, reads, 2, qb, kb, vb, *col_summaries, *column_group)
+        out = _by_segments(
+            segment_of_pieces, rows, per_segment, qb, kb, vb, *col_summaries, *column_group, reads=reads
+        )
     return out.flatten(2, 3)[:, :, :length]
 
 
