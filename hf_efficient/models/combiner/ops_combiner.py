@@ -86,14 +86,41 @@ def _pad_length(x: torch.Tensor, target: int, dim: int = -2, static: bool = Fals
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`allowed` (bool) as a float tensor: 0 where True, the most negative finite value of `dtype` where False.
+
+    Added to finite values it has the effect of `masked_fill(~allowed, min)`: `x + min` rounds to exactly `min` for
+    any |x| < 2^103 (float32 / bfloat16), and `x + 0` is `x`. On CPU a `masked_fill` or `where` whose bool mask is
+    broadcast (over heads, over the feature dim) runs ~30x slower than a broadcast add, which made the masks a large
+    share of the Combiner ops' time; the mask itself is small (no head dim), so converting it is cheap.
+    """
+    return allowed.to(dtype).sub_(1).mul_(-torch.finfo(dtype).min)
+
+
+def _lowest_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x` with the entries where `keep` (bool, broadcastable) is False at the most negative finite value: for max
+    pooling, never picked over a kept entry, and finite, so that an empty span can be zeroed by a multiplication."""
+    if x.dtype == torch.float16:  # `x + min` can overflow to -inf in float16 (its spacing at the max is 32)
+        return x.masked_fill(~keep, torch.finfo(x.dtype).min)
+    return x + _additive_mask(keep, x.dtype)
+
+
+def _zero_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x` with the entries where `keep` (bool, broadcastable) is False set to 0, for finite `x`: a multiplication by
+    the mask (exact: `x * 1 = x`, `x * 0 = +-0`), not a broadcast `masked_fill` (see `_additive_mask`)."""
+    return x * keep.to(x.dtype)
+
+
 def _softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Masked softmax over the last dim, in float32 (or wider) with max subtraction, returned in `logits.dtype`.
+    `allowed`: bool, broadcastable to `logits` (pass it unexpanded: it is converted at its own size).
 
-    Masked entries get the most negative finite value instead of -inf: a row with at least one allowed entry gives
-    them exactly 0, and a row with none (a padded query, an empty span) gives finite junk instead of NaN.
+    Masked entries get the most negative finite value instead of -inf (`_additive_mask`): a row with at least one
+    allowed entry gives them exactly 0, and a row with none (a padded query, an empty span) gives finite junk
+    instead of NaN (callers give such rows no weight).
     """
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    wide = logits.to(compute_dtype).masked_fill(~allowed, torch.finfo(compute_dtype).min)
+    wide = logits.to(compute_dtype) + _additive_mask(allowed, compute_dtype)
     return torch.softmax(wide, dim=-1).to(logits.dtype)
 
 
@@ -104,11 +131,14 @@ def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.
     Returns the probabilities split back into the parts, in `dtype`.
     """
     logits = torch.cat([part for part, _ in parts], dim=-1)
-    # The masks never depend on the head: concatenated with a head dim of 1 and broadcast by the fill.
-    allowed = torch.cat([mask.expand(part.shape[0], 1, *part.shape[2:]) for part, mask in parts], dim=-1)
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    # The masks never depend on the head: converted at their own size, concatenated with a head dim of 1 and
+    # broadcast by the add.
+    bias = torch.cat(
+        [_additive_mask(mask, compute_dtype).expand(part.shape[0], 1, *part.shape[2:]) for part, mask in parts], dim=-1
+    )
     # In place: `wide` is fresh (from the cat or the upcast), and neither's backward reads its output.
-    wide = logits.to(compute_dtype).masked_fill_(~allowed, torch.finfo(compute_dtype).min)
+    wide = logits.to(compute_dtype).add_(bias)
     probs = torch.softmax(wide, dim=-1).to(dtype)
     return list(probs.split([part.shape[-1] for part, _ in parts], dim=-1))
 
@@ -261,14 +291,15 @@ def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> to
 
     max: elementwise max; mean: average; sum: sum. A span with no real entry pools to 0 (callers give it no weight).
     """
-    real = real.expand_as(x)
+    if real.dim() != x.dim():
+        real = real.expand_as(x)
     if span_summary == "max":
-        pooled = x.masked_fill(~real, float("-inf")).amax(dim=dim)
-        return torch.where(real.any(dim=dim), pooled, torch.zeros_like(pooled))
-    total = x.masked_fill(~real, 0.0).sum(dim=dim)
+        pooled = _lowest_where_not(x, real).amax(dim=dim)
+        return _zero_where_not(pooled, real.any(dim=dim))  # the mask's own size (no head / feature dims)
+    total = _zero_where_not(x, real).sum(dim=dim)
     if span_summary == "sum":
         return total
-    return total / real.sum(dim=dim).clamp(min=1).to(x.dtype)
+    return total / real.expand_as(x).sum(dim=dim).clamp(min=1).to(x.dtype)
 
 
 def _doubling_scan(x: torch.Tensor, dim: int, op: Callable, reverse: bool) -> torch.Tensor:
@@ -308,21 +339,24 @@ class _ExclusiveRunningMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, real, nonempty, dim: int, reverse: bool):
         n = x.shape[dim]
-        masked = x.masked_fill(~real, float("-inf"))
+        # Masked entries at the most negative finite value (not -inf): a span with no real entry gets no weight
+        # (`nonempty`), and the mask is applied by a multiplication below, which -inf would turn into NaN.
+        masked = _lowest_where_not(x, real)
         running = _doubling_scan(masked, dim, torch.maximum, reverse)  # inclusive
         out = torch.zeros_like(running)
         if reverse:
             out.narrow(dim, 0, n - 1).copy_(running.narrow(dim, 1, n - 1))
         else:
             out.narrow(dim, 1, n - 1).copy_(running.narrow(dim, 0, n - 1))
-        out.masked_fill_(~nonempty, 0.0)
+        out.mul_(nonempty.to(out.dtype))
         if ctx.needs_input_grad[0]:
             # Argmax of the inclusive running max at each entry: the last (first, scanning from the end) entry that
             # reaches the running max, i.e. cummax's index (ties go to the entry scanned last).
             # Small integers (uint8 up to 255 entries): the candidate positions are a product, not a `where`.
             index_dtype = torch.uint8 if n <= 255 else torch.int32
             position = torch.arange(n, device=x.device, dtype=index_dtype).view(n, *([1] * (x.dim() - dim - 1)))
-            reaches = (masked == running).to(index_dtype)
+            reaches = torch.eq(masked, running)
+            reaches = reaches.view(index_dtype) if index_dtype == torch.uint8 else reaches.to(index_dtype)
             if reverse:
                 index = _doubling_scan(n - reaches * (n - position), dim, torch.minimum, True)
             else:
@@ -336,7 +370,7 @@ class _ExclusiveRunningMax(torch.autograd.Function):
         index, nonempty = ctx.saved_tensors
         index = index.long()
         dim, n = ctx.dim, ctx.n
-        grad = grad.masked_fill(~nonempty, 0.0)
+        grad = grad * nonempty.to(grad.dtype)
         grad_x = torch.zeros(index.shape, dtype=grad.dtype, device=grad.device)
         if ctx.reverse:  # output entry t reads the running max at t + 1
             grad_x.scatter_add_(dim, index.narrow(dim, 1, n - 1), grad.narrow(dim, 0, n - 1))
@@ -383,7 +417,7 @@ def cumulative_pool(
         pooled = shift(running, float("-inf"))
         pooled = torch.where(count > 0, pooled, torch.zeros_like(pooled))
     else:
-        pooled = shift(x.masked_fill(~real, 0.0).cumsum(dim), 0.0)
+        pooled = shift(_zero_where_not(x, real).cumsum(dim), 0.0)
         if span_summary == "mean":
             pooled = pooled / count.clamp(min=1).to(x.dtype)
     nonempty = count > 0
@@ -405,7 +439,7 @@ def block_summaries(
     span_query = pool(q, real_e, dim=-2, span_summary=span_summary)
     span_key = pool(k, real_e, dim=-2, span_summary=span_summary)
     inner = (k @ span_query[..., None])[..., 0]  # (..., n, s): batched (s, D) @ (D, 1), no layout copy
-    weights = _softmax(inner, real.expand_as(inner)).to(v.dtype)
+    weights = _softmax(inner, real).to(v.dtype)
     span_value = (weights[..., None, :] @ v)[..., 0, :]
     return span_key, span_value, real.any(dim=-1)
 
@@ -549,8 +583,10 @@ def _logsparse_summaries(
     counts = _logsparse_counts(real, levels)
     if levels > 1:
         real_e = real[:, None, :, None]
-        fill = float("-inf") if span_summary == "max" else 0.0
-        pooled_q, pooled_k = q.masked_fill(~real_e, fill), k.masked_fill(~real_e, fill)
+        if span_summary == "max":  # padded tokens at the most negative finite value, so that pairs never pick them
+            pooled_q, pooled_k = _lowest_where_not(q, real_e), _lowest_where_not(k, real_e)
+        else:
+            pooled_q, pooled_k = _zero_where_not(q, real_e), _zero_where_not(k, real_e)
     for level in range(1, levels):
         size = 2**level
         num_blocks = padded // size
@@ -558,8 +594,7 @@ def _logsparse_summaries(
         count = counts[level][..., None]  # (B, 1, n, 1)
         if span_summary == "max":
             nonempty = count > 0
-            span_query = torch.where(nonempty, pooled_q, 0.0)
-            span_key = torch.where(nonempty, pooled_k, 0.0)
+            span_query, span_key = _zero_where_not(pooled_q, nonempty), _zero_where_not(pooled_k, nonempty)
         elif span_summary == "mean":
             divisor = count.clamp(min=1).to(q.dtype)
             span_query, span_key = pooled_q / divisor, pooled_k / divisor
@@ -568,7 +603,7 @@ def _logsparse_summaries(
         kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
         inner = _block_dots(kb, span_query, elementwise)  # pooled query vs its own block's keys (B, H, n, size)
         block_real = real.view(batch_size, 1, num_blocks, size)
-        weights = _softmax(inner, block_real.expand_as(inner)).to(v.dtype)
+        weights = _softmax(inner, block_real).to(v.dtype)
         span_keys.append(span_key)
         span_values.append(_block_mix(weights, vb, elementwise))
     return (*span_keys, *span_values)
@@ -734,7 +769,7 @@ def _masked_hidden(hidden_states, real, padded):
     if hidden_states is None:
         return None
     hidden_states = _pad_length(hidden_states, padded, dim=1)
-    return hidden_states.masked_fill(~real[..., None], 0.0)
+    return _zero_where_not(hidden_states, real[..., None])
 
 
 def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden_states, per_segment=0):
@@ -751,8 +786,8 @@ def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, 
     def row_attention(r0, r1, qc, kc, vc):  # rows [r0, r1)
         logits = qc @ kc.transpose(-1, -2) if row_logits is None else row_logits
         real_rows = real_b[:, :, r0:r1]
-        abs_logits = logits.masked_fill(~real_rows[..., None], 0.0)  # zero query at padded slots
-        weights = _softmax(abs_logits, real_rows[:, :, :, None, :].expand_as(abs_logits)).to(vc.dtype)
+        abs_logits = _zero_where_not(logits, real_rows[..., None])  # zero query at padded slots
+        weights = _softmax(abs_logits, real_rows[:, :, :, None, :]).to(vc.dtype)
         return weights @ vc  # (B, H, r, C, Dv)
 
     per_segment = 0 if row_logits is not None else per_segment
@@ -881,7 +916,7 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool
         span_query, _ = cumulative_pool(qb, real_e[:, :, l0:l1], 3, span_summary, reverse)
         logits = span_query @ kb.transpose(-1, -2)  # (B, H, l, n, n): entry e vs member j
         ok = inside & real_b[:, :, l0:l1, None, :]
-        weights = _softmax(logits, ok.expand_as(logits)).to(vb.dtype)
+        weights = _softmax(logits, ok).to(vb.dtype)
         return weights @ vb
 
     value = _split_segments(values, qb.shape[2], per_segment, qb, kb, vb)
@@ -927,10 +962,14 @@ def mixture_attention(
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
     cols, rows = block_size, padded // block_size
+    per_segment = _segment_rows(segment_size, length, cols, q, k, v)
+    if not per_segment:
+        # One piece: contiguous copies made once. The model's q, k, v are (B, L, H, D) projections viewed as
+        # (B, H, L, D), whose grid views cannot be batched by a matmul: each product would copy its operands again.
+        q, k, v = (t.contiguous() for t in (q, k, v))
     qb, kb, vb = (t.unflatten(2, (rows, cols)) for t in (q, k, v))  # row-major grid (B, H, R, C, .)
     real_b = real.view(batch_size, 1, rows, cols)
     real_t = real_b.transpose(2, 3)  # (B, 1, C, R)
-    per_segment = _segment_rows(segment_size, length, cols, q, k, v)
     # Column-major grid (B, H, C, R, .): one piece, contiguous copies made once; segmented (long sequences), views
     # of q, k, v, so that nothing more is kept for the backward (each segment's products copy what they read).
     qt, kt, vt = (t.transpose(2, 3) if per_segment else t.transpose(2, 3).contiguous() for t in (qb, kb, vb))
@@ -1230,7 +1269,7 @@ def _column_summaries(qb, kb, vb, real_b, span_summary):
     span_query = pool(qb, real_b[..., None], dim=2, span_summary=span_summary)
     span_key = pool(kb, real_b[..., None], dim=2, span_summary=span_summary)
     logits = torch.einsum("bhcd,bhtcd->bhct", span_query, kb)
-    weights = _softmax(logits, real_b.permute(0, 1, 3, 2).expand_as(logits)).to(vb.dtype)
+    weights = _softmax(logits, real_b.permute(0, 1, 3, 2)).to(vb.dtype)
     return span_key, torch.einsum("bhct,bhtcd->bhcd", weights, vb)
 
 
