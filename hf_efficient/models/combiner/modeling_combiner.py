@@ -24,6 +24,7 @@ from .common import (
     run_blocks,
 )
 from .configuration_combiner import CombinerConfig
+from .decoding_combiner import combiner_chunk_step
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .ops_combiner import (
     axial_abstraction_keys,
@@ -46,8 +47,10 @@ class CombinerAttention(nn.Module):
     Axial adds the parameters of its column-abstraction keys, `W_k LayerNorm(x + W_o a)`: `axial_out_proj` (`W_o`),
     `axial_norm` and `axial_key_proj` (`W_k`), bias-free as in the official code.
 
-    With a cache, the first call (the prompt) runs the fast op and stores the decoding state; later calls attend
-    one new token at a time against that state (O(s + L/s), or O(log L) for Logsparse, per token).
+    With a cache, the first call (the prompt) runs the fast op and stores the decoding state; later calls continue
+    from that state: one token (`generate()`) with `combiner_step`, several tokens at once with
+    `combiner_chunk_step` (one vectorised pass over the chunk, same result as a step per token). Each new token costs
+    O(s + L/s) (Fixed, Axial, Mixture) or O(log L) spans (Logsparse).
     """
 
     def __init__(self, config: CombinerConfig, layer_idx: int):
@@ -134,22 +137,24 @@ class CombinerAttention(nn.Module):
                 state = combiner_prefill_state(q, k, v, lengths, hidden_states=hidden_states, **options)
                 cache.update_states(self.layer_idx, seq_len, **state)
         else:
-            # `generate()` feeds one token per step. Continuing with several tokens at once runs the same O(s + L/s)
-            # step per token (the only loop over positions, and only on this cached path).
-            outs = []
-            for t in range(seq_len):
-                valid = key_mask[:, t] if key_mask is not None else None
-                step_out, state = combiner_step(
-                    q[:, :, t],
-                    k[:, :, t],
-                    v[:, :, t],
+            # A filled cache. `generate()` feeds one token per step: `combiner_step`. Several tokens at once (a
+            # continued prompt, a chunk) run `combiner_chunk_step`: one vectorised pass over the chunk against the
+            # state (no loop over its tokens), with the outputs and the state of one step per token.
+            if seq_len == 1:
+                out, state = combiner_step(
+                    q[:, :, 0],
+                    k[:, :, 0],
+                    v[:, :, 0],
                     state,
-                    valid=valid,
-                    hidden_states=hidden_states[:, t],
+                    valid=key_mask[:, 0] if key_mask is not None else None,
+                    hidden_states=hidden_states[:, 0],
                     **options,
                 )
-                outs.append(step_out)
-            out = torch.stack(outs, dim=2)
+                out = out[:, :, None]
+            else:
+                out, state = combiner_chunk_step(
+                    q, k, v, state, valid=key_mask, hidden_states=hidden_states, **options
+                )
             cache.update_states(self.layer_idx, seq_len, **state)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 

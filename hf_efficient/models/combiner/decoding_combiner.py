@@ -1,0 +1,540 @@
+"""Combiner decoding with a chunk: continue a filled decoding state with `T` new tokens per sample in one
+vectorised pass (no Python loop over the tokens; Logsparse loops over its O(log L) dyadic levels only).
+
+`combiner_chunk_step` is `T` calls of `combiner_step` (ops_combiner.py) at once: the outputs equal the full causal op
+at the chunk's positions and the returned state equals, tensor for tensor and buffer size for buffer size, the state
+those `T` steps leave (so single steps and further chunks continue exactly).
+
+How (per sample `b`, whose state has consumed `length[b]` tokens):
+
+- The chunk's valid tokens are packed in order (a stable argsort of `~valid`): token `t` is the sample's
+  `ordinal[b, t] = cumsum(valid)[b, t] - 1`-th new token, at global position `length[b] + ordinal`. A padding token
+  (valid False) moves nothing; its output is finite junk.
+- Fixed / Axial / Mixture build a *local* sequence that starts at the current segment / row (`_Local`): its filled
+  slots (the state's ring, or the raw buffer for Mixture) then the packed chunk, laid out as `n` blocks of `s`
+  (n <= T / s + 2). Packed token o sits at local position `length % s + o`. The local blocks give the direct part
+  (logits formed block by block, then each token's row taken) and the summaries of the segments / rows the chunk
+  completes; the state gives the summaries of the earlier ones (masked per sample). What a token reads along its
+  column (Axial's abstractions, Mixture's own column and row spans) is read from the touched columns only
+  (`_Columns`). One joint softmax per token over the same parts as the full op.
+- Logsparse writes the chunk into its raw buffers, summarises per level the dyadic blocks that complete inside the
+  chunk (a gather of their tokens), then every chunk token gathers its one span per level.
+
+Cost per chunk: the steps' per-token reads, O(T (s + L/s)) entries for Fixed / Axial / Mixture (plus O(s^2) for the
+partly filled first and last blocks), O(T log L) spans for Logsparse plus the tokens of the blocks that complete;
+Mixture's new column summaries re-pool the past columns, O(L d), only when the chunk completes a row (a step pays
+that at every completed row). Never a re-run of the op over the past.
+
+Buffer sizes: the state's growing buffers are grown to exactly the capacity the `T` single steps reach (their
+doubling rule replayed on the per-step sizes, `_capacity`), so the state has the same shapes as after single steps.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from .ops_combiner import (
+    COMBINER_TYPES,
+    _axial_row_abstractions,
+    _check_summary,
+    _gather,
+    _joint_softmax,
+    _pad_length,
+    _running_span_summaries,
+    _softmax,
+    block_summaries,
+    combiner_step,
+)
+
+
+def combiner_chunk_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    *,
+    combiner_type: str,
+    block_size: int,
+    span_summary: str = "max",
+    valid: torch.Tensor | None = None,
+    abstraction_key_fn: Callable | None = None,
+    hidden_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Causal decoding of a chunk of `T` tokens per sample against the state, which they then join.
+
+    Args:
+        q, k: `(B, H, T, D)`, v: `(B, H, T, Dv)` of the new tokens (q not yet scaled). hidden_states: `(B, T, d)`
+            (Axial: the layer input, for the abstraction keys of rows that complete).
+        state: from `combiner_prefill_state`, `combiner_step` or an earlier chunk (its buffers may be updated in place
+            where no gradient is involved, as `combiner_step` does).
+        valid: `(B, T)` bool; False marks a padding token, which leaves that sample's state unchanged.
+
+    Returns:
+        `(B, H, T, Dv)` (equal to the full causal op at the valid tokens' positions) and the new state (equal to the
+        state of `T` calls of `combiner_step`).
+    """
+    _check_summary(span_summary)
+    batch_size, _, num_new, head_dim = q.shape
+    if combiner_type == "axial" and (abstraction_key_fn is None or hidden_states is None):
+        raise ValueError("combiner_type='axial' needs `abstraction_key_fn` and `hidden_states` to decode.")
+    if num_new == 1:  # one token: the plain step
+        out, state = combiner_step(
+            q[:, :, 0],
+            k[:, :, 0],
+            v[:, :, 0],
+            state,
+            combiner_type=combiner_type,
+            block_size=block_size,
+            span_summary=span_summary,
+            valid=None if valid is None else valid[:, 0],
+            abstraction_key_fn=abstraction_key_fn,
+            hidden_states=None if hidden_states is None else hidden_states[:, 0],
+        )
+        return out[:, :, None], state
+    q = q * head_dim**-0.5
+    if valid is None:
+        valid = torch.ones(batch_size, num_new, dtype=torch.bool, device=q.device)
+    chunk = _Chunk(valid.bool().to(q.device), state["length"])
+    state = dict(state)
+    if combiner_type == "fixed":
+        out = _fixed_chunk(q, k, v, state, block_size, span_summary, chunk)
+    elif combiner_type == "logsparse":
+        out = _logsparse_chunk(q, k, v, state, span_summary, chunk)
+    elif combiner_type == "axial":
+        out = _axial_chunk(q, k, v, hidden_states, state, block_size, abstraction_key_fn, chunk)
+    elif combiner_type == "mixture":
+        out = _mixture_chunk(q, k, v, state, block_size, span_summary, chunk)
+    else:
+        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+    state["length"] = state["length"] + chunk.count
+    return out, state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+class _Chunk:
+    """Where each chunk token goes: `valid (B, T)`, `count (B,)` valid tokens, `order (B, T)` chunk indices of the
+    valid tokens first (stable), `ordinal (B, T)` a valid token's rank among its sample's valid tokens (0 for a
+    leading padding token), `before (B, T)` the sample's length when token t arrives (what step t sees)."""
+
+    def __init__(self, valid: torch.Tensor, length: torch.Tensor):
+        taken = valid.long().cumsum(1)
+        self.valid = valid
+        self.count = taken[:, -1]
+        self.order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        self.ordinal = (taken - 1).clamp(min=0)
+        self.before = length[:, None] + taken - valid.long()
+
+
+def _capacity(capacity: int, needed: torch.Tensor, multiple: int = 1) -> int:
+    """The size `_grow` leaves a buffer of `capacity` entries at when called with `needed[t]` (`(T,)`, 0: no call)
+    at step t = 0, 1, ... in turn. Each growth at least doubles, so this loops O(log L) times, not T times."""
+    while True:
+        over = (needed > capacity).nonzero()
+        if over.numel() == 0:
+            return capacity
+        target = max(int(needed[over[0, 0]]), 2 * capacity)
+        capacity = -(-target // multiple) * multiple
+
+
+def _grow_to(buffer: torch.Tensor, capacity: int, dim: int = 2) -> torch.Tensor:
+    return _pad_length(buffer, capacity, dim=dim) if buffer.shape[dim] < capacity else buffer
+
+
+def _step_growth(events: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """`(T,)` size a step asks `_grow` for: `sizes (B, T)` maximised over the samples, 0 where no `events (B, T)`."""
+    return torch.where(events.any(0), sizes.amax(0), torch.zeros_like(sizes[0]))
+
+
+def _write_many(
+    buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, where: torch.Tensor, dim: int = 2
+) -> torch.Tensor:
+    """`buffer[b, (h,) index[b, j]] = values[b, (:,) j]` for every `(b, j)` where `where (B, K)`; `dim` in {1, 2}
+    (`values` `(B, K, ...)` or `(B, H, K, ...)`). In place when no gradient is involved (the cache case)."""
+    rows, cols = where.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return buffer
+    at = index[rows, cols]
+    if dim == 1:
+        indices, new = (rows, at), values[rows, cols]
+    else:
+        heads = torch.arange(buffer.shape[1], device=buffer.device)
+        indices, new = (rows[:, None], heads[None, :], at[:, None]), values[rows, :, cols]  # new: (P, H, ...)
+    new = new.to(buffer.dtype)
+    if torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad):
+        return buffer.index_put(indices, new)
+    return buffer.index_put_(indices, new)
+
+
+class _Local:
+    """Fixed / Axial / Mixture: the local sequence of a sample, from the start of its current segment / row (`size`
+    positions per block) on: its filled slots, then its packed chunk tokens, laid out as `blocks` blocks of `size`.
+
+    `start (B,)` filled slots of the current block, `end (B,)` = start + valid count, `first (B,)` the global index
+    of local block 0, `completed (B,)` local blocks completed by the chunk. Packed token o sits at local position
+    `query[b, o] = start[b] + o` (`(B, T)`, distinct and inside the layout even for padding tokens, whose results
+    are junk), in block `block_of` and slot `slot` (its column, for Axial / Mixture)."""
+
+    def __init__(self, length: torch.Tensor, chunk: _Chunk, size: int):
+        num_new = chunk.valid.shape[1]
+        self.size, self.start, self.first = size, length % size, length // size
+        self.end = self.start + chunk.count
+        self.completed = self.end // size
+        self.blocks = -(-(int(self.start.max()) + num_new) // size)
+        self.width = self.blocks * size
+        self.query = self.start[:, None] + torch.arange(num_new, device=length.device)
+        self.block_of, self.slot = self.query // size, self.query % size
+        self.real = torch.arange(self.width, device=length.device)[None] < self.end[:, None]  # (B, W)
+
+    def ring_source(self) -> torch.Tensor:
+        """`(B, W)` index of each local position into `cat([ring (size slots), packed chunk])`: p < start, the
+        filled ring slot p; start <= p < end, the packed token p - start; end <= p < size, the ring's old slot p
+        (so that the new ring keeps the slots no token overwrote); beyond, anything (never real)."""
+        p = torch.arange(self.width, device=self.end.device)[None]
+        start, end = self.start[:, None], self.end[:, None]
+        return torch.where(p < start, p, torch.where(p < end, self.size + p - start, torch.where(p < self.size, p, 0)))
+
+    def ring(self) -> torch.Tensor:
+        """`(B, size)`: the local position whose token each ring slot holds after the chunk (the last one written to
+        it): the slot's position in the current block if written, else in the block before (or the old slot)."""
+        slot = torch.arange(self.size, device=self.end.device)[None]
+        current = (self.end // self.size * self.size)[:, None]
+        return torch.where(
+            current + slot < self.end[:, None], current + slot, (current - self.size).clamp(min=0) + slot
+        )
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, H, W, X)` -> `(B, H, T, X)`: the packed tokens' rows."""
+        return _gather(x, self.query)
+
+    def block_logits(self, qb: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Logits against per-block keys shared by the queries of a block (`qb (B, H, n, size, D)`, `keys
+        (B, H, n, m, D)`), formed block by block (no per-token copy of the keys): `(B, H, T, m)`."""
+        return self.rows((qb @ keys.transpose(-1, -2)).flatten(2, 3))
+
+    def block_mix(self, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`p (B, H, T, m)` against per-block values `(B, H, n, m, Dv)` -> `(B, H, T, Dv)`: the weights are put
+        back in the block layout (zero at other positions) for one batched product per block."""
+        full = p.new_zeros(*p.shape[:2], self.width, p.shape[-1])
+        full = full.scatter(2, self.query[:, None, :, None].expand(p.shape), p)
+        return self.rows((full.unflatten(2, (self.blocks, self.size)) @ values).flatten(2, 3))
+
+
+class _Columns:
+    """Axial / Mixture: reads along the columns of a `(B, H, R, C, .)` grid, each packed token reading its own
+    column (its local slot). Each column the chunk touches is copied once, column-major: all C of them, in order,
+    when the chunk is at least a row long (tokens laid out by local row and column, as the local blocks), else the
+    T columns `(start + o) % C` of each sample (token o in column slot o). Reading R rows thus costs
+    `min(T, C) R D` copies and `T R D` products: the steps' per-token reads, never a copy of the whole grid for a
+    short chunk."""
+
+    def __init__(self, local: _Local):
+        batch_size, num_new = local.query.shape
+        device = local.query.device
+        if num_new >= local.size:
+            self.columns, self.k, self.i, self.position = None, local.size, local.blocks, local.query
+        else:
+            self.columns = (local.start[:, None] + torch.arange(num_new, device=device)) % local.size  # (B, K)
+            self.k, self.i = num_new, 1
+            self.position = torch.arange(num_new, device=device).expand(batch_size, num_new)
+
+    def gather(self, grid: torch.Tensor) -> torch.Tensor:
+        """`(B, H, R, C, .)` -> `(B, H, K, R, .)`: the touched columns, column-major."""
+        if self.columns is None:
+            return grid.transpose(2, 3).contiguous()
+        batch_size, num_heads = grid.shape[:2]
+        rows = torch.arange(batch_size, device=grid.device)[:, None, None]
+        heads = torch.arange(num_heads, device=grid.device)[None, :, None]
+        return grid.transpose(2, 3)[rows, heads, self.columns[:, None, :]]  # slices of R x D, not a per-entry gather
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T, X) -> (B, H, K, I, X)
+        full = x.new_zeros(*x.shape[:2], self.i * self.k, x.shape[-1])
+        full = full.scatter(2, self.position[:, None, :, None].expand(x.shape), x)
+        return full.unflatten(2, (self.i, self.k)).transpose(2, 3)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, K, I, X) -> (B, H, T, X)
+        return _gather(x.transpose(2, 3).flatten(2, 3), self.position)
+
+    def logits(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`q (B, H, T, D)` against its column's rows of `keys (B, H, K, R, D)` -> `(B, H, T, R)`."""
+        return self._merge(self._split(q) @ keys.transpose(-1, -2))
+
+    def mix(self, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`p (B, H, T, R)` over its column's rows of `values (B, H, K, R, Dv)` -> `(B, H, T, Dv)`."""
+        return self._merge(self._split(p) @ values)
+
+
+def _completed_summaries(state, names, local: _Local, summaries, chunk: _Chunk):
+    """Write the summaries `(B, H, n, ...)` of the local blocks completed by the chunk into the state's buffers
+    `names` at global blocks `first + m`, grown as the steps grow them (to the largest current block + 1, at each
+    step that completes a block of some sample)."""
+    most = int(local.completed.max())
+    if not most:
+        return
+    size, before = local.size, chunk.before
+    done = chunk.valid & (before % size == size - 1)
+    capacity = _capacity(state[names[0]].shape[2], _step_growth(done, before // size + 1))
+    block = torch.arange(most, device=before.device)[None]
+    where = block < local.completed[:, None]
+    for name, summary in zip(names, summaries):
+        state[name] = _write_many(
+            _grow_to(state[name], capacity), local.first[:, None] + block, summary[:, :, :most], where
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Fixed
+# ----------------------------------------------------------------------------------------------------------------------
+def _fixed_chunk(q, k, v, state, s, span_summary, chunk):
+    """Own segment (causal) from the local blocks; spans: the state's earlier segments and the local segments the
+    chunk completed before the token's own; one joint softmax per token."""
+    batch_size, device = q.shape[0], q.device
+    local = _Local(state["length"], chunk, s)
+    source = local.ring_source()
+    seq = [
+        _gather(torch.cat([state[name], _gather(t, chunk.order)], dim=2), source)
+        for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v))
+    ]
+    qb, kb, vb = (t.unflatten(2, (local.blocks, s)) for t in seq)  # (B, H, n, s, .)
+    real_b = local.real.view(batch_size, 1, local.blocks, s)
+    local_k, local_v, _ = block_summaries(qb, kb, vb, real_b, span_summary)  # (B, H, n, .)
+    span_k, span_v = state["span_k"], state["span_v"]
+    queries = local.rows(seq[0])  # (B, H, T, D): the packed tokens
+    earlier = torch.arange(span_k.shape[2], device=device)[None] < local.first[:, None]
+    local_earlier = torch.arange(local.blocks, device=device)[None, None] < local.block_of[..., None]
+    own = torch.arange(s, device=device)[None, None] <= local.slot[..., None]  # causal: slots up to the token's
+    p_direct, p_prior, p_local = _joint_softmax(
+        [
+            (local.block_logits(qb, kb), own[:, None]),
+            (queries @ span_k.transpose(-1, -2), earlier[:, None, None]),
+            (queries @ local_k.transpose(-1, -2), local_earlier[:, None]),
+        ],
+        v.dtype,
+    )
+    out = local.block_mix(p_direct, vb) + p_prior @ span_v + p_local @ local_v
+
+    for name, t in zip(("seg_q", "seg_k", "seg_v"), seq):
+        state[name] = _gather(t, local.ring())
+    _completed_summaries(state, ("span_k", "span_v"), local, (local_k, local_v), chunk)
+    return _gather(out, chunk.ordinal)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Axial
+# ----------------------------------------------------------------------------------------------------------------------
+def _axial_chunk(q, k, v, x, state, cols, abstraction_key_fn, chunk):
+    """Own row (causal) from the local rows; spans: the abstractions of the token's column for the state's earlier
+    rows and for the local rows the chunk completed before the token's own; one joint softmax per token."""
+    batch_size, device = q.shape[0], q.device
+    local = _Local(state["length"], chunk, cols)
+    source = local.ring_source()
+    seq = [
+        _gather(torch.cat([state[name], _gather(t, chunk.order)], dim=2), source)
+        for name, t in (("row_q", q), ("row_k", k), ("row_v", v))
+    ]
+    seq_x = _gather(torch.cat([state["row_x"], _gather(x, chunk.order, dim=1)], dim=1), source, dim=1)
+    qb, kb, vb = (t.unflatten(2, (local.blocks, cols)) for t in seq)  # (B, H, n, C, .)
+    real_b = local.real.view(batch_size, 1, local.blocks, cols)
+    row_logits = qb @ kb.transpose(-1, -2)
+    # Abstractions of the local rows (used for those the chunk completes), zero hidden states at padded slots.
+    local_v, local_k = _axial_row_abstractions(
+        qb, kb, vb, real_b, row_logits, abstraction_key_fn, seq_x * local.real[..., None].to(seq_x.dtype)
+    )
+    queries = local.rows(seq[0])
+    columns = _Columns(local)
+    abs_k, abs_v = state["abs_k"], state["abs_v"]  # (B, H, R, C, .)
+    earlier = torch.arange(abs_k.shape[2], device=device)[None] < local.first[:, None]
+    local_earlier = torch.arange(local.blocks, device=device)[None, None] < local.block_of[..., None]
+    own = torch.arange(cols, device=device)[None, None] <= local.slot[..., None]
+    p_direct, p_prior, p_local = _joint_softmax(
+        [
+            (local.rows(row_logits.flatten(2, 3)), own[:, None]),
+            (columns.logits(queries, columns.gather(abs_k)), earlier[:, None, None]),
+            (columns.logits(queries, columns.gather(local_k)), local_earlier[:, None]),
+        ],
+        v.dtype,
+    )
+    out = (
+        local.block_mix(p_direct, vb)
+        + columns.mix(p_prior, columns.gather(abs_v))
+        + columns.mix(p_local, columns.gather(local_v))
+    )
+
+    ring = local.ring()
+    for name, t in zip(("row_q", "row_k", "row_v"), seq):
+        state[name] = _gather(t, ring)
+    state["row_x"] = _gather(seq_x, ring, dim=1)
+    _completed_summaries(state, ("abs_k", "abs_v"), local, (local_k, local_v), chunk)
+    return _gather(out, chunk.ordinal)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Logsparse
+# ----------------------------------------------------------------------------------------------------------------------
+def _logsparse_chunk(q, k, v, state, span_summary, chunk):
+    length, before = state["length"], chunk.before
+    batch_size, device = q.shape[0], q.device
+    position = length[:, None] + chunk.ordinal  # (B, T) global position of each token
+    # Raw tokens: every step grows the buffers to hold its token (valid or not), then writes the valid ones.
+    capacity = _capacity(state["k"].shape[2], before.amax(0) + 1)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        state[name] = _write_many(_grow_to(state[name], capacity), position, t, chunk.valid)
+
+    # Summaries of the dyadic blocks that complete inside the chunk, level by level (O(log L) levels): block j of
+    # level l completes when the length reaches (j + 1) 2^l, for j in [length >> l, (length + n) >> l).
+    new_end = length + chunk.count
+    for level in range(1, int(new_end.max()).bit_length()):
+        size = 2**level
+        first = length // size
+        completed = new_end // size - first
+        most = int(completed.max())
+        if not most:
+            continue
+        blocks = first[:, None] + torch.arange(most, device=device)  # (B, K)
+        where = torch.arange(most, device=device)[None] < completed[:, None]
+        tokens = (blocks[:, :, None] * size + torch.arange(size, device=device)).flatten(1).clamp(max=capacity - 1)
+        qb, kb, vb = (_gather(state[name], tokens).unflatten(2, (most, size)) for name in ("q", "k", "v"))
+        real = torch.ones(batch_size, 1, most, size, dtype=torch.bool, device=device)
+        key, value, _ = block_summaries(qb, kb, vb, real, span_summary)
+        done = chunk.valid & ((before + 1) % size == 0)  # the steps that complete a block of this level
+        for name, summary in ((f"level{level}_k", key), (f"level{level}_v", value)):
+            buffer = state.get(name)
+            if buffer is None:  # created by the first completed block, as the steps do
+                buffer = summary.new_zeros(batch_size, summary.shape[1], 1, summary.shape[-1])
+            buffer = _grow_to(buffer, _capacity(buffer.shape[2], _step_growth(done, ((before + 1) // size) * done)))
+            state[name] = _write_many(buffer, blocks, summary, where)
+
+    # Each token: itself, and for every level l whose bit is set in its position, block (i >> l) - 1 of level l.
+    parts = [((q * k).sum(-1, keepdim=True), torch.ones(batch_size, 1, 1, 1, dtype=torch.bool, device=device))]
+    values = [v[:, :, :, None]]
+    for level in range(int(position.max()).bit_length()):
+        names = ("k", "v") if level == 0 else (f"level{level}_k", f"level{level}_v")
+        if names[0] not in state:  # no block of this level completed: no token has this bit set
+            continue
+        key_buf, value_buf = (state[name] for name in names)
+        has_span = ((position >> level) & 1).bool() & chunk.valid
+        block = ((position >> level) - 1).clamp(min=0, max=key_buf.shape[2] - 1)
+        key, value = _gather(key_buf, block), _gather(value_buf, block)  # (B, H, T, .)
+        parts.append(((q * key).sum(-1, keepdim=True), has_span[:, None, :, None]))
+        values.append(value[:, :, :, None])
+    probs = _joint_softmax(parts, v.dtype)
+    return sum(p[..., None] * value for p, value in zip(probs, values)).sum(3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Combiner-Mixture
+# ----------------------------------------------------------------------------------------------------------------------
+def _column_spans(state, grid_q, column_major, local: _Local, qb, kb, span_summary):
+    """The column summaries seen from each local row m: over the rows above it, `(B, H, n + 1, C, .)` keys and values
+    (index m; the last index: above the row after the last local one). m = 0 is the state's. Rows completed by the
+    chunk need new ones: their pooled query and key combine the pool over the rows before the chunk (one reduction
+    of the past columns) with a running pool over the local rows, and their values attend to the whole column
+    above: O(L d) per chunk, only when a row completes (a step pays it at every completed row). `column_major(i)`:
+    the raw keys (i = 1) / values (i = 2) of the rows read, `(B, H, C, rows, .)`."""
+    col_k, col_v = state["col_k"][:, :, None], state["col_v"][:, :, None]  # (B, H, 1, C, .)
+    if not int(local.completed.max()):
+        return col_k, col_v
+    device, dtype = grid_q.device, grid_q.dtype
+    keys, values = column_major(1), column_major(2)
+    first, blocks = local.first, local.blocks
+    past = int(first.max())
+    before = (torch.arange(past, device=device)[None] < first[:, None])[:, None, :, None, None]  # (B, 1, P, 1, 1)
+    pooled = []
+    for past_t, local_t in ((grid_q[:, :, :past], qb), (keys[:, :, :, :past].transpose(2, 3), kb)):
+        # The pool over the rows before the chunk, masked per sample by an add / a product (a broadcast bool fill
+        # is far slower on CPU); max: the lowest value where no row (never picked over a local row's).
+        if span_summary == "max":
+            lowest = torch.finfo(dtype).min
+            prior = (past_t + (~before).to(dtype) * lowest).amax(2, keepdim=True) if past else lowest
+            pooled.append(
+                torch.maximum(local_t.cummax(dim=2).values, torch.as_tensor(prior, dtype=dtype, device=device))
+            )
+        else:
+            prior = (past_t * before.to(dtype)).sum(2, keepdim=True) if past else 0.0
+            total = local_t.cumsum(dim=2) + prior
+            if span_summary == "mean":
+                count = first[:, None] + torch.arange(1, blocks + 1, device=device)  # (B, n) rows pooled
+                total = total / count.to(dtype)[:, None, :, None, None]
+            pooled.append(total)
+    pooled_q, pooled_k = pooled  # index m: the rows up to local row m, i.e. above local row m + 1
+    last = first[:, None] + torch.arange(blocks, device=device)  # (B, n) the last row of each summary
+    # Column-major products (B, H, C, n, rows): pooled query of (local row m, column c) against column c's keys.
+    logits = pooled_q.transpose(2, 3) @ keys.transpose(-1, -2)
+    inside = (torch.arange(keys.shape[3], device=device)[None, None] <= last[..., None])[:, None, None]
+    weights = _softmax(logits, inside).to(values.dtype)
+    summary_v = (weights @ values).transpose(2, 3)
+    return torch.cat([col_k, pooled_k], dim=2), torch.cat([col_v, summary_v], dim=2)
+
+
+def _mixture_chunk(q, k, v, state, cols, span_summary, chunk):
+    """Own row prefix from the local rows; own column (rows above) from the raw columns; column spans of the token's
+    row (the state's or, below a row the chunk completes, new ones); left / right row spans of the token's column
+    for the state's rows and the local rows completed before the token's own; one joint softmax per token."""
+    length, before = state["length"], chunk.before
+    batch_size, device = q.shape[0], q.device
+    # Raw tokens (own row, own column, column spans): written first, then read back.
+    capacity = _capacity(state["k"].shape[2], before.amax(0) + 1, multiple=cols)
+    position = length[:, None] + chunk.ordinal
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        state[name] = _write_many(_grow_to(state[name], capacity), position, t, chunk.valid)
+    grid = [state[name].unflatten(2, (capacity // cols, cols)) for name in ("q", "k", "v")]  # (B, H, R, C, .)
+
+    local = _Local(length, chunk, cols)
+    source = ((local.first * cols)[:, None] + torch.arange(local.width, device=device)).clamp(max=capacity - 1)
+    seq = [_gather(state[name], source) for name in ("q", "k", "v")]
+    qb, kb, vb = (t.unflatten(2, (local.blocks, cols)) for t in seq)  # (B, H, n, C, .)
+    real_b = local.real.view(batch_size, 1, local.blocks, cols)
+    queries = local.rows(seq[0])
+    columns = _Columns(local)
+    row = local.first[:, None] + local.block_of  # (B, T) global row of each token
+    # Rows any part reads: those above a token (own column), those of the new column summaries.
+    top = min(grid[1].shape[2], max(int(row.max()), int((local.first + local.completed).max())))
+    major = {}
+
+    def column_major(i):  # rows [0, top) of the raw keys (1) / values (2), column-major, copied once
+        if i not in major:
+            major[i] = grid[i][:, :, :top].transpose(2, 3).contiguous()
+        return major[i]
+
+    def own_column(i):  # the columns the tokens read
+        return column_major(i) if columns.columns is None else columns.gather(grid[i][:, :, :top])
+
+    col_k, col_v = _column_spans(state, grid[0], column_major, local, qb, kb, span_summary)
+    local_spans = [_running_span_summaries(qb, kb, vb, real_b, span_summary, reverse) for reverse in (False, True)]
+
+    arange_c = torch.arange(cols, device=device)
+    own_row = arange_c[None, None] <= local.slot[..., None]
+    above = torch.arange(top, device=device)[None, None] < row[..., None]
+    other_column = (arange_c[None, None] != local.slot[..., None]) & (row > 0)[..., None]
+    parts = [
+        (local.block_logits(qb, kb), own_row),
+        (columns.logits(queries, own_column(1)), above),
+        (local.block_logits(qb, col_k[:, :, : local.blocks]), other_column),
+    ]
+    local_earlier = torch.arange(local.blocks, device=device)[None, None] < local.block_of[..., None]
+    for side, has in (("left", local.slot > 0), ("right", local.slot < cols - 1)):
+        earlier = torch.arange(state[f"{side}_k"].shape[2], device=device)[None, None] < local.first[:, None, None]
+        parts.append((columns.logits(queries, columns.gather(state[f"{side}_k"])), earlier & has[..., None]))
+    for (local_k, _, _), has in zip(local_spans, (local.slot > 0, local.slot < cols - 1)):
+        parts.append((columns.logits(queries, columns.gather(local_k)), local_earlier & has[..., None]))
+    probs = _joint_softmax([(logits, allowed[:, None]) for logits, allowed in parts], v.dtype)
+    out = local.block_mix(probs[0], vb) + columns.mix(probs[1], own_column(2))
+    out = out + local.block_mix(probs[2], col_v[:, :, : local.blocks])
+    out = (
+        out
+        + columns.mix(probs[3], columns.gather(state["left_v"]))
+        + columns.mix(probs[4], columns.gather(state["right_v"]))
+    )
+    for p, (_, local_v, _) in zip(probs[5:], local_spans):
+        out = out + columns.mix(p, columns.gather(local_v))
+
+    for side, (local_k, local_v, _) in zip(("left", "right"), local_spans):
+        _completed_summaries(state, (f"{side}_k", f"{side}_v"), local, (local_k, local_v), chunk)
+    if int(local.completed.max()):  # the column summaries over the rows above the new current row
+        state["col_k"] = _gather(col_k, local.completed[:, None])[:, :, 0]
+        state["col_v"] = _gather(col_v, local.completed[:, None])[:, :, 0]
+    return _gather(out, chunk.ordinal)
+
+
+__all__ = ["combiner_chunk_step"]
