@@ -30,7 +30,6 @@ from .ops_combiner import (
     axial_abstraction_keys,
     combiner_attention,
     combiner_prefill_state,
-    combiner_step,
     num_logsparse_levels,
 )
 from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
@@ -137,24 +136,10 @@ class CombinerAttention(nn.Module):
                 state = combiner_prefill_state(q, k, v, lengths, hidden_states=hidden_states, **options)
                 cache.update_states(self.layer_idx, seq_len, **state)
         else:
-            # A filled cache. `generate()` feeds one token per step: `combiner_step`. Several tokens at once (a
-            # continued prompt, a chunk) run `combiner_chunk_step`: one vectorised pass over the chunk against the
-            # state (no loop over its tokens), with the outputs and the state of one step per token.
-            if seq_len == 1:
-                out, state = combiner_step(
-                    q[:, :, 0],
-                    k[:, :, 0],
-                    v[:, :, 0],
-                    state,
-                    valid=key_mask[:, 0] if key_mask is not None else None,
-                    hidden_states=hidden_states[:, 0],
-                    **options,
-                )
-                out = out[:, :, None]
-            else:
-                out, state = combiner_chunk_step(
-                    q, k, v, state, valid=key_mask, hidden_states=hidden_states, **options
-                )
+            # A filled cache: `generate()` feeds one token per step (`combiner_chunk_step` runs `combiner_step`);
+            # several tokens at once (a continued prompt, a chunk) run in one vectorised pass over the chunk against
+            # the state, no loop over its tokens, with the outputs and the state of one step per token.
+            out, state = combiner_chunk_step(q, k, v, state, valid=key_mask, hidden_states=hidden_states, **options)
             cache.update_states(self.layer_idx, seq_len, **state)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
