@@ -94,7 +94,7 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     broadcast (over heads, over the feature dim) runs ~30x slower than a broadcast add, which made the masks a large
     share of the Combiner ops' time; the mask itself is small (no head dim), so converting it is cheap.
     """
-    return allowed.to(dtype).sub_(1).mul_(-torch.finfo(dtype).min)
+    return (allowed.to(dtype) - 1) * -torch.finfo(dtype).min  # out of place: `.to` may return `allowed` itself
 
 
 def _lowest_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
