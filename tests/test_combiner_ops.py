@@ -645,3 +645,38 @@ def test_recomputed_segments_recompute_under_the_forward_autocast_state():
     assert forward_calls == [(True, torch.bfloat16)] * 2
     assert seen[2:] == [(True, torch.bfloat16)] * 2  # the recomputation, outside the autocast block
     assert a.grad is not None and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+
+
+# ---------------------------------------------------------------------- masks as additive biases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_additive_masks_equal_masked_fill(dtype):
+    """The ops apply masks by adding `_additive_mask` (0 / the most negative finite value) and by multiplying, not by
+    broadcast `masked_fill` (much slower on CPU): the same softmax (masked entries exactly 0, an all-masked row
+    finite), the same max pool (an empty span 0), and the caller's mask untouched."""
+    from hf_efficient.models.combiner import ops_combiner
+
+    generator = torch.Generator().manual_seed(3)
+    logits = (torch.randn(2, 3, 5, 7, generator=generator) * 30).to(dtype)  # large logits: x + min must stay min
+    allowed = torch.rand(2, 1, 5, 7, generator=generator) > 0.5
+    allowed[0, 0, 1] = False  # a row with no allowed entry
+    allowed[1, 0, 2] = True
+    compute = torch.promote_types(dtype, torch.float32)
+    expected = torch.softmax(logits.to(compute).masked_fill(~allowed, torch.finfo(compute).min), dim=-1).to(dtype)
+    got = ops_combiner._softmax(logits, allowed)
+    assert torch.equal(got, expected)
+    assert torch.isfinite(got).all()
+    masked_in_live_rows = ~allowed & allowed.any(-1, keepdim=True)
+    assert (got[masked_in_live_rows.expand_as(got)] == 0).all()
+
+    # negative values: in float16, x + min would overflow to -inf (and an empty span's 0 * -inf to NaN)
+    x = (-100 * torch.rand(2, 3, 5, 7, 4, generator=generator) - 20).to(dtype)
+    real = allowed[..., None]
+    pooled = ops_combiner.pool(x, real, dim=3, span_summary="max")
+    reference = x.masked_fill(~real, float("-inf")).amax(dim=3)
+    reference = torch.where(real.any(dim=3), reference, torch.zeros_like(reference))
+    assert torch.equal(pooled, reference)
+
+    float_mask = allowed.to(dtype)
+    before = float_mask.clone()
+    ops_combiner._additive_mask(float_mask, dtype)
+    assert torch.equal(float_mask, before)
