@@ -17,7 +17,7 @@ from hf_efficient.models.r_transformer import (
     RTransformerForTokenClassification,
     RTransformerModel,
 )
-from hf_efficient.models.r_transformer.modeling_r_transformer import RTransformerLocalRNN
+from hf_efficient.models.r_transformer.modeling_r_transformer import RTransformerLocalRNN, RTransformerRNNWeights
 from hf_efficient.models.r_transformer.ops_r_transformer import local_rnn, official_layer_norm
 from tests.model_tester import AttentionTests, GenericModelTests
 from tests.references.r_transformer_reference import (
@@ -193,10 +193,21 @@ def test_auto_implementation_is_projected_on_cpu(monkeypatch):
 
 
 def test_weights_have_the_standard_rnn_layout():
+    """The LocalRNN's weights are those of a one-layer batch-first nn.GRU / LSTM / RNN (names, shapes, init), held in a
+    plain module (dynamo does not wrap nn.RNNBase), and calling it is that module's fused forward."""
     for rnn_type, module, gates in (("gru", torch.nn.GRU, 3), ("lstm", torch.nn.LSTM, 4), ("rnn", torch.nn.RNN, 1)):
         model = RTransformerModel(tiny_config(rnn_type=rnn_type))
         rnn = model.layers[0].rnn_layers[0].local_rnn.rnn
-        assert type(rnn) is module and rnn.batch_first
+        assert isinstance(rnn, RTransformerRNNWeights) and not isinstance(rnn, torch.nn.RNNBase)
+        fused = module(32, 32, batch_first=True)
+        fused.load_state_dict(rnn.state_dict())  # same names and shapes
+        windows = torch.randn(6, 5, 32, requires_grad=True)
+        out, state = rnn(windows)
+        expected, expected_state = fused(windows)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(state, expected_state, rtol=0, atol=0)
+        out.sum().backward()
+        assert rnn.weight_hh_l0.grad is not None and rnn.weight_hh_l0.grad.abs().sum() > 0
         names = {n for n in model.state_dict() if "local_rnn" in n and n.startswith("layers.0.rnn_layers.0")}
         assert names == {
             f"layers.0.rnn_layers.0.local_rnn.rnn.{p}"

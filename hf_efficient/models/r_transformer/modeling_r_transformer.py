@@ -48,17 +48,57 @@ class RTransformerLayerNorm(nn.Module):
 
 
 RNN_MODULES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+RNN_GATES = {"gru": 3, "lstm": 4, "rnn": 1}
 # The faster LocalRNN computation per device type, measured with `scripts/bench_localrnn.py` (CPU, 1 thread, d 256,
 # M 7, forward + backward: projected 1.7-2.4x faster than nn.GRU on the unfolded windows, 1.2-1.4x for LSTM, 1.5-1.7x
 # for RNN). Devices not measured yet (CUDA included) take "projected" too: fewer FLOPs and no M-fold window copy.
 AUTO_IMPLEMENTATION = {"cpu": "projected"}
 
 
+class RTransformerRNNWeights(nn.Module):
+    """The LocalRNN's weights, with the names, shapes and gate order of a one-layer batch-first `nn.GRU` / `nn.LSTM`
+    / `nn.RNN` (`weight_ih_l0 (G d, d)`, `weight_hh_l0 (G d, d)`, `bias_ih_l0`, `bias_hh_l0`; G = 3, 4, 1), so
+    checkpoints keep the official layout, in a plain module: dynamo refuses to wrap any `nn.RNNBase` (even to read
+    a parameter), which broke a compiled model's graph at every LocalRNN.
+
+    Calling it runs the fused `nn.GRU` / `nn.LSTM` / `nn.RNN` kernel with these weights (`torch.func.functional_call`
+    on a meta-device module of that type): `(output (N, M, d), h_n)` for `(N, M, d)` inputs, as the module would.
+    """
+
+    batch_first = True
+    num_layers = 1
+
+    def __init__(self, rnn_type: str, hidden_size: int):
+        super().__init__()
+        self.rnn_type, self.input_size, self.hidden_size = rnn_type, hidden_size, hidden_size
+        rows = RNN_GATES[rnn_type] * hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(rows, hidden_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(rows, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(rows))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(rows))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's (and so the official code's) RNN init: U(-1/sqrt(d), 1/sqrt(d)) for every weight and bias."""
+        bound = self.hidden_size**-0.5
+        for param in self.parameters():
+            init.uniform_(param, -bound, bound)
+
+    def forward(self, inputs: torch.Tensor, hx=None):
+        with torch.device("meta"):
+            module = RNN_MODULES[self.rnn_type](self.input_size, self.hidden_size, batch_first=True)
+        args = (inputs,) if hx is None else (inputs, hx)
+        return torch.func.functional_call(module, dict(self.named_parameters()), args)
+
+    def extra_repr(self) -> str:
+        return f"{self.rnn_type}, {self.input_size}, {self.hidden_size}, batch_first=True"
+
+
 class RTransformerLocalRNN(nn.Module):
     """LocalRNN(M): for each position, an RNN from a zero state over its M-position window; keeps the last state.
 
-    `rnn` is a one-layer `nn.GRU` / `nn.LSTM` / `nn.RNN` (batch first), so its parameters have the official names and
-    layout (`rnn.weight_ih_l0`, ...). Two computations with equal outputs (`config.local_rnn_implementation`):
+    `rnn` holds the weights of a one-layer `nn.GRU` / `nn.LSTM` / `nn.RNN` (batch first) under their official names
+    and layout (`rnn.weight_ih_l0`, ...; `RTransformerRNNWeights`). Two computations with equal outputs (`config.local_rnn_implementation`):
     `"projected"` (`ops_r_transformer.local_rnn`: input projections once per position, M batched recurrence steps)
     and `"unfold"` (the official form: `rnn` over the `(B L, M, d)` unfolded windows); `"auto"` takes the faster
     per device type as measured by `scripts/bench_localrnn.py` (`AUTO_IMPLEMENTATION`). In training, `"projected"`
@@ -73,7 +113,7 @@ class RTransformerLocalRNN(nn.Module):
         self.window = config.local_window
         self.implementation = config.local_rnn_implementation
         self.segment_length = config.local_rnn_segment_length
-        self.rnn = RNN_MODULES[config.rnn_type](config.hidden_size, config.hidden_size, batch_first=True)
+        self.rnn = RTransformerRNNWeights(config.rnn_type, config.hidden_size)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """`inputs`: `(B, M - 1 + L, d)`, the M - 1 positions of left context then the L new ones -> `(B, L, d)`."""
@@ -290,11 +330,8 @@ class RTransformerPreTrainedModel(StateCacheModelMixin, EfficientPreTrainedModel
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.RNNBase):
-            # PyTorch's (and so the official code's) RNN init: U(-1/sqrt(d), 1/sqrt(d)) for every weight and bias.
-            bound = module.hidden_size**-0.5
-            for param in module.parameters():
-                init.uniform_(param, -bound, bound)
+        if isinstance(module, RTransformerRNNWeights):
+            module.reset_parameters()  # PyTorch's RNN init, as the official code
             return
         super()._init_weights(module)
 
