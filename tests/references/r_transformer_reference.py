@@ -10,7 +10,7 @@ from torch import nn
 CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}
 
 
-def make_cell(rnn: nn.RNNBase, rnn_type: str, share: bool = False) -> nn.Module:
+def make_cell(rnn: nn.Module, rnn_type: str, share: bool = False) -> nn.Module:
     """A cell with the same weights as the one-layer RNN module `rnn` (PyTorch's layouts agree): copies, or with
     `share` the very parameters (gradients then reach `rnn`'s)."""
     cell = CELLS[rnn_type](rnn.input_size, rnn.hidden_size).to(rnn.weight_ih_l0.dtype)

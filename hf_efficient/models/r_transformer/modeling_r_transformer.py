@@ -98,7 +98,8 @@ class RTransformerLocalRNN(nn.Module):
     """LocalRNN(M): for each position, an RNN from a zero state over its M-position window; keeps the last state.
 
     `rnn` holds the weights of a one-layer `nn.GRU` / `nn.LSTM` / `nn.RNN` (batch first) under their official names
-    and layout (`rnn.weight_ih_l0`, ...; `RTransformerRNNWeights`). Two computations with equal outputs (`config.local_rnn_implementation`):
+    and layout (`rnn.weight_ih_l0`, ...; `RTransformerRNNWeights`). Two computations with equal outputs
+    (`config.local_rnn_implementation`):
     `"projected"` (`ops_r_transformer.local_rnn`: input projections once per position, M batched recurrence steps)
     and `"unfold"` (the official form: `rnn` over the `(B L, M, d)` unfolded windows); `"auto"` takes the faster
     per device type as measured by `scripts/bench_localrnn.py` (`AUTO_IMPLEMENTATION`). In training, `"projected"`
