@@ -70,6 +70,18 @@ def main_output(outputs) -> torch.Tensor:
     return outputs.logits if hasattr(outputs, "logits") and outputs.logits is not None else outputs.last_hidden_state
 
 
+def run_without_package(script: str, tmp_path) -> None:
+    """Run `script` in a fresh interpreter (offline, its own remote-code cache under `tmp_path`, no PYTHONPATH); the
+    script blocks `import hf_efficient` itself and prints "REMOTE-OK" at its end, which is asserted here."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
 class GenericModelTests:
     model_type: str = None
     all_heads: list = []
@@ -222,13 +234,7 @@ class GenericModelTests:
             print("REMOTE-OK")
             """
         )
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env["HF_HUB_OFFLINE"] = "1"
-        env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
-        result = subprocess.run(
-            [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+        run_without_package(script, tmp_path)
         for name, value in expected.items():
             remote = torch.load(tmp_path / name / "remote_out.pt")
             torch.testing.assert_close(remote, value, rtol=0, atol=0)

@@ -1,9 +1,6 @@
 """Combiner chunked decoding (`combiner_chunk_step`): continuing a filled state with several tokens per sample at
 once equals the full causal op at every valid position, and leaves the same state as one `combiner_step` per token."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import set_seed
 
 import hf_efficient
-from hf_efficient.models.combiner import CombinerConfig, CombinerForCausalLM
+from hf_efficient.models.combiner import CombinerForCausalLM
 from hf_efficient.models.combiner.decoding_combiner import combiner_chunk_step
 from hf_efficient.models.combiner.ops_combiner import (
     COMBINER_TYPES,
@@ -20,7 +17,9 @@ from hf_efficient.models.combiner.ops_combiner import (
     combiner_prefill_state,
     combiner_step,
 )
+from tests.model_tester import run_without_package
 from tests.test_combiner_ops import BLOCK, DIM, HEADS, axial_keys
+from tests.test_modeling_combiner import tiny_config as combiner_tiny_config
 
 BATCH = 3
 PREFIX_LENGTHS = [5, 9, 1]  # per-sample prompt lengths (real tokens first), in a prompt tensor of 9 positions
@@ -224,16 +223,7 @@ def test_chunk_has_no_loop_over_tokens(variant):
 
 # ---------------------------------------------------------------------- the model
 def tiny_config(combiner_type):
-    return CombinerConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        combiner_type=combiner_type,
-        block_size=4,
-        max_position_embeddings=64,
-    )
+    return combiner_tiny_config(combiner_type, max_position_embeddings=64)
 
 
 @pytest.mark.parametrize("combiner_type", COMBINER_TYPES)
@@ -290,11 +280,5 @@ def test_remote_code_checkpoint_continues_with_chunks(tmp_path):
         print("REMOTE-OK")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+    run_without_package(script, tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "remote.pt"), expected, rtol=0, atol=0)
