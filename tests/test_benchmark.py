@@ -65,9 +65,7 @@ def check_schema(data: dict, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mode_tiny(mode, tmp_path):
-    extra = {"scaling": ("--lengths", "32"), "compile": ("--only", "amlp", "ngram-8", "llama-sdpa")}.get(
-        mode, ()
-    )
+    extra = {"scaling": ("--lengths", "32"), "compile": ("--only", "amlp", "ngram-8", "llama-sdpa")}.get(mode, ())
     data = run_benchmark(mode, tmp_path, *extra)
     check_schema(data, mode)
     only = list(extra[1:]) if extra[:1] == ("--only",) else None
