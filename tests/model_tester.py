@@ -70,16 +70,16 @@ def main_output(outputs) -> torch.Tensor:
     return outputs.logits if hasattr(outputs, "logits") and outputs.logits is not None else outputs.last_hidden_state
 
 
-def run_without_package(script: str, tmp_path) -> None:
+def run_without_package(script: str, tmp_path, marker: str = "REMOTE-OK") -> None:
     """Run `script` in a fresh interpreter (offline, its own remote-code cache under `tmp_path`, no PYTHONPATH); the
-    script blocks `import hf_efficient` itself and prints "REMOTE-OK" at its end, which is asserted here."""
+    script blocks `import hf_efficient` itself and prints `marker` at its end, which is asserted here."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
-    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+    assert marker in result.stdout, result.stderr[-3000:]
 
 
 class GenericModelTests:

@@ -9,9 +9,6 @@ Exported with a dynamic length: AFT-full's loop over query tiles becomes a `scan
 must give the streamed op's numerator and denominator.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,6 +16,7 @@ import torch
 import torch._dynamo
 
 from hf_efficient.models.aft import ops_aft
+from tests.model_tester import run_without_package
 from tests.references.aft_reference import aft_reference
 from tests.test_aft_ops import B, Case, D, L
 
@@ -259,13 +257,7 @@ def test_remote_code_copy_compiles_with_its_own_fallback_op(tmp_path):
         print("REMOTE-COMPILE-OK")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules_cache")
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert "REMOTE-COMPILE-OK" in result.stdout, result.stderr[-3000:]
+    run_without_package(script, tmp_path, marker="REMOTE-COMPILE-OK")
 
 
 class _FullOp(torch.nn.Module):

@@ -39,9 +39,11 @@ from .ops_combiner import (
     _check_summary,
     _gather,
     _joint_softmax,
+    _lowest_where_not,
     _pad_length,
     _running_span_summaries,
     _softmax,
+    _zero_where_not,
     block_summaries,
     combiner_step,
 )
@@ -187,6 +189,10 @@ class _Local:
         self.block_of, self.slot = self.query // size, self.query % size
         self.real = torch.arange(self.width, device=length.device)[None] < self.end[:, None]  # (B, W)
 
+    def sequence(self, ring: torch.Tensor, new: torch.Tensor, chunk: "_Chunk", dim: int = 2) -> torch.Tensor:
+        """The local sequence `(.., W, ..)` along `dim` of a state's ring (`size` slots) and the chunk's tokens."""
+        return _gather(torch.cat([ring, _gather(new, chunk.order, dim=dim)], dim=dim), self.ring_source(), dim=dim)
+
     def ring_source(self) -> torch.Tensor:
         """`(B, W)` index of each local position into `cat([ring (size slots), packed chunk])`: p < start, the
         filled ring slot p; start <= p < end, the packed token p - start; end <= p < size, the ring's old slot p
@@ -291,11 +297,7 @@ def _fixed_chunk(q, k, v, state, s, span_summary, chunk):
     chunk completed before the token's own; one joint softmax per token."""
     batch_size, device = q.shape[0], q.device
     local = _Local(state["length"], chunk, s)
-    source = local.ring_source()
-    seq = [
-        _gather(torch.cat([state[name], _gather(t, chunk.order)], dim=2), source)
-        for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v))
-    ]
+    seq = [local.sequence(state[name], t, chunk) for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v))]
     qb, kb, vb = (t.unflatten(2, (local.blocks, s)) for t in seq)  # (B, H, n, s, .)
     real_b = local.real.view(batch_size, 1, local.blocks, s)
     local_k, local_v, _ = block_summaries(qb, kb, vb, real_b, span_summary)  # (B, H, n, .)
@@ -328,18 +330,14 @@ def _axial_chunk(q, k, v, x, state, cols, abstraction_key_fn, chunk):
     rows and for the local rows the chunk completed before the token's own; one joint softmax per token."""
     batch_size, device = q.shape[0], q.device
     local = _Local(state["length"], chunk, cols)
-    source = local.ring_source()
-    seq = [
-        _gather(torch.cat([state[name], _gather(t, chunk.order)], dim=2), source)
-        for name, t in (("row_q", q), ("row_k", k), ("row_v", v))
-    ]
-    seq_x = _gather(torch.cat([state["row_x"], _gather(x, chunk.order, dim=1)], dim=1), source, dim=1)
+    seq = [local.sequence(state[name], t, chunk) for name, t in (("row_q", q), ("row_k", k), ("row_v", v))]
+    seq_x = local.sequence(state["row_x"], x, chunk, dim=1)
     qb, kb, vb = (t.unflatten(2, (local.blocks, cols)) for t in seq)  # (B, H, n, C, .)
     real_b = local.real.view(batch_size, 1, local.blocks, cols)
     row_logits = qb @ kb.transpose(-1, -2)
     # Abstractions of the local rows (used for those the chunk completes), zero hidden states at padded slots.
     local_v, local_k = _axial_row_abstractions(
-        qb, kb, vb, real_b, row_logits, abstraction_key_fn, seq_x * local.real[..., None].to(seq_x.dtype)
+        qb, kb, vb, real_b, row_logits, abstraction_key_fn, _zero_where_not(seq_x, local.real[..., None])
     )
     queries = local.rows(seq[0])
     columns = _Columns(local)
@@ -442,16 +440,16 @@ def _column_spans(state, grid_q, column_major, local: _Local, qb, kb, span_summa
     before = (torch.arange(past, device=device)[None] < first[:, None])[:, None, :, None, None]  # (B, 1, P, 1, 1)
     pooled = []
     for past_t, local_t in ((grid_q[:, :, :past], qb), (keys[:, :, :, :past].transpose(2, 3), kb)):
-        # The pool over the rows before the chunk, masked per sample by an add / a product (a broadcast bool fill
-        # is far slower on CPU); max: the lowest value where no row (never picked over a local row's).
+        # The pool over the rows before the chunk, masked per sample (the ops' add / product masks); max: the lowest
+        # value where no row (never picked over a local row's).
         if span_summary == "max":
             lowest = torch.finfo(dtype).min
-            prior = (past_t + (~before).to(dtype) * lowest).amax(2, keepdim=True) if past else lowest
+            prior = _lowest_where_not(past_t, before).amax(2, keepdim=True) if past else lowest
             pooled.append(
                 torch.maximum(local_t.cummax(dim=2).values, torch.as_tensor(prior, dtype=dtype, device=device))
             )
         else:
-            prior = (past_t * before.to(dtype)).sum(2, keepdim=True) if past else 0.0
+            prior = _zero_where_not(past_t, before).sum(2, keepdim=True) if past else 0.0
             total = local_t.cumsum(dim=2) + prior
             if span_summary == "mean":
                 count = first[:, None] + torch.arange(1, blocks + 1, device=device)  # (B, n) rows pooled
