@@ -3,7 +3,7 @@ padding on the autograd graph, aMLP's attention implementations, the byte tokeni
 
 import pytest
 import torch
-from transformers import pipeline
+from transformers import GenerationConfig, pipeline
 
 import hf_efficient
 from hf_efficient.data import default_tokenizer
@@ -12,7 +12,11 @@ from hf_efficient.models.combiner import CombinerConfig, CombinerForCausalLM, Co
 from hf_efficient.models.gmlp import GMLPCache, GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM
 from hf_efficient.models.gmlp.modeling_gmlp import GMLPTinyAttention
 from hf_efficient.models.gmlp.ops_gmlp import tiny_attention
-from hf_efficient.models.ngram_transformer import NgramTransformerConfig, NgramTransformerForCausalLM
+from hf_efficient.models.ngram_transformer import (
+    NgramTransformerConfig,
+    NgramTransformerForCausalLM,
+    NgramTransformerForConditionalGeneration,
+)
 from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
 
 
@@ -113,15 +117,41 @@ def _stateful_models():
 @pytest.mark.parametrize("name, head, config", list(_stateful_models()), ids=lambda x: x if isinstance(x, str) else "")
 def test_stateful_models_refuse_assisted_decoding_clearly(name, head, config):
     """AFT's running sums, Combiner's span summaries, R-Transformer's LocalRNN windows and the N-gram rolling cache
-    are not rolled back: transformers' own clear error."""
+    are not rolled back: the package's own error, the same on every transformers of the supported range (5.24
+    raised its own "stateful models" error, 5.25 "Assisted decoding requires a cache")."""
     torch.manual_seed(0)
     model = head(config).eval()
     ids = prompt()
     common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert model.generate(ids, **common).shape[1] == ids.shape[1] + 4  # plain decoding works
-    with pytest.raises(ValueError, match=f"not supported with stateful models, such as {head.__name__}"):
+    message = f"{head.__name__} does not support assisted or prompt-lookup decoding"
+    with pytest.raises(ValueError, match=f"{message} \\(got `assistant_model`\\)"):
         model.generate(ids, assistant_model=head(config).eval(), **common)
-    with pytest.raises(ValueError, match="not supported with stateful models"):
+    with pytest.raises(ValueError, match=f"{message} \\(got `prompt_lookup_num_tokens`\\)"):
+        model.generate(ids, prompt_lookup_num_tokens=3, **common)
+    # Asked through a GenerationConfig instead of keyword arguments: the same error.
+    generation_config = GenerationConfig(prompt_lookup_num_tokens=3, **common)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, generation_config=generation_config)
+
+
+def test_ngram_seq2seq_refuses_assisted_decoding_clearly():
+    config = NgramTransformerConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        ngram_size=3,
+        is_encoder_decoder=True,
+        decoder_start_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = NgramTransformerForConditionalGeneration(config).eval()
+    ids = prompt()
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert model.generate(ids, **common).shape[1] <= 5  # plain decoding works (decoder start + 4)
+    with pytest.raises(ValueError, match="NgramTransformerForConditionalGeneration does not support assisted"):
         model.generate(ids, prompt_lookup_num_tokens=3, **common)
 
 

@@ -4,6 +4,7 @@ run the installed `hf-efficient` from outside the repository."""
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,18 @@ def run(command, **kwargs):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV, **kwargs)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def share_site_packages(python: Path) -> None:
+    """Let the venv of `python` import what this interpreter has installed, whatever this interpreter is.
+
+    `venv --system-site-packages` would share the *base* interpreter's site-packages, which is not this one's when
+    the tests run inside a virtual environment (there it has no transformers). Instead a `.pth` file lists this
+    interpreter's site-packages folders as plain paths, after the venv's own: the `.pth` files inside them (an
+    editable install's import hook among them) are not processed, so the checkout cannot stand in for the wheel."""
+    shared = [path for path in site.getsitepackages() if Path(path).is_dir()]
+    venv_site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    (Path(venv_site) / "_outer_site_packages.pth").write_text("".join(f"{path}\n" for path in shared))
 
 
 @pytest.mark.slow
@@ -53,11 +66,12 @@ def test_wheel_install_lists_every_preset_and_trains_one(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("hf_efficient-*.whl")
 
-    # torch, transformers, ... come from this interpreter's site-packages; hf-efficient itself from the wheel
-    # (--ignore-installed: a copy installed here, e.g. editable, must not stand in for it).
+    # torch, transformers, ... come from the site-packages of the interpreter running the tests; hf-efficient
+    # itself from the wheel (--ignore-installed: a copy installed here, e.g. editable, must not stand in for it).
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv])
+    run([sys.executable, "-m", "venv", venv])
     python, command = venv / "bin" / "python", venv / "bin" / "hf-efficient"
+    share_site_packages(python)
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", wheel])
 
     outside = tmp_path / "elsewhere"  # not the repository, and no model_cards/ in the current folder

@@ -9,6 +9,12 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
+
+# transformers 5.24 renamed the cache argument `past_key_values` -> `cache`, and keeps the old name as a deprecated
+# alias in its own models. Every forward that takes a cache accepts it the same way (a FutureWarning, then used as
+# `cache`), so a caller's cache is never swallowed by `**kwargs` and silently ignored; both names at once is an error.
+past_key_values_alias = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
 
 
 def _checking() -> bool:
@@ -96,18 +102,27 @@ def _check_not_empty(model_name: str, name: str, shape: torch.Size) -> None:
         )
 
 
-def check_attention_mask(attention_mask: torch.Tensor | None, expected_length: int, past_length: int = 0) -> None:
+def check_attention_mask(
+    attention_mask: torch.Tensor | None, expected_length: int, past_length: int = 0, batch_size: int | None = None
+) -> None:
     """`attention_mask` `(B, T)` covers past + current tokens (transformers' convention): 1 = real, 0 = padding.
 
-    Any dtype (bool, int, float) is accepted as long as the values are 0 and 1; an additive mask (0 = keep,
-    -inf or a large negative = pad) would be read inverted, so it is a ValueError that says what masks look like.
+    Its batch must be the inputs' (`batch_size`, where given): a mask of one row is not broadcast over a batch, as
+    that would apply one sample's padding to every sample. Any dtype (bool, int, float) is accepted as long as the
+    values are 0 and 1; an additive mask (0 = keep, -inf or a large negative = pad) would be read inverted, so it is
+    a ValueError that says what masks look like.
     """
     if attention_mask is None:
         return
-    if attention_mask.ndim != 2 or attention_mask.shape[-1] != expected_length:
+    batch = "batch" if batch_size is None else batch_size
+    if (
+        attention_mask.ndim != 2
+        or attention_mask.shape[-1] != expected_length
+        or (batch_size is not None and attention_mask.shape[0] != batch_size)
+    ):
         raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, {expected_length}) "
-            f"(past {past_length} + current {expected_length - past_length} tokens)."
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {expected_length}) "
+            f"(the inputs' batch; past {past_length} + current {expected_length - past_length} tokens)."
         )
     if attention_mask.dtype != torch.bool and _checking():
         invalid = (attention_mask != 0) & (attention_mask != 1)

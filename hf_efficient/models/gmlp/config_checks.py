@@ -82,3 +82,33 @@ def require_image_settings(config) -> None:
                 f"{type(config).__name__}: `image_size` ({image_size}) must be a positive multiple of `patch_size` "
                 f"({patch_size})."
             )
+
+
+SPECIAL_TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def require_task_fields(config) -> None:
+    """What every config shares with transformers' `PreTrainedConfig`: at least one label (`num_labels`, or None for
+    transformers' default), and special
+    token ids (`pad_token_id`, `bos_token_id`, `eos_token_id` (an id or a list), `decoder_start_token_id`) that are
+    None or ids inside the vocabulary `[0, vocab_size)` (a `pad_token_id` equal to `vocab_size` would otherwise
+    fail inside `nn.Embedding` when the model is built, and an out-of-range `eos_token_id` never stops generation)."""
+    num_labels = config.num_labels  # None until `id2label` is set (transformers then defaults to 2)
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(
+            f"{type(config).__name__}: `num_labels` must be a positive integer (the classes of a classification "
+            f"head; 1 for regression), got {num_labels!r}."
+        )
+    vocab_size = getattr(config, "vocab_size", None)
+    for name in SPECIAL_TOKEN_FIELDS:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        for token_id in value if isinstance(value, (list, tuple)) else [value]:
+            valid = isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0
+            if valid and (vocab_size is None or token_id < vocab_size):
+                continue
+            inside = f"[0, {vocab_size - 1}] (vocab_size={vocab_size})" if vocab_size else "a non-negative integer"
+            raise ValueError(
+                f"{type(config).__name__}: `{name}` must be None or a token id in {inside}, got {value!r}."
+            )

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import can_return_tuple, logging
 
-from .common import last_token_pool, mean_pool
+from .common import last_token_pool, mean_pool, past_key_values_alias
 
 logger = logging.get_logger(__name__)
 
@@ -44,6 +44,64 @@ def sequence_length_limit(config) -> int | None:
     if limit is None or getattr(config, "needs_positions", True) is False:
         return None
     return limit
+
+
+# `generate()` arguments that switch on assisted decoding (a draft model, prompt lookup, early exit, multi-token
+# prediction); the last two do not exist in every transformers of the supported range, hence `getattr`.
+ASSISTED_DECODING_ARGUMENTS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
+def refuse_assisted_decoding(model, generation_config, generate_kwargs: dict) -> None:
+    """A ValueError of the package's own when `generate()` is asked for assisted or prompt-lookup decoding on a model
+    whose decoding state cannot be rolled back (`_is_stateful`: running sums, span summaries, RNN windows, a rolling
+    key/value window). Assisted decoding drops rejected draft tokens by cropping the cache, which such a state does
+    not allow; transformers' own message for it changed between releases (5.24: "stateful models", 5.25: "requires
+    a cache"), so the package checks first and says the same on every supported release."""
+    if not getattr(model, "_is_stateful", False):
+        return
+    config = generation_config if generation_config is not None else model.generation_config
+    asked = [
+        name
+        for name in ASSISTED_DECODING_ARGUMENTS
+        if generate_kwargs.get(name, getattr(config, name, None)) not in (None, False)
+    ]
+    if asked:
+        raise ValueError(
+            f"{type(model).__name__} does not support assisted or prompt-lookup decoding (got "
+            f"{', '.join(f'`{name}`' for name in asked)}): its decoding state is not kept per token, so the cache "
+            "cannot be cropped back when draft tokens are rejected. Decode without an assistant (greedy, sampling "
+            "or beam search)."
+        )
+
+
+def check_labels(model_name: str, labels: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    """`labels` of the shape the head's loss needs (`expected`, e.g. `(B, L)` like the inputs, or `(B,)`), else a
+    ValueError naming it: torch's own loss would otherwise fail deep inside with a flattened-size mismatch."""
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(
+            f"{model_name}: `labels` must have shape {meaning} = {tuple(expected)}, got {tuple(labels.shape)}."
+        )
+
+
+def check_class_labels(model_name: str, labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
+    """Sequence / image classification labels: `(B,)` class ids, `(B,)` or `(B, 1)` regression targets, or
+    `(B, num_labels)` multi-label targets (transformers' `problem_type`)."""
+    allowed = {(batch_size,), (batch_size, num_labels)} | ({(batch_size, 1)} if num_labels == 1 else set())
+    if tuple(labels.shape) not in allowed:
+        shapes = " or ".join(str(shape) for shape in sorted(allowed))
+        raise ValueError(
+            f"{model_name}: `labels` must have shape (batch,) (class ids or regression targets) or "
+            f"(batch, num_labels) (multi-label), here {shapes}; got {tuple(labels.shape)}."
+        )
+
+
+class RefuseAssistedDecodingMixin:
+    """`generate()` that checks `refuse_assisted_decoding` first: for generating heads other than `CausalLMHead`
+    (which checks it itself), e.g. an encoder-decoder. Put it before `GenerationMixin` in the bases."""
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        refuse_assisted_decoding(self, generation_config, kwargs)
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 
 class SequenceLengthLimit(StoppingCriteria):
@@ -92,7 +150,9 @@ class CausalLMHead(BaseModelHead):
 
     def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
         """`GenerationMixin.generate`, stopping at the model's length limit (`sequence_length_limit`) where it has one:
-        a prompt that already fills it is a ValueError, and generation ends there instead of failing partway."""
+        a prompt that already fills it is a ValueError, and generation ends there instead of failing partway.
+        Assisted decoding on a model that cannot roll its state back is a ValueError (`refuse_assisted_decoding`)."""
+        refuse_assisted_decoding(self, generation_config, kwargs)
         limit = sequence_length_limit(self.config)
         if limit is not None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
@@ -108,6 +168,7 @@ class CausalLMHead(BaseModelHead):
 
     # `position_ids` is not a named argument on purpose: `generate()` would then compute and pass them, and the base
     # models derive the same positions from `attention_mask` themselves (a caller's `position_ids` still pass through).
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -137,6 +198,7 @@ class CausalLMHead(BaseModelHead):
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None
         if labels is not None:
+            check_labels(type(self).__name__, labels, hidden_states.shape[:2], "(batch, length) like the inputs")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -183,6 +245,7 @@ class MaskedLMHead(BaseModelHead):
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
+            check_labels(type(self).__name__, labels, logits.shape[:2], "(batch, length) like the inputs")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(
             loss=loss,
@@ -197,6 +260,10 @@ class SequenceClassificationHead(BaseModelHead):
     token (a config field `classifier_pooling` overrides it per model)."""
 
     pooling = "mean"
+    # The loss is a mean over the batch and never reads `num_items_in_batch`: `Trainer` must scale it for gradient
+    # accumulation and average it over processes itself (it only stops doing so for models that accept loss kwargs,
+    # which it would otherwise infer from `**kwargs`).
+    accepts_loss_kwargs = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -212,10 +279,12 @@ class SequenceClassificationHead(BaseModelHead):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
-        """`labels`: `(B,)` class ids (or floats for regression, as transformers' `problem_type` decides)."""
+        """`labels`: `(B,)` class ids (or floats for regression, as transformers' `problem_type` decides).
+        `use_cache` is accepted and ignored: a classifier never decodes."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -230,6 +299,7 @@ class SequenceClassificationHead(BaseModelHead):
         logits = self.score(pool(outputs.last_hidden_state, attention_mask))
         loss = None
         if labels is not None:
+            check_class_labels(type(self).__name__, labels, logits.shape[0], self.num_labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutput(
             loss=loss,
@@ -241,6 +311,10 @@ class SequenceClassificationHead(BaseModelHead):
 
 class TokenClassificationHead(BaseModelHead, GenericForTokenClassification):
     """Linear classifier on every position: transformers' `GenericForTokenClassification.forward`, our `__init__`."""
+
+    # Its loss (`loss_function(logits, labels, config)`) is a mean over the batch's labelled tokens and is not given
+    # `num_items_in_batch`: `Trainer` must scale it itself (see SequenceClassificationHead).
+    accepts_loss_kwargs = False
 
     def __init__(self, config):
         # Skip the generic `__init__` (its `AutoModel.from_config` fails under remote code): straight to the
@@ -260,6 +334,11 @@ class TokenClassificationHead(BaseModelHead, GenericForTokenClassification):
         kwargs.setdefault("use_cache", False)
         return GenericForTokenClassification.forward(self, *args, **kwargs)
 
+    def loss_function(self, logits, labels, config, **kwargs):
+        """transformers' token-classification loss, after a shape check of `labels` `(B, L)`."""
+        check_labels(type(self).__name__, labels, logits.shape[:2], "(batch, length) like the inputs")
+        return super().loss_function(logits, labels, config, **kwargs)
+
 
 class ImageClassificationHead(BaseModelHead):
     """Linear classifier on the pooled patch tokens of a bidirectional base model that takes `pixel_values`
@@ -267,6 +346,7 @@ class ImageClassificationHead(BaseModelHead):
 
     main_input_name = "pixel_values"
     base_model_causal = False
+    accepts_loss_kwargs = False  # a batch mean that never reads `num_items_in_batch` (see SequenceClassificationHead)
 
     def __init__(self, config):
         super().__init__(config)
@@ -296,6 +376,7 @@ class ImageClassificationHead(BaseModelHead):
         logits = self.classifier(self.pool_image(outputs.last_hidden_state))
         loss = None
         if labels is not None:
+            check_class_labels(type(self).__name__, labels, logits.shape[0], self.num_labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         return ImageClassifierOutput(
             loss=loss,

@@ -99,13 +99,21 @@ class StateCache(Cache):
 
 
 def resolve_state_cache(
-    cache: Cache | None, use_cache: bool | None, *, cache_class: type, config, causal: bool, training: bool
+    cache: Cache | None,
+    use_cache: bool | None,
+    *,
+    cache_class: type,
+    config,
+    causal: bool,
+    training: bool,
+    batch_size: int | None = None,
 ) -> StateCache | None:
     """The cache a base model's forward should use (or `None`), following transformers' conventions.
 
     `use_cache=None` means `config.use_cache` for a causal model outside training. A bidirectional model never
     caches (its outputs depend on the future) and refuses a cache it is handed. `generate()` or a user may hand in
-    another, empty `Cache` type: it is replaced by `cache_class`; a filled foreign cache is an error.
+    another, empty `Cache` type: it is replaced by `cache_class`; a filled foreign cache is an error, and so is a
+    filled cache of another batch size than the inputs' (`batch_size`).
     """
     name = cache_class.__name__
     if use_cache is None:
@@ -115,10 +123,25 @@ def resolve_state_cache(
             raise ValueError(f"A cache can only be used with a causal model ({name}): this one is bidirectional.")
         return None
     if isinstance(cache, cache_class):
+        check_cache_batch(cache, batch_size)
         return cache
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(f"This model needs a {name} to continue decoding, got a filled {type(cache).__name__}.")
     return cache_class(config) if use_cache else None
+
+
+def check_cache_batch(cache: StateCache, batch_size: int | None) -> None:
+    """A filled cache holds the states of `B` sequences: continuing it with another batch size is a ValueError (the
+    states would broadcast or fail deep inside a layer)."""
+    if batch_size is None or not cache.layers or not cache.layers[0].states:
+        return
+    cached = next(iter(cache.layers[0].states.values())).shape[0]
+    if cached != batch_size:
+        raise ValueError(
+            f"The {type(cache).__name__} holds the state of a batch of {cached}, but the inputs have a batch of "
+            f"{batch_size}: continue a cache with the batch it was built on (or expand it with "
+            "`cache.batch_repeat_interleave`)."
+        )
 
 
 class StateCacheModelMixin:
