@@ -91,6 +91,9 @@ class GenericModelTests:
     seq_length: int = 12
     batch_size: int = 3
     vision_only: bool = False
+    # Config values under which one training step does not depend on how its batch is split (no batch-level routing
+    # statistics, expert capacity or random noise): the gradient-accumulation test sets them (dropout is zeroed too).
+    batch_split_invariant_overrides: dict = {}
 
     # ----------------------------------------------------------------- hooks
     def get_config(self, variant: str, head: type):
@@ -288,6 +291,60 @@ class GenericModelTests:
         Trainer(model=model, args=args, train_dataset=dataset).train()
         after = mean_loss()
         assert after < 0.9 * before, (before, after)
+
+    def _batch_split_invariant_config(self, variant, head):
+        config = self.get_config(variant, head)
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "drop_path" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+        for key, value in self.batch_split_invariant_overrides.items():
+            setattr(config, key, value)
+        return config
+
+    def _one_trainer_step(self, config, head, dataset, output_dir, batch_size, accumulation):
+        """One SGD step (lr 1, no clipping, no decay) of `Trainer`: its logged loss and the parameter change, which is
+        minus the gradient it applied."""
+        set_seed(0)
+        model = head(config)
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        args = TrainingArguments(
+            output_dir=str(output_dir),
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=0.0,
+            warmup_steps=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        loss = Trainer(model=model, args=args, train_dataset=dataset).train().training_loss
+        return loss, {name: before[name] - param.detach() for name, param in model.named_parameters()}
+
+    def test_trainer_gradient_accumulation_equals_one_batch(self, variant, loss_head, tmp_path):
+        """`Trainer` on 4 samples, as one batch of 4 or as 4 accumulated batches of 1: the same logged loss and the
+        same gradient. (A loss that claims to normalise by `num_items_in_batch` but does not is multiplied by the
+        accumulation steps: Trainer then stops dividing by them.)"""
+        head = loss_head
+        config = self._batch_split_invariant_config(variant, head)
+        inputs = self.make_inputs(config, head, batch_size=4, seed=10)
+        labels = self.make_labels(config, head, inputs, seed=20)
+        rows = [{**{k: v[i].tolist() for k, v in inputs.items()}, "labels": labels[i].tolist()} for i in range(4)]
+        dataset = Dataset.from_list(rows).with_format("torch")
+        one_loss, one_grads = self._one_trainer_step(config, head, dataset, tmp_path / "one", 4, 1)
+        acc_loss, acc_grads = self._one_trainer_step(config, head, dataset, tmp_path / "acc", 1, 4)
+        assert acc_loss == pytest.approx(one_loss, rel=1e-5, abs=1e-6)
+        moved = [name for name, grad in one_grads.items() if grad.abs().max() > 0]
+        assert moved, "the step changed no parameter"
+        for name, grad in one_grads.items():
+            torch.testing.assert_close(acc_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
     def test_gradient_checkpointing_same_gradients(self, variant, loss_head):
         head = loss_head
@@ -588,7 +645,78 @@ class GenericModelTests:
         inputs = self.make_inputs(first.config, head)
         torch.testing.assert_close(self.forward(first, inputs), self.forward(second, inputs), rtol=0, atol=0)
 
+    def test_output_hidden_states_from_config(self, variant, head):
+        """`config.output_hidden_states` is the default of the forward argument (transformers' convention)."""
+        model = self.make_model(variant, head)
+        inputs = self.make_inputs(model.config, head)
+        model.config.output_hidden_states = True
+        with torch.no_grad():
+            outputs = model(**inputs)
+            assert len(outputs.hidden_states) == model.config.num_hidden_layers + 1
+            assert model(**inputs, output_hidden_states=False).hidden_states is None
+
+    def test_use_cache_argument_is_accepted_by_every_head(self, variant, text_head):
+        """`use_cache=False` is what evaluation loops pass to any model: no head may fail on it."""
+        model = self.make_model(variant, text_head)
+        inputs = self.make_inputs(model.config, text_head, batch_size=2)
+        torch.testing.assert_close(self.forward(model, inputs, use_cache=False), self.forward(model, inputs))
+
+    def test_past_key_values_is_the_cache_argument(self, variant, causal_head):
+        """transformers 5.24 renamed `past_key_values` to `cache` and keeps the old name as a deprecated alias: a cache
+        passed under the old name is used (with a FutureWarning), never silently dropped; both names at once are an
+        error."""
+        model = self.make_model(variant, causal_head)
+        ids = self.make_inputs(model.config, causal_head, batch_size=2, seq_length=6)["input_ids"]
+        with torch.no_grad():
+            full = model(ids, use_cache=False).logits[:, -1]
+            cache = model(ids[:, :-1], use_cache=True).cache
+            with pytest.warns(FutureWarning, match="past_key_values"):
+                continued = model(ids[:, -1:], past_key_values=cache).logits[:, -1]
+            torch.testing.assert_close(continued, full, rtol=1e-4, atol=1e-4)
+            cache = model(ids[:, :-1], use_cache=True).cache
+            with pytest.raises(ValueError, match="past_key_values"):
+                model(ids[:, -1:], past_key_values=cache, cache=cache)
+
     # ----------------------------------------------------------------- bad input
+    def test_attention_mask_of_another_batch_is_rejected(self, variant, text_head):
+        """A `(1, L)` mask is not broadcast over a batch of 2 (that would give every row row 0's padding)."""
+        model = self.make_model(variant, text_head)
+        inputs = self.make_inputs(model.config, text_head, batch_size=2)
+        mask = torch.ones_like(inputs["input_ids"][:1])
+        mask[0, -2:] = 0
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(1, \d+\), expected \(2, "):
+            model(**inputs, attention_mask=mask)
+
+    def test_cache_of_another_batch_is_rejected(self, variant, causal_head):
+        model = self.make_model(variant, causal_head)
+        ids = self.make_inputs(model.config, causal_head, batch_size=2, seq_length=6)["input_ids"]
+        with torch.no_grad():
+            cache = model(ids[:1, :-1], use_cache=True).cache
+            with pytest.raises(ValueError, match="batch of 1.*batch of 2"):
+                model(ids[:, -1:], cache=cache)
+
+    def test_labels_of_the_wrong_shape_name_labels(self, variant, loss_head):
+        model = self.make_model(variant, loss_head)
+        inputs = self.make_inputs(model.config, loss_head, batch_size=2)
+        labels = self.make_labels(model.config, loss_head, inputs)
+        for wrong in (labels[..., None, None], labels[:1]):
+            with pytest.raises(ValueError, match="`labels` must have shape"):
+                model(**inputs, labels=wrong)
+
+    def test_config_task_fields_are_checked(self):
+        """`num_labels` below 1 and special token ids outside the vocabulary are rejected at config creation (a
+        `pad_token_id` equal to `vocab_size` would otherwise fail inside `nn.Embedding` when the model is built)."""
+        config_class = hf_efficient.get_config_class(self.model_type)
+        with pytest.raises(ValueError, match="num_labels"):
+            config_class(num_labels=0)
+        vocab_size = getattr(config_class(), "vocab_size", None)
+        if vocab_size is not None:
+            for field in ("pad_token_id", "eos_token_id"):
+                with pytest.raises(
+                    ValueError, match=rf"`{field}` must be None or a token id in \[0, {vocab_size - 1}\]"
+                ):
+                    config_class(**{field: vocab_size})
+
     def test_invalid_config_raises(self):
         config_class = hf_efficient.get_config_class(self.model_type)
         assert self.invalid_configs, "list some invalid configurations"

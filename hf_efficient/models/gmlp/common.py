@@ -134,6 +134,27 @@ def check_attention_mask(
             )
 
 
+def check_labels(model_name: str, labels: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    """`labels` of the shape the head's loss needs (`expected`, e.g. `(B, L)` like the inputs, or `(B,)`), else a
+    ValueError naming it: torch's own loss would otherwise fail deep inside with a flattened-size mismatch."""
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(
+            f"{model_name}: `labels` must have shape {meaning} = {tuple(expected)}, got {tuple(labels.shape)}."
+        )
+
+
+def check_class_labels(model_name: str, labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
+    """Sequence / image classification labels: `(B,)` class ids, `(B,)` or `(B, 1)` regression targets, or
+    `(B, num_labels)` multi-label targets (transformers' `problem_type`)."""
+    allowed = {(batch_size,), (batch_size, num_labels)} | ({(batch_size, 1)} if num_labels == 1 else set())
+    if tuple(labels.shape) not in allowed:
+        shapes = " or ".join(str(shape) for shape in sorted(allowed))
+        raise ValueError(
+            f"{model_name}: `labels` must have shape (batch,) (class ids or regression targets) or "
+            f"(batch, num_labels) (multi-label), here {shapes}; got {tuple(labels.shape)}."
+        )
+
+
 def positions_from_mask(
     attention_mask: torch.Tensor | None, past_length: int, num_new: int, device: torch.device
 ) -> torch.LongTensor:

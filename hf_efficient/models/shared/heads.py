@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import can_return_tuple, logging
 
-from .common import last_token_pool, mean_pool, past_key_values_alias
+from .common import check_class_labels, check_labels, last_token_pool, mean_pool, past_key_values_alias
 
 logger = logging.get_logger(__name__)
 
@@ -71,27 +71,6 @@ def refuse_assisted_decoding(model, generation_config, generate_kwargs: dict) ->
             f"{', '.join(f'`{name}`' for name in asked)}): its decoding state is not kept per token, so the cache "
             "cannot be cropped back when draft tokens are rejected. Decode without an assistant (greedy, sampling "
             "or beam search)."
-        )
-
-
-def check_labels(model_name: str, labels: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
-    """`labels` of the shape the head's loss needs (`expected`, e.g. `(B, L)` like the inputs, or `(B,)`), else a
-    ValueError naming it: torch's own loss would otherwise fail deep inside with a flattened-size mismatch."""
-    if tuple(labels.shape) != tuple(expected):
-        raise ValueError(
-            f"{model_name}: `labels` must have shape {meaning} = {tuple(expected)}, got {tuple(labels.shape)}."
-        )
-
-
-def check_class_labels(model_name: str, labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
-    """Sequence / image classification labels: `(B,)` class ids, `(B,)` or `(B, 1)` regression targets, or
-    `(B, num_labels)` multi-label targets (transformers' `problem_type`)."""
-    allowed = {(batch_size,), (batch_size, num_labels)} | ({(batch_size, 1)} if num_labels == 1 else set())
-    if tuple(labels.shape) not in allowed:
-        shapes = " or ".join(str(shape) for shape in sorted(allowed))
-        raise ValueError(
-            f"{model_name}: `labels` must have shape (batch,) (class ids or regression targets) or "
-            f"(batch, num_labels) (multi-label), here {shapes}; got {tuple(labels.shape)}."
         )
 
 
