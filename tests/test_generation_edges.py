@@ -125,13 +125,13 @@ def test_stateful_models_refuse_assisted_decoding_clearly(name, head, config):
     common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert model.generate(ids, **common).shape[1] == ids.shape[1] + 4  # plain decoding works
     message = f"{head.__name__} does not support assisted or prompt-lookup decoding"
-    with pytest.raises(ValueError, match=f"{message} \\(got `assistant_model`\\)"):
+    with pytest.raises(NotImplementedError, match=f"{message} \\(got `assistant_model`\\)"):
         model.generate(ids, assistant_model=head(config).eval(), **common)
-    with pytest.raises(ValueError, match=f"{message} \\(got `prompt_lookup_num_tokens`\\)"):
+    with pytest.raises(NotImplementedError, match=f"{message} \\(got `prompt_lookup_num_tokens`\\)"):
         model.generate(ids, prompt_lookup_num_tokens=3, **common)
     # Asked through a GenerationConfig instead of keyword arguments: the same error.
     generation_config = GenerationConfig(prompt_lookup_num_tokens=3, **common)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(NotImplementedError, match=message):
         model.generate(ids, generation_config=generation_config)
 
 
@@ -151,7 +151,7 @@ def test_ngram_seq2seq_refuses_assisted_decoding_clearly():
     ids = prompt()
     common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert model.generate(ids, **common).shape[1] <= 5  # plain decoding works (decoder start + 4)
-    with pytest.raises(ValueError, match="NgramTransformerForConditionalGeneration does not support assisted"):
+    with pytest.raises(NotImplementedError, match="NgramTransformerForConditionalGeneration does not support assisted"):
         model.generate(ids, prompt_lookup_num_tokens=3, **common)
 
 

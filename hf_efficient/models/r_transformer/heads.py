@@ -52,7 +52,7 @@ ASSISTED_DECODING_ARGUMENTS = ("assistant_model", "prompt_lookup_num_tokens", "a
 
 
 def refuse_assisted_decoding(model, generation_config, generate_kwargs: dict) -> None:
-    """A ValueError of the package's own when `generate()` is asked for assisted or prompt-lookup decoding on a model
+    """A NotImplementedError of the package's own when `generate()` is asked for assisted or prompt-lookup decoding on a model
     whose decoding state cannot be rolled back (`_is_stateful`: running sums, span summaries, RNN windows, a rolling
     key/value window). Assisted decoding drops rejected draft tokens by cropping the cache, which such a state does
     not allow; transformers' own message for it changed between releases (5.24: "stateful models", 5.25: "requires
@@ -66,7 +66,7 @@ def refuse_assisted_decoding(model, generation_config, generate_kwargs: dict) ->
         if generate_kwargs.get(name, getattr(config, name, None)) not in (None, False)
     ]
     if asked:
-        raise ValueError(
+        raise NotImplementedError(
             f"{type(model).__name__} does not support assisted or prompt-lookup decoding (got "
             f"{', '.join(f'`{name}`' for name in asked)}): its decoding state is not kept per token, so the cache "
             "cannot be cropped back when draft tokens are rejected. Decode without an assistant (greedy, sampling "
@@ -130,7 +130,7 @@ class CausalLMHead(BaseModelHead):
     def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
         """`GenerationMixin.generate`, stopping at the model's length limit (`sequence_length_limit`) where it has one:
         a prompt that already fills it is a ValueError, and generation ends there instead of failing partway.
-        Assisted decoding on a model that cannot roll its state back is a ValueError (`refuse_assisted_decoding`)."""
+        Assisted decoding on a model that cannot roll its state back is refused (`refuse_assisted_decoding`)."""
         refuse_assisted_decoding(self, generation_config, kwargs)
         limit = sequence_length_limit(self.config)
         if limit is not None:
