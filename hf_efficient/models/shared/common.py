@@ -5,6 +5,8 @@ the same folder). The master copy is `hf_efficient/models/shared/common.py`: edi
 `python scripts/check_copies.py --fix`.
 """
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -259,6 +261,24 @@ class EfficientPreTrainedModel(PreTrainedModel):
     # attention through transformers' attention interface dispatch on it; the others have nothing to dispatch
     # (their token mixers are their own ops) and ignore it.
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a local folder with a `config.json` but no weights (such as a preset of
+        `model_cards/`) gets an error that says how to build a model from it instead of only "no file named"."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as error:
+            folder = Path(str(pretrained_model_name_or_path))
+            weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("*.safetensors.index.json")]
+            if not (folder.is_dir() and (folder / "config.json").is_file() and not weights):
+                raise
+            raise OSError(
+                f"{folder} has a config.json but no weights: it is a configuration (a preset), not a checkpoint. "
+                f"Build a randomly initialised model from it with `{cls.__name__}.from_config("
+                f"AutoConfig.from_pretrained({str(folder)!r}))` (or the matching AutoModelFor*.from_config), or train "
+                f"one with `hf-efficient train --model {folder.name}`. ({error})"
+            ) from error
 
     def get_input_embeddings(self) -> nn.Module | None:
         """The token embedding, or for a model that reads `pixel_values` its patch embedding (as transformers'
