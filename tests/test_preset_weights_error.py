@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 import hf_efficient
 from tests.model_tester import AUTO_CLASS_BY_SUFFIX
@@ -19,7 +19,8 @@ PRESETS = sorted(p.parent.name for p in (REPO / "model_cards").glob("*/config.js
 def test_from_pretrained_on_a_preset_says_how_to_build_it(preset):
     folder = REPO / "model_cards" / preset
     head = json.loads((folder / "card.json").read_text())["head"]
-    auto_class = next(auto for suffix, auto in AUTO_CLASS_BY_SUFFIX.items() if head.endswith(suffix))
+    auto_classes = {**AUTO_CLASS_BY_SUFFIX, "ForConditionalGeneration": AutoModelForSeq2SeqLM}
+    auto_class = next(auto for suffix, auto in auto_classes.items() if head.endswith(suffix))
     for loader in (auto_class, AutoModel):
         with pytest.raises(OSError, match=r"it is a configuration \(a preset\), not a checkpoint") as error:
             loader.from_pretrained(folder)
