@@ -20,6 +20,7 @@ sides of the boundary) and `MixtureOfExpertsTests` (`aux_loss` in the loss, `rou
 base model), `text_head`, `vision_head`, `lm_head` (causal and masked LM) and `causal_head` over those lists.
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -686,6 +687,19 @@ class GenericModelTests:
         mask[0, -2:] = 0
         with pytest.raises(ValueError, match=r"attention_mask has shape \(1, \d+\), expected \(2, "):
             model(**inputs, attention_mask=mask)
+
+    def test_negative_position_ids_are_rejected(self, variant, text_head):
+        """Where the base model takes `position_ids`, a negative one is an error naming it (never clamped or wrapped
+        around silently)."""
+        model = self.make_model(variant, text_head)
+        base = getattr(model, "model", model)
+        if "position_ids" not in inspect.signature(base.forward).parameters:
+            return  # positions come from the mask only (AFT refuses `position_ids` with its own error)
+        inputs = self.make_inputs(model.config, text_head, batch_size=2)
+        length = inputs["input_ids"].shape[1]
+        negative = torch.arange(length)[None].expand(2, length) - 2
+        with pytest.raises(ValueError, match="position_ids"):
+            model(**inputs, position_ids=negative)
 
     def test_cache_of_another_batch_is_rejected(self, variant, causal_head):
         model = self.make_model(variant, causal_head)

@@ -157,6 +157,22 @@ def check_class_labels(model_name: str, labels: torch.Tensor, batch_size: int, n
         )
 
 
+def check_position_ids(model_name: str, position_ids: torch.Tensor | None, batch_size: int, length: int) -> None:
+    """A caller's `position_ids`: shape `(B, L)` or `(1, L)` like the current tokens, and no negative position (an
+    index into a learned table would otherwise be clamped or wrap around silently)."""
+    if position_ids is None:
+        return
+    if position_ids.ndim != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch_size):
+        raise ValueError(
+            f"{model_name}: `position_ids` must have shape ({batch_size}, {length}) or (1, {length}) like the current "
+            f"tokens, got {tuple(position_ids.shape)}."
+        )
+    if _checking() and position_ids.numel() and int(position_ids.min()) < 0:
+        raise ValueError(
+            f"{model_name}: `position_ids` holds the position {int(position_ids.min())}: positions start at 0."
+        )
+
+
 def positions_from_mask(
     attention_mask: torch.Tensor | None, past_length: int, num_new: int, device: torch.device
 ) -> torch.LongTensor:
