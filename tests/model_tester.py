@@ -869,6 +869,16 @@ class AttentionTests:
             sums = weights[1].sum(dim=-1)
             torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
 
+    def test_output_attentions_from_config(self, variant, head):
+        """`config.output_attentions` is the default of the forward argument (transformers' convention)."""
+        model = self.make_model(variant, head, _attn_implementation="eager")
+        inputs = self._attention_inputs(model, head)
+        model.config.output_attentions = True
+        with torch.no_grad():
+            attentions = model(**inputs).attentions
+            assert attentions is not None and len(attentions) == model.config.num_hidden_layers
+            assert model(**inputs, output_attentions=False).attentions is None
+
     def test_eager_and_sdpa_agree(self, variant, head):
         eager = self.make_model(variant, head, _attn_implementation="eager")
         sdpa = self.make_model(variant, head, _attn_implementation="sdpa")
