@@ -151,7 +151,9 @@ def test_ngram_seq2seq_refuses_assisted_decoding_clearly():
     ids = prompt()
     common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert model.generate(ids, **common).shape[1] <= 5  # plain decoding works (decoder start + 4)
-    with pytest.raises(NotImplementedError, match="NgramTransformerForConditionalGeneration does not support assisted"):
+    with pytest.raises(
+        NotImplementedError, match="NgramTransformerForConditionalGeneration does not support assisted"
+    ):
         model.generate(ids, prompt_lookup_num_tokens=3, **common)
 
 
