@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
+from .data import MissingDependencyError
 from .tasks import TASKS, TaskError
 
 PROG = "hf-efficient"
@@ -498,7 +499,7 @@ def main(argv=None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except TaskError as error:
+    except (TaskError, MissingDependencyError) as error:  # bad input, or a package to install (named with pip)
         if debug:
             raise
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)

@@ -7,6 +7,7 @@ nats per token divided by ln 2 is bits per byte.
 """
 
 import hashlib
+import importlib
 import math
 import sysconfig
 from pathlib import Path
@@ -18,6 +19,23 @@ from transformers import ByT5Tokenizer
 BYTE_OFFSET = 3  # ByT5: ids 0, 1, 2 are <pad>, </s>, <unk>; byte b is id b + 3
 FILE_SEPARATOR = b"\n\n"
 SEQ_CLS_MODULES = ("asyncio", "email", "tkinter", "unittest")
+# What the image task imports, and the requirement (setup.cfg's install_requires) that provides it.
+IMAGE_REQUIREMENTS = {"PIL": "Pillow>=9.1", "sklearn": "scikit-learn>=1.3"}
+
+
+class MissingDependencyError(ImportError):
+    """A package a feature needs is not installed; the message names the pip command that installs it."""
+
+
+def require(module: str, requirement: str, purpose: str):
+    """`import module`, or a `MissingDependencyError` naming `purpose` and `pip install "<requirement>"`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f'{purpose} needs "{requirement}" ({error}): install it with python3 -m pip install "{requirement}" '
+            "(it is a dependency of hf-efficient: reinstalling the package, `python3 -m pip install -e .`, installs it)"
+        ) from error
 
 
 def default_tokenizer() -> ByT5Tokenizer:
@@ -135,6 +153,8 @@ def stdlib_classification_dataset(block_size: int = 128, max_blocks_per_class: i
 
 def digits_dataset(validation_percent: float = 20.0, seed: int = 0):
     """scikit-learn's handwritten digits as 8 x 8 grey-scale PIL images (pixel 0..16 -> 0..255)."""
+    require("PIL", IMAGE_REQUIREMENTS["PIL"], "the embedded digits (image-cls)")
+    require("sklearn", IMAGE_REQUIREMENTS["sklearn"], "the embedded digits (image-cls)")
     from datasets import ClassLabel, Dataset, Features
     from datasets import Image as ImageFeature
     from PIL import Image

@@ -51,6 +51,41 @@ def _steps(results: dict):
     return steps
 
 
+def usage_lines(name: str, config, task: str) -> list[str]:
+    """The card's Python example for checkpoint `name` (a folder or a Hub repo id): load the model and its tokenizer
+    or image processor, and run it once on an example input (`result`). The task's pipeline where transformers has
+    one; seq2seq generates with the model itself (transformers 5 has no text-to-text pipeline)."""
+    spec = TASKS[task]
+    text = spec.modality == "text"
+    load, variable = ("AutoTokenizer", "tokenizer") if text else ("AutoImageProcessor", "processor")
+    classes = sorted([spec.auto_class, load] + (["pipeline"] if task != "seq2seq" else []))
+    lines = [
+        *([] if text else ["from PIL import Image"]),
+        f"from transformers import {', '.join(classes)}",
+        "",
+        f'model = {spec.auto_class}.from_pretrained("{name}", trust_remote_code=True)  # or `import hf_efficient` first',
+        f'{variable} = {load}.from_pretrained("{name}")',
+    ]
+    if task == "seq2seq":
+        return lines + [
+            f'inputs = tokenizer({json.dumps(spec.default_prompt)}, return_tensors="pt")  # the source text',
+            "output = model.generate(**inputs, max_new_tokens=64)",
+            "result = tokenizer.batch_decode(output, skip_special_tokens=True)  # the decoder's output",
+            "print(result)",
+        ]
+    size = getattr(config, "image_size", None) or 224
+    example = {
+        "clm": f"{json.dumps(spec.default_prompt)}, max_new_tokens=40",
+        "mlm": 'f"import{tokenizer.mask_token}os"',
+        "image-cls": f'Image.new("RGB", ({size}, {size}))',
+    }.get(task, '"import asyncio"')
+    return lines + [
+        f'pipe = pipeline("{spec.pipeline_tag}", model="{name}", trust_remote_code=True)',
+        f"result = pipe({example})",
+        "print(result)",
+    ]
+
+
 def render(name: str, config, task: str, results: dict) -> str:
     """README.md text for a checkpoint called `name` (a folder name or Hub repo id; `config`: its config)."""
     spec = TASKS[task]
@@ -83,7 +118,6 @@ def render(name: str, config, task: str, results: dict) -> str:
         if getattr(config, "auto_map", None)
         else ""
     )
-    auto_class = spec.auto_class
     lines = [
         "---",
         card_data.to_yaml(),
@@ -130,18 +164,8 @@ def render(name: str, config, task: str, results: dict) -> str:
     ]
     if size_fields:
         lines += ["## Configuration", "", ", ".join(f"`{k}` = {getattr(config, k)}" for k in size_fields), ""]
-    load = "AutoTokenizer" if spec.modality == "text" else "AutoImageProcessor"
+    lines += ["## Use", "", "```python", *usage_lines(name, config, task), "```", ""]
     lines += [
-        "## Use",
-        "",
-        "```python",
-        f"from transformers import {auto_class}, {load}, pipeline",
-        "",
-        f'model = {auto_class}.from_pretrained("{name}", trust_remote_code=True)  # or `import hf_efficient` first',
-        f'processor = {load}.from_pretrained("{name}")',
-        f'pipe = pipeline("{spec.pipeline_tag}", model="{name}", trust_remote_code=True)',
-        "```",
-        "",
         "From the shell: `hf-efficient evaluate <folder>`"
         + {
             "clm": ", `hf-efficient generate <folder> --prompt 'def '`",

@@ -253,6 +253,19 @@ def image_processor_for(image_size: int, num_channels: int):
     )
 
 
+def processed_size(processor, channels: int = 3) -> tuple[int, int] | None:
+    """(height, width) of the `pixel_values` an image processor makes of an image (a blank 8 x 8 one in the model's
+    mode: RGB, or L for one channel); None when it cannot process one."""
+    from PIL import Image
+
+    try:
+        image = Image.new("L" if channels == 1 else "RGB", (8, 8))
+        pixels = processor(image, return_tensors="pt")["pixel_values"]
+    except Exception:
+        return None
+    return tuple(int(n) for n in pixels.shape[-2:])
+
+
 def is_byte_tokenizer(tokenizer) -> bool:
     return type(tokenizer).__name__.startswith("ByT5Tokenizer")
 
@@ -321,11 +334,20 @@ class Task:
         return tokenizer if tokenizer is not None else byte_data.default_tokenizer()
 
     def load_data(
-        self, args, processing, config: dict, train=True, seed=42, sized_by_data=False, config_class=None
+        self,
+        args,
+        processing,
+        config: dict,
+        train=True,
+        seed=42,
+        sized_by_data=False,
+        config_class=None,
+        new_model=False,
     ) -> TaskData:
         """The task's data for a model whose config is `config` (a dict); `args`: the `DataArguments`;
         `sized_by_data`: the model is new and may take sizes from the data (`TaskData.config_updates`), and
-        `config_class` (its config class, when known) tells how the config counts them."""
+        `config_class` (its config class, when known) tells how the config counts them; `new_model`: the model is
+        built, not loaded from a checkpoint."""
         tokenizer = processing
         if config.get("max_position_embeddings"):
             tokenizer.model_max_length = config["max_position_embeddings"]  # lets pipelines truncate to it
@@ -554,20 +576,30 @@ class ImageClassification(Task):
 
     def load_processing(self, folder, own, config=None):
         """The image processor saved in `folder`, else one for the image size of `config` (None without one: a new
-        model sized from the data gets one in `load_data`)."""
+        model sized from the data gets one in `load_data`). A preset's processor (`own` False) serves only a config
+        of the preset's image size: one changed by `--config-overrides` gets a processor for its own size."""
         from transformers import AutoImageProcessor
 
+        byte_data.require("PIL", byte_data.IMAGE_REQUIREMENTS["PIL"], "the image-cls task")
+        size = (config or {}).get("image_size")
+        channels = (config or {}).get("num_channels") or 3
         if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
             try:
-                return AutoImageProcessor.from_pretrained(folder)
+                processor = AutoImageProcessor.from_pretrained(folder)
             except Exception as error:
                 raise TaskError(f"cannot load the image processor of {folder!r}: {first_line(error)}") from error
-        if config and config.get("image_size"):
-            return image_processor_for(config["image_size"], config.get("num_channels", 3))
+            if own or not size or processed_size(processor, channels) == (size, size):
+                return processor
+        if size:
+            return image_processor_for(size, channels)
         return None
 
-    def load_data(self, args, processing, config, train=True, seed=42, sized_by_data=False, config_class=None):
-        """`sized_by_data`: a new model whose image size, channels and patch size come from the data."""
+    def load_data(
+        self, args, processing, config, train=True, seed=42, sized_by_data=False, config_class=None, new_model=False
+    ):
+        """`sized_by_data`: a new model whose image size, channels and patch size come from the data. Images of
+        another size than the model's are an error for a new model (`new_model`: a preset's size must match the
+        data), and resized by a checkpoint's own image processor where it brings them to the model's size."""
         from transformers import DefaultDataCollator
 
         if args.dataset is None:
@@ -597,10 +629,19 @@ class ImageClassification(Task):
             updates = self.sized_config(config, size, channels, config_class)
         else:
             channels, updates = config.get("num_channels", 3), {}
-            if size != config["image_size"]:
-                raise TaskError(
-                    f"{source} has {size}x{size} images, but the model expects {config['image_size']}x"
-                    f"{config['image_size']} (its config's image_size)"
+            expected = config["image_size"]
+            if size != expected:
+                resized = None if new_model or processing is None else processed_size(processing, channels)
+                if resized != (expected, expected):
+                    raise TaskError(
+                        f"{source} has {size}x{size} images, but the model expects {expected}x{expected} (its "
+                        "config's image_size)"
+                        + (f" and its image processor makes them {resized[1]}x{resized[0]}" if resized else "")
+                    )
+                print(
+                    f"hf-efficient: {source} has {size}x{size} images: the model's image processor resizes them to "
+                    f"{expected}x{expected} (its config's image_size)",
+                    file=sys.stderr,
                 )
         processor = processing or image_processor_for(size, channels)
 

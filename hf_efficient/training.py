@@ -711,7 +711,13 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
     with args.main_process_first(desc="data"):
         processing = task.load_processing(source.path, source.kind == "checkpoint", None if sized_by_data else draft)
         data = task.load_data(
-            data_args, processing, draft, seed=args.seed, sized_by_data=sized_by_data, config_class=config_class
+            data_args,
+            processing,
+            draft,
+            seed=args.seed,
+            sized_by_data=sized_by_data,
+            config_class=config_class,
+            new_model=source.kind != "checkpoint",
         )
     config = build_config(config_class, values, data, overrides)
     compute_metrics = data.compute_metrics

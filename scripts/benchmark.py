@@ -253,6 +253,26 @@ def parse_args(argv=None):
     return args
 
 
+def check_device(device: str) -> None:
+    """Stop once, before any point runs, when `--device` is not a device this machine has (every point would fail
+    on its own otherwise): `cpu`, or `cuda` / `cuda:N` with a CUDA GPU that torch sees."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise SystemExit(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise SystemExit(
+            f"--device {device!r}: CUDA is not available here ({why}; torch {torch.__version__}); run on a machine "
+            "with a CUDA GPU and a CUDA build of torch, or use --device cpu"
+        )
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def default_out(args, machine: dict) -> Path:
     suffix = "" if args.profile == "full" else f"-{args.profile}"
     return ROOT / "benchmarks" / "results" / f"{machine['tag']}{suffix}"
@@ -478,7 +498,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.mode == "report":
         run_report(args)
-    elif args.mode == "all":
+        return
+    check_device(args.device)
+    if args.mode == "all":
         # Each mode in its own fresh process (the scaling workers fork from a parent that has run no torch op).
         rest = [a for a in argv if a != "all"]
         for mode in MODES:

@@ -369,3 +369,62 @@ def test_legacy_results_were_converted_without_loss():
     for row in scaling_data["summary"]:
         if row["name"] != "llama-sdpa":
             assert row["crossover_time"]["length"] == scaling_data["legacy_crossover"][row["name"]]["length"]
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda:99", "--device 'cuda:99': "),  # no machine has CUDA device 99 (and one without CUDA has none at all)
+        ("gpu", "--device 'gpu': expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_an_unavailable_device_stops_once_before_any_point(device, message, tmp_path):
+    """Issue 21: `--device cuda` where CUDA is not available used to fail every point with an assertion; it now
+    stops at once with one message (for `all` too, before any mode starts), and writes nothing."""
+    for mode in ("scaling", "all"):
+        command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), mode, "--tiny", "--device", device]
+        started = time.time()
+        proc = subprocess.run(
+            [*command, "--out", str(tmp_path / mode)], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]], proc.stderr[-2000:]
+        assert proc.stderr.strip().startswith(message), proc.stderr
+        assert "Traceback" not in proc.stderr and "==" not in proc.stdout  # no mode started
+        assert not (tmp_path / mode).exists()
+        assert time.time() - started < 120
+
+
+def test_a_missing_cuda_build_is_named():
+    """On a torch without CUDA, `--device cuda` names the reason and the way out."""
+    import benchmark
+    import torch
+
+    if torch.cuda.is_available():  # the message below is for machines without CUDA; here cuda is accepted
+        benchmark.check_device("cuda")
+        return
+    with pytest.raises(SystemExit, match=r"--device 'cuda': CUDA is not available here .*use --device cpu"):
+        benchmark.check_device("cuda")
+
+
+def test_report_without_matplotlib_names_the_pip_command(tmp_path):
+    """`report` draws its plots with matplotlib (the `bench` extra): without it, one message with the install
+    command, not a traceback."""
+    run_benchmark("recall", tmp_path)
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.argv = [sys.argv[0], 'report', '--out', sys.argv[1]]; "
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r}); import benchmark; benchmark.main()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert 'python3 -m pip install -e ".[bench]"' in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_extra_declares_what_the_report_needs():
+    import configparser
+
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(ROOT / "setup.cfg")
+    bench = setup_cfg["options.extras_require"]["bench"]
+    assert "matplotlib" in bench and "psutil" in bench

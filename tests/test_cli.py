@@ -356,3 +356,92 @@ def test_seq2seq_trains_evaluates_and_generates_on_the_embedded_task(tmp_path, c
     code, stdout, err = run_cli(capsys, "generate", str(out), "--prompt", "1987-03-09", "--max-new-tokens", "60")
     assert code == 0, err
     assert stdout.strip() and not stdout.startswith("1987-03-09")
+
+
+def save_image_checkpoint(folder: Path, image_size: int, processor) -> Path:
+    """A small gMLP image classifier for 10 classes saved as `train` saves it (weights with code, processor), with
+    no measured metrics (so `publish` evaluates it)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gmlp", hidden_size=32, intermediate_size=64, num_hidden_layers=2, image_size=image_size, patch_size=4,
+        num_channels=3, max_position_embeddings=(image_size // 4) ** 2, vocab_size=None, num_labels=10,
+    )  # fmt: skip
+    model = hf_efficient.get_architecture("gmlp").GMLPForImageClassification(config)
+    hf_efficient.save_pretrained_with_code(model, folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_publish_evaluates_an_image_checkpoint_whose_processor_resizes_the_data(tmp_path, capsys):
+    """Issue 21: a checkpoint made for 16 x 16 images is evaluated on the embedded 8 x 8 digits by `publish` (and
+    `evaluate`): its own image processor resizes them to the model's size, as transformers' pipelines would."""
+    folder = save_image_checkpoint(tmp_path / "digits16", 16, tasks.image_processor_for(16, 3))
+    evaluate = ["--max-eval-samples", "8", "--disable-tqdm"]
+    code, out, err = run_cli(capsys, "publish", str(folder), "--output-dir", str(tmp_path / "hub"), *evaluate)
+    assert code == 0, err
+    assert "has 8x8 images: the model's image processor resizes them to 16x16" in err
+    results = json.loads((tmp_path / "hub" / "all_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    code, out, err = run_cli(capsys, "evaluate", str(folder), *evaluate)
+    assert code == 0 and "eval_accuracy" in out, err
+
+
+def test_an_image_checkpoint_whose_processor_does_not_resize_names_both_sizes(tmp_path, capsys):
+    """A processor that leaves the images at 8 x 8 cannot feed a 16 x 16 model: a one-line error, not a crash."""
+    from transformers import ViTImageProcessorPil
+
+    processor = ViTImageProcessorPil(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    folder = save_image_checkpoint(tmp_path / "digits16", 16, processor)
+    code, _, err = run_cli(capsys, "evaluate", str(folder), "--max-eval-samples", "8", "--disable-tqdm")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "hf-efficient: error: the digits has 8x8 images, but the model expects 16x16 (its config's image_size) and "
+        "its image processor makes them 8x8"
+    )
+
+
+def test_a_preset_with_a_changed_image_size_gets_a_processor_of_that_size(tmp_path):
+    """The vision presets carry their image processor (224 x 224); a preset whose image size is changed with
+    --config-overrides is fed images of its new size, not the preset's."""
+    out = tmp_path / "out"
+    argv = ["train", "--model", "gmlp-ti16-224", "--task", "image-cls", "--max-steps", "1", "--max-train-samples", "4"]
+    argv += ["--config-overrides", "image_size=8,patch_size=2,max_position_embeddings=16,num_hidden_layers=2"]
+    argv += ["--max-eval-samples", "2", "--disable-tqdm", "--save-strategy", "no", "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    assert saved["size"] == {"height": 8, "width": 8}
+
+
+def missing_module_run(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`hf-efficient ARGV` in a fresh interpreter where `import MODULE` fails, as if it were not installed."""
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; from hf_efficient import cli; sys.exit(cli.main({list(argv)!r}))"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("module, requirement", [("sklearn", "scikit-learn>=1.3"), ("PIL", "Pillow>=9.1")])
+def test_a_missing_image_dependency_names_the_pip_command(module, requirement, tmp_path):
+    """Issue 21: `train --task image-cls` without scikit-learn or Pillow is one line naming the pip command (both are
+    install_requires, so `pip install -e .` installs them: test_image_task_dependencies_are_declared)."""
+    result = missing_module_run(
+        module, "train", "--task", "image-cls", "--max-steps", "1", "--output-dir", "o", cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("hf-efficient: error: ") and f'python3 -m pip install "{requirement}"' in last, last
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_image_task_dependencies_are_declared():
+    """What the image task imports is in setup.cfg's install_requires (the README's `pip install -e .`)."""
+    import configparser
+
+    from hf_efficient.data import IMAGE_REQUIREMENTS
+
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(training.REPO_ROOT / "setup.cfg")
+    requires = [line.strip() for line in setup_cfg["options"]["install_requires"].splitlines()]
+    for requirement in IMAGE_REQUIREMENTS.values():
+        assert requirement in requires, (requirement, requires)

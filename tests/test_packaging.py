@@ -87,6 +87,14 @@ def test_wheel_install_lists_every_preset_and_trains_one(tmp_path):
         assert Path(entry["path"]).is_relative_to(venv), (name, entry["path"])
         assert "error" not in entry and entry["model_type"], (name, entry)
 
+    # The installed preset folders carry their tokenizer / image processor, loadable with the Auto classes.
+    check = (
+        "import sys; from transformers import AutoImageProcessor, AutoTokenizer; "
+        "AutoTokenizer.from_pretrained(sys.argv[1]); AutoImageProcessor.from_pretrained(sys.argv[2]); print('LOADED')"
+    )
+    text, vision = listing["presets"]["gmlp-small-clm-256"]["path"], listing["presets"]["gmlp-s16-224"]["path"]
+    assert "LOADED" in run([python, "-c", check, text, vision], cwd=outside).stdout
+
     # A preset by name trains (one tiny step) from the installed package.
     argv = [command, "train", "--model", "gmlp-small-clm-256", "--max-steps", "1", "--block-size", "32"]
     argv += ["--per-device-train-batch-size", "2", "--max-train-bytes", "20000", "--max-eval-bytes", "2000"]

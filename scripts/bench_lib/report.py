@@ -464,7 +464,13 @@ def markdown(folder: Path, results: dict, image_prefix: str = "", absolute_level
 
 # ------------------------------------------------------------------------------------------------------------ plots
 def plots(folder: Path, results: dict) -> list[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit(
+            f"scripts/benchmark.py report draws its plots with matplotlib ({error}): install the benchmark extras "
+            'with python3 -m pip install -e ".[bench]" (or python3 -m pip install "matplotlib>=3.7")'
+        ) from error
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
