@@ -11,13 +11,17 @@ import torch._dynamo
 
 from hf_efficient.models.aft import AFTConfig, AFTForCausalLM, AFTForSequenceClassification, ops_aft
 from hf_efficient.models.combiner import CombinerConfig, CombinerForCausalLM, CombinerForSequenceClassification
+from hf_efficient.models.combiner.ops_combiner import combiner_static_state
 from hf_efficient.models.gmlp import GMLPConfig, GMLPForCausalLM, GMLPForSequenceClassification
+from hf_efficient.models.ngram_transformer import NgramTransformerConfig, NgramTransformerForCausalLM
+from hf_efficient.models.ngram_transformer.modeling_ngram_transformer import NgramTransformerCache
+from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
 
 MAX_LEN = 64
 
 
 def gmlp_config(**overrides):
-    return GMLPConfig(
+    kwargs = dict(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
@@ -25,8 +29,8 @@ def gmlp_config(**overrides):
         max_position_embeddings=MAX_LEN,
         num_labels=3,
         sgu_init_std=0.1,
-        **overrides,
     )
+    return GMLPConfig(**{**kwargs, **overrides})
 
 
 def aft_config(**overrides):
@@ -47,7 +51,7 @@ def aft_config(**overrides):
 
 
 def combiner_config(**overrides):
-    return CombinerConfig(
+    kwargs = dict(
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
@@ -56,14 +60,15 @@ def combiner_config(**overrides):
         block_size=4,
         max_position_embeddings=MAX_LEN,
         num_labels=3,
-        **overrides,
     )
+    return CombinerConfig(**{**kwargs, **overrides})
 
 
 # name -> (config factory with overrides, causal LM head, classifier head, dynamic lengths)
 # Dynamic lengths: (multiple, smallest count, traced count): the sequence length is `multiple * n`. The blocked ops
-# lay positions out in blocks (AFT's prefix-scan chunks of 16 and window blocks, AFT-full's scanned query tiles of 16,
-# Combiner's segments), so a dynamic length is a whole number of blocks, at least two. None: the op's Python loop
+# lay positions out in blocks (AFT's prefix-scan chunks of 16 and window blocks, Combiner's segments), so a dynamic
+# length is a whole number of blocks, at least two. AFT-full takes any length (its scanned query tiles are single
+# rows unless the length is a known multiple of 16, see `test_export_aft_full_dynamic_length_...`). None: the op's Python loop
 # count follows the length, so the length is static (one export per length). Combiner-logsparse exports with its
 # level count fixed by max_position_embeddings (any length, no block multiple).
 VARIANTS = {
@@ -78,13 +83,13 @@ VARIANTS = {
         lambda **kw: aft_config(aft_type="full", **kw),
         AFTForCausalLM,
         AFTForSequenceClassification,
-        (16, 2, 2),
+        (1, 2, 21),
     ),
     "aft-full-matrix": (
         lambda **kw: aft_config(aft_type="full", position_bias_dim=None, **kw),
         AFTForCausalLM,
         AFTForSequenceClassification,
-        (16, 2, 2),
+        (1, 2, 21),
     ),
     "aft-local": (
         lambda **kw: aft_config(aft_type="local", **kw),
@@ -162,6 +167,9 @@ def export(model, inputs, dynamic=None):
     shapes = None
     if dynamic is not None:
         shapes = {name: ({1: dynamic} if name != "use_cache" else None) for name in inputs}
+    # A trace cached by an earlier export (a `torch.cond` branch of the same code, e.g. AFT's exact fallback) is
+    # checked against this one's symbolic sizes and can leave a spurious guard on them: start from a clean cache.
+    torch._dynamo.reset()
     return torch.export.export(model, (), dict(inputs), dynamic_shapes=shapes)
 
 
@@ -328,21 +336,24 @@ def test_compiled_aft_training_step_fullgraph_equals_eager_through_the_fallback(
 @pytest.mark.parametrize(
     "aft_type, kind", [("full", "causal_lm"), ("simple", "classifier"), ("local", "causal_lm"), ("conv", "classifier")]
 )
-def test_compiled_aft_training_step_has_no_graph_break(aft_type, kind, monkeypatch):
+def test_compiled_aft_training_step_has_no_graph_break(aft_type, kind):
     """With `torch._dynamo.config.capture_dynamic_output_shape_ops = True` as well (where the fallback used to be a
     `torch.cond` branch; now the same custom op as by default) the training step has no graph break."""
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
-    model = make_model(f"aft-{aft_type}", kind)
-    inputs = make_inputs(kind, 32)
-    count, reasons = _graph_breaks(model, inputs, _labels(kind, inputs))
+    # torch's own config patching (not `monkeypatch.setattr`, whose undo can `delattr` a config entry and hide it
+    # from later tests in the same worker process)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        model = make_model(f"aft-{aft_type}", kind)
+        inputs = make_inputs(kind, 32)
+        count, reasons = _graph_breaks(model, inputs, _labels(kind, inputs))
     assert count == 0, reasons
 
 
 @pytest.mark.parametrize("aft_type", ["simple"])
-def test_compiled_aft_step_gradients_equal_eager(aft_type, monkeypatch):
+@torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
+def test_compiled_aft_step_gradients_equal_eager(aft_type):
     """With `capture_dynamic_output_shape_ops = True` the fallback is differentiated like the eager `if`: same loss and
     gradients, on inputs that take the fallback."""
-    monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", True)
+    assert torch._dynamo.config.capture_dynamic_output_shape_ops
     model = _large_key_model(aft_type, "causal_lm").train()
     inputs = make_inputs("causal_lm", 32)
 
@@ -364,3 +375,214 @@ def test_compiled_aft_step_gradients_equal_eager(aft_type, monkeypatch):
     assert grads_compiled.keys() == grads_eager.keys()
     for name in grads_eager:
         torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------- torch.export of a decoding step
+# A causal model's cache is rebuilt around plain tensors inside the exported function, so the program takes and
+# returns the decoding state as tensors: `(input_ids (B, 1), attention_mask (B, P + 1), states) -> (logits, *new
+# states)`, the mask over the past and the new token as in `generate()`. The mask's length also gives the number P of
+# tokens the states hold (the cache's Python-int `get_seq_length()`, which positions and mask widths read): with a
+# dynamic `Dim` on it one program decodes at every past length.
+# Combiner's static buffers (and Logsparse's levels) follow max_position_embeddings: keep it small.
+DECODE_MAX_LEN = 15
+PROMPT = 7  # no other state dim is 7, so the dims of a growing state (one entry per past token) are found by size
+DECODE_STEPS = 8  # up to DECODE_MAX_LEN tokens
+
+
+class StateDecodeStep(torch.nn.Module):
+    """One decoding step of a causal model whose cache is a `StateCache` subclass `cache_class` (named per-layer state
+    tensors); `layout[i] = (layer, name)` of `states[i]`."""
+
+    def __init__(self, model, layout, cache_class):
+        super().__init__()
+        self.model, self.layout, self.cache_class = model, layout, cache_class
+
+    def forward(self, input_ids, attention_mask, states):
+        cache = self.cache_class(self.model.config)
+        for (layer, name), tensor in zip(self.layout, states):
+            cache.update_states(layer, 0, **{name: tensor})
+        for layer in cache.layers:
+            layer.num_seen_tokens = attention_mask.shape[1] - input_ids.shape[1]
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits
+        return (logits, *(cache.get_states(layer)[name] for layer, name in self.layout))
+
+    @staticmethod
+    def flatten(cache):
+        layout = [(i, name) for i, layer in enumerate(cache.layers) for name in layer.states]
+        return layout, [cache.get_states(i)[name] for i, name in layout]
+
+
+class NgramDecodeStep(torch.nn.Module):
+    """One decoding step of the decoder-only N-gram transformer: its cache is the rolling window of the last N - 1
+    keys / values per layer, `states = (*keys, *values)`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, states):
+        cache = NgramTransformerCache(self.model.config)
+        half = len(cache.layers)
+        for layer, keys, values in zip(cache.layers, states[:half], states[half:]):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            layer.cumulative_length = attention_mask.shape[1] - input_ids.shape[1]
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True).logits
+        return (logits, *(layer.keys for layer in cache.layers), *(layer.values for layer in cache.layers))
+
+    @staticmethod
+    def flatten(cache):
+        return None, [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
+
+
+def _combiner_decoder(combiner_type):
+    return CombinerForCausalLM(
+        combiner_config(combiner_type=combiner_type, causal=True, max_position_embeddings=DECODE_MAX_LEN)
+    )
+
+
+def _aft_decoder(aft_type, **overrides):
+    return AFTForCausalLM(
+        aft_config(aft_type=aft_type, causal=True, max_position_embeddings=DECODE_MAX_LEN, **overrides)
+    )
+
+
+def _r_transformer_decoder(rnn_type):
+    config = RTransformerConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        local_window=3,
+        num_rnn_layers=1,
+        rnn_type=rnn_type,
+        max_position_embeddings=DECODE_MAX_LEN,
+        num_labels=3,
+    )
+    return RTransformerForCausalLM(config)
+
+
+def _ngram_decoder():
+    config = NgramTransformerConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ngram_size=3,
+        max_position_embeddings=DECODE_MAX_LEN,
+        is_encoder_decoder=False,
+        num_labels=3,
+    )
+    return NgramTransformerForCausalLM(config)
+
+
+# name -> (model factory, state kind): "static" fixed shapes at any past length (Combiner's buffers are held at
+# their capacity for max_position_embeddings tokens, `combiner_static_state`; AFT-simple/local/conv's running sums
+# and window; N-gram's rolling window), "growing" one entry per past token (AFT-full's keys, gMLP's gate inputs,
+# aMLP's and R-Transformer's keys / values: a dynamic dim, the same `Dim` as the past length).
+DECODERS = {
+    "combiner-fixed": (lambda: _combiner_decoder("fixed"), "static"),
+    "combiner-logsparse": (lambda: _combiner_decoder("logsparse"), "static"),
+    "combiner-axial": (lambda: _combiner_decoder("axial"), "static"),
+    "combiner-mixture": (lambda: _combiner_decoder("mixture"), "static"),
+    "aft-simple": (lambda: _aft_decoder("simple"), "static"),
+    "aft-local": (lambda: _aft_decoder("local"), "static"),
+    "aft-conv": (lambda: _aft_decoder("conv"), "static"),
+    "aft-full": (lambda: _aft_decoder("full"), "growing"),
+    "aft-full-matrix": (lambda: _aft_decoder("full", position_bias_dim=None), "growing"),
+    "gmlp": (lambda: GMLPForCausalLM(gmlp_config(causal=True, max_position_embeddings=DECODE_MAX_LEN)), "growing"),
+    "amlp": (
+        lambda: GMLPForCausalLM(gmlp_config(causal=True, tiny_attn_size=8, max_position_embeddings=DECODE_MAX_LEN)),
+        "growing",
+    ),
+    "r-transformer-gru": (lambda: _r_transformer_decoder("gru"), "growing"),
+    "r-transformer-lstm": (lambda: _r_transformer_decoder("lstm"), "growing"),
+    "ngram": (_ngram_decoder, "static"),
+}
+
+
+def _decoder(name):
+    factory, kind = DECODERS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    for module in model.modules():  # AFT-conv: a real kernel (see make_model)
+        if hasattr(module, "conv_gamma"):
+            with torch.no_grad():
+                module.conv_gamma.fill_(0.7)
+                module.conv_beta.normal_()
+    return model, kind
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_exported_decode_step_equals_eager_decoding(name):
+    """One decoding step with a filled cache, exported once (the past length a dynamic `Dim`), then run for
+    DECODE_STEPS steps from a left-padded prompt feeding back its own states: the logits and states equal eager
+    decoding (the same wrapper run eagerly) at every step, and the logits equal a full forward over the whole
+    sequence. Combiner's steps cross segment / row / dyadic-block
+    boundaries at different steps for the two samples (their lengths differ), taking the `torch.cond` branch that
+    summarises a completed span for one sample only."""
+    model, kind = _decoder(name)
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 64, (2, PROMPT + DECODE_STEPS), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :PROMPT], attention_mask=mask[:, :PROMPT], use_cache=True).cache
+    step = NgramDecodeStep(model) if name == "ngram" else None
+    layout, states = (NgramDecodeStep if step else StateDecodeStep).flatten(cache)
+    if name.startswith("combiner"):
+        attn = model.model.layers[0].attn
+        padded = [
+            combiner_static_state(
+                cache.get_states(i), combiner_type=attn.combiner_type, block_size=attn.block_size,
+                max_length=DECODE_MAX_LEN,
+            )
+            for i in range(len(cache.layers))
+        ]  # fmt: skip
+        layout = [(i, key) for i, layer_state in enumerate(padded) for key in layer_state]
+        states = [padded[i][key] for i, key in layout]
+    step = step or StateDecodeStep(model, layout, type(cache))
+    past = torch.export.Dim("past", min=2, max=DECODE_MAX_LEN - 1)
+    growing = [{d: past for d in range(1, t.ndim) if t.shape[d] == PROMPT} or None for t in states]
+    assert (kind == "growing") == any(growing), "a growing state has a dim of the past length, a static one none"
+    torch._dynamo.reset()
+    exported = torch.export.export(
+        step,
+        (ids[:, PROMPT : PROMPT + 1], mask[:, : PROMPT + 1].clone(), tuple(states)),  # a fresh mask (a slice's
+        # row stride would be the full length: a guard on it)
+        dynamic_shapes=(None, {1: past + 1}, tuple(growing)),
+    )
+    if name.startswith("combiner"):  # span summaries: a branch in the graph, not a Python `if` on this trace's data
+        assert any("cond" in str(node.target) for node in exported.graph.nodes)
+    program = exported.module()
+    eager_states, program_states = list(states), [t.clone() for t in states]
+    for t in range(PROMPT, PROMPT + DECODE_STEPS):
+        token, seen = ids[:, t : t + 1], mask[:, : t + 1].clone()
+        with torch.no_grad():
+            expected = step(token, seen, tuple(eager_states))
+            got = program(token, seen, tuple(program_states))
+            full = model(input_ids=ids[:, : t + 1], attention_mask=mask[:, : t + 1], use_cache=False).logits
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(expected[0][:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+        assert len(got) == len(expected) == len(states) + 1
+        for new, reference in zip(got[1:], expected[1:]):
+            torch.testing.assert_close(new, reference, rtol=1e-5, atol=1e-5)
+        eager_states, program_states = list(expected[1:]), list(got[1:])
+    if kind == "static":
+        assert [t.shape for t in program_states] == [t.shape for t in states]
+
+
+def test_export_refuses_combiner_chunk_against_a_filled_cache():
+    """Several new tokens against a filled cache (the chunk path sizes its work on the data): a clear error, not a
+    failure deep inside the trace."""
+    model, _ = _decoder("combiner-fixed")
+    ids = torch.randint(3, 64, (2, PROMPT + 2), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :PROMPT], use_cache=True).cache
+    layout, states = StateDecodeStep.flatten(cache)
+    torch._dynamo.reset()
+    with pytest.raises(NotImplementedError, match="one new token per call"):
+        step = StateDecodeStep(model, layout, type(cache))
+        torch.export.export(step, (ids[:, PROMPT:], torch.ones_like(ids), tuple(states)))

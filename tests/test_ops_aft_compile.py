@@ -194,11 +194,23 @@ def test_full_graph_form_equals_streamed_sums(causal, bias):
         torch.testing.assert_close((avg[b : b + 1] / 2).double()[:, rows], want[:, rows], atol=1e-5, rtol=1e-5)
 
 
-def test_full_graph_form_needs_whole_tiles():
-    k = v = torch.zeros(1, 40, 2)
-    u = torch.zeros(1, 40, 3)
-    with pytest.raises(ValueError, match="multiple of 16.*40"):
-        ops_aft._full_sums_graph(k, v, torch.ones(1, 40, dtype=torch.bool), True, 0, None, u, u)
+@pytest.mark.parametrize("dense", [False, True], ids=["factors", "dense"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_full_graph_form_any_length(causal, dense):
+    """A length that is not a multiple of 16 (40 queries after 3 cached keys): the scan runs over single-row tiles
+    (no tile of 16 fits, and a symbolic length could not guard on its remainder), with the sums of the streamed op."""
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 43, 3, generator=g) * 3, torch.randn(2, 43, 3, generator=g)
+    valid = torch.ones(2, 43, dtype=torch.bool)
+    valid[1, :4] = False
+    u, vv = torch.randn(1, 40, 4, generator=g), torch.randn(1, 43, 4, generator=g)
+    w_dense = torch.matmul(u, vv.transpose(1, 2)) if dense else None
+    factors = (None, None) if dense else (u, vv)
+    graph = ops_aft._full_sums_graph(k, v, valid, causal, 3 if causal else 0, w_dense, *factors)
+    streamed = ops_aft._AFTFullSums.apply(k, v, valid, causal, 3 if causal else 0, 16, w_dense, *factors)
+    for got, want in zip(graph, streamed):
+        assert got.shape == (2, 40, 3)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from .config_checks import (
     require_positive,
     require_positive_int,
     require_probability,
+    require_task_fields,
 )
 
 AFT_TYPES = ("full", "local", "simple", "conv")
@@ -141,6 +142,7 @@ class AFTConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        require_task_fields(self)  # needs the fields that `PreTrainedConfig.__init__` sets
 
     @property
     def is_vision(self) -> bool:

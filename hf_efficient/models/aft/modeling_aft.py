@@ -22,6 +22,7 @@ from .common import (
     check_attention_mask,
     drop_path,
     mask_if_padded,
+    past_key_values_alias,
     run_blocks,
     stochastic_depth_rates,
     token_embedding,
@@ -328,6 +329,7 @@ class AFTModel(AFTPreTrainedModel):
             embeds = torch.cat([self.class_token.expand(embeds.shape[0], -1, -1).to(embeds.dtype), embeds], 1)
         return embeds
 
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -361,11 +363,17 @@ class AFTModel(AFTPreTrainedModel):
         device = hidden_states.device
 
         cache = resolve_state_cache(
-            cache, use_cache, cache_class=AFTCache, config=self.config, causal=self.causal, training=self.training
+            cache,
+            use_cache,
+            cache_class=AFTCache,
+            config=self.config,
+            causal=self.causal,
+            training=self.training,
+            batch_size=batch_size,
         )
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-        check_attention_mask(attention_mask, total_len, past_length)
+        check_attention_mask(attention_mask, total_len, past_length, batch_size=batch_size)
         # Reading the mask's values (is there padding at all?) is data-dependent control flow: it is skipped while
         # compiling or exporting, where the graph keeps the general, masked path.
         eager = not torch.compiler.is_compiling()

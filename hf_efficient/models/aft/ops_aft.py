@@ -61,6 +61,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "AFTState",
@@ -792,30 +793,28 @@ def _full_sums_graph(k, v, valid, causal, offset, w_dense, u, vv):
     over tiles of `_GRAPH_TILE` query rows is a `scan` (one higher-order op for any number of tiles). Each step forms
     one (Bw, tile, Lk) bias tile, exp(tile - rowmax) (causal keys after the query at -inf), times
     [exp(K - colmax) * V, exp(K - colmax)]: memory O(Lk d + tile Lk), linear like the eager op; causal tiles multiply
-    every key (masked) rather than the keys up to their last query. Lq must be a whole number of tiles.
+    every key (masked) rather than the keys up to their last query. Tiles of `_GRAPH_TILE` rows when Lq is known to be
+    a multiple of it (a Dim such as `16 * Dim(...)`), else of one row (any Lq, no guard on its remainder: a longer
+    scan of the same products).
     """
     from torch._higher_order_ops.scan import scan
 
     batch, lk, d = k.shape
     rows = u if w_dense is None else w_dense  # (Bw, Lq, r | Lk)
     bw, lq = rows.shape[0], rows.shape[1]
-    if lq % _GRAPH_TILE != 0:
-        raise ValueError(
-            f"A symbolic AFT-full length must be a multiple of {_GRAPH_TILE} (export with a Dim such as "
-            f"{_GRAPH_TILE} * Dim(...)); got {lq}."
-        )
-    n = lq // _GRAPH_TILE
+    tile = _GRAPH_TILE if statically_known_true(lq % _GRAPH_TILE == 0) else 1
+    n = lq // tile
     beta = _masked_amax(k, valid[..., None], 1, keepdim=True)
     e = _shifted_exp(k, beta, valid[..., None])
     ev = torch.cat([e * v, e], -1)  # (B, Lk, 2d)
-    tiles = rows.reshape(bw, n, _GRAPH_TILE, rows.shape[-1]).transpose(0, 1)  # (n, Bw, tile, r | Lk)
-    starts = torch.arange(n, device=k.device) * _GRAPH_TILE
+    tiles = rows.reshape(bw, n, tile, rows.shape[-1]).transpose(0, 1)  # (n, Bw, tile, r | Lk)
+    starts = torch.arange(n, device=k.device) * tile
     keys = torch.arange(lk, device=k.device)
-    in_tile = torch.arange(_GRAPH_TILE, device=k.device)
+    in_tile = torch.arange(tile, device=k.device)
 
     def step(carry, xs):
-        tile, start = xs
-        bias = torch.matmul(tile, vv.transpose(1, 2)) if w_dense is None else tile  # (Bw, tile, Lk)
+        rows, start = xs
+        bias = torch.matmul(rows, vv.transpose(1, 2)) if w_dense is None else rows  # (Bw, tile, Lk)
         if causal:
             bias = bias.masked_fill(keys[None, :] > (offset + start + in_tile)[:, None], NEG_INF)
         weights = torch.exp(bias - _finite_or_zero(bias.amax(-1, keepdim=True)))
@@ -846,7 +845,7 @@ def aft_full(
     the backward recomputes each tile instead of saving it. The reference rowmax + colmax is certified per
     output and repaired exactly where needed (see the module docstring). Causal blocks only multiply by the
     keys up to their last query. In `torch.export` with a dynamic length (a symbolic Lq), the loop over query blocks
-    is a `scan` over blocks of 16 queries (`_full_sums_graph`): Lq must then be a multiple of 16.
+    is a `scan` over blocks of queries (`_full_sums_graph`: 16 when Lq is a known multiple of 16, else 1).
     """
     _check_qkv(q, k, v)
     if initial_state is not None:

@@ -13,6 +13,7 @@ from .config_checks import (
     require_positive,
     require_positive_int,
     require_probability,
+    require_task_fields,
 )
 from .ops_combiner import COMBINER_TYPES, SPAN_SUMMARIES
 
@@ -133,6 +134,7 @@ class CombinerConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        require_task_fields(self)  # needs the fields that `PreTrainedConfig.__init__` sets
 
     def _validate(self):
         """Reject invalid values and combinations at creation time, naming the field and the value."""

@@ -61,6 +61,7 @@ def combiner_chunk_step(
     valid: torch.Tensor | None = None,
     abstraction_key_fn: Callable | None = None,
     hidden_states: torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal decoding of a chunk of `T` tokens per sample against the state, which they then join.
 
@@ -70,6 +71,8 @@ def combiner_chunk_step(
         state: from `combiner_prefill_state`, `combiner_step` or an earlier chunk (its buffers may be updated in place
             where no gradient is involved, as `combiner_step` does).
         valid: `(B, T)` bool; False marks a padding token, which leaves that sample's state unchanged.
+        max_length: passed to `combiner_step` for a one-token chunk (needed to compile / export it). A chunk of
+            T > 1 tokens sizes its work on the data (blocks completed, buffer capacities): eager only.
 
     Returns:
         `(B, H, T, Dv)` (equal to the full causal op at the valid tokens' positions) and the new state (equal to the
@@ -91,8 +94,14 @@ def combiner_chunk_step(
             valid=None if valid is None else valid[:, 0],
             abstraction_key_fn=abstraction_key_fn,
             hidden_states=None if hidden_states is None else hidden_states[:, 0],
+            max_length=max_length,
         )
         return out[:, :, None], state
+    if torch.compiler.is_exporting():
+        raise NotImplementedError(
+            "torch.export of Combiner decoding takes one new token per call (`combiner_step`, fixed shapes); a chunk "
+            f"of {num_new} tokens against a filled state sizes its work on the data and runs eagerly."
+        )
     q = q * head_dim**-0.5
     if valid is None:
         valid = torch.ones(batch_size, num_new, dtype=torch.bool, device=q.device)

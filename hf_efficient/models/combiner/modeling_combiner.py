@@ -20,7 +20,9 @@ from .common import (
     EfficientPreTrainedModel,
     FeedForward,
     check_attention_mask,
+    check_position_ids,
     mask_if_padded,
+    past_key_values_alias,
     run_blocks,
 )
 from .configuration_combiner import CombinerConfig
@@ -58,6 +60,7 @@ class CombinerAttention(nn.Module):
         self.combiner_type = config.combiner_type
         self.block_size = config.block_size
         self.span_summary = config.span_summary
+        self.max_length = config.max_position_embeddings  # a compiled decoding step's buffer capacity
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.logsparse_levels = (
@@ -139,7 +142,9 @@ class CombinerAttention(nn.Module):
             # A filled cache: `generate()` feeds one token per step (`combiner_chunk_step` runs `combiner_step`);
             # several tokens at once (a continued prompt, a chunk) run in one vectorised pass over the chunk against
             # the state, no loop over its tokens, with the outputs and the state of one step per token.
-            out, state = combiner_chunk_step(q, k, v, state, valid=key_mask, hidden_states=hidden_states, **options)
+            out, state = combiner_chunk_step(
+                q, k, v, state, valid=key_mask, hidden_states=hidden_states, max_length=self.max_length, **options
+            )
             cache.update_states(self.layer_idx, seq_len, **state)
         return self.o_proj(out.transpose(1, 2).reshape(batch_size, seq_len, -1))
 
@@ -227,6 +232,7 @@ class CombinerModel(CombinerPreTrainedModel):
         hidden_states = _gather_tokens(self.norm(hidden_states), inverse)
         return hidden_states, all_hidden_states + (hidden_states,)
 
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -258,11 +264,18 @@ class CombinerModel(CombinerPreTrainedModel):
         device = inputs_embeds.device
 
         cache = resolve_state_cache(
-            cache, use_cache, cache_class=CombinerCache, config=self.config, causal=self.causal, training=self.training
+            cache,
+            use_cache,
+            cache_class=CombinerCache,
+            config=self.config,
+            causal=self.causal,
+            training=self.training,
+            batch_size=batch_size,
         )
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-        check_attention_mask(attention_mask, total_len, past_length)
+        check_attention_mask(attention_mask, total_len, past_length, batch_size=batch_size)
+        check_position_ids(type(self).__name__, position_ids, batch_size, seq_len)
         # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
         # skipped while compiling or exporting, where the graph keeps the general (packed, masked) path.
         eager = not torch.compiler.is_compiling()

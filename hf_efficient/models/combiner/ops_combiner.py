@@ -1130,6 +1130,8 @@ def combiner_attention(
 # the front, so a left-padded prompt starts its blocks at its first real token, exactly as the sample alone. Stored
 # queries are already scaled by 1/sqrt(D). Buffers that grow (completed-span summaries, raw keys) double their
 # capacity when full, and are written in place outside autograd, so a step never copies O(L) data.
+# A compiled / exported step holds them at their capacity for `max_length` tokens instead (`combiner_static_state`):
+# fixed shapes, so one graph decodes every position.
 #
 #   fixed:     seg_q/k/v (B,H,s,.) ring of the current segment; span_k/v (B,H,N,.) summaries of its segments.
 #   axial:     row_q/k/v (B,H,C,.) and row_x (B,C,d) ring of the current row; abs_k/v (B,H,R,C,.) abstractions.
@@ -1155,20 +1157,33 @@ def _grow(buffer: torch.Tensor, size: int, dim: int = 2, multiple: int = 1) -> t
 def _write(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, where: torch.Tensor, dim: int = 2):
     """`buffer[b, (h,) index[b]] = values[b]` for the samples where `where` (B,) is True; `dim` in {1, 2}.
 
-    In place when no gradient is involved (the cache case), so the cost is O(|values|), not O(|buffer|).
+    Every sample writes (the others their current entry back, at index 0): no data-dependent shape, so the same code
+    runs in a graph. In place when no gradient is involved (the cache case), so the cost is O(|values|), not
+    O(|buffer|); while compiling / exporting out of place (a graph returns new states, its inputs stay unmutated).
     """
-    rows = where.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return buffer
+    index = torch.where(where, index, torch.zeros_like(index))  # another sample's index may be past the buffer
+    batch = torch.arange(buffer.shape[0], device=buffer.device)
     if dim == 1:
-        indices = (rows, index[rows])
+        indices = (batch, index)
     else:
         heads = torch.arange(buffer.shape[1], device=buffer.device)
-        indices = (rows[:, None], heads[None, :], index[rows][:, None])
-    new = values[rows].to(buffer.dtype)
-    if torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad):
+        indices = (batch[:, None], heads[None, :], index[:, None])
+    keep = where.view(where.shape + (1,) * (values.ndim - 1))
+    new = torch.where(keep, values.to(buffer.dtype), buffer[indices])
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad)):
         return buffer.index_put(indices, new)
     return buffer.index_put_(indices, new)
+
+
+def _if_any(done: torch.Tensor, update: Callable, buffers: tuple) -> tuple:
+    """`update(*buffers)` (new buffers) when any sample is `done` (B,), else `buffers`: the summaries of the spans a
+    step completes, computed once, when one does. Eager: a Python `if`. Compiling / exporting: a `torch.cond` branch
+    (a graph cannot branch on data in Python; both branches are functional)."""
+    if not torch.compiler.is_compiling():
+        return tuple(update(*buffers)) if bool(done.any()) else tuple(buffers)
+    return tuple(
+        torch.cond(done.any(), lambda *t: tuple(update(*t)), lambda *t: tuple(x.clone() for x in t), tuple(buffers))
+    )
 
 
 def _gather(buffer: torch.Tensor, index: torch.Tensor, dim: int = 2) -> torch.Tensor:
@@ -1187,6 +1202,43 @@ def _step_softmax(parts, dtype):
 
 def _all_real(batch_size: int, *shape: int, device=None) -> torch.Tensor:
     return torch.ones(batch_size, 1, *shape, dtype=torch.bool, device=device)
+
+
+def combiner_static_state(
+    state: dict[str, torch.Tensor], *, combiner_type: str, block_size: int, max_length: int
+) -> dict[str, torch.Tensor]:
+    """The state with every growing buffer at the capacity a sequence of `max_length` tokens needs (zero-padded; for
+    Logsparse also the summary buffers of the levels no block has completed yet): steps up to `max_length` tokens
+    then never grow a buffer, so the state keeps fixed shapes, what a compiled / exported decoding step needs.
+
+    Capacities: Fixed `span_k/v` ceil(M / s) segments; Axial `abs_k/v` ceil(M / C) rows; Mixture `q/k/v`
+    ceil(M / C) C tokens, `left/right_k/v` ceil(M / C) rows; Logsparse `q/k/v` M tokens, `level{l}_k/v` ceil(M / 2^l)
+    blocks for l < ceil(log2(M + 1)). The state stays O(M d) (Fixed, Axial: O(M d / s) plus the ring) per layer.
+    """
+    state = dict(state)
+    rows = -(-max_length // block_size)
+    if combiner_type == "fixed":
+        sizes = {"span_k": rows, "span_v": rows}
+    elif combiner_type == "axial":
+        sizes = {"abs_k": rows, "abs_v": rows}
+    elif combiner_type == "mixture":
+        sizes = {name: rows * block_size for name in ("q", "k", "v")}
+        sizes.update({f"{side}_{t}": rows for side in ("left", "right") for t in ("k", "v")})
+    elif combiner_type == "logsparse":
+        sizes = {name: max_length for name in ("q", "k", "v")}
+        batch_size, num_heads = state["k"].shape[:2]
+        for level in range(1, num_logsparse_levels(max_length + 1)):
+            blocks = -(-max_length // 2**level)
+            for t in ("k", "v"):
+                sizes[f"level{level}_{t}"] = blocks
+                if f"level{level}_{t}" not in state:
+                    state[f"level{level}_{t}"] = state[t].new_zeros(batch_size, num_heads, 1, state[t].shape[-1])
+    else:
+        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+    for name, size in sizes.items():
+        if state[name].shape[2] < size:
+            state[name] = _pad_length(state[name], size, dim=2)
+    return state
 
 
 def combiner_prefill_state(
@@ -1285,6 +1337,7 @@ def combiner_step(
     valid: torch.Tensor | None = None,
     abstraction_key_fn: Callable | None = None,
     hidden_states: torch.Tensor | None = None,
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One causal decoding step: the new token of each sample (at position `state["length"][b]`) attends to the
     state, which it then joins.
@@ -1293,6 +1346,10 @@ def combiner_step(
         q, k: `(B, H, D)`, v: `(B, H, Dv)` of the new token. hidden_states: `(B, d)` (Axial).
         state: from `combiner_prefill_state` or an earlier step (updated in place where possible, and returned).
         valid: `(B,)` bool; False marks a padding token: that sample's state is left unchanged.
+        max_length: the longest sequence decoded. Needed while compiling / exporting: the state's buffers are then
+            held at their capacity for `max_length` tokens (`combiner_static_state`) instead of growing with the data,
+            and the summaries of completed spans are a `torch.cond` branch, so the step is one graph of fixed shapes
+            for any position. Eager steps grow the buffers as needed and ignore it.
 
     Returns:
         `(B, H, Dv)` and the new state. The output equals the full causal op at that position.
@@ -1301,6 +1358,12 @@ def combiner_step(
     batch_size = q.shape[0]
     q = q * q.shape[-1] ** -0.5
     valid = torch.ones(batch_size, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
+    if torch.compiler.is_compiling():
+        if max_length is None:
+            raise ValueError(
+                "A compiled / exported Combiner decoding step needs `max_length` (its buffers have fixed capacities)."
+            )
+        state = combiner_static_state(state, combiner_type=combiner_type, block_size=block_size, max_length=max_length)
     state = dict(state)
     if combiner_type == "fixed":
         out = _fixed_step(q, k, v, state, block_size, span_summary, valid)
@@ -1337,33 +1400,36 @@ def _fixed_step(q, k, v, state, s, span_summary, valid):
     out = torch.einsum("bhj,bhjd->bhd", p_direct, state["seg_v"]) + torch.einsum("bhn,bhnd->bhd", p_span, span_v)
 
     done = valid & (slot == s - 1)  # the segment is complete: summarise it once
-    if bool(done.any()):
-        rows = done.nonzero().squeeze(1)
-        seg_blocks = [state[name][rows][:, :, None] for name in ("seg_q", "seg_k", "seg_v")]
-        key, value, _ = block_summaries(*seg_blocks, _all_real(len(rows), 1, s, device=q.device), span_summary)
-        needed = int(seg.max()) + 1
-        state["span_k"], state["span_v"] = _grow(span_k, needed), _grow(span_v, needed)
-        state["span_k"] = _write(state["span_k"], seg, _expand_rows(key[:, :, 0], rows, q.shape[0]), done)
-        state["span_v"] = _write(state["span_v"], seg, _expand_rows(value[:, :, 0], rows, q.shape[0]), done)
+
+    def summarise(span_k, span_v):
+        segment = [state[name][:, :, None] for name in ("seg_q", "seg_k", "seg_v")]
+        key, value, _ = block_summaries(*segment, _all_real(q.shape[0], 1, s, device=q.device), span_summary)
+        if not torch.compiler.is_compiling():  # a compiled step's buffers are at full capacity
+            needed = int(seg.max()) + 1
+            span_k, span_v = _grow(span_k, needed), _grow(span_v, needed)
+        return _write(span_k, seg, key[:, :, 0], done), _write(span_v, seg, value[:, :, 0], done)
+
+    state["span_k"], state["span_v"] = _if_any(done, summarise, (span_k, span_v))
     return out
 
 
-def _expand_rows(values: torch.Tensor, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Values computed for the samples `rows` only, scattered into a batch-sized tensor (other rows zero)."""
-    full = values.new_zeros((batch_size,) + tuple(values.shape[1:]))
-    full[rows] = values
-    return full
+def _logsparse_levels(state) -> int:
+    """The levels a (static) Logsparse state holds summaries for, plus level 0 (the raw tokens)."""
+    return 1 + max((int(name[5:-2]) for name in state if name.startswith("level") and name.endswith("_k")), default=0)
 
 
 def _logsparse_step(q, k, v, state, span_summary, valid):
     length = state["length"]
-    needed = int(length.max()) + 1
+    eager = not torch.compiler.is_compiling()
     for name, t in (("q", q), ("k", k), ("v", v)):
-        state[name] = _write(_grow(state[name], needed), length, t, valid)
+        buffer = _grow(state[name], int(length.max()) + 1) if eager else state[name]
+        state[name] = _write(buffer, length, t, valid)
 
     parts = [((q * k).sum(-1, keepdim=True), torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device))]  # {i}
     values = [v[:, :, None]]
-    for level in range(int(length.max()).bit_length()):  # O(log L) levels, one span each
+    # O(log L) levels, one span each. A compiled step reads every level of its static state (a level past the
+    # position's bit length has no span: masked, the same result), so no loop count follows the data.
+    for level in range(int(length.max()).bit_length() if eager else _logsparse_levels(state)):
         has_span = ((length >> level) & 1).bool()  # bit l of i set: the left sibling block exists
         block = ((length >> level) - 1).clamp(min=0)
         key_buf, value_buf = (
@@ -1377,26 +1443,31 @@ def _logsparse_step(q, k, v, state, span_summary, valid):
     out = sum((p[..., None] * value).sum(2) for p, value in zip(probs, values))
 
     end = length + 1
-    for level in range(1, int(end.max()).bit_length()):
+    for level in range(1, int(end.max()).bit_length() if eager else _logsparse_levels(state)):
         size = 2**level
         done = valid & (end % size == 0)  # a block of size 2^l just completed: summarise it from its tokens
-        if not bool(done.any()):
-            continue
-        rows = done.nonzero().squeeze(1)
-        # Gather the block's 2^l tokens for every sample (O(B 2^l)), then keep the completing ones: indexing the
-        # raw buffers by sample first would copy all L of them.
-        positions = ((end - size).clamp(min=0)[:, None] + torch.arange(size, device=q.device)).clamp(
-            max=state["k"].shape[2] - 1
-        )
-        blocks = [_gather(state[name], positions)[rows][:, :, None] for name in ("q", "k", "v")]
-        key, value, _ = block_summaries(*blocks, _all_real(len(rows), 1, size, device=q.device), span_summary)
         index = end // size - 1
-        for name, summary in ((f"level{level}_k", key), (f"level{level}_v", value)):
-            buffer = state.get(name)
-            if buffer is None:
-                buffer = summary.new_zeros(q.shape[0], summary.shape[1], 1, summary.shape[-1])
-            buffer = _grow(buffer, int(index[rows].max()) + 1)
-            state[name] = _write(buffer, index, _expand_rows(summary[:, :, 0], rows, q.shape[0]), done)
+
+        def summarise(key_buf, value_buf, size=size, done=done, index=index):
+            # The block's 2^l tokens of every sample (O(B 2^l)); the completing samples' summaries are written.
+            positions = ((end - size).clamp(min=0)[:, None] + torch.arange(size, device=q.device)).clamp(
+                max=state["k"].shape[2] - 1
+            )
+            blocks = [_gather(state[name], positions)[:, :, None] for name in ("q", "k", "v")]
+            key, value, _ = block_summaries(*blocks, _all_real(q.shape[0], 1, size, device=q.device), span_summary)
+            new = []
+            for buffer, summary in ((key_buf, key), (value_buf, value)):
+                if not torch.compiler.is_compiling():  # eager: created by the first completed block, grown as needed
+                    if buffer is None:
+                        buffer = summary.new_zeros(q.shape[0], summary.shape[1], 1, summary.shape[-1])
+                    buffer = _grow(buffer, int(torch.where(done, index, 0).max()) + 1)
+                new.append(_write(buffer, index, summary[:, :, 0], done))
+            return new
+
+        names = (f"level{level}_k", f"level{level}_v")
+        state[names[0]], state[names[1]] = _if_any(done, summarise, tuple(state.get(name) for name in names))
+        if state[names[0]] is None:
+            del state[names[0]], state[names[1]]
     return out
 
 
@@ -1420,26 +1491,31 @@ def _axial_step(q, k, v, x, state, cols, abstraction_key_fn, valid):
     out = torch.einsum("bhj,bhjd->bhd", p_direct, state["row_v"]) + torch.einsum("bhr,bhrd->bhd", p_span, abs_v)
 
     done = valid & (col == cols - 1)  # the row is complete: build its C column abstractions once
-    if bool(done.any()):
-        rows = done.nonzero().squeeze(1)
-        qb, kb, vb = (state[name][rows][:, :, None] for name in ("row_q", "row_k", "row_v"))
-        real_b = _all_real(len(rows), 1, cols, device=q.device)
+
+    def summarise(abs_k, abs_v):
+        qb, kb, vb = (state[name][:, :, None] for name in ("row_q", "row_k", "row_v"))
+        real_b = _all_real(q.shape[0], 1, cols, device=q.device)
         value, key = _axial_row_abstractions(
-            qb, kb, vb, real_b, qb @ kb.transpose(-1, -2), abstraction_key_fn, state["row_x"][rows]
+            qb, kb, vb, real_b, qb @ kb.transpose(-1, -2), abstraction_key_fn, state["row_x"]
         )
-        needed = int(row.max()) + 1
-        for name, summary in (("abs_k", key), ("abs_v", value)):
-            buffer = _grow(state[name], needed)
-            state[name] = _write(buffer, row, _expand_rows(summary[:, :, 0], rows, q.shape[0]), done)
+        new = []
+        for buffer, summary in ((abs_k, key), (abs_v, value)):
+            if not torch.compiler.is_compiling():
+                buffer = _grow(buffer, int(row.max()) + 1)
+            new.append(_write(buffer, row, summary[:, :, 0], done))
+        return new
+
+    state["abs_k"], state["abs_v"] = _if_any(done, summarise, (state["abs_k"], state["abs_v"]))
     return out
 
 
 def _mixture_step(q, k, v, state, cols, span_summary, valid):
     length = state["length"]
     col, row = length % cols, length // cols
-    needed = int(length.max()) + 1
+    eager = not torch.compiler.is_compiling()
     for name, t in (("q", q), ("k", k), ("v", v)):
-        state[name] = _write(_grow(state[name], needed, multiple=cols), length, t, valid)
+        buffer = _grow(state[name], int(length.max()) + 1, multiple=cols) if eager else state[name]
+        state[name] = _write(buffer, length, t, valid)
     device, arange_c = q.device, torch.arange(cols, device=q.device)
     num_rows = state["k"].shape[2] // cols
 
@@ -1465,23 +1541,27 @@ def _mixture_step(q, k, v, state, cols, span_summary, valid):
     out = sum(torch.einsum("bhj,bhjd->bhd", p, value) for p, value in zip(probs, values))
 
     done = valid & (col == cols - 1)  # the row is complete: its row spans, and the column spans grow by a row
-    if bool(done.any()):
-        rows = done.nonzero().squeeze(1)
-        grid = [state[name][rows].unflatten(2, (num_rows, cols)) for name in ("q", "k", "v")]  # (b', H, R, C, .)
-        own = [_gather(t, row[rows][:, None]) for t in grid]  # (b', H, 1, C, .)
-        real_row = _all_real(len(rows), 1, cols, device=device)
-        batch = q.shape[0]
-        for side, reverse in (("left", False), ("right", True)):
+
+    def summarise(left_k, left_v, right_k, right_v, col_k, col_v):
+        grid = [state[name].unflatten(2, (num_rows, cols)) for name in ("q", "k", "v")]  # (B, H, R, C, .)
+        own = [_gather(t, row[:, None]) for t in grid]  # (B, H, 1, C, .)
+        real_row = _all_real(q.shape[0], 1, cols, device=device)
+        new = []
+        for (key_buf, value_buf), reverse in (((left_k, left_v), False), ((right_k, right_v), True)):
             key, value, _ = _running_span_summaries(*own, real_row, span_summary, reverse=reverse)
-            for name, summary in ((f"{side}_k", key), (f"{side}_v", value)):
-                buffer = _grow(state[name], int(row.max()) + 1)
-                state[name] = _write(buffer, row, _expand_rows(summary[:, :, 0], rows, batch), done)
-        above = (torch.arange(num_rows, device=device)[None] <= row[rows][:, None])[:, None, :, None]
+            for buffer, summary in ((key_buf, key), (value_buf, value)):
+                if not torch.compiler.is_compiling():
+                    buffer = _grow(buffer, int(row.max()) + 1)
+                new.append(_write(buffer, row, summary[:, :, 0], done))
+        above = (torch.arange(num_rows, device=device)[None] <= row[:, None])[:, None, :, None]
         key, value = _column_summaries(*grid, above.expand(-1, -1, -1, cols), span_summary)
-        for name, summary in (("col_k", key), ("col_v", value)):
-            buffer = state[name].clone() if state[name].requires_grad else state[name]
-            buffer[rows] = summary.to(buffer.dtype)
-            state[name] = buffer
+        for buffer, summary in ((col_k, key), (col_v, value)):
+            new.append(torch.where(done[:, None, None, None], summary.to(buffer.dtype), buffer))
+        return new
+
+    names = ("left_k", "left_v", "right_k", "right_v", "col_k", "col_v")
+    for name, buffer in zip(names, _if_any(done, summarise, tuple(state[name] for name in names))):
+        state[name] = buffer
     return out
 
 
@@ -1493,6 +1573,7 @@ __all__ = [
     "block_summaries",
     "combiner_attention",
     "combiner_prefill_state",
+    "combiner_static_state",
     "combiner_step",
     "cumulative_pool",
     "fixed_attention",
