@@ -246,6 +246,60 @@ def test_attention_mask_length_mismatch_is_named():
         model(torch.randint(3, 64, (1, 5)), attention_mask=torch.ones(1, 3))
 
 
+def test_negative_or_misshapen_position_ids_are_refused():
+    """A negative position used to index the SGU's spatial matrix from its end."""
+    model = GMLPModel(TestGMLP().get_config("gmlp", GMLPModel)).eval()
+    ids = torch.randint(3, 64, (2, 4))
+    with pytest.raises(ValueError, match="`position_ids` holds the position -1: positions start at 0"):
+        model(ids, position_ids=torch.tensor([[-1, 0, 1, 2]]))
+    with pytest.raises(ValueError, match="`position_ids` must have shape \\(2, 4\\) or \\(1, 4\\).*got \\(4,\\)"):
+        model(ids, position_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="`position_ids` must have shape .*got \\(2, 3\\)"):
+        model(ids, position_ids=torch.arange(3).expand(2, 3))
+
+
+def _causal_lm(seed: int, layers: int, **overrides) -> GMLPForCausalLM:
+    config = GMLPConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        max_position_embeddings=48,
+        sgu_init_std=0.1,
+        causal=True,
+        **overrides,
+    )
+    set_seed(seed)
+    return GMLPForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("variant", [{}, {"tiny_attn_size": 8}], ids=["gmlp", "amlp"])
+def test_assisted_and_prompt_lookup_decoding_with_left_padding_equal_greedy(variant):
+    """Assisted decoding crops the cache with `crop(-rejected)`, and `crop(0)` when every draft token was accepted:
+    that must keep the whole state (it used to empty it, and the next step failed on a left-padded prompt)."""
+    model, assistant = _causal_lm(0, 2, **variant), _causal_lm(5, 1, **variant)
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids, ids, ids[:, :2]], dim=1)  # repeats: lookup matches
+    mask = (torch.arange(ids.shape[1]) >= 3).long()[None]  # three left-padding positions
+    common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
+    greedy = model.generate(ids, **common)
+    assert greedy.shape[1] == ids.shape[1] + 12
+    torch.testing.assert_close(model.generate(ids, assistant_model=assistant, **common), greedy, rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(ids, prompt_lookup_num_tokens=3, **common), greedy, rtol=0, atol=0)
+
+
+def test_cache_crop_follows_transformers_convention():
+    """`crop(-n)` drops the last n positions, `crop(0)` keeps all, a positive value is an error (as DynamicLayer)."""
+    model = _causal_lm(0, 1)
+    cache = model(torch.randint(3, 64, (1, 6)), use_cache=True).cache
+    cache.crop(0)
+    assert cache.get_seq_length() == 6 and cache.get_states(0)["gate"].shape[1] == 6
+    cache.crop(-2)
+    assert cache.get_seq_length() == 4 and cache.get_states(0)["key_mask"].shape[1] == 4
+    with pytest.raises(ValueError, match="negative number of tokens"):
+        cache.crop(3)
+
+
 # ---------------------------------------------------------------------- presets
 PRESETS = sorted(p.parent.name for p in (REPO / "model_cards").glob("gmlp-*/config.json")) + sorted(
     p.parent.name for p in (REPO / "model_cards").glob("amlp-*/config.json")

@@ -18,6 +18,8 @@ from transformers import (
     AutoTokenizer,
     ByT5Tokenizer,
     DataCollatorForSeq2Seq,
+    DynamicCache,
+    EncoderDecoderCache,
     GenerationConfig,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
@@ -186,6 +188,30 @@ def test_attention_weights_are_banded_and_equal_the_reference_probabilities():
     torch.testing.assert_close(weights, dense, rtol=0, atol=1e-6)
 
 
+def test_output_attentions_are_on_the_autograd_graph():
+    """Past the block size (L 13 > block 4) the maps used to be a dense copy scattered from the block weights, off
+    the path to the logits: `retain_grad()` on them got None. They are now the probabilities the output is computed
+    from (with the same logits as without `output_attentions`), and a gradient through them reaches the inputs."""
+    set_seed(0)
+    model = NgramTransformerForCausalLM(tiny_config(_attn_implementation="eager")).eval()
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+    out = model(inputs_embeds=embeds, attention_mask=mask, output_attentions=True)
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=1e-5)
+    assert len(out.attentions) == 2 and all(a.requires_grad and a.shape == (2, 2, 13, 13) for a in out.attentions)
+    for attention in out.attentions:
+        attention.retain_grad()
+    (out.logits * torch.randn_like(out.logits)).sum().backward(retain_graph=True)
+    assert all(a.grad is not None and a.grad.abs().sum() > 0 for a in out.attentions)
+    weights = torch.randn_like(out.attentions[1])
+    (grad,) = torch.autograd.grad((out.attentions[1] * weights).sum(), embeds)
+    assert grad.abs().sum() > 0
+
+
 def test_decoder_self_attention_module_matches_reference():
     """The decoder layer's attention module = o_proj(reference(q_proj x, k_proj x, v_proj x)) with padding."""
     model = NgramTransformerForCausalLM(tiny_config(ngram_size=3)).eval()
@@ -310,6 +336,65 @@ def test_learned_positions_too_long_raises():
         model(torch.randint(3, VOCAB, (1, 17)))
 
 
+def test_negative_or_misshapen_position_ids_are_refused():
+    """A negative position used to index the learned table from its end (or fail inside nn.Embedding)."""
+    model = NgramTransformerForCausalLM(tiny_config(position_embedding_type="learned", max_position_embeddings=16))
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match="`position_ids` holds the position -1: positions start at 0"):
+        model(ids, position_ids=torch.tensor([[-1, 0, 1, 2]]))
+    with pytest.raises(ValueError, match="`position_ids` must have shape \\(2, 4\\) or \\(1, 4\\).*got \\(4,\\)"):
+        model(ids, position_ids=torch.arange(4))
+    sinusoidal = NgramTransformerForCausalLM(tiny_config()).eval()  # no table, but positions count from 0
+    with pytest.raises(ValueError, match="`position_ids` holds the position -2: positions start at 0"):
+        sinusoidal(ids, position_ids=torch.tensor([[-2, -1, 0, 1]]))
+
+
+def test_attention_mask_of_another_batch_size_is_refused():
+    model = NgramTransformerForCausalLM(tiny_config()).eval()
+    with pytest.raises(ValueError, match="attention_mask has shape \\(1, 6\\), expected \\(2, 6\\)"):
+        model(torch.randint(3, VOCAB, (2, 6)), attention_mask=torch.ones(1, 6, dtype=torch.long))
+    seq2seq = _seq2seq_model()
+    source, _ = _source()
+    with pytest.raises(ValueError, match="attention_mask has shape \\(1, 9\\), expected \\(2, 9\\)"):
+        seq2seq(input_ids=source, attention_mask=torch.ones(1, 9), decoder_input_ids=source[:, :4])
+
+
+@pytest.mark.parametrize("seq2seq", [False, True], ids=["decoder_only", "seq2seq"])
+def test_filled_foreign_cache_is_refused_and_an_empty_one_replaced(seq2seq):
+    """A filled DynamicCache used to be continued silently (its full-length keys, not the rolling window)."""
+    model = _seq2seq_model() if seq2seq else NgramTransformerForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, VOCAB, (2, 4))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :1]} if seq2seq else {"input_ids": ids[:, :1]}
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+    if seq2seq:
+        foreign = EncoderDecoderCache(foreign, DynamicCache())
+    with pytest.raises(ValueError, match="continuing decoding needs .*NgramTransformerCache.*got a filled"):
+        model(**inputs, cache=foreign)
+    empty = EncoderDecoderCache(DynamicCache(), DynamicCache()) if seq2seq else DynamicCache()
+    with torch.no_grad():
+        cache = model(**inputs, cache=empty, use_cache=True).cache
+    own = cache.self_attention_cache if seq2seq else cache
+    assert isinstance(own, NgramTransformerCache) and own.get_seq_length() == 1
+
+
+@pytest.mark.parametrize("seq2seq", [False, True], ids=["decoder_only", "seq2seq"])
+def test_cache_of_another_batch_size_is_refused(seq2seq):
+    model = _seq2seq_model() if seq2seq else NgramTransformerForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        if seq2seq:
+            cache = model(input_ids=ids[:1], decoder_input_ids=ids[:1, :3], use_cache=True).cache
+            step = {"input_ids": ids, "decoder_input_ids": ids[:, :1]}
+        else:
+            cache = model(ids[:1], use_cache=True).cache
+            step = {"input_ids": ids[:, :1]}
+        with pytest.raises(
+            ValueError, match="cache holds the state of a batch of 1, but the inputs have a batch of 2"
+        ):
+            model(**step, cache=cache)
+
+
 def test_heads_reject_the_other_form():
     with pytest.raises(ValueError, match="is_encoder_decoder"):
         NgramTransformerForCausalLM(seq2seq_config())
@@ -331,6 +416,78 @@ def _source(batch=2, length=9, seed=1):
     mask[0, length - 3 :] = 0  # sample 0 is right-padded
     ids[0, length - 3 :] = 0
     return ids, mask
+
+
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+def test_output_flags_default_to_the_config_in_every_stack(flag):
+    """As in transformers: an argument left None takes the config's value, in the heads and in the encoder and
+    decoder stacks called alone (as `generate()` calls the encoder)."""
+    model = _seq2seq_model(**{flag: True})
+    source, mask = _source()
+    field = flag.removeprefix("output_")
+    with torch.no_grad():
+        out = model(input_ids=source, attention_mask=mask, decoder_input_ids=source[:, :4])
+        encoded = model.get_encoder()(input_ids=source, attention_mask=mask)
+        decoded = model.model.decoder(input_ids=source[:, :4], encoder_hidden_states=encoded.last_hidden_state)
+        off = model.get_encoder()(input_ids=source, attention_mask=mask, **{flag: False})
+    assert getattr(out, f"decoder_{field}") is not None and getattr(out, f"encoder_{field}") is not None
+    assert getattr(encoded, field) is not None and getattr(decoded, field) is not None
+    assert getattr(off, field) is None
+
+
+def test_encoder_outputs_of_another_batch_or_width_are_refused():
+    """`encoder_outputs` of batch 1 used to be broadcast against a decoder batch of 2."""
+    model = _seq2seq_model()
+    source, mask = _source()
+    target = source[:, :4]
+    with torch.no_grad():
+        single = model.get_encoder()(input_ids=source[:1], attention_mask=mask[:1])
+        pattern = "`encoder_outputs` must be .* \\(batch, source_length, hidden_size\\) = \\(2, S >= 1, 32\\)"
+        with pytest.raises(ValueError, match=pattern + ".*got \\(1, 9, 32\\)"):
+            model(encoder_outputs=single, decoder_input_ids=target)
+        with pytest.raises(ValueError, match=pattern + ".*got \\(2, 9, 16\\)"):
+            model(encoder_outputs=(torch.randn(2, 9, 16),), decoder_input_ids=target)
+        with pytest.raises(ValueError, match="`encoder_outputs` must be the encoder's output"):
+            model(encoder_outputs=torch.randn(2, 9, 32), decoder_input_ids=target)
+        with pytest.raises(ValueError, match="`encoder_hidden_states` must be .*got \\(1, 9, 32\\)"):
+            model.model.decoder(input_ids=target, encoder_hidden_states=single.last_hidden_state)
+
+
+def test_labels_are_checked_and_named():
+    """1-D labels used to fail with an IndexError inside shift_tokens_right, and an out-of-vocabulary label was
+    blamed on the decoder's `input_ids` (it had been shifted into them)."""
+    model = _seq2seq_model()
+    source, _ = _source()
+    labels = source[:, :5].clone()
+    with pytest.raises(ValueError, match="`labels` must have shape \\(batch, target_length\\).*got \\(5,\\)"):
+        model(input_ids=source, labels=labels[0])
+    labels[1, 2] = VOCAB
+    with pytest.raises(
+        ValueError, match=f"`labels` holds the id {VOCAB}, outside the vocabulary \\[0, {VOCAB - 1}\\]"
+    ):
+        model(input_ids=source, labels=labels)
+    with pytest.raises(ValueError, match=f"`labels` holds the id {VOCAB}"):
+        model(input_ids=source, decoder_input_ids=source[:, :5], labels=labels)
+    with pytest.raises(ValueError, match="`labels` must have shape .* = \\(2, 4\\), got \\(2, 5\\)"):
+        model(input_ids=source, decoder_input_ids=source[:, :4], labels=source[:, :5])
+    labels[1, 2] = -100  # ignored positions are fine
+    assert torch.isfinite(model(input_ids=source, labels=labels).loss)
+    # A non-contiguous slice as labels (the loss used to fail flattening it with `.view`).
+    sliced = model(input_ids=source, decoder_input_ids=source[:, :4], labels=source[:, :4]).loss
+    torch.testing.assert_close(
+        sliced, model(input_ids=source, decoder_input_ids=source[:, :4], labels=source[:, :4].clone()).loss
+    )
+
+
+@pytest.mark.parametrize("field", ["pad_token_id", "decoder_start_token_id"])
+def test_shifting_labels_needs_pad_and_decoder_start_ids(field):
+    model = _seq2seq_model(**{field: None})
+    source, _ = _source()
+    with pytest.raises(ValueError, match=f"needs `config.{field}`, but it is None"):
+        model(input_ids=source, labels=source[:, :4])
+    assert model(input_ids=source, decoder_input_ids=source[:, :4], labels=source[:, :4]).loss is not None
+    with pytest.raises(ValueError, match=f"`{field}` must be None or a token id in \\[0, {VOCAB - 1}\\]"):
+        seq2seq_config(**{field: VOCAB})
 
 
 def test_seq2seq_loss_is_token_cross_entropy_on_shifted_labels():
@@ -514,12 +671,18 @@ def test_seq2seq_trainer_lowers_loss_and_saved_folder_generates_text(tmp_path):
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
 
-def test_seq2seq_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_seq2seq_gradient_checkpointing_same_gradients(use_reentrant):
+    """Both checkpoint kinds; the reentrant one used to fail ("backward through the graph a second time"): the
+    decoder passed `encoder_hidden_states` to its checkpointed layers by keyword."""
     grads = []
     for checkpointing in (False, True):
         model = _seq2seq_model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         source, mask = _source()
         model(input_ids=source, attention_mask=mask, labels=source).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})

@@ -314,6 +314,38 @@ def test_filled_foreign_cache_is_refused():
         model(torch.randint(3, 64, (1, 2)), cache=cache)
 
 
+def test_cache_of_another_batch_size_is_refused():
+    model = RTransformerForCausalLM(tiny_config()).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(3, 64, (1, 4)), use_cache=True).cache
+        with pytest.raises(ValueError, match="batch of 1.*batch of\\s+2"):
+            model(torch.randint(3, 64, (2, 1)), cache=cache)
+
+
+def test_attention_mask_of_another_batch_size_is_refused():
+    """A `(1, L)` mask with a batch of 2 used to apply row 0's padding to both rows silently."""
+    model = RTransformerForCausalLM(tiny_config()).eval()
+    mask = torch.ones(1, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="attention_mask has shape \\(1, 6\\), expected \\(2, 6\\)"):
+        model(torch.randint(3, 64, (2, 6)), attention_mask=mask)
+    with pytest.raises(ValueError, match="attention_mask has shape \\(3, 6\\), expected \\(2, 6\\)"):
+        model.model(torch.randint(3, 64, (2, 6)), attention_mask=torch.ones(3, 6))
+
+
+@pytest.mark.parametrize("flag", ["output_hidden_states", "output_attentions"])
+def test_output_flags_default_to_the_config(flag):
+    """As in transformers: a forward argument left None takes `config.output_hidden_states` / `output_attentions`."""
+    set_seed(0)
+    model = RTransformerForCausalLM(tiny_config(**{flag: True})).eval()
+    field = flag.removeprefix("output_")
+    with torch.no_grad():
+        out = model(torch.randint(3, 64, (2, 5)))
+        assert getattr(out, field) is not None and len(getattr(out, field)) >= model.config.num_hidden_layers
+        assert getattr(model(torch.randint(3, 64, (2, 5)), **{flag: False}), field) is None
+        assert getattr(model.model(torch.randint(3, 64, (2, 5))), field) is not None
+
+
 # ---------------------------------------------------------------------- pixel sequences
 def test_image_head_reads_row_major_pixel_sequence_and_last_position():
     set_seed(0)

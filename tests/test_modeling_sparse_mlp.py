@@ -54,6 +54,13 @@ class TestSparseMLP(GenericModelTests, MixtureOfExpertsTests):
     # (`experts_implementation` is a run-time choice that transformers does not save in config.json, so the generic
     # save/load tests run the default; the three implementations are compared below.)
     variants = {"sparse": {}, "top2_drop_path": {"token_top_k": 2, "drop_path_rate": 0.1}}
+    # The load-balancing loss and expert capacity are batch statistics, and the router noise is random: one step then
+    # depends on how the batch is split (as in any MoE); without them it must not.
+    batch_split_invariant_overrides = {
+        "router_aux_loss_coef": 0.0,
+        "router_jitter_noise": 0.0,
+        "capacity_factor": None,
+    }
     invalid_configs = [
         ({"hidden_size": 0}, "hidden_size"),
         ({"image_size": 30, "patch_size": 16}, "patch_size"),
@@ -91,6 +98,19 @@ class TestPlainMixer(GenericModelTests):
         out = model(pixel_values=torch.randn(2, 3, 8, 8), labels=torch.tensor([0, 1]), output_router_logits=True)
         assert out.aux_loss is None and out.router_logits is None
         torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1])))
+
+    def test_mixer_claims_no_router_outputs(self):
+        """No router: nothing recordable (`can_record_outputs`), and `router_logits` stays None whether asked by
+        argument or by the config, while a sparse model built alongside still records its four MoE layers (the
+        recording registry is per class)."""
+        sparse = SparseMLPModel(tiny_config()).eval()
+        mixer = SparseMLPModel(tiny_config(num_sparse_layers=0, output_router_logits=True)).eval()
+        assert mixer.can_record_outputs == {} and "router_logits" in sparse.can_record_outputs
+        pixels = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert mixer(pixel_values=pixels).router_logits is None
+            assert mixer(pixel_values=pixels, output_router_logits=True).router_logits is None
+            assert len(sparse(pixel_values=pixels, output_router_logits=True).router_logits) == 4
 
 
 # ---------------------------------------------------------------------- routing and MoE vs the per-unit reference
@@ -356,6 +376,37 @@ def test_router_logits_and_aux_loss_outputs():
     expected = sum(0.5 * importance_loss(r.float().softmax(-1)) for r in out.router_logits)
     torch.testing.assert_close(out.aux_loss, expected)
     assert model(pixel_values=torch.randn(2, 3, 8, 8)).router_logits is None
+
+
+def test_router_logits_are_recorded_the_transformers_way():
+    """`_can_record_outputs` declares the MoE layers' router logits (transformers' MoE convention): `capture_outputs`
+    records each MoE layer's router logits `W_g x` in call order, by argument, by `config.output_router_logits`, and
+    in the `return_dict=False` tuple."""
+    from transformers.utils.output_capturing import OutputRecorder
+
+    assert SparseMLPModel._can_record_outputs == {"router_logits": OutputRecorder(SparseMLPMoE, index=1)}
+    model = SparseMLPForImageClassification(tiny_config(output_router_logits=True)).eval()
+    moes = [m for m in model.modules() if isinstance(m, SparseMLPMoE)]
+    inputs = []
+    hooks = [moe.register_forward_hook(lambda m, args, out: inputs.append(args[0])) for moe in moes]
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 8, 8))  # from the config
+    for hook in hooks:
+        hook.remove()
+    assert len(out.router_logits) == len(moes) == 4
+    for moe, units, logits in zip(moes, inputs, out.router_logits):
+        torch.testing.assert_close(logits, units @ moe.router.weight.T, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert model(pixel_values=torch.randn(2, 3, 8, 8), output_router_logits=False).router_logits is None
+        as_tuple = model.model(torch.randn(2, 3, 8, 8), return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple[-1]) == 4
+
+
+def test_empty_batch_is_refused():
+    """A batch of 0 images used to fail with a reshape error inside the sparse blocks."""
+    model = SparseMLPForImageClassification(tiny_config()).eval()
+    with pytest.raises(ValueError, match="`pixel_values` is an empty batch \\(shape \\(0, 3, 8, 8\\)\\)"):
+        model(pixel_values=torch.randn(0, 3, 8, 8))
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -9,6 +9,7 @@ from .config_checks import (
     require_positive,
     require_positive_int,
     require_probability,
+    require_task_fields,
 )
 
 
@@ -108,6 +109,7 @@ class GMLPConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        require_task_fields(self)  # needs the fields that `PreTrainedConfig.__init__` sets
 
     def _validate(self):
         """Reject invalid values and combinations at creation time, naming the field."""

@@ -22,9 +22,11 @@ from .common import (
     EfficientPreTrainedModel,
     PatchEmbeddings,
     check_attention_mask,
+    check_position_ids,
     drop_path,
     eager_attention_forward,
     mask_if_padded,
+    past_key_values_alias,
     positions_from_mask,
     run_blocks,
     stochastic_depth_rates,
@@ -49,15 +51,20 @@ class GMLPCacheLayer(StateCacheLayer):
 
     is_croppable = True
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first `max_length` positions (a negative value removes `-max_length` from the end), as
-        `DynamicLayer.crop` does."""
-        if max_length < 0:
-            max_length = self.num_seen_tokens - abs(max_length)
-        if max_length >= self.num_seen_tokens:
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` positions, as `DynamicLayer.crop` does (transformers 5.24+): the
+        argument is 0 or negative, and `crop(0)` (what assisted decoding calls when every draft token was accepted)
+        keeps everything."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"{type(self).__name__}.crop takes a negative number of tokens to remove (or 0), got "
+                f"{tokens_to_remove}."
+            )
+        keep = max(self.num_seen_tokens + tokens_to_remove, 0)
+        if keep >= self.num_seen_tokens:
             return
-        self.states = {name: t[:, :max_length] for name, t in self.states.items()}
-        self.num_seen_tokens = max_length
+        self.states = {name: t[:, :keep] for name, t in self.states.items()}
+        self.num_seen_tokens = keep
 
 
 class GMLPCache(StateCache):
@@ -294,6 +301,7 @@ class GMLPModel(GMLPPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -322,11 +330,17 @@ class GMLPModel(GMLPPreTrainedModel):
         inputs_embeds = self.embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = inputs_embeds.shape
         cache = resolve_state_cache(
-            cache, use_cache, cache_class=GMLPCache, config=self.config, causal=self.causal, training=self.training
+            cache,
+            use_cache,
+            cache_class=GMLPCache,
+            config=self.config,
+            causal=self.causal,
+            training=self.training,
+            batch_size=batch_size,
         )
         past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-        check_attention_mask(attention_mask, total_len, past_length)
+        check_attention_mask(attention_mask, total_len, past_length, batch_size=batch_size)
         # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
         # skipped while compiling or exporting, where the graph keeps the general (masked, gathered) path.
         eager = not torch.compiler.is_compiling()
@@ -334,8 +348,10 @@ class GMLPModel(GMLPPreTrainedModel):
         explicit_positions = position_ids is not None
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, seq_len, inputs_embeds.device)
-        max_position = int(position_ids.max()) if eager and explicit_positions and position_ids.numel() else -1
         limit = self.config.max_position_embeddings
+        # a caller's positions index the SGU's spatial matrix: shape like the tokens, none negative
+        check_position_ids(type(self).__name__, position_ids if explicit_positions else None, batch_size, seq_len)
+        max_position = int(position_ids.max()) if eager and explicit_positions and position_ids.numel() else -1
         if total_len > limit or max_position >= limit:
             raise ValueError(
                 f"Sequence length {max(total_len, max_position + 1)} exceeds max_position_embeddings={limit} "

@@ -10,6 +10,7 @@ from .config_checks import (
     require_positive,
     require_positive_int,
     require_probability,
+    require_task_fields,
 )
 
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
@@ -129,6 +130,7 @@ class NgramTransformerConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        require_task_fields(self)  # needs the fields that `PreTrainedConfig.__init__` sets
 
     @property
     def needs_positions(self) -> bool:

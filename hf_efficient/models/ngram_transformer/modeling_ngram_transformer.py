@@ -28,14 +28,17 @@ from transformers.utils import can_return_tuple
 from .common import (
     EfficientPreTrainedModel,
     FeedForward,
+    _checking,
     check_attention_mask,
+    check_position_ids,
     eager_attention_forward,
     embed_inputs,
     mask_if_padded,
+    past_key_values_alias,
     positions_from_mask,
 )
 from .configuration_ngram_transformer import NgramTransformerConfig
-from .heads import CausalLMHead
+from .heads import CausalLMHead, RefuseAssistedDecodingMixin, check_labels
 from .ops_ngram_transformer import ngram_attention, padding_mask, sinusoidal_positions
 
 
@@ -282,7 +285,9 @@ class _Embedder(nn.Module):
         )
 
     def forward(self, model_name, embeds, position_ids) -> torch.Tensor:
-        if self.config.position_embedding_type == "learned":
+        """`embeds` `(B, L, d)`, `position_ids` `(B or 1, L)` (a caller's are checked by `check_position_ids`)."""
+        learned = self.config.position_embedding_type == "learned"
+        if learned:
             limit = self.config.max_position_embeddings
             # A value check reads data: skipped in a compiled / exported graph (no branch on data there).
             if not torch.compiler.is_compiling() and position_ids.numel() and int(position_ids.max()) >= limit:
@@ -290,10 +295,27 @@ class _Embedder(nn.Module):
                     f"{model_name}: position {int(position_ids.max())} exceeds max_position_embeddings={limit} "
                     "(the learned position table)."
                 )
+        if learned:
             positions = self.embed_positions(position_ids)
         else:
             positions = sinusoidal_positions(position_ids, self.config.hidden_size, embeds.dtype)
         return self.dropout(embeds * self.scale + positions)
+
+
+def check_encoder_states(name: str, states, batch_size: int, hidden_size: int) -> None:
+    """The encoder's output the decoder cross-attends to: `(B, S, d)` with the decoder inputs' batch `B` (not
+    broadcast from a batch of 1), at least one source position and the model's width `d`; else a ValueError."""
+    shape = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+    if (
+        not isinstance(states, torch.Tensor)
+        or states.ndim != 3
+        or states.shape[0] != batch_size
+        or (states.shape[1] == 0 or states.shape[2] != hidden_size)
+    ):
+        raise ValueError(
+            f"NgramTransformer: `{name}` must be the encoder's hidden states of shape (batch, source_length, "
+            f"hidden_size) = ({batch_size}, S >= 1, {hidden_size}) (the decoder inputs' batch), got {shape}."
+        )
 
 
 class NgramTransformerEncoder(nn.Module):
@@ -318,9 +340,13 @@ class NgramTransformerEncoder(nn.Module):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         embeds = self.embedder.tokens("NgramTransformerEncoder", input_ids, inputs_embeds)
         length = embeds.shape[1]
-        check_attention_mask(attention_mask, length)
+        check_attention_mask(attention_mask, length, batch_size=embeds.shape[0])
         positions = positions_from_mask(attention_mask, 0, length, embeds.device)
         hidden_states = self.embedder("NgramTransformerEncoder", embeds, positions)
         mask = padding_mask(attention_mask)
@@ -356,21 +382,40 @@ class NgramTransformerDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> Cache | None:
+    def _resolve_cache(self, cache: Cache | None, use_cache: bool, batch_size: int) -> Cache | None:
+        """The cache to decode with: the caller's own (`NgramTransformerCache`, in an `EncoderDecoderCache` for the
+        encoder-decoder), a new one in place of None or of an empty foreign cache; a filled foreign cache, or one
+        built on another batch size, is a ValueError."""
         if not use_cache and cache is None:
             return None
-        if self.config.is_encoder_decoder:
-            if cache is None or (not isinstance(cache, EncoderDecoderCache) and cache.get_seq_length() == 0):
-                return EncoderDecoderCache(NgramTransformerCache(self.config), DynamicCache())
-            if not isinstance(cache, EncoderDecoderCache):
+        seq2seq = self.config.is_encoder_decoder
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        own = isinstance(self_cache, NgramTransformerCache) and (isinstance(cache, EncoderDecoderCache) == seq2seq)
+        if cache is None or (not own and cache.get_seq_length() == 0):
+            # (an empty foreign cache, e.g. a DynamicCache from `generate()`, is replaced by the rolling window)
+            cache = NgramTransformerCache(self.config)
+            return EncoderDecoderCache(cache, DynamicCache()) if seq2seq else cache
+        if not own:
+            expected = "an EncoderDecoderCache of an NgramTransformerCache" if seq2seq else "an NgramTransformerCache"
+            found = type(cache).__name__
+            if isinstance(cache, EncoderDecoderCache):
+                found += f" of a {type(self_cache).__name__}"
+            raise ValueError(
+                f"NgramTransformerDecoder: continuing decoding needs {expected} (what this model returns), got a "
+                f"filled {found}."
+            )
+        caches = [self_cache] + ([cache.cross_attention_cache] if seq2seq else [])
+        for layer in (layer for part in caches for layer in part.layers):
+            keys = getattr(layer, "keys", None) if layer.is_initialized else None
+            if keys is not None and keys.shape[0] != batch_size:
                 raise ValueError(
-                    f"An encoder-decoder N-gram Transformer needs an EncoderDecoderCache, got a filled {type(cache).__name__}."
+                    f"NgramTransformerDecoder: the cache holds the state of a batch of {keys.shape[0]}, but the inputs "
+                    f"have a batch of {batch_size}: continue a cache with the batch it was built on (or expand it "
+                    "with `cache.batch_repeat_interleave`)."
                 )
-            return cache
-        if cache is None or (type(cache) is not NgramTransformerCache and cache.get_seq_length() == 0):
-            return NgramTransformerCache(self.config)  # replaces an empty foreign cache by the rolling window
         return cache
 
+    @past_key_values_alias
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -387,11 +432,20 @@ class NgramTransformerDecoder(nn.Module):
         if self.config.is_encoder_decoder and encoder_hidden_states is None:
             raise ValueError("NgramTransformerDecoder: an encoder-decoder config needs `encoder_hidden_states`.")
         use_cache = self.config.use_cache and not self.training if use_cache is None else use_cache
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         embeds = self.embedder.tokens("NgramTransformerDecoder", input_ids, inputs_embeds)
-        cache = self._resolve_cache(cache, use_cache)
-        length, device = embeds.shape[1], embeds.device
+        batch_size, length = embeds.shape[:2]
+        if encoder_hidden_states is not None:
+            check_encoder_states("encoder_hidden_states", encoder_hidden_states, batch_size, self.config.hidden_size)
+            check_attention_mask(encoder_attention_mask, encoder_hidden_states.shape[1], batch_size=batch_size)
+        cache = self._resolve_cache(cache, use_cache, batch_size)
+        device = embeds.device
         past_length = cache.get_seq_length() if cache is not None else 0
-        check_attention_mask(attention_mask, past_length + length, past_length)
+        check_attention_mask(attention_mask, past_length + length, past_length, batch_size=batch_size)
+        check_position_ids("NgramTransformerDecoder", position_ids, batch_size, length)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_length, length, device)
         hidden_states = self.embedder("NgramTransformerDecoder", embeds, position_ids)
@@ -401,11 +455,13 @@ class NgramTransformerDecoder(nn.Module):
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_self, all_cross = (), ()
         for layer in self.layers:
+            # Tensors positionally: a reentrant checkpoint (`use_reentrant=True`) only sees positional tensors, and
+            # `encoder_hidden_states` by keyword would be replayed on a graph already freed.
             hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
-                key_mask=key_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=cross_mask,
+                key_mask,
+                encoder_hidden_states,
+                cross_mask,
                 cache=cache,
                 output_attentions=bool(output_attentions),
             )
@@ -453,6 +509,7 @@ class NgramTransformerModel(NgramTransformerPreTrainedModel):
             if stack is not None:
                 stack.embedder._shared[0] = value
 
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -509,9 +566,19 @@ class NgramTransformerModel(NgramTransformerPreTrainedModel):
                 output_hidden_states=output_hidden_states,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
+            if not isinstance(encoder_outputs, (tuple, list)) or not encoder_outputs:
+                raise ValueError(
+                    "NgramTransformerModel: `encoder_outputs` must be the encoder's output (a BaseModelOutput, or a "
+                    f"tuple whose first element is its last hidden state), got {type(encoder_outputs).__name__}."
+                )
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise ValueError("NgramTransformerModel (encoder-decoder): pass `decoder_input_ids` or `labels`.")
+        decoder_inputs = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+        if decoder_inputs.ndim >= 2:  # (a malformed decoder input is the decoder's own error, naming it)
+            states = encoder_outputs.last_hidden_state
+            check_encoder_states("encoder_outputs", states, decoder_inputs.shape[0], self.config.hidden_size)
+            check_attention_mask(attention_mask, states.shape[1], batch_size=states.shape[0])
         out = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -544,7 +611,9 @@ def shift_tokens_right(labels: torch.LongTensor, pad_token_id: int, decoder_star
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-class NgramTransformerForConditionalGeneration(NgramTransformerPreTrainedModel, GenerationMixin):
+class NgramTransformerForConditionalGeneration(
+    RefuseAssistedDecodingMixin, NgramTransformerPreTrainedModel, GenerationMixin
+):
     """Encoder-decoder N-gram Transformer with an LM head (the paper's translation model): `Seq2SeqTrainer`,
     `generate()` (greedy, sampling, beam search; the decoder keeps N - 1 keys / values per layer plus the fixed
     cross-attention keys) and `pipeline("text2text-generation")`."""
@@ -565,9 +634,43 @@ class NgramTransformerForConditionalGeneration(NgramTransformerPreTrainedModel, 
     def get_encoder(self, modality: str | None = None):
         return self.model.encoder
 
+    def _check_labels(self, labels: torch.Tensor, decoder_inputs: torch.Tensor | None = None) -> None:
+        """`labels` `(B, T)` integer target ids in the vocabulary or -100 (ignored), of the decoder inputs' `(B, T)`
+        where those are given; else a ValueError naming `labels` (not the decoder input they would be shifted into,
+        nor torch's loss)."""
+        name = type(self).__name__
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 2 or labels.shape[0] == 0 or labels.shape[1] == 0:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"{name}: `labels` must have shape (batch, target_length) (target ids), got {shape}.")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"{name}: `labels` must be integer token ids (-100 to ignore), got dtype {labels.dtype}.")
+        if decoder_inputs is not None and decoder_inputs.ndim >= 2:
+            check_labels(
+                name, labels, tuple(decoder_inputs.shape[:2]), "(batch, target_length) like the decoder inputs"
+            )
+        vocab_size = self.config.vocab_size
+        if _checking():
+            invalid = ((labels < 0) | (labels >= vocab_size)) & (labels != -100)
+            if bool(invalid.any()):
+                raise ValueError(
+                    f"{name}: `labels` holds the id {int(labels[invalid][0])}, outside the vocabulary "
+                    f"[0, {vocab_size - 1}] (vocab_size={vocab_size}); -100 marks an ignored position."
+                )
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.LongTensor:
+        """Teacher forcing (`shift_tokens_right`): needs `config.decoder_start_token_id` (the first decoder input)
+        and `config.pad_token_id` (in place of the -100 of ignored labels)."""
+        self._check_labels(labels)
+        for field in ("decoder_start_token_id", "pad_token_id"):
+            if getattr(self.config, field) is None:
+                raise ValueError(
+                    f"{type(self).__name__}: `labels` without `decoder_input_ids` are shifted right into the decoder "
+                    f"inputs, which needs `config.{field}`, but it is None: set it in the config (or pass "
+                    "`decoder_input_ids`)."
+                )
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -588,8 +691,12 @@ class NgramTransformerForConditionalGeneration(NgramTransformerPreTrainedModel, 
     ) -> Seq2SeqLMOutput:
         """`labels`: `(B, T)` target ids (-100 to ignore); without `decoder_input_ids` they are shifted right behind
         `decoder_start_token_id` (teacher forcing) and the loss compares position t's logits with `labels[:, t]`."""
-        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
-            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        if labels is not None:
+            decoder_inputs = decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds
+            if decoder_inputs is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)  # checks the labels too
+            else:
+                self._check_labels(labels, decoder_inputs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -609,8 +716,13 @@ class NgramTransformerForConditionalGeneration(NgramTransformerPreTrainedModel, 
         loss = None
         if labels is not None:
             # Labels are already aligned with the logits (the decoder input is the shifted labels): no second shift.
+            # Contiguous: the loss flattens them with `.view` (a sliced `labels[:, :T]` would fail there).
             loss = self.loss_function(
-                logits=logits, labels=None, shift_labels=labels, vocab_size=self.config.vocab_size, **kwargs
+                logits=logits,
+                labels=None,
+                shift_labels=labels.contiguous(),
+                vocab_size=self.config.vocab_size,
+                **kwargs,
             )
         return Seq2SeqLMOutput(
             loss=loss,

@@ -10,7 +10,8 @@ so that  out_i = sum_{j = i-N+1}^{i} softmax_j(q_i . k_j * scale) v_j   over the
 and the queries of each block attend to the keys of their own block and of the previous one under a band mask. The
 blocks are folded into the batch dimension, so one batched attention call (eager or SDPA, through transformers'
 attention interface) does the work; the score tensor and the mask are `(B * L / block, H, block, 2 block)`, never
-L x L. `ngram_size=None` is full causal attention (the baseline), computed densely.
+L x L. `ngram_size=None` is full causal attention (the baseline), computed densely, as is a call that returns the
+attention map (`output_attentions` materialises it anyway).
 """
 
 import math
@@ -65,7 +66,9 @@ def ngram_attention(
         implicit_causal: full causal attention without padding may pass `mask=None, is_causal=True` (SDPA's
             efficient causal kernels).
         return_weights: also return the attention probabilities as a dense `(B, H, Lq, Lk)` tensor (zeros outside
-            the band; this materialises Lq x Lk, as any `output_attentions` does).
+            the band). The call then runs on the dense path (one `(Lq, Lk)` band mask): the map materialises
+            Lq x Lk anyway, as any `output_attentions` does, and the probabilities returned are the very ones the
+            output is computed from, so they sit on the autograd graph (`retain_grad()` on them gets a gradient).
 
     Returns:
         `(B, Lq, H, D)` outputs, and the weights or None.
@@ -81,7 +84,7 @@ def ngram_attention(
         raise ValueError(f"ngram_attention: block_size {block_size} must be >= ngram_size - 1 ({ngram_size - 1}).")
     valid = None if key_mask is None else key_mask.to(device=query.device).bool()
 
-    if ngram_size is None or k_len <= block_size:
+    if ngram_size is None or k_len <= block_size or return_weights:
         return _dense(query, key, value, ngram_size, attention_fn, valid, implicit_causal, return_weights)
 
     # Blocked path. Queries before `offset` do not exist: zero queries stand in for them and are dropped at the end.
@@ -114,17 +117,8 @@ def ngram_attention(
     mask = (band & valid_windows[:, :, None, :]) | diagonal  # (B, nb, blk, 2 blk)
     mask = mask.reshape(batch * num_blocks, 1, block_size, 2 * block_size)
 
-    out, weights = attention_fn(q_blocks, windows(key), windows(value), mask, False)
-    out = out.reshape(batch, padded, heads, dim)[:, offset:length]
-    if not return_weights or weights is None:
-        return out, None
-    # Scatter the (B * nb, H, blk, 2 blk) block weights into a dense (B, H, L, L) map (for `output_attentions`).
-    weights = weights.reshape(batch, num_blocks, heads, block_size, 2 * block_size).transpose(1, 2)
-    index = (torch.arange(num_blocks, device=query.device) * block_size)[:, None, None] + cols  # (nb, 1, 2 blk)
-    dense = weights.new_zeros(batch, heads, num_blocks, block_size, padded + block_size)
-    dense.scatter_(-1, index.expand_as(weights), weights)
-    dense = dense.view(batch, heads, padded, padded + block_size)
-    return out, dense[:, :, offset:length, block_size : block_size + length]
+    out, _ = attention_fn(q_blocks, windows(key), windows(value), mask, False)
+    return out.reshape(batch, padded, heads, dim)[:, offset:length], None
 
 
 def _dense(query, key, value, ngram_size, attention_fn, valid, implicit_causal, return_weights):

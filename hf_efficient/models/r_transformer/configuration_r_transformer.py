@@ -9,6 +9,7 @@ from .config_checks import (
     require_positive,
     require_positive_int,
     require_probability,
+    require_task_fields,
 )
 
 RNN_TYPES = ("gru", "lstm", "rnn")
@@ -142,6 +143,7 @@ class RTransformerConfig(PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        require_task_fields(self)  # needs the fields that `PreTrainedConfig.__init__` sets
 
     def _validate(self):
         """Reject invalid values at creation time, naming the field and the value."""

@@ -16,7 +16,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import EfficientPreTrainedModel, check_attention_mask, eager_attention_forward, mask_if_padded
+from .common import (
+    EfficientPreTrainedModel,
+    check_attention_mask,
+    eager_attention_forward,
+    mask_if_padded,
+    past_key_values_alias,
+)
 from .configuration_r_transformer import RTransformerConfig
 from .heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
 from .ops_r_transformer import local_rnn, official_layer_norm
@@ -353,6 +359,7 @@ class RTransformerModel(RTransformerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @past_key_values_alias
     @can_return_tuple
     def forward(
         self,
@@ -366,14 +373,25 @@ class RTransformerModel(RTransformerPreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """`attention_mask` `(B, T)` covers past + current positions (1 = real); `pixel_values` `(B, C, H, W)`."""
+        """`attention_mask` `(B, T)` covers past + current positions (1 = real); `pixel_values` `(B, C, H, W)`.
+        `output_attentions` / `output_hidden_states` default to the config's values, as in transformers."""
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         hidden_states = self.embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = hidden_states.shape
         cache = resolve_state_cache(
-            cache, use_cache, cache_class=RTransformerCache, config=self.config, causal=True, training=self.training
+            cache,
+            use_cache,
+            cache_class=RTransformerCache,
+            config=self.config,
+            causal=True,
+            training=self.training,
+            batch_size=batch_size,
         )
         past_length = cache.get_seq_length() if cache is not None else 0
-        check_attention_mask(attention_mask, past_length + seq_len, past_length)
+        check_attention_mask(attention_mask, past_length + seq_len, past_length, batch_size=batch_size)
 
         key_mask = attention_mask
         if cache is not None:

@@ -11,6 +11,7 @@ from .config_checks import (
     require_positive,
     require_positive_int,
     require_probability,
+    require_task_fields,
 )
 
 CAPACITY_PRIORITIES = ("importance", "position")
@@ -152,6 +153,7 @@ class SparseMLPConfig(PreTrainedConfig):
         self._validate()
         kwargs.setdefault("experts_implementation", "eager")
         super().__init__(**kwargs)
+        require_task_fields(self)  # needs the fields that `PreTrainedConfig.__init__` sets
 
     # Derived sizes are properties (not stored), so that changing `hidden_size` or `image_size` of a saved config
     # (as the command line does for a new image task) keeps the paper's defaults consistent.

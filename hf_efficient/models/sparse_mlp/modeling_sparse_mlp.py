@@ -5,6 +5,7 @@ Reads top to bottom in the order data flows: outputs -> MLP -> experts -> MoE la
 -> PreTrainedModel -> base model -> head.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,9 @@ from transformers.integrations.moe import grouped_mm_experts_forward, use_expert
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .common import EfficientPreTrainedModel, PatchEmbeddings, drop_path
+from .common import EfficientPreTrainedModel, PatchEmbeddings, check_class_labels, drop_path
 from .configuration_sparse_mlp import SparseMLPConfig
 from .ops_sparse_mlp import padded_experts_forward, route
 
@@ -29,7 +31,8 @@ class SparseMLPModelOutput(BaseModelOutputWithPooling):
         (unweighted; `None` for a model without sparse blocks).
     router_logits (`tuple(torch.FloatTensor)`): with `output_router_logits=True`, the router logits `(N, E)` of every
         MoE layer in order (block i's MoE_S, then its MoE_C, ...); MoE_S has `N = batch * C'` units, MoE_C
-        `N = batch * S'`.
+        `N = batch * S'`. Recorded the transformers way (`_can_record_outputs`, `capture_outputs`); always `None`
+        for a plain Mixer (`num_sparse_layers=0`: no router).
     """
 
     aux_loss: torch.FloatTensor | None = None
@@ -227,6 +230,19 @@ class SparseMLPPreTrainedModel(EfficientPreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["SparseMLPDenseBlock", "SparseMLPSparseBlock"]
+    # transformers' MoE convention: `output_router_logits` collects the second output (the router logits `(N, E)`)
+    # of every MoE layer through `capture_outputs` hooks, in call order.
+    _can_record_outputs = {"router_logits": OutputRecorder(SparseMLPMoE, index=1)}
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the config has sparse (MoE) blocks; a plain Mixer (`num_sparse_layers=0`) has no router."""
+        return self.config.num_sparse_layers > 0
+
+    @property
+    def can_record_outputs(self) -> dict:
+        """`_can_record_outputs`, except for a plain Mixer: it records (and so claims) no router outputs."""
+        return super().can_record_outputs if self.has_experts else {}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -244,6 +260,22 @@ class SparseMLPPreTrainedModel(EfficientPreTrainedModel):
             init.zeros_(module.down_proj_bias)
             return
         super()._init_weights(module)
+
+
+def _router_outputs_only_with_experts(forward):
+    """`output_router_logits=None` means the config's value (`capture_outputs` reads only a value that is passed,
+    so a None from a head is dropped); a plain Mixer has no router: the flag is off there, so its outputs keep
+    `router_logits=None` instead of an empty tuple."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.get("output_router_logits", 0) is None:
+            del kwargs["output_router_logits"]
+        if not self.has_experts:
+            kwargs["output_router_logits"] = False
+        return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 class SparseMLPModel(SparseMLPPreTrainedModel):
@@ -270,7 +302,8 @@ class SparseMLPModel(SparseMLPPreTrainedModel):
     def get_input_embeddings(self):
         return self.patch_embed
 
-    @can_return_tuple
+    @_router_outputs_only_with_experts
+    @capture_outputs
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -280,25 +313,22 @@ class SparseMLPModel(SparseMLPPreTrainedModel):
     ) -> SparseMLPModelOutput:
         """
         Args:
-            pixel_values: `(B, num_channels, image_size, image_size)`.
-            output_router_logits: return every MoE layer's router logits (default `config.output_router_logits`).
+            pixel_values: `(B, num_channels, image_size, image_size)`, a batch of at least one image.
+            output_router_logits: return every MoE layer's router logits (default `config.output_router_logits`);
+                `capture_outputs` records them from the MoE layers (`_can_record_outputs`).
         """
         if pixel_values is None:
             raise ValueError("SparseMLPModel: `pixel_values` is required (a vision-only model).")
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
-        hidden_states = self.patch_embed(pixel_values)
+        hidden_states = self.embed(pixel_values=pixel_values)  # checked: shape, a non-empty batch
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        aux_loss, router_logits = None, ()
+        aux_loss = None
         for layer in self.layers:
-            hidden_states, layer_aux, layer_logits = layer(hidden_states)
+            hidden_states, layer_aux, _ = layer(hidden_states)
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
-                router_logits += layer_logits
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -310,13 +340,16 @@ class SparseMLPModel(SparseMLPPreTrainedModel):
             pooler_output=hidden_states.mean(dim=1),
             hidden_states=all_hidden_states,
             aux_loss=aux_loss,
-            router_logits=router_logits if output_router_logits and router_logits else None,
         )
 
 
 class SparseMLPForImageClassification(SparseMLPPreTrainedModel):
     """Sparse-MLP with a linear classifier on the mean-pooled final features (timm's Mixer head); the loss adds
     `router_aux_loss_coef * aux_loss` to the cross-entropy."""
+
+    # Its loss is a batch mean that never reads `num_items_in_batch`: `Trainer` must scale it for gradient
+    # accumulation and average it over processes itself (it would infer loss kwargs from `**kwargs`).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: SparseMLPConfig):
         super().__init__(config)
@@ -339,10 +372,12 @@ class SparseMLPForImageClassification(SparseMLPPreTrainedModel):
             pixel_values=pixel_values,
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
+            return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
+            check_class_labels(type(self).__name__, labels, logits.shape[0], self.num_labels)
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
             if outputs.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
