@@ -48,8 +48,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Generic tests for head kinds an architecture does not have are deselected (not skipped): they do not apply."""
-    kept = [item for item in items if item.get_closest_marker("not_applicable") is None]
+    """Generic tests for head kinds an architecture does not have, or that its class's `not_applicable` rules out
+    (no length limit, no attention window), are deselected (not skipped): they do not apply."""
+
+    def applies(item) -> bool:
+        if item.get_closest_marker("not_applicable") is not None:
+            return False
+        cls = getattr(item, "cls", None)
+        if cls is None or not hasattr(cls, "not_applicable") or not hasattr(item, "callspec"):
+            return True
+        return cls().not_applicable(item.originalname, item.callspec.params) is None
+
+    kept = [item for item in items if applies(item)]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 import hf_efficient
+from hf_efficient.models.shared.heads import sequence_length_limit
 
 AUTO_CLASS_BY_SUFFIX = {
     "ForCausalLM": AutoModelForCausalLM,
@@ -97,6 +98,20 @@ class GenericModelTests:
     batch_split_invariant_overrides: dict = {}
 
     # ----------------------------------------------------------------- hooks
+    def not_applicable(self, test_name: str, params: dict) -> str | None:
+        """Why the generic test `test_name` with these parameters does not apply to this architecture (conftest then
+        deselects it at collection: never a skip), or None."""
+        if test_name == "test_too_long_sequence_raises" and self.max_seq_length is None:
+            return "no maximum length"
+        if test_name == "test_generate_stops_at_the_length_limit":
+            if sequence_length_limit(self.get_config(params["variant"], params["causal_head"])) is None:
+                return "no length limit in this variant"
+        if test_name == "test_receptive_field_of_windowed_attention":
+            config = self.get_config(params["variant"], params["causal_head"])
+            if self.attention_window(params["variant"], config) is None:
+                return "this variant attends to the whole prefix (no window)"
+        return None
+
     def get_config(self, variant: str, head: type):
         raise NotImplementedError("Each architecture's test class defines get_config(variant, head).")
 
@@ -347,7 +362,10 @@ class GenericModelTests:
         for name, grad in one_grads.items():
             torch.testing.assert_close(acc_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
-    def test_gradient_checkpointing_same_gradients(self, variant, loss_head):
+    @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+    def test_gradient_checkpointing_same_gradients(self, variant, loss_head, use_reentrant):
+        """Both checkpointing modes give the gradients of no checkpointing (reentrant checkpointing fails on tensors
+        passed to a checkpointed layer by keyword: they get no gradient, or are backpropagated twice)."""
         head = loss_head
         grads = []
         for checkpointing in (False, True):
@@ -355,9 +373,10 @@ class GenericModelTests:
             model.config.hidden_dropout_prob = 0.0
             if checkpointing:
                 if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                    kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": use_reentrant}}
+                    model.activation_checkpointing_enable(**kwargs)
                 else:
-                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
                 assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
             inputs = self.make_inputs(model.config, head)
             torch.manual_seed(0)
@@ -484,11 +503,8 @@ class GenericModelTests:
     def test_generate_stops_at_the_length_limit(self, variant, causal_head):
         """A fixed-length model stops at its limit instead of failing partway; a full prompt is a clear error."""
         model = self.make_model(variant, causal_head)
-        from hf_efficient.models.shared.heads import sequence_length_limit
-
         limit = sequence_length_limit(model.config)
-        if limit is None:
-            pytest.skip("no length limit in this variant")
+        assert limit is not None  # variants without a limit are deselected (`not_applicable`)
         model.generation_config.pad_token_id = model.config.pad_token_id
         ids, mask = self._prompt(model, length=min(5, limit - 1))
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=limit + 10)
@@ -806,8 +822,7 @@ class GenericModelTests:
 
     def test_too_long_sequence_raises(self, variant, text_head):
         head = text_head
-        if self.max_seq_length is None:
-            pytest.skip("this architecture has no maximum length")
+        assert self.max_seq_length is not None  # deselected otherwise (`not_applicable`)
         model = self.make_model(variant, head)
         too_long = self.make_inputs(model.config, head, batch_size=1, seq_length=self.max_seq_length + 1)
         with pytest.raises(ValueError, match=str(self.max_seq_length)):
@@ -828,9 +843,7 @@ class WindowedAttentionTests:
         # A larger init: with std 0.02 a token k(N-1) back moves the logits by only ~1e-5 through k layers.
         model = self.make_model(variant, causal_head, initializer_range=0.2)
         window = self.attention_window(variant, model.config)
-        if window is None:
-            pytest.skip(f"variant {variant!r} attends to the whole prefix (no window)")
-        assert window >= 1
+        assert window is not None and window >= 1  # variants without a window are deselected (`not_applicable`)
         reach = model.config.num_hidden_layers * (window - 1)
         length = reach + 4
         inputs = self.make_inputs(model.config, causal_head, batch_size=2, seq_length=length)
