@@ -13,9 +13,9 @@ from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
+from .blocked_attention import attention_interface
 from .common import (
     EfficientPreTrainedModel,
     check_attention_mask,
@@ -206,20 +206,12 @@ class RTransformerAttention(nn.Module):
         if past_key is not None:
             key = torch.cat([past_key, key], dim=2)
             value = torch.cat([past_value, value], dim=2)
+        dropout = self.attention_dropout if self.training else 0.0
         interface: Callable = eager_attention_forward
         if not output_attentions:  # only the eager path can return the probabilities
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-        output, weights = interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-        )
+            # sdpa with dropout on CPU gets the blocked attention (SDPA's math path would keep the L x L matrices)
+            interface = attention_interface(self.config._attn_implementation, query, dropout)
+        output, weights = interface(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling)
         output = self.o_proj(output.reshape(batch_size, seq_len, -1))
         return output, weights, key, value
 
