@@ -23,6 +23,7 @@ base model), `text_head`, `vision_head`, `lm_head` (causal and masked LM) and `c
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,27 @@ def run_without_package(script: str, tmp_path, marker: str = "REMOTE-OK") -> Non
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert marker in result.stdout, result.stderr[-3000:]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a launched process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launch(tmp_path) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes 2` (DDP; gloo on CPU) with its config written under `tmp_path`:
+    the command up to, not including, the script or `-m module` to run. (`--cpu --num_processes 2` would silently
+    start one process.)"""
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+        "machine_rank: 0\nmixed_precision: 'no'\ndynamo_config: {}\nuse_cpu: false\nmain_training_function: main\n"
+    )
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return launch + ["--main_process_port", str(free_port())]
 
 
 class GenericModelTests:

@@ -5,7 +5,6 @@ resuming an interrupted run, and multi-process training with `accelerate launch`
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from transformers import (
 import hf_efficient
 from hf_efficient import cli
 from hf_efficient.data import stdlib_lm_dataset
+from tests.model_tester import two_process_launch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_embeddings=32"
@@ -312,12 +312,6 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- multi-process DDP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` of `python -m hf_efficient train`: two processes train with
     DDP (gloo on CPU), the run records world size 2, and the weights equal one process with the same global batch."""
@@ -325,14 +319,7 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     # (--logging-steps 1: the logged train_loss is then the mean over both processes at every step.)
     common += ["--warmup-steps", "0", "--save-strategy", "no", "--seed", "0", *QUIET, "--logging-steps", "1"]
     common += ["--max-train-minutes", "60"]  # not reached; its per-step decision is broadcast from rank 0
-    config = tmp_path / "accelerate.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
-        "machine_rank: 0\nmixed_precision: 'no'\ndynamo_config: {}\nuse_cpu: false\nmain_training_function: main\n"
-    )
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port()), "-m", "hf_efficient", "train"]
+    launch = [*two_process_launch(tmp_path), "-m", "hf_efficient", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     ddp = subprocess.run(
         [*launch, *common, "--per-device-train-batch-size", "2", "--output-dir", str(tmp_path / "ddp")],

@@ -4,7 +4,6 @@ architecture names its block class."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_efficient
+from tests.model_tester import free_port
 
 ACCELERATE_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -87,12 +87,6 @@ TINY = {
     "aft": {"aft_type": "local", "local_window": 4},
     "combiner": {"num_attention_heads": 2, "block_size": 4, "combiner_type": "fixed"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("model_type", list(TINY))

@@ -10,7 +10,6 @@ encoder-decoder head the generic tester does not cover.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,8 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.model_tester import two_process_launch
 
 # One SGD step (lr 1, no clipping or decay: the parameter change is minus the applied gradient) of `Trainer` per
 # head kind, then `evaluate()`; rank 0 writes the logged losses and the parameter changes.
@@ -114,12 +115,6 @@ HEADS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(command, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -137,15 +132,7 @@ def runs(tmp_path_factory):
     script.write_text(SCRIPT)
     run([sys.executable, str(script), str(tmp_path / "one"), "4", "1"], tmp_path)
     run([sys.executable, str(script), str(tmp_path / "accumulated"), "1", "4"], tmp_path)
-    config = tmp_path / "accelerate.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
-        "machine_rank: 0\nmixed_precision: 'no'\ndynamo_config: {}\nuse_cpu: false\nmain_training_function: main\n"
-    )
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port())]
-    run([*launch, str(script), str(tmp_path / "two_processes"), "2", "1"], tmp_path)
+    run([*two_process_launch(tmp_path), str(script), str(tmp_path / "two_processes"), "2", "1"], tmp_path)
     return {name: load(tmp_path / name) for name in ("one", "accumulated", "two_processes")}
 
 

@@ -23,6 +23,7 @@ from tests.references.gmlp_reference import (
     sgu_projection_reference,
     tiny_attention_reference,
 )
+from tests.test_generation_edges import gmlp
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 16
@@ -258,26 +259,11 @@ def test_negative_or_misshapen_position_ids_are_refused():
         model(ids, position_ids=torch.arange(3).expand(2, 3))
 
 
-def _causal_lm(seed: int, layers: int, **overrides) -> GMLPForCausalLM:
-    config = GMLPConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        max_position_embeddings=48,
-        sgu_init_std=0.1,
-        causal=True,
-        **overrides,
-    )
-    set_seed(seed)
-    return GMLPForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("variant", [{}, {"tiny_attn_size": 8}], ids=["gmlp", "amlp"])
 def test_assisted_and_prompt_lookup_decoding_with_left_padding_equal_greedy(variant):
     """Assisted decoding crops the cache with `crop(-rejected)`, and `crop(0)` when every draft token was accepted:
     that must keep the whole state (it used to empty it, and the next step failed on a left-padded prompt)."""
-    model, assistant = _causal_lm(0, 2, **variant), _causal_lm(5, 1, **variant)
+    model, assistant = gmlp(0, 2, **variant), gmlp(5, 1, **variant)
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(3))
     ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids, ids, ids[:, :2]], dim=1)  # repeats: lookup matches
     mask = (torch.arange(ids.shape[1]) >= 3).long()[None]  # three left-padding positions
@@ -290,7 +276,7 @@ def test_assisted_and_prompt_lookup_decoding_with_left_padding_equal_greedy(vari
 
 def test_cache_crop_follows_transformers_convention():
     """`crop(-n)` drops the last n positions, `crop(0)` keeps all, a positive value is an error (as DynamicLayer)."""
-    model = _causal_lm(0, 1)
+    model = gmlp(0, 1)
     cache = model(torch.randint(3, 64, (1, 6)), use_cache=True).cache
     cache.crop(0)
     assert cache.get_seq_length() == 6 and cache.get_states(0)["gate"].shape[1] == 6

@@ -4,9 +4,7 @@ capacity dropping, the three experts implementations, gradients, presets, pipeli
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from transformers import AutoConfig, pipeline, set_seed
 from hf_efficient.models.sparse_mlp import SparseMLPConfig, SparseMLPForImageClassification, SparseMLPModel
 from hf_efficient.models.sparse_mlp.modeling_sparse_mlp import SparseMLPMoE, SparseMLPSparseBlock
 from hf_efficient.models.sparse_mlp.ops_sparse_mlp import capacity_keep_mask, expert_capacity, route
-from tests.model_tester import GenericModelTests, MixtureOfExpertsTests
+from tests.model_tester import GenericModelTests, MixtureOfExpertsTests, two_process_launch
 from tests.references.sparse_mlp_reference import moe_reference, sparse_block_reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -501,12 +499,6 @@ def test_preset_parameter_counts_match_the_papers(preset):
 
 
 # ---------------------------------------------------------------------- two-process DDP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -549,14 +541,7 @@ def test_accelerate_two_processes_with_unused_experts(tmp_path):
     both ranks end with identical weights."""
     script = tmp_path / "train_ddp.py"
     script.write_text(DDP_SCRIPT)
-    config = tmp_path / "accelerate.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
-        "machine_rank: 0\nmixed_precision: 'no'\ndynamo_config: {}\nuse_cpu: false\nmain_training_function: main\n"
-    )
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port()), str(script), str(tmp_path)]
+    launch = [*two_process_launch(tmp_path), str(script), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -75,8 +75,8 @@ def refuse_assisted_decoding(model, generation_config, generate_kwargs: dict) ->
 
 
 class RefuseAssistedDecodingMixin:
-    """`generate()` that checks `refuse_assisted_decoding` first: for generating heads other than `CausalLMHead`
-    (which checks it itself), e.g. an encoder-decoder. Put it before `GenerationMixin` in the bases."""
+    """`generate()` that checks `refuse_assisted_decoding` first: a base of `CausalLMHead` and of any other
+    generating head (an encoder-decoder). Put it before `GenerationMixin` in the bases."""
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         refuse_assisted_decoding(self, generation_config, kwargs)
@@ -111,7 +111,7 @@ class BaseModelHead:
         return self.base_model_class(config, causal=self.base_model_causal)
 
 
-class CausalLMHead(BaseModelHead):
+class CausalLMHead(RefuseAssistedDecodingMixin, BaseModelHead):
     """Causal language model: `lm_head` tied to the input embeddings (with a bias where `config.lm_head_bias` says
     so); decoding through the base model's cache."""
 
@@ -130,8 +130,7 @@ class CausalLMHead(BaseModelHead):
     def generate(self, inputs=None, generation_config=None, stopping_criteria=None, **kwargs):
         """`GenerationMixin.generate`, stopping at the model's length limit (`sequence_length_limit`) where it has one:
         a prompt that already fills it is a ValueError, and generation ends there instead of failing partway.
-        Assisted decoding on a model that cannot roll its state back is refused (`refuse_assisted_decoding`)."""
-        refuse_assisted_decoding(self, generation_config, kwargs)
+        Assisted decoding on a model that cannot roll its state back is refused (`RefuseAssistedDecodingMixin`)."""
         limit = sequence_length_limit(self.config)
         if limit is not None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
