@@ -46,6 +46,7 @@ from transformers import (
 )
 
 import hf_efficient
+from hf_efficient import hub
 from hf_efficient.models.shared.heads import sequence_length_limit
 
 AUTO_CLASS_BY_SUFFIX = {
@@ -247,6 +248,9 @@ class GenericModelTests:
             inputs = self.make_inputs(model.config, head)
             folder = tmp_path / head.__name__
             hf_efficient.save_pretrained_with_code(model, folder)
+            # the folder carries exactly the flat bundle of the package's current source (no stale or extra code)
+            carried = {path.name: path.read_text() for path in folder.glob("*.py")}
+            assert carried == hub.bundle_files(hub.architecture_folder(model))
             config = json.loads((folder / "config.json").read_text())
             auto_map = config["auto_map"]
             assert "AutoConfig" in auto_map and "AutoModel" in auto_map

@@ -45,10 +45,3 @@ def test_import_in_a_fresh_interpreter():
     code = "from hf_efficient import GMLPConfig, GMLPForCausalLM, AFTForMaskedLM, CombinerModel, AFTCache; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
-
-
-def test_shared_files_are_in_sync():
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_copies.py")], capture_output=True, text=True, cwd=REPO
-    )
-    assert result.returncode == 0, result.stdout + result.stderr

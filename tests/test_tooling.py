@@ -1,7 +1,5 @@
-"""The embedded data, the copies checker and saving with code."""
+"""The embedded data."""
 
-import importlib.util
-import inspect
 import math
 from pathlib import Path
 
@@ -9,12 +7,8 @@ import numpy as np
 import pytest
 
 from hf_efficient import data
-from hf_efficient.models.gmlp import modeling_gmlp
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("check_copies", REPO / "scripts" / "check_copies.py")
-check_copies = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(check_copies)
 
 
 def test_split_is_deterministic_and_disjoint():
@@ -45,36 +39,3 @@ def test_lm_dataset_blocks_and_bits_per_byte():
     assert data.bits_per_byte(math.log(2) * 3) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="split"):
         data.stdlib_bytes("test")
-
-
-def test_check_copies_detects_and_fixes_drift(tmp_path):
-    source = inspect.getsource(modeling_gmlp.GMLPSpatialGatingUnit).replace("GMLP", "Foo")
-    target = tmp_path / "modeling_foo.py"
-    marker = "# Copied from hf_efficient.models.gmlp.modeling_gmlp.GMLPSpatialGatingUnit with GMLP->Foo\n"
-    target.write_text(marker + source)
-    assert check_copies.check_file(target, fix=False) == []
-    target.write_text(marker + source.replace("return u * gate, v", "return u + gate, v"))
-    problems = check_copies.check_file(target, fix=False)
-    assert len(problems) == 1 and "FooSpatialGatingUnit" in problems[0]
-    check_copies.check_file(target, fix=True)
-    assert check_copies.check_file(target, fix=False) == []
-    assert "return u * gate, v" in target.read_text()
-
-
-def test_check_copies_detects_and_fixes_a_drifted_whole_file_copy(tmp_path):
-    models = tmp_path / "models"
-    (models / "shared").mkdir(parents=True)
-    (models / "foo").mkdir()
-    master = (REPO / "hf_efficient" / "models" / "shared" / "common.py").read_text()
-    (models / "shared" / "common.py").write_text(master)
-    (models / "foo" / "common.py").write_text(master)
-    assert check_copies.check_whole_files(False, models) == (1, [])
-    (models / "foo" / "common.py").write_text(master.replace("def mean_pool", "def average_pool"))
-    count, problems = check_copies.check_whole_files(False, models)
-    assert count == 1 and len(problems) == 1 and "foo/common.py" in problems[0]
-    check_copies.check_whole_files(True, models)
-    assert (models / "foo" / "common.py").read_text() == master
-
-
-def test_repository_copies_are_in_sync():
-    assert check_copies.main([]) == 0

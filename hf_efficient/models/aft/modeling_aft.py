@@ -15,7 +15,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import can_return_tuple
 
-from .common import (
+from ..shared.common import (
     EfficientPreTrainedModel,
     FeedForward,
     PatchEmbeddings,
@@ -27,8 +27,9 @@ from .common import (
     stochastic_depth_rates,
     token_embedding,
 )
+from ..shared.heads import CausalLMHead, ImageClassificationHead, MaskedLMHead, SequenceClassificationHead
+from ..shared.state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 from .configuration_aft import AFTConfig
-from .heads import CausalLMHead, ImageClassificationHead, MaskedLMHead, SequenceClassificationHead
 from .ops_aft import (
     AFTState,
     aft_conv1d,
@@ -42,7 +43,6 @@ from .ops_aft import (
     aft_simple_step,
     local_window_offsets,
 )
-from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class AFTCache(StateCache):

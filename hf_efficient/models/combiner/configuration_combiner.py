@@ -5,7 +5,7 @@ import math
 
 from transformers import PreTrainedConfig
 
-from .config_checks import (
+from ..shared.config_checks import (
     require_activation,
     require_choice,
     require_divides,

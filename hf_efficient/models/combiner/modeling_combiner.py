@@ -16,7 +16,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import can_return_tuple
 
-from .common import (
+from ..shared.common import (
     EfficientPreTrainedModel,
     FeedForward,
     check_attention_mask,
@@ -25,16 +25,16 @@ from .common import (
     past_key_values_alias,
     run_blocks,
 )
+from ..shared.heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
+from ..shared.state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 from .configuration_combiner import CombinerConfig
 from .decoding_combiner import combiner_chunk_step
-from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .ops_combiner import (
     axial_abstraction_keys,
     combiner_attention,
     combiner_prefill_state,
     num_logsparse_levels,
 )
-from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class CombinerCache(StateCache):

@@ -2,7 +2,7 @@
 
 from transformers import PreTrainedConfig
 
-from .config_checks import (
+from ..shared.config_checks import (
     require_activation,
     require_image_settings,
     require_non_negative,

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import (
+from ..shared.common import (
     EfficientPreTrainedModel,
     PatchEmbeddings,
     check_attention_mask,
@@ -32,16 +32,16 @@ from .common import (
     stochastic_depth_rates,
     token_embedding,
 )
-from .configuration_gmlp import GMLPConfig
-from .heads import (
+from ..shared.heads import (
     CausalLMHead,
     ImageClassificationHead,
     MaskedLMHead,
     SequenceClassificationHead,
     TokenClassificationHead,
 )
+from ..shared.state_cache import StateCache, StateCacheLayer, StateCacheModelMixin, resolve_state_cache
+from .configuration_gmlp import GMLPConfig
 from .ops_gmlp import spatial_gating_projection
-from .state_cache import StateCache, StateCacheLayer, StateCacheModelMixin, resolve_state_cache
 
 
 class GMLPCacheLayer(StateCacheLayer):

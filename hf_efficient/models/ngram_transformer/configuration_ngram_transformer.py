@@ -3,7 +3,7 @@ N-gram Masked Self-Attention", 2020)."""
 
 from transformers import PreTrainedConfig
 
-from .config_checks import (
+from ..shared.config_checks import (
     require_activation,
     require_choice,
     require_divides,

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
-from .common import (
+from ..shared.common import (
     EfficientPreTrainedModel,
     FeedForward,
     _checking,
@@ -37,8 +37,8 @@ from .common import (
     past_key_values_alias,
     positions_from_mask,
 )
+from ..shared.heads import CausalLMHead, RefuseAssistedDecodingMixin, check_labels
 from .configuration_ngram_transformer import NgramTransformerConfig
-from .heads import CausalLMHead, RefuseAssistedDecodingMixin, check_labels
 from .ops_ngram_transformer import ngram_attention, padding_mask, sinusoidal_positions
 
 

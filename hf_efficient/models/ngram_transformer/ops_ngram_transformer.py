@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .common import mask_if_padded
+from ..shared.common import mask_if_padded
 
 # attention_fn(query, key, value, mask, is_causal) -> (output (B, Lq, H, D), weights (B, H, Lq, Lk) or None), with
 # query (B, H, Lq, D), key / value (B, H, Lk, D) and a boolean mask (B, 1, Lq, Lk) (True = attend) or None.

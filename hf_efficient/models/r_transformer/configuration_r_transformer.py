@@ -3,7 +3,7 @@
 
 from transformers import PreTrainedConfig
 
-from .config_checks import (
+from ..shared.config_checks import (
     require_choice,
     require_divides,
     require_positive,

@@ -15,18 +15,18 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .blocked_attention import attention_interface
-from .common import (
+from ..shared.blocked_attention import attention_interface
+from ..shared.common import (
     EfficientPreTrainedModel,
     check_attention_mask,
     eager_attention_forward,
     mask_if_padded,
     past_key_values_alias,
 )
+from ..shared.heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
+from ..shared.state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 from .configuration_r_transformer import RTransformerConfig
-from .heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
 from .ops_r_transformer import local_rnn, official_layer_norm
-from .state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
 
 
 class RTransformerCache(StateCache):

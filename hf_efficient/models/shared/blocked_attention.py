@@ -8,9 +8,8 @@ blocks of queries, keeps only q, k, v, the output, the per-row log-sum-exp and o
 recomputes each block's probabilities and regenerates its dropout mask from that seed. `attention_interface` picks it
 where it helps (sdpa, dropout > 0, CPU tensors) and transformers' own entry everywhere else.
 
-This file is carried byte-identically by every architecture folder that uses it (remote code only follows imports
-to files in the same folder). The master copy is `hf_efficient/models/shared/blocked_attention.py`: edit it there
-and run `python scripts/check_copies.py --fix`.
+The one copy in the package; a checkpoint saved with its code carries it as a file of its own folder
+(`hf_efficient.hub.bundle_files`).
 """
 
 from collections.abc import Callable

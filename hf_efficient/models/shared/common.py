@@ -1,8 +1,7 @@
 """Input checks and small helpers that every architecture's base model and heads share.
 
-This file is carried byte-identically by every architecture folder (remote code only follows imports to files in
-the same folder). The master copy is `hf_efficient/models/shared/common.py`: edit it there and run
-`python scripts/check_copies.py --fix`.
+The one copy in the package; a checkpoint saved with its code carries it as a file of its own folder
+(`hf_efficient.hub.bundle_files`).
 """
 
 from pathlib import Path
@@ -295,6 +294,18 @@ class EfficientPreTrainedModel(PreTrainedModel):
                 f"AutoConfig.from_pretrained({str(folder)!r}))` (or the matching AutoModelFor*.from_config), or train "
                 f"one with `hf-efficient train --model {folder.name}`. ({error})"
             ) from error
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`. After `register_for_auto_class`, a model of the installed package saves
+        through `hf_efficient.hub.save_pretrained_with_code`: transformers' own saver would copy the architecture's
+        files as they are, with `from ..shared.x` imports it cannot follow, instead of the flat bundle. (A model
+        loaded with `trust_remote_code` is flat already and takes transformers' path.)"""
+        if self._auto_class is not None and type(self).__module__.startswith("hf_efficient.models."):
+            from hf_efficient.hub import save_pretrained_with_code
+
+            save_pretrained_with_code(self, save_directory, *args, **kwargs)
+            return None
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module | None:
         """The token embedding, or for a model that reads `pixel_values` its patch embedding (as transformers'

@@ -1,9 +1,8 @@
 """Config validation shared by every architecture: each check raises a ValueError naming the class, the field and
 the value, at config creation (not when the model is built).
 
-This file is carried byte-identically by every architecture folder (remote code only follows imports to files in
-the same folder). The master copy is `hf_efficient/models/shared/config_checks.py`: edit it there and run
-`python scripts/check_copies.py --fix`.
+The one copy in the package; a checkpoint saved with its code carries it as a file of its own folder
+(`hf_efficient.hub.bundle_files`).
 """
 
 from transformers.activations import ACT2FN

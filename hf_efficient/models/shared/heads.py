@@ -13,9 +13,8 @@ not know the dynamically loaded config. Base models take `input_ids` / `inputs_e
 `attention_mask`, `cache`, `use_cache`, `output_hidden_states`, `return_dict` and `**kwargs`, and return a
 `BaseModelOutputWithPast`-like output.
 
-This file is carried byte-identically by every architecture folder (remote code only follows imports to files in
-the same folder). The master copy is `hf_efficient/models/shared/heads.py`: edit it there and run
-`python scripts/check_copies.py --fix`.
+The one copy in the package; a checkpoint saved with its code carries it as a file of its own folder
+(`hf_efficient.hub.bundle_files`).
 """
 
 import functools

@@ -1,8 +1,7 @@
 """Decoding cache of named per-layer states, for models whose state is not (only) a key/value cache.
 
-This file is carried byte-identically by every architecture folder that needs it (remote code only follows imports
-to files in the same folder). The master copy is `hf_efficient/models/shared/state_cache.py`: edit it there and run
-`python scripts/check_copies.py --fix`.
+The one copy in the package; a checkpoint saved with its code carries it as a file of its own folder
+(`hf_efficient.hub.bundle_files`).
 """
 
 import torch

@@ -3,7 +3,7 @@ Computation", arXiv:2109.02008, 2021)."""
 
 from transformers import PreTrainedConfig
 
-from .config_checks import (
+from ..shared.config_checks import (
     require_activation,
     require_choice,
     require_divides,

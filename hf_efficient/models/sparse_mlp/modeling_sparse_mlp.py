@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .common import EfficientPreTrainedModel, PatchEmbeddings, check_class_labels, drop_path
+from ..shared.common import EfficientPreTrainedModel, PatchEmbeddings, check_class_labels, drop_path
 from .configuration_sparse_mlp import SparseMLPConfig
 from .ops_sparse_mlp import padded_experts_forward, route
 
