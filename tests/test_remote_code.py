@@ -47,7 +47,7 @@ def test_bundle_is_the_package_source_flattened_and_self_contained(folder):
 def test_bundles_carry_only_what_each_architecture_uses():
     assert "blocked_attention.py" in hub.bundle_files(MODELS / "r_transformer")
     assert "blocked_attention.py" not in hub.bundle_files(MODELS / "gmlp")
-    assert "heads.py" not in hub.bundle_files(MODELS / "sparse_mlp")  # its one head is its own
+    assert "state_cache.py" not in hub.bundle_files(MODELS / "sparse_mlp")  # a Mixer does not decode
     assert {"common.py", "heads.py", "state_cache.py", "config_checks.py"} <= set(hub.bundle_files(MODELS / "aft"))
 
 

@@ -19,7 +19,6 @@ from ..shared.common import (
     EfficientPreTrainedModel,
     FeedForward,
     PatchEmbeddings,
-    check_attention_mask,
     drop_path,
     mask_if_padded,
     past_key_values_alias,
@@ -28,7 +27,7 @@ from ..shared.common import (
     token_embedding,
 )
 from ..shared.heads import CausalLMHead, ImageClassificationHead, MaskedLMHead, SequenceClassificationHead
-from ..shared.state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
+from ..shared.state_cache import StateCache, StateCacheModelMixin, open_cached_forward
 from .configuration_aft import AFTConfig
 from .ops_aft import (
     AFTState,
@@ -362,18 +361,10 @@ class AFTModel(AFTPreTrainedModel):
         batch_size, seq_len, _ = hidden_states.shape
         device = hidden_states.device
 
-        cache = resolve_state_cache(
-            cache,
-            use_cache,
-            cache_class=AFTCache,
-            config=self.config,
-            causal=self.causal,
-            training=self.training,
-            batch_size=batch_size,
+        cache, past_length = open_cached_forward(
+            self, hidden_states, attention_mask, cache, use_cache, cache_class=AFTCache, causal=self.causal
         )
-        past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-        check_attention_mask(attention_mask, total_len, past_length, batch_size=batch_size)
         # Reading the mask's values (is there padding at all?) is data-dependent control flow: it is skipped while
         # compiling or exporting, where the graph keeps the general, masked path.
         eager = not torch.compiler.is_compiling()

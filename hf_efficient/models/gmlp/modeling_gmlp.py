@@ -21,7 +21,6 @@ from transformers.utils import can_return_tuple
 from ..shared.common import (
     EfficientPreTrainedModel,
     PatchEmbeddings,
-    check_attention_mask,
     check_position_ids,
     drop_path,
     eager_attention_forward,
@@ -39,7 +38,12 @@ from ..shared.heads import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from ..shared.state_cache import StateCache, StateCacheLayer, StateCacheModelMixin, resolve_state_cache
+from ..shared.state_cache import (
+    StateCache,
+    StateCacheLayer,
+    StateCacheModelMixin,
+    open_cached_forward,
+)
 from .configuration_gmlp import GMLPConfig
 from .ops_gmlp import spatial_gating_projection
 
@@ -329,18 +333,10 @@ class GMLPModel(GMLPPreTrainedModel):
         )
         inputs_embeds = self.embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = inputs_embeds.shape
-        cache = resolve_state_cache(
-            cache,
-            use_cache,
-            cache_class=GMLPCache,
-            config=self.config,
-            causal=self.causal,
-            training=self.training,
-            batch_size=batch_size,
+        cache, past_length = open_cached_forward(
+            self, inputs_embeds, attention_mask, cache, use_cache, cache_class=GMLPCache, causal=self.causal
         )
-        past_length = cache.get_seq_length() if cache is not None else 0
         total_len = past_length + seq_len
-        check_attention_mask(attention_mask, total_len, past_length, batch_size=batch_size)
         # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
         # skipped while compiling or exporting, where the graph keeps the general (masked, gathered) path.
         eager = not torch.compiler.is_compiling()

@@ -18,13 +18,12 @@ from transformers.utils import can_return_tuple
 from ..shared.blocked_attention import attention_interface
 from ..shared.common import (
     EfficientPreTrainedModel,
-    check_attention_mask,
     eager_attention_forward,
     mask_if_padded,
     past_key_values_alias,
 )
 from ..shared.heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
-from ..shared.state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
+from ..shared.state_cache import StateCache, StateCacheModelMixin, open_cached_forward
 from .configuration_r_transformer import RTransformerConfig
 from .ops_r_transformer import local_rnn, official_layer_norm
 
@@ -373,17 +372,9 @@ class RTransformerModel(RTransformerPreTrainedModel):
         )
         hidden_states = self.embed(input_ids, inputs_embeds, pixel_values)
         batch_size, seq_len, _ = hidden_states.shape
-        cache = resolve_state_cache(
-            cache,
-            use_cache,
-            cache_class=RTransformerCache,
-            config=self.config,
-            causal=True,
-            training=self.training,
-            batch_size=batch_size,
+        cache, past_length = open_cached_forward(
+            self, hidden_states, attention_mask, cache, use_cache, cache_class=RTransformerCache, causal=True
         )
-        past_length = cache.get_seq_length() if cache is not None else 0
-        check_attention_mask(attention_mask, past_length + seq_len, past_length, batch_size=batch_size)
 
         key_mask = attention_mask
         if cache is not None:

@@ -319,11 +319,14 @@ class TokenClassificationHead(BaseModelHead, GenericForTokenClassification):
 
 class ImageClassificationHead(BaseModelHead):
     """Linear classifier on the pooled patch tokens of a bidirectional base model that takes `pixel_values`
-    (`pool_image`: the mean of the tokens; override it, e.g. for a class token)."""
+    (`pool_image`: the mean of the tokens; override it, e.g. for a class token). An architecture with more to its
+    loss or its output (Sparse-MLP's router balance loss) overrides `image_loss` / `extra_outputs` and
+    `output_class`."""
 
     main_input_name = "pixel_values"
     base_model_causal = False
     accepts_loss_kwargs = False  # a batch mean that never reads `num_items_in_batch` (see SequenceClassificationHead)
+    output_class = ImageClassifierOutput
 
     def __init__(self, config):
         super().__init__(config)
@@ -338,6 +341,15 @@ class ImageClassificationHead(BaseModelHead):
         """`(B, N, d)` -> `(B, d)`."""
         return hidden_states.mean(dim=1)
 
+    def image_loss(self, logits: torch.Tensor, labels: torch.LongTensor, outputs) -> torch.Tensor:
+        """The batch's loss from `logits` `(B, num_labels)`, `labels` `(B,)` and the base model's `outputs`:
+        transformers' loss for the config's problem type (cross-entropy for single-label)."""
+        return self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+
+    def extra_outputs(self, outputs) -> dict:
+        """Fields of `output_class` beyond loss, logits and hidden states, from the base model's `outputs`."""
+        return {"attentions": getattr(outputs, "attentions", None)}
+
     @can_return_tuple
     def forward(
         self,
@@ -346,7 +358,7 @@ class ImageClassificationHead(BaseModelHead):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
-        """`pixel_values`: `(B, C, H, W)`; `labels`: `(B,)` class ids."""
+        """`pixel_values`: `(B, C, H, W)`; `labels`: `(B,)` class ids. Other keyword arguments go to the base model."""
         outputs = self.model(
             pixel_values=pixel_values, output_hidden_states=output_hidden_states, return_dict=True, **kwargs
         )
@@ -354,10 +366,7 @@ class ImageClassificationHead(BaseModelHead):
         loss = None
         if labels is not None:
             check_class_labels(type(self).__name__, labels, logits.shape[0], self.num_labels)
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-        return ImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=getattr(outputs, "attentions", None),
+            loss = self.image_loss(logits, labels, outputs)
+        return self.output_class(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **self.extra_outputs(outputs)
         )

@@ -7,6 +7,8 @@ The one copy in the package; a checkpoint saved with its code carries it as a fi
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .common import check_attention_mask
+
 
 class StateCacheLayer(CacheLayerMixin):
     """One layer's decoding state: named tensors, each with the batch on dim 0.
@@ -127,6 +129,34 @@ def resolve_state_cache(
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError(f"This model needs a {name} to continue decoding, got a filled {type(cache).__name__}.")
     return cache_class(config) if use_cache else None
+
+
+def open_cached_forward(
+    model,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    use_cache: bool | None,
+    *,
+    cache_class: type,
+    causal: bool,
+) -> tuple[StateCache | None, int]:
+    """The opening every stateful base model's forward shares, after embedding: the cache to use
+    (`resolve_state_cache`), the number of tokens it already holds, and the attention mask checked against past +
+    current tokens. `hidden_states`: `(B, L, d)`. Returns `(cache, past_length)`."""
+    batch_size, seq_len = hidden_states.shape[:2]
+    cache = resolve_state_cache(
+        cache,
+        use_cache,
+        cache_class=cache_class,
+        config=model.config,
+        causal=causal,
+        training=model.training,
+        batch_size=batch_size,
+    )
+    past_length = cache.get_seq_length() if cache is not None else 0
+    check_attention_mask(attention_mask, past_length + seq_len, past_length, batch_size=batch_size)
+    return cache, past_length
 
 
 def check_cache_batch(cache: StateCache, batch_size: int | None) -> None:

@@ -15,10 +15,10 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import grouped_mm_experts_forward, use_experts_implementation
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from ..shared.common import EfficientPreTrainedModel, PatchEmbeddings, check_class_labels, drop_path
+from ..shared.common import EfficientPreTrainedModel, PatchEmbeddings, drop_path
+from ..shared.heads import ImageClassificationHead
 from .configuration_sparse_mlp import SparseMLPConfig
 from .ops_sparse_mlp import padded_experts_forward, route
 
@@ -343,51 +343,23 @@ class SparseMLPModel(SparseMLPPreTrainedModel):
         )
 
 
-class SparseMLPForImageClassification(SparseMLPPreTrainedModel):
+class SparseMLPForImageClassification(ImageClassificationHead, SparseMLPPreTrainedModel):
     """Sparse-MLP with a linear classifier on the mean-pooled final features (timm's Mixer head); the loss adds
-    `router_aux_loss_coef * aux_loss` to the cross-entropy."""
+    `router_aux_loss_coef * aux_loss` to the cross-entropy. `output_router_logits=True` returns every MoE layer's
+    router logits."""
 
-    # Its loss is a batch mean that never reads `num_items_in_batch`: `Trainer` must scale it for gradient
-    # accumulation and average it over processes itself (it would infer loss kwargs from `**kwargs`).
-    accepts_loss_kwargs = False
+    base_model_class = SparseMLPModel
+    base_model_causal = None  # a Mixer has no causal mode
+    output_class = SparseMLPImageClassifierOutput
 
-    def __init__(self, config: SparseMLPConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = SparseMLPModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
+    def image_loss(self, logits: torch.Tensor, labels: torch.LongTensor, outputs) -> torch.Tensor:
+        loss = super().image_loss(logits, labels, outputs)
+        if outputs.aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+        return loss
 
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        **kwargs,
-    ) -> SparseMLPImageClassifierOutput:
-        """`labels`: `(B,)` class indices."""
-        outputs = self.model(
-            pixel_values=pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
-            return_dict=True,
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            check_class_labels(type(self).__name__, labels, logits.shape[0], self.num_labels)
-            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-            if outputs.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
-        return SparseMLPImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            aux_loss=outputs.aux_loss,
-            router_logits=outputs.router_logits,
-        )
+    def extra_outputs(self, outputs) -> dict:
+        return {"aux_loss": outputs.aux_loss, "router_logits": outputs.router_logits}
 
 
 __all__ = [
