@@ -13,6 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hf_efficient.models.shared import blocked_attention as ba
 from hf_efficient.models.shared.blocked_attention import attention_interface, blocked_attention_forward
 from hf_efficient.models.shared.common import eager_attention_forward
+from tests.helpers import saved_for_backward
 
 
 @pytest.fixture
@@ -210,18 +211,11 @@ def test_low_precision_is_stable(small_blocks, dtype):
 
 def _saved_bytes(fn, length: int) -> int:
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, length, length, dim=16))
-    total = 0
-
-    def pack(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
     torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_for_backward() as saved:
         out, _ = fn(_module(True), q, k, v, None, 0.25, dropout=0.1, is_causal=True)
     out.sum().backward()
-    return total
+    return sum(tensor.numel() * tensor.element_size() for tensor in saved)
 
 
 def test_memory_saved_for_backward_grows_linearly():
@@ -267,7 +261,7 @@ def test_learned_additive_mask_gets_its_gradient():
 
 def test_r_transformer_trains_through_the_blocked_attention(monkeypatch):
     from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
-    from hf_efficient.models.r_transformer import blocked_attention as copy
+    from hf_efficient.models.shared import blocked_attention as copy
 
     calls = []
     original = copy.blocked_attention_forward

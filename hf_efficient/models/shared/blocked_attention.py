@@ -69,9 +69,10 @@ class _Plan:
     def keys(self, end: int) -> int:
         return min(self.k_len, end + self.offset) if self.skip_keys else self.k_len
 
-    def scores(self, q_blk, k_all, start, end, keys, scaling) -> torch.Tensor:
-        """`(B, h, rows, keys)` masked scores of one block, in the dtype of `q_blk` (float32 or float64)."""
-        scores = torch.matmul(q_blk, k_all[:, :, :keys].transpose(2, 3)).mul_(scaling)
+    def scores(self, q_blk, k_all, start, end, keys) -> torch.Tensor:
+        """`(B, h, rows, keys)` masked scores of one block (`q_blk` already scaled), in the dtype of `q_blk` (float32
+        or float64)."""
+        scores = torch.matmul(q_blk, k_all[:, :, :keys].transpose(2, 3))
         if self.causal:
             first = max(0, start + self.offset) if self.skip_keys else 0
             if first < keys:  # only the diagonal part of the block needs the triangle
@@ -107,7 +108,8 @@ class _BlockedAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, mask, scaling, dropout, is_causal, seed):
         plan = _Plan(query, key, mask, is_causal)
         acc = torch.promote_types(query.dtype, torch.float32)
-        q32, k32, v32 = query.to(acc), key.to(acc), value.to(acc)
+        # the scaling is folded into q (an `(L, d_h)` pass instead of one over every block's scores)
+        q32, k32, v32 = query.to(acc) * scaling, key.to(acc), value.to(acc)
         out = query.new_zeros(query.shape[:3] + value.shape[3:], dtype=acc)
         lse = query.new_zeros(query.shape[:3] + (1,), dtype=acc)
         row_maxes, totals = torch.zeros_like(lse), torch.ones_like(lse)
@@ -120,7 +122,7 @@ class _BlockedAttention(torch.autograd.Function):
             keys = plan.keys(end)
             if keys <= 0:
                 continue
-            probs = plan.scores(q32[:, :, start:end], k32, start, end, keys, scaling)
+            probs = plan.scores(q32[:, :, start:end], k32, start, end, keys)
             total, lse[:, :, start:end], row_maxes[:, :, start:end] = _softmax_stats(probs)
             totals[:, :, start:end] = total
             if fills:
@@ -143,7 +145,7 @@ class _BlockedAttention(torch.autograd.Function):
         scaling, dropout, is_causal, seed = ctx.config
         plan = _Plan(query, key, mask, is_causal)
         acc = torch.promote_types(query.dtype, torch.float32)
-        q32, k32, v32 = query.to(acc), key.to(acc), value.to(acc)
+        q32, k32, v32 = query.to(acc) * scaling, key.to(acc), value.to(acc)
         grad32 = grad_out.to(acc)
         # D_i = sum_j P~_ij dP~_ij = dO_i . O_i: the softmax backward's row term, without the probabilities.
         delta = (grad32 * out.to(acc)).sum(dim=-1, keepdim=True)
@@ -151,29 +153,33 @@ class _BlockedAttention(torch.autograd.Function):
         grad_k = torch.zeros_like(k32)
         grad_v = torch.zeros_like(v32)
         threshold, keep_scale = _dropout_threshold(dropout) if dropout > 0 else (None, 1.0)
+        # The dropout's 1 / (1 - p) is folded into the incoming gradient (an `(L, d_h)` pass): dL/dP = M * s * dL/dP~
+        # = M * (s dO) v^T, and dL/dv = (M * P)^T (s dO).
+        grad_scaled = grad32 * keep_scale if threshold is not None else grad32
         for index, start, end in plan.blocks():
             keys = plan.keys(end)
             if keys <= 0:
                 continue
-            q_blk, g_blk = q32[:, :, start:end], grad32[:, :, start:end]
-            probs = plan.scores(q_blk, k32, start, end, keys, scaling)
+            q_blk, g_blk = q32[:, :, start:end], grad_scaled[:, :, start:end]
+            probs = plan.scores(q_blk, k32, start, end, keys)
             if stats is None:
                 probs.sub_(lse[:, :, start:end]).exp_()
             else:
                 probs.sub_(stats[:, :, start:end, :1]).exp_().div_(stats[:, :, start:end, 1:])
-            grad_probs = torch.matmul(g_blk, v32[:, :, :keys].transpose(2, 3))  # dL/dP~
+            grad_probs = torch.matmul(g_blk, v32[:, :, :keys].transpose(2, 3))  # dL/dP (with s)
             if threshold is not None:
                 dropped = _drop_mask(probs.shape, seed, index, threshold, probs.device)
-                kept = probs.masked_fill(dropped, 0.0).mul_(keep_scale)  # P~
-                grad_probs.masked_fill_(dropped, 0.0).mul_(keep_scale)  # dL/dP
-            else:
-                kept = probs
-            grad_v[:, :, :keys] += torch.matmul(kept.transpose(2, 3), g_blk)
-            grad_scores = grad_probs.sub_(delta[:, :, start:end]).mul_(probs).mul_(scaling)
+                grad_probs.masked_fill_(dropped, 0.0)
+            grad_scores = grad_probs.sub_(delta[:, :, start:end]).mul_(probs)
             if dead is not None:
                 grad_scores.masked_fill_(dead[:, :, start:end], 0.0)
+            if threshold is not None:
+                probs.masked_fill_(dropped, 0.0)  # M * P, in place: P itself is no longer needed
+            grad_v[:, :, :keys] += torch.matmul(probs.transpose(2, 3), g_blk)
             grad_q[:, :, start:end] = torch.matmul(grad_scores, k32[:, :, :keys])
             grad_k[:, :, :keys] += torch.matmul(grad_scores.transpose(2, 3), q_blk)
+        # scores = (q * scaling) k^T: dL/dq = scaling * dS k; dL/dk = dS^T (q * scaling), already scaled via q_blk
+        grad_q.mul_(scaling)
         return grad_q.to(query.dtype), grad_k.to(key.dtype), grad_v.to(value.dtype), None, None, None, None, None
 
 
