@@ -5,9 +5,11 @@ Importing the package registers every architecture with `AutoConfig`, `AutoModel
 """
 
 import importlib
+import types
 
 import transformers
 
+# The one place the version is written: setup.cfg reads it (`version = attr: hf_efficient.__version__`).
 __version__ = "0.1.0"
 
 # model_type -> subpackage of hf_efficient.models. Each subpackage exports `<Arch>Config` and `AUTO_MAPPING`.
@@ -21,14 +23,15 @@ ARCHITECTURES = {
 }
 
 
-def get_architecture(model_type: str):
+def get_architecture(model_type: str) -> types.ModuleType:
     """The subpackage (module) of a registered architecture, e.g. `get_architecture("gmlp").GMLPConfig`."""
     if model_type not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {model_type!r}; registered: {', '.join(sorted(ARCHITECTURES))}.")
     return importlib.import_module(f"hf_efficient.models.{ARCHITECTURES[model_type]}")
 
 
-def get_config_class(model_type: str):
+def get_config_class(model_type: str) -> type[transformers.PreTrainedConfig]:
+    """The configuration class of a registered architecture, e.g. `get_config_class("gmlp") is GMLPConfig`."""
     module = get_architecture(model_type)
     return next(
         obj

@@ -1,9 +1,15 @@
-"""Embedded default data: no download anywhere.
+"""The data of the `hf-efficient` command: the embedded default data (no download anywhere) and the reader of a
+local dataset that replaces it.
 
 Text: the bytes of the running interpreter's standard-library source (`.py` files), split deterministically into
 train / validation by a hash of each file's path, cut into fixed-length blocks of byte tokens. The tokeniser is
 transformers' `ByT5Tokenizer` (one token per UTF-8 byte, id = byte + 3, no vocabulary file), so the mean loss in
 nats per token divided by ln 2 is bits per byte.
+
+Local data (`read_local_dataset`): any `datasets`-loadable path, a file or folder of json / jsonl / csv / tsv / text /
+parquet files (`train.*`, `validation.*` / `test.*` give the splits), a folder saved with `save_to_disk`, or an
+`imagefolder` tree (`<split>/<label>/<image>` or `<label>/<image>`). Without a validation split, a seeded share of
+the training rows is held out.
 """
 
 import hashlib
@@ -16,15 +22,23 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 from transformers import ByT5Tokenizer
 
+from .errors import MissingDependencyError, TaskError, first_line
+
 BYTE_OFFSET = 3  # ByT5: ids 0, 1, 2 are <pad>, </s>, <unk>; byte b is id b + 3
 FILE_SEPARATOR = b"\n\n"
 SEQ_CLS_MODULES = ("asyncio", "email", "tkinter", "unittest")
 # What the image task imports, and the requirement (setup.cfg's install_requires) that provides it.
 IMAGE_REQUIREMENTS = {"PIL": "Pillow>=9.1", "sklearn": "scikit-learn>=1.3"}
-
-
-class MissingDependencyError(ImportError):
-    """A package a feature needs is not installed; the message names the pip command that installs it."""
+TEXT_SUFFIXES = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+    ".parquet": "parquet",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev", "test")
 
 
 def require(module: str, requirement: str, purpose: str):
@@ -34,7 +48,8 @@ def require(module: str, requirement: str, purpose: str):
     except ImportError as error:
         raise MissingDependencyError(
             f'{purpose} needs "{requirement}" ({error}): install it with python3 -m pip install "{requirement}" '
-            "(it is a dependency of hf-efficient: reinstalling the package, `python3 -m pip install -e .`, installs it)"
+            "(a dependency of the hf-efficient command: installing the package with its `cli` extra, "
+            '`python3 -m pip install -e ".[cli]"`, installs it)'
         ) from error
 
 
@@ -173,3 +188,84 @@ def digits_dataset(validation_percent: float = 20.0, seed: int = 0):
         return Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
 
     return build(train_idx), build(val_idx)
+
+
+# ---------------------------------------------------------------------------------------------- local datasets
+def read_local_dataset(path: str, dataset_format: str | None, validation_percent: float, seed: int, image=False):
+    """A local `datasets`-loadable path as `(train, validation)`; raises `TaskError` naming the problem."""
+    import datasets
+
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise TaskError(f"dataset path {path!r} does not exist")
+    try:
+        if location.is_dir() and ((location / "dataset_dict.json").exists() or (location / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(location))
+        else:
+            builder, data_files = _builder_and_files(location, dataset_format, image)
+            kwargs = {"delimiter": "\t"} if builder == "csv" and _all_suffix(data_files, ".tsv") else {}
+            if builder == "imagefolder":
+                loaded = datasets.load_dataset(builder, data_dir=str(location), **kwargs)
+            else:
+                loaded = datasets.load_dataset(builder, data_files=data_files, **kwargs)
+    except TaskError:
+        raise
+    except Exception as error:  # datasets' errors are long chains: keep the first line of the root cause
+        raise TaskError(f"could not read dataset {path!r}: {first_line(error)}") from error
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict(train=loaded)
+    train_name = "train" if "train" in loaded else next(iter(loaded))
+    validation_name = next((name for name in VALIDATION_SPLIT_NAMES if name in loaded), None)
+    train = loaded[train_name]
+    if len(train) == 0:
+        raise TaskError(f"dataset {path!r} has no rows in its {train_name!r} split")
+    if validation_name is None:
+        if len(train) < 2:
+            raise TaskError(f"dataset {path!r} has {len(train)} row: too few to hold out a validation split")
+        test_size = max(1, round(len(train) * validation_percent / 100))
+        split = train.train_test_split(test_size=test_size, seed=seed)
+        return split["train"], split["test"]
+    return train, loaded[validation_name]
+
+
+def _builder_and_files(location: Path, dataset_format: str | None, image: bool):
+    if location.is_file():
+        builder = dataset_format or TEXT_SUFFIXES.get(location.suffix.lower())
+        if builder is None:
+            raise TaskError(
+                f"cannot tell the format of dataset file {str(location)!r}; pass --dataset-format "
+                f"({', '.join(sorted(set(TEXT_SUFFIXES.values())))})"
+            )
+        return builder, {"train": str(location)}
+    files = [p for p in location.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if dataset_format == "imagefolder" or (
+        dataset_format is None and image and any(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
+    ):
+        return "imagefolder", None
+    data = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
+    if not data:
+        kinds = "image files" if image else "json/jsonl/csv/tsv/txt/parquet files"
+        raise TaskError(f"dataset folder {str(location)!r} holds no {kinds}")
+    builder = dataset_format or TEXT_SUFFIXES[data[0].suffix.lower()]
+    splits: dict[str, list[str]] = {}
+    for p in sorted(data):
+        stem = p.stem.split(".")[0].split("-")[0].lower()
+        name = stem if stem in ("train", *VALIDATION_SPLIT_NAMES) else "train"
+        splits.setdefault(name, []).append(str(p))
+    return builder, splits
+
+
+def _all_suffix(data_files, suffix: str) -> bool:
+    files = [f for group in (data_files or {}).values() for f in ([group] if isinstance(group, str) else group)]
+    return bool(files) and all(f.lower().endswith(suffix) for f in files)
+
+
+def require_columns(splits, path: str, **columns: str) -> None:
+    """`columns`: option name (`text_column`) -> column name; every split must have each column."""
+    for split in splits:
+        for option, name in columns.items():
+            if name not in split.column_names:
+                raise TaskError(
+                    f"dataset {path!r} has no column {name!r} (columns: {', '.join(split.column_names)}); "
+                    f"pass --{option.replace('_', '-')}"
+                )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from .models.shared.common import EfficientPreTrainedModel
+
 MODELS_FOLDER = Path(__file__).resolve().parent / "models"
 SHARED_FOLDER = MODELS_FOLDER / "shared"
 # `from ..shared.common import x` (an architecture file) -> `from .common import x` (a flat checkpoint folder)
@@ -104,3 +106,8 @@ def save_pretrained_with_code(model: PreTrainedModel, save_directory: str | os.P
         else:
             model_class._auto_class = registered
     return save_directory
+
+
+# `register_for_auto_class` + `save_pretrained` on a model of the package writes the same flat bundle (see
+# `EfficientPreTrainedModel.save_with_code`; the shared code cannot import this module, which remote code lacks).
+EfficientPreTrainedModel.save_with_code = save_pretrained_with_code

@@ -1,4 +1,4 @@
-"""The embedded sequence-to-sequence task and its metrics (no download anywhere).
+"""The embedded sequence-to-sequence task (no download anywhere).
 
 Task: *write numbers and dates out in English words.* As in translation, the source carries all the information
 and the target is a different surface form that needs local reordering and insertion:
@@ -11,22 +11,14 @@ and the target is a different surface form that needs local reordering and inser
   `"2014-11-30"` -> `"November thirtieth, two thousand fourteen"`).
 
 `numbers_to_words_dataset()` builds `train` / `validation` / `test` splits (`datasets.Dataset`, columns `source` and
-`target`) in memory from a seed: deterministic, and the three splits share no source. `corpus_bleu` and
-`corpus_chrf` are the standard corpus-level BLEU (BLEU-4, brevity penalty, mteval-13a tokenisation, exponential
-smoothing of zero counts) and chrF (character 6-grams, beta = 2, whitespace removed), written from their
-definitions and equal to sacrebleu's defaults (tests compare them when sacrebleu is installed).
-`seq2seq_metrics(tokenizer)` turns them into a `compute_metrics` for `Seq2SeqTrainer(predict_with_generate=True)`.
+`target`) in memory from a seed: deterministic, and the three splits share no source. The command scores generated
+text with corpus BLEU, chrF and exact match: `hf_efficient.cli.metrics` (evaluate modules; BLEU and chrF by
+sacrebleu).
 """
 
-import math
 import random
-import re
-from collections import Counter
-from collections.abc import Callable, Sequence
 
-import numpy as np
-
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()  # noqa: E501
+ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 MONTHS = "January February March April May June July August September October November December".split()
 ORDINAL_WORDS = {
@@ -167,142 +159,12 @@ def numbers_to_words_splits(validation_size: int = 300):
     return splits["train"], validation.select(range(min(validation_size, len(validation))))
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-_13A_RULES = (
-    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation and symbols
-    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period / comma unless preceded by a digit
-    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # ... unless followed by a digit
-    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash after a digit
-)
-
-
-def tokenize_13a(line: str) -> list[str]:
-    """mteval-v13a tokenisation (WMT's standard for BLEU): split off punctuation, keep `1,000` / `3.5` together."""
-    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    if "&" in line:
-        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
-    line = f" {line} "
-    for pattern, replacement in _13A_RULES:
-        line = pattern.sub(replacement, line)
-    return line.split()
-
-
-def _ngrams(tokens: Sequence, n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _check_corpus(hypotheses, references, name):
-    if isinstance(hypotheses, str) or isinstance(references, str):
-        raise ValueError(f"{name}: pass lists of strings (one hypothesis and one reference per segment).")
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{name}: {len(hypotheses)} hypotheses but {len(references)} references.")
-
-
-def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], max_order: int = 4) -> float:
-    """Corpus BLEU (Papineni et al., 2002) in [0, 100], one reference per segment:
-
-        BLEU = BP * exp(mean_n log p_n),   p_n = sum clipped n-gram matches / sum hypothesis n-grams (n = 1..4),
-        BP = min(1, exp(1 - r / c))  (c, r: total hypothesis / reference lengths)
-
-    on 13a tokens; a zero match count at order n is smoothed to 1 / (2^k total_n) (k-th such order: sacrebleu's
-    default "exp" smoothing)."""
-    _check_corpus(hypotheses, references, "corpus_bleu")
-    matches, totals = [0] * max_order, [0] * max_order
-    hyp_len = ref_len = 0
-    for hypothesis, reference in zip(hypotheses, references):
-        hyp, ref = tokenize_13a(hypothesis), tokenize_13a(reference)
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
-        for n in range(1, max_order + 1):
-            hyp_counts, ref_counts = _ngrams(hyp, n), _ngrams(ref, n)
-            matches[n - 1] += sum(min(count, ref_counts[gram]) for gram, count in hyp_counts.items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    if not any(matches):
-        return 0.0
-    log_precisions, smooth = [], 1.0
-    for n in range(max_order):
-        if totals[n] == 0:
-            log_precisions.append(-9_999_999_999.0)  # a hypothesis corpus shorter than n tokens
-        elif matches[n] == 0:
-            smooth *= 2
-            log_precisions.append(math.log(100.0 / (smooth * totals[n])))
-        else:
-            log_precisions.append(math.log(100.0 * matches[n] / totals[n]))
-    brevity = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
-    return brevity * math.exp(sum(log_precisions) / max_order)
-
-
-def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str], order: int = 6, beta: float = 2.0) -> float:
-    """Corpus chrF (Popovic, 2015) in [0, 100]: character n-gram (n = 1..6, whitespace removed) precision P_n and
-    recall R_n from counts summed over the corpus, averaged over the orders both sides have, then
-    F_beta = (1 + b^2) P R / (b^2 P + R)."""
-    _check_corpus(hypotheses, references, "corpus_chrf")
-    stats = np.zeros((order, 3))  # hypothesis n-grams, reference n-grams, matches
-    for hypothesis, reference in zip(hypotheses, references):
-        hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
-        for n in range(1, order + 1):
-            hyp_counts, ref_counts = _ngrams(hyp, n), _ngrams(ref, n)
-            stats[n - 1] += (
-                sum(hyp_counts.values()) if ref_counts else 0,  # (sacrebleu: a reference too short counts nothing)
-                sum(ref_counts.values()),
-                sum(min(count, ref_counts[gram]) for gram, count in hyp_counts.items()),
-            )
-    present = (stats[:, 0] > 0) & (stats[:, 1] > 0)
-    if not present.any():
-        return 0.0
-    precision = float((stats[present, 2] / stats[present, 0]).mean())
-    recall = float((stats[present, 2] / stats[present, 1]).mean())
-    if precision + recall == 0:
-        return 0.0
-    factor = beta**2
-    return 100.0 * (1 + factor) * precision * recall / (factor * precision + recall)
-
-
-def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Percentage of segments generated exactly (after stripping surrounding whitespace)."""
-    _check_corpus(hypotheses, references, "exact_match")
-    if not hypotheses:
-        return 0.0
-    return 100.0 * sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(hypotheses)
-
-
-def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """`{"bleu", "chrf", "exact_match"}` of generated texts against references (all in [0, 100])."""
-    return {
-        "bleu": corpus_bleu(hypotheses, references),
-        "chrf": corpus_chrf(hypotheses, references),
-        "exact_match": exact_match(hypotheses, references),
-    }
-
-
-def seq2seq_metrics(tokenizer) -> Callable:
-    """A `compute_metrics` for `Seq2SeqTrainer(..., args=Seq2SeqTrainingArguments(predict_with_generate=True))`:
-    decodes the generated ids and the labels (-100 -> padding) with `tokenizer` and returns `text_metrics`."""
-
-    def compute_metrics(eval_prediction) -> dict[str, float]:
-        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)
-        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
-        hypotheses = tokenizer.batch_decode(predictions, skip_special_tokens=True)
-        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return text_metrics(hypotheses, references)
-
-    return compute_metrics
-
-
 __all__ = [
-    "corpus_bleu",
-    "corpus_chrf",
     "date_to_words",
-    "exact_match",
     "number_to_words",
     "numbers_to_words_dataset",
     "numbers_to_words_pairs",
     "numbers_to_words_splits",
     "ordinal_to_words",
-    "seq2seq_metrics",
-    "text_metrics",
-    "tokenize_13a",
     "year_to_words",
 ]

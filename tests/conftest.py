@@ -10,7 +10,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-import pytest  # noqa: E402
+import pytest
 
 
 def _is_vision(cls, head) -> bool:

@@ -48,6 +48,7 @@ from transformers import (
 import hf_efficient
 from hf_efficient import hub
 from hf_efficient.models.shared.heads import sequence_length_limit
+from tests.helpers import generate_exactly
 
 AUTO_CLASS_BY_SUFFIX = {
     "ForCausalLM": AutoModelForCausalLM,
@@ -544,15 +545,7 @@ class GenericModelTests:
         model.generation_config.pad_token_id = model.config.pad_token_id
         ids, mask = self._prompt(model, left_pad=2)
         new = self._new_tokens(ids.shape[1])
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+        out = generate_exactly(model, ids, mask, new, output_logits=True, return_dict_in_generate=True)
         sequences = out.sequences
         full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
         for step, step_logits in enumerate(out.logits):
@@ -569,26 +562,12 @@ class GenericModelTests:
         ids, mask = self._prompt(model)
         new = self._new_tokens(ids.shape[1])
         first_n = new // 2
-        first = model.generate(
-            ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=first_n,
-            min_new_tokens=first_n,
-            return_dict_in_generate=True,
-        )
+        first = generate_exactly(model, ids, mask, first_n, return_dict_in_generate=True)
         cache = first.cache
         assert cache is not None and cache.get_seq_length() == ids.shape[1] + first_n - 1
         rest = new - first_n
-        continued = model.generate(
-            first.sequences,
-            attention_mask=torch.ones_like(first.sequences),
-            cache=cache,
-            do_sample=False,
-            max_new_tokens=rest,
-            min_new_tokens=rest,
-        )
-        once = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new)
+        continued = generate_exactly(model, first.sequences, torch.ones_like(first.sequences), rest, cache=cache)
+        once = generate_exactly(model, ids, mask, new)
         assert torch.equal(continued, once)
 
     # ----------------------------------------------------------------- API surface

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from hf_efficient.models.aft import ops_aft
+from tests.helpers import LargestTensor
 from tests.references.aft_reference import (
     aft_reference,
     conv1d_bias,
@@ -228,19 +227,6 @@ def test_per_sample_bias_rows_in_decode_steps():
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("name,size", [("full", None), ("simple", None), ("local", 4), ("conv1d", 5)])
 def test_no_batch_length_length_channels_tensor(name, size, causal):
@@ -256,7 +242,7 @@ def test_no_batch_length_length_channels_tensor(name, size, causal):
         "conv1d": lambda: torch.randn(4, 5, generator=g),
     }[name]()
     leaves = [x.requires_grad_() for x in (q, k, v, param) if x is not None]
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         if name == "full":
             y = ops_aft.aft_full(q, k, v, param, causal=causal)
         elif name == "simple":
@@ -395,6 +381,20 @@ def test_bad_input_raises_value_error_naming_the_value():
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _gradients_match(y, want, leaves, leaves64, dtype, seed):
+    """Under a random output gradient, the gradient of every input equals the float64 reference's (bf16: rounded
+    once to bf16 at the end), in the inputs' dtype and finite."""
+    grad_out = torch.randn(B, L, D, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad((y.float() * grad_out).sum(), leaves)
+    grads64 = torch.autograd.grad((want * grad_out.double()).sum(), leaves64)
+    for got, ref in zip(grads, grads64):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=2e-2)
+
+
 def _factor_case(causal, scale, dtype, seed, per_sample=False, rank=3):
     case = Case("full", None, causal, scale=scale, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
@@ -435,15 +435,7 @@ def test_full_factorised_bias_forward_and_gradients(causal, dtype, scale, atol, 
         want = aft_reference(*leaves64[:3], w64, causal, case.mask)
     # bf16: the op computes in float32 from the bf16 inputs; only the output rounding differs
     torch.testing.assert_close(y.double(), want, atol=atol if dtype == torch.float32 else 1e-2, rtol=1e-2)
-    grad_out = torch.randn(B, L, D, generator=torch.Generator().manual_seed(12))
-    grads = torch.autograd.grad((y.float() * grad_out).sum(), leaves)
-    grads64 = torch.autograd.grad((want * grad_out.double()).sum(), leaves64)
-    for got, ref in zip(grads, grads64):
-        assert got.dtype == dtype and torch.isfinite(got).all()
-        if dtype == torch.float32:
-            torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
-        else:  # bf16 gradients: rounded once to bf16 at the end
-            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=2e-2)
+    _gradients_match(y, want, leaves, leaves64, dtype, seed=12)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -463,7 +455,7 @@ def test_full_factorised_never_forms_length_squared_tensor(causal):
     q, k, v = (torch.randn(batch, length, d, generator=g) for _ in range(3))
     u, wv = torch.randn(length, rank, generator=g), torch.randn(length, rank, generator=g)
     leaves = [x.requires_grad_() for x in (q, k, v, u, wv)]
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         y = ops_aft.aft_full(q, k, v, (u, wv), causal=causal, query_chunk_size=16)
         grads = torch.autograd.grad(y.square().sum(), leaves)
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
@@ -515,15 +507,7 @@ def test_segmented_causal_ops_match_reference(name, size, scale, dtype):
     want = case.reference(*_args(case, leaves64))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y.double(), want, atol=tol, rtol=tol)
-    grad_out = torch.randn(B, L, D, generator=torch.Generator().manual_seed(22))
-    grads = torch.autograd.grad((y.float() * grad_out).sum(), leaves)
-    grads64 = torch.autograd.grad((want * grad_out.double()).sum(), leaves64)
-    for got, ref in zip(grads, grads64):
-        assert got.dtype == dtype and torch.isfinite(got).all()
-        if dtype == torch.float32:
-            torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
-        else:
-            torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=2e-2)
+    _gradients_match(y, want, leaves, leaves64, dtype, seed=22)
     one_piece = case.fast(*_args(case, leaves), segment_size=0)
     torch.testing.assert_close(y, one_piece, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-5)
 

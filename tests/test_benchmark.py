@@ -1,6 +1,6 @@
-"""Smoke tests of `scripts/benchmark.py`: every mode at tiny sizes (JSON schema, no crash), every benchmark
-declaration at every level, vision-only declarations, the fresh-process runner, the report and the generated README
-sections (`report --check`). No timing assertions anywhere."""
+"""Smoke tests of `scripts/benchmarks/benchmark.py`: every mode at tiny sizes (JSON schema, no crash), every
+benchmark declaration at every level, vision-only declarations, the fresh-process runner, the report and the generated
+README sections (`report --check`). No timing assertions anywhere."""
 
 import json
 import subprocess
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+BENCHMARK = ROOT / "scripts" / "benchmarks" / "benchmark.py"
+sys.path.insert(0, str(BENCHMARK.parent))
 
 from bench_lib import images, measure, report, scaling, specs  # noqa: E402
 
@@ -34,7 +35,7 @@ OK_FIELDS = {
 def run_benchmark(mode: str, out: Path, *extra: str) -> dict:
     command = [
         sys.executable,
-        str(ROOT / "scripts" / "benchmark.py"),
+        str(BENCHMARK),
         mode,
         "--tiny",
         "--threads",
@@ -306,7 +307,7 @@ def test_readme_sections_are_rewritten_and_checked(tmp_path):
 def test_committed_readme_tables_are_generated():
     """What CI runs: the README's benchmark sections are exactly what the committed results generate."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "report", "--check"],
+        [sys.executable, str(BENCHMARK), "report", "--check"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -382,7 +383,7 @@ def test_an_unavailable_device_stops_once_before_any_point(device, message, tmp_
     """Issue 21: `--device cuda` where CUDA is not available used to fail every point with an assertion; it now
     stops at once with one message (for `all` too, before any mode starts), and writes nothing."""
     for mode in ("scaling", "all"):
-        command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), mode, "--tiny", "--device", device]
+        command = [sys.executable, str(BENCHMARK), mode, "--tiny", "--device", device]
         started = time.time()
         proc = subprocess.run(
             [*command, "--out", str(tmp_path / mode)], cwd=ROOT, capture_output=True, text=True, timeout=600
@@ -413,7 +414,7 @@ def test_report_without_matplotlib_names_the_pip_command(tmp_path):
     run_benchmark("recall", tmp_path)
     code = (
         "import sys; sys.modules['matplotlib'] = None; sys.argv = [sys.argv[0], 'report', '--out', sys.argv[1]]; "
-        f"sys.path.insert(0, {str(ROOT / 'scripts')!r}); import benchmark; benchmark.main()"
+        f"sys.path.insert(0, {str(BENCHMARK.parent)!r}); import benchmark; benchmark.main()"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1

@@ -11,7 +11,12 @@ import pytest
 from PIL import Image
 
 import hf_efficient
-from hf_efficient import cli, tasks, training
+from hf_efficient import cli
+from hf_efficient.cli import arguments, listing, models, parser, tasks
+from hf_efficient.cli.generate import run_generate
+from hf_efficient.cli.tasks.image import image_processor_for
+from hf_efficient.cli.tasks.text import generation_length
+from hf_efficient.errors import TaskError
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_embeddings=32"
 COMMANDS = ["list", "train", "evaluate", "generate", "publish"]
@@ -123,7 +128,7 @@ def test_bad_input_gives_one_line_error_and_no_output(tmp_path, capsys, monkeypa
         if argv[0] == "train":
             argv = [*argv, "--output-dir", str(output)]
         if argv[0] == "generate":
-            argv = ["generate", str(training.REPO_ROOT / argv[1])]
+            argv = ["generate", str(models.REPO_ROOT / argv[1])]
         code, out, err = run_cli(capsys, *argv)
         lines = err.strip().splitlines()
         assert code != 0, argv
@@ -158,7 +163,7 @@ def test_time_budget_stops_training_cleanly(tmp_path, capsys):
 def test_every_registered_architecture_trains_from_the_command(model_type, tmp_path):
     """No per-architecture code in the command: each registered architecture trains (one step, its config defaults)
     on its first text task and leaves a folder that loads with trust_remote_code."""
-    tasks = training.registry()["architectures"][model_type]["tasks"]
+    tasks = listing.registry()["architectures"][model_type]["tasks"]
     task = next(t for t in ("clm", "mlm", "seq-cls", "image-cls") if t in tasks)
     out = tmp_path / "out"
     argv = ["train", "--model", model_type, "--task", task, "--max-steps", "1", "--per-device-train-batch-size", "2"]
@@ -176,7 +181,7 @@ def test_every_registered_architecture_trains_from_the_command(model_type, tmp_p
 
 @pytest.mark.parametrize(
     "model_type",
-    [m for m in sorted(hf_efficient.ARCHITECTURES) if "image-cls" in training.registry()["architectures"][m]["tasks"]],
+    [m for m in sorted(hf_efficient.ARCHITECTURES) if "image-cls" in listing.registry()["architectures"][m]["tasks"]],
 )
 def test_every_vision_architecture_fits_the_image_task_out_of_the_box(model_type, tmp_path):
     """A model built from an architecture name for image-cls fits the data (patches + any extra token the config
@@ -194,22 +199,26 @@ def test_flags_are_typed_dataclass_fields_in_both_spellings():
     argv = ["train", "--model_name_or_path", "gmlp", "--config-overrides", "hidden_size=32", "--max_steps", "3"]
     argv += ["--max-train-bytes", "1000", "--optim", "adafactor", "--per_device_train_batch_size", "4"]
     argv += ["--resume-from-checkpoint", "--disable-tqdm", "--use_cpu", "--torch_compile"]
-    command, (model, data, training_values) = cli.parse(argv)
-    assert command == "train" and isinstance(model, cli.ModelArguments) and isinstance(data, cli.TrainDataArguments)
+    command, (model, data, training_values) = parser.parse(argv)
+    assert (
+        command == "train"
+        and isinstance(model, arguments.ModelArguments)
+        and isinstance(data, arguments.TrainDataArguments)
+    )
     assert (model.model_name_or_path, model.config_overrides, data.max_train_bytes) == ("gmlp", "hidden_size=32", 1000)
     assert training_values["max_steps"] == 3 and training_values["per_device_train_batch_size"] == 4
     assert training_values["optim"] == "adafactor" and training_values["torch_compile"] is True
     assert training_values["resume_from_checkpoint"] == "last" and training_values["disable_tqdm"] is True
     assert training_values["use_cpu"] is True
     assert training_values["learning_rate"] is None  # not given: the task's default applies
-    _, (model, _, defaults) = cli.parse(["train"])
+    _, (model, _, defaults) = parser.parse(["train"])
     assert model.model_name_or_path is None and defaults["max_train_minutes"] is None and defaults["use_cpu"] is None
     assert defaults["predict_with_generate"] is None  # the task's default (True for seq2seq)
-    _, (_, _, values) = cli.parse(["train", "--predict-with-generate", "false", "--generation-max-length", "50"])
+    _, (_, _, values) = parser.parse(["train", "--predict-with-generate", "false", "--generation-max-length", "50"])
     assert values["predict_with_generate"] is False and values["generation_max_length"] == 50
-    _, (_, _, values) = cli.parse(["train", "--predict_with_generate", "--generation_num_beams", "4"])
+    _, (_, _, values) = parser.parse(["train", "--predict_with_generate", "--generation_num_beams", "4"])
     assert values["predict_with_generate"] is True and values["generation_num_beams"] == 4
-    _, (checkpoint, generate) = cli.parse(["generate", "folder", "--prompt", "a", "--prompt", "b", "--greedy"])
+    _, (checkpoint, generate) = parser.parse(["generate", "folder", "--prompt", "a", "--prompt", "b", "--greedy"])
     assert checkpoint.checkpoint == "folder" and generate.prompt == ["a", "b"]
     assert generate.settings()["do_sample"] is False
 
@@ -233,19 +242,19 @@ def test_unknown_or_abbreviated_flag_names_the_closest_one(capsys):
 
 def test_debug_anywhere_shows_the_traceback():
     for argv in (["--debug", "train", "--model", "nope"], ["train", "--model", "nope", "--debug"]):
-        with pytest.raises(tasks.TaskError, match="unknown model 'nope'"):
+        with pytest.raises(TaskError, match="unknown model 'nope'"):
             cli.main(argv)
 
 
 def test_task_defaults_are_data():
     """What differs between tasks is declared in `TASKS` (no per-architecture or per-task branch in the command)."""
-    info = training.registry()
+    info = listing.registry()
     for name, task in tasks.TASKS.items():
         assert {"max_steps", "per_device_train_batch_size", "learning_rate"} <= set(task.training), name
         assert info["tasks"][name]["default_model"] == task.default_model
         assert task.default_model in info["presets"] or task.default_model in hf_efficient.ARCHITECTURES
     # the main job's model is a preset folder with the main job's sizes
-    preset = json.loads((training.REPO_ROOT / "model_cards" / "gmlp-main-job" / "config.json").read_text())
+    preset = json.loads((models.REPO_ROOT / "model_cards" / "gmlp-main-job" / "config.json").read_text())
     sizes = {
         k: preset[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings")
     }
@@ -274,13 +283,13 @@ def test_seq2seq_default_data_is_one_declaration():
 
     task = dataclasses.replace(tasks.TASKS["seq2seq"], embedded=numbers, default_data=None)
     assert task.default_data == "numbers to words (test data)"
-    args = cli.TrainDataArguments()
+    args = arguments.TrainDataArguments()
     data = task.load_data(args, default_tokenizer(), {"max_position_embeddings": 16}, seed=0)
     assert data.description == "numbers to words (test data)" and len(data.train) == 3
     assert data.train[1]["labels"] == default_tokenizer()("two")["input_ids"]
     # evaluation generates up to the longest target (5 bytes of "three", eos, the start token) and a margin of 8
     assert data.generation_max_length == 7 + 8
-    assert tasks.generation_length([[5] * 40], block_size=16) == 17  # never past a cut target (16) + start
+    assert generation_length([[5] * 40], block_size=16) == 17  # never past a cut target (16) + start
 
 
 def test_seq2seq_default_is_the_numbers_to_words_task_on_an_ngram_encoder_decoder(capsys):
@@ -294,7 +303,7 @@ def test_seq2seq_default_is_the_numbers_to_words_task_on_an_ngram_encoder_decode
     assert (len(train), len(validation)) == (20_000, 300)
     assert not set(train["source"]) & set(validation["source"])
     assert validation[:2] == {k: v[:2] for k, v in seq2seq_data.numbers_to_words_dataset()["validation"][:2].items()}
-    preset = json.loads((training.REPO_ROOT / "model_cards" / task.default_model / "config.json").read_text())
+    preset = json.loads((models.REPO_ROOT / "model_cards" / task.default_model / "config.json").read_text())
     assert preset["model_type"] == "ngram_transformer" and preset["is_encoder_decoder"] is True
     assert preset["ngram_size"] == 4 and preset["hidden_size"] <= 128  # small enough for a CPU
     code, out, _ = run_cli(capsys, "list", "--json")
@@ -306,8 +315,8 @@ def test_seq2seq_trains_evaluates_and_generates_on_the_embedded_task(tmp_path, c
     """`train --task seq2seq` (the default N-gram encoder-decoder, the embedded data, the real Seq2SeqTrainer):
     evaluation generates and reports BLEU / chrF / exact match besides the loss; `evaluate` on the folder gives the
     same figures, and they are the corpus metrics of what `generate` writes for the same sources."""
+    from hf_efficient.cli.metrics import text_metrics
     from hf_efficient.data import default_tokenizer
-    from hf_efficient.seq2seq_data import text_metrics
 
     out = tmp_path / "words"
     rows = 32
@@ -342,10 +351,10 @@ def test_seq2seq_trains_evaluates_and_generates_on_the_embedded_task(tmp_path, c
     _, validation = tasks.TASKS["seq2seq"].embedded()
     sources, targets = list(validation["source"][:rows]), list(validation["target"][:rows])
     labels = default_tokenizer()(text_target=targets)["input_ids"]
-    new_tokens = tasks.generation_length(labels, block_size=256) - 1  # (max_length counts the start token)
+    new_tokens = generation_length(labels, block_size=256) - 1  # (max_length counts the start token)
     prompts = [item for source in sources for item in ("--prompt", source)]
-    _, arguments = cli.parse(["generate", str(out), "--max-new-tokens", str(new_tokens), *prompts])
-    texts = training.run_generate(*arguments)
+    _, arguments = parser.parse(["generate", str(out), "--max-new-tokens", str(new_tokens), *prompts])
+    texts = run_generate(*arguments)
     capsys.readouterr()
     assert len(texts) == rows
     scores = text_metrics(texts, targets)
@@ -376,7 +385,7 @@ def save_image_checkpoint(folder: Path, image_size: int, processor) -> Path:
 def test_publish_evaluates_an_image_checkpoint_whose_processor_resizes_the_data(tmp_path, capsys):
     """Issue 21: a checkpoint made for 16 x 16 images is evaluated on the embedded 8 x 8 digits by `publish` (and
     `evaluate`): its own image processor resizes them to the model's size, as transformers' pipelines would."""
-    folder = save_image_checkpoint(tmp_path / "digits16", 16, tasks.image_processor_for(16, 3))
+    folder = save_image_checkpoint(tmp_path / "digits16", 16, image_processor_for(16, 3))
     evaluate = ["--max-eval-samples", "8", "--disable-tqdm"]
     code, out, err = run_cli(capsys, "publish", str(folder), "--output-dir", str(tmp_path / "hub"), *evaluate)
     assert code == 0, err
@@ -421,27 +430,36 @@ def missing_module_run(module: str, *argv: str, cwd: Path) -> subprocess.Complet
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-@pytest.mark.parametrize("module, requirement", [("sklearn", "scikit-learn>=1.3"), ("PIL", "Pillow>=9.1")])
-def test_a_missing_image_dependency_names_the_pip_command(module, requirement, tmp_path):
-    """Issue 21: `train --task image-cls` without scikit-learn or Pillow is one line naming the pip command (both are
-    install_requires, so `pip install -e .` installs them: test_image_task_dependencies_are_declared)."""
-    result = missing_module_run(
-        module, "train", "--task", "image-cls", "--max-steps", "1", "--output-dir", "o", cwd=tmp_path
-    )
+@pytest.mark.parametrize(
+    "module, requirement, task",
+    [
+        ("sklearn", "scikit-learn>=1.3", "image-cls"),
+        ("PIL", "Pillow>=9.1", "image-cls"),
+        ("sacrebleu", "sacrebleu>=2.3", "seq2seq"),
+    ],
+)
+def test_a_missing_command_dependency_names_the_pip_command(module, requirement, task, tmp_path):
+    """Issue 21: `train --task image-cls` without scikit-learn or Pillow, or `--task seq2seq` without sacrebleu (its
+    BLEU / chrF), is one line naming the pip command, before any training (all are in the `cli` extra:
+    test_command_dependencies_are_declared)."""
+    result = missing_module_run(module, "train", "--task", task, "--max-steps", "1", "--output-dir", "o", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("hf-efficient: error: ") and f'python3 -m pip install "{requirement}"' in last, last
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+    assert not (tmp_path / "o.partial").exists()
 
 
-def test_image_task_dependencies_are_declared():
-    """What the image task imports is in setup.cfg's install_requires (the README's `pip install -e .`)."""
+def test_command_dependencies_are_declared():
+    """What the image task and the metric modules import is in setup.cfg's `cli` extra (the command's
+    dependencies)."""
     import configparser
 
+    from hf_efficient.cli.metrics import REQUIREMENTS
     from hf_efficient.data import IMAGE_REQUIREMENTS
 
     setup_cfg = configparser.ConfigParser()
-    setup_cfg.read(training.REPO_ROOT / "setup.cfg")
-    requires = [line.strip() for line in setup_cfg["options"]["install_requires"].splitlines()]
-    for requirement in IMAGE_REQUIREMENTS.values():
+    setup_cfg.read(models.REPO_ROOT / "setup.cfg")
+    requires = [line.split("#")[0].strip() for line in setup_cfg["options.extras_require"]["cli"].splitlines()]
+    for requirement in [*IMAGE_REQUIREMENTS.values(), *(r for _, r in REQUIREMENTS.values())]:
         assert requirement in requires, (requirement, requires)

@@ -16,8 +16,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import hf_efficient
-from hf_efficient import cli, tasks, training
+from hf_efficient import cli
+from hf_efficient.cli import arguments, tasks
+from hf_efficient.cli.generate import default_generation_config, position_limit
+from hf_efficient.cli.outputs import install_output
+from hf_efficient.cli.tasks.image import extra_tokens
 from hf_efficient.data import default_tokenizer
+from tests.helpers import InterruptAt
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_embeddings=32"
 QUIET = ["--disable-tqdm", "--no-sample", "--max-eval-samples", "8", "--max-eval-bytes", "2000"]
@@ -109,20 +114,9 @@ def test_overwrite_never_deletes_the_users_files(tmp_path, capsys, monkeypatch):
     (final / "config.json").write_text('{"old": 1}')
     (final / "checkpoint-7").mkdir()
     (final / "data.jsonl").write_text("mine")
-    training.install_output(staging, final)
+    install_output(staging, final)
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "data.jsonl"] and not staging.exists()
     assert (final / "config.json").read_text() == "{}" and (final / "data.jsonl").read_text() == "mine"
-
-
-class InterruptAt(TrainerCallback):
-    """Ctrl-C after a given step (checkpoints of earlier steps are on disk)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 class InterruptAfterSaving(TrainerCallback):
@@ -247,13 +241,13 @@ def test_saved_generation_config_leaves_the_length_to_the_caller(folders, capsys
     # the command keeps its own default (200 new tokens), capped by the model's 32 positions with a note
     code, out, err = run_cli(capsys, "generate", folders["clm"], "--prompt", "def f", "--greedy")
     assert code == 0 and "generating 27 tokens, not 200: the model's context is 32" in err
-    assert cli.DEFAULT_MAX_NEW_TOKENS == 200
+    assert arguments.DEFAULT_MAX_NEW_TOKENS == 200
 
 
 def save_causal(folder: Path, config) -> Path:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = training.default_generation_config(model, default_tokenizer())
+    model.generation_config = default_generation_config(model, default_tokenizer())
     model.save_pretrained(folder)
     default_tokenizer().save_pretrained(folder)
     return folder
@@ -299,7 +293,7 @@ def test_generate_on_a_seq2seq_checkpoint_respects_its_encoder_and_decoder_limit
     )
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(config)
-    model.generation_config = training.default_generation_config(model, default_tokenizer(), tasks.TASKS["seq2seq"])
+    model.generation_config = default_generation_config(model, default_tokenizer(), tasks.TASKS["seq2seq"])
     model.save_pretrained(tmp_path / "s2s")
     default_tokenizer().save_pretrained(tmp_path / "s2s")
     assert model.generation_config.do_sample is False and model.generation_config.decoder_start_token_id == 0
@@ -322,9 +316,9 @@ def test_generate_on_a_seq2seq_checkpoint_respects_its_encoder_and_decoder_limit
 
 def test_position_limit_is_read_from_the_config():
     aft = hf_efficient.get_config_class("aft")
-    assert training.position_limit(aft(aft_type="full", max_position_embeddings=24, causal=True)) == 24
-    assert training.position_limit(aft(aft_type="simple", max_position_embeddings=24, causal=True)) is None
-    assert training.position_limit(hf_efficient.get_config_class("gmlp")(max_position_embeddings=24)) == 24
+    assert position_limit(aft(aft_type="full", max_position_embeddings=24, causal=True)) == 24
+    assert position_limit(aft(aft_type="simple", max_position_embeddings=24, causal=True)) is None
+    assert position_limit(hf_efficient.get_config_class("gmlp")(max_position_embeddings=24)) == 24
 
 
 # ------------------------------------------------------------------------------ issue 14: the command's edges
@@ -332,9 +326,9 @@ def test_a_new_model_fits_the_tasks_data_whatever_extra_tokens_its_config_counts
     """`train --model aft --task image-cls` out of the box: AFT adds a class token to the 16 patches."""
     aft, gmlp = hf_efficient.get_config_class("aft"), hf_efficient.get_config_class("gmlp")
     vision = {"image_size": 8, "patch_size": 2}
-    assert tasks.extra_tokens(aft, {**aft().to_dict(), **vision}) == 1
-    assert tasks.extra_tokens(aft, {**aft().to_dict(), **vision, "aft_type": "conv"}) == 0
-    assert tasks.extra_tokens(gmlp, {**gmlp().to_dict(), **vision}) == 0
+    assert extra_tokens(aft, {**aft().to_dict(), **vision}) == 1
+    assert extra_tokens(aft, {**aft().to_dict(), **vision, "aft_type": "conv"}) == 0
+    assert extra_tokens(gmlp, {**gmlp().to_dict(), **vision}) == 0
     out = tmp_path / "aft-digits"
     argv = ["train", "--model", "aft", "--task", "image-cls", "--max-steps", "1", "--max-train-samples", "8"]
     code, _, err = run_cli(capsys, *argv, *QUIET, "--save-strategy", "no", "--output-dir", out)

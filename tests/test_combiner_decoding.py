@@ -10,16 +10,11 @@ from transformers import set_seed
 
 import hf_efficient
 from hf_efficient.models.combiner import CombinerForCausalLM
-from hf_efficient.models.combiner.decoding_combiner import combiner_chunk_step
-from hf_efficient.models.combiner.ops_combiner import (
-    COMBINER_TYPES,
-    combiner_attention,
-    combiner_prefill_state,
-    combiner_step,
-)
+from hf_efficient.models.combiner.decoding_combiner import combiner_chunk_step, combiner_prefill_state, combiner_step
+from hf_efficient.models.combiner.ops_combiner import COMBINER_TYPES, combiner_attention
+from tests import helpers
 from tests.model_tester import run_without_package
 from tests.test_combiner_ops import BLOCK, DIM, HEADS, axial_keys
-from tests.test_modeling_combiner import tiny_config as combiner_tiny_config
 
 BATCH = 3
 PREFIX_LENGTHS = [5, 9, 1]  # per-sample prompt lengths (real tokens first), in a prompt tensor of 9 positions
@@ -223,7 +218,7 @@ def test_chunk_has_no_loop_over_tokens(variant):
 
 # ---------------------------------------------------------------------- the model
 def tiny_config(combiner_type):
-    return combiner_tiny_config(combiner_type, max_position_embeddings=64)
+    return helpers.tiny_config("combiner", combiner_type=combiner_type, max_position_embeddings=64)
 
 
 @pytest.mark.parametrize("combiner_type", COMBINER_TYPES)

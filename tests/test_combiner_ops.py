@@ -6,16 +6,15 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from hf_efficient.models.combiner.decoding_combiner import combiner_prefill_state, combiner_step
 from hf_efficient.models.combiner.ops_combiner import (
     COMBINER_TYPES,
     axial_abstraction_keys,
     combiner_attention,
-    combiner_prefill_state,
-    combiner_step,
     cumulative_pool,
 )
+from tests.helpers import LargestTensor, saved_for_backward
 from tests.references.combiner_reference import (
     allowed_pairs,
     combiner_reference,
@@ -285,21 +284,6 @@ def test_running_max_equals_cummax_form(dtype, reverse, length, monkeypatch):
 
 
 # ---------------------------------------------------------------------- sub-quadratic for real
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("variant", COMBINER_TYPES)
 def test_never_builds_an_l_by_l_tensor(variant):
     """Forward and backward at L = 2048, block 32 (64 rows): every tensor is O(L (s + L/s)) (O(L log L) for
@@ -314,11 +298,11 @@ def test_never_builds_an_l_by_l_tensor(variant):
         out.sum().backward()
     if variant == "logsparse":
         levels = 11
-        assert probe.largest <= length * max(dim, levels + 1), probe.largest
+        assert probe.numel <= length * max(dim, levels + 1), probe.numel
     else:
         # Mixture's joint logits are the largest: (R, C, 2C + 3R) entries
-        assert probe.largest <= 3 * length * (block + length // block), probe.largest
-    assert probe.largest <= length * length / 8
+        assert probe.numel <= 3 * length * (block + length // block), probe.numel
+    assert probe.numel <= length * length / 8
 
 
 # ---------------------------------------------------------------------- bad input
@@ -403,6 +387,22 @@ def test_step_cost_does_not_grow_with_the_prefix():
 
 
 # ---------------------------------------------------------------------- checkpointed segments (training memory)
+def _segmented_matches_reference(q, k, v, kwargs, rows, grad_out, segment_size):
+    """The op in segments of `segment_size` (autograd on) against the float64 dense reference: the outputs on the
+    real rows and the gradients of q, k, v (finite). Returns the op's leaves and output."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    fast = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
+    reference = combiner_reference(*leaves64, **kwargs)
+    torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
+    grads = torch.autograd.grad((fast * grad_out).sum(), leaves)
+    grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
+    for got, want in zip(grads, grads64):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    return leaves, fast
+
+
 @pytest.mark.parametrize("segment_size", [3, 4])
 @pytest.mark.parametrize("variant", COMBINER_TYPES)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -415,16 +415,7 @@ def test_segmented_op_matches_reference_with_gradients(variant, causal, length, 
     kwargs = kwargs_for(variant, causal, length, mask)
     rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
     grad_out = torch.randn(BATCH, HEADS, length, DIM, generator=torch.Generator().manual_seed(12)) * rows
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-    fast = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
-    reference = combiner_reference(*leaves64, **kwargs)
-    torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
-    grads = torch.autograd.grad((fast * grad_out).sum(), leaves)
-    grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
-    for got, want in zip(grads, grads64):
-        assert torch.isfinite(got).all()
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+    leaves, fast = _segmented_matches_reference(q, k, v, kwargs, rows, grad_out, segment_size)
     one_piece = combiner_attention(*leaves, **kwargs, segment_size=0)
     torch.testing.assert_close(fast[rows], one_piece[rows], rtol=1e-6, atol=1e-6)
 
@@ -540,15 +531,7 @@ def test_segmented_rectangular_grid_matches_reference(variant, segment_size):
     grad_out = torch.randn(BATCH, HEADS, length, DIM, generator=torch.Generator().manual_seed(25)) * rows
     for causal in (True, False):
         kwargs = kwargs_for(variant, causal, length, mask, block_size=3)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-        fast = combiner_attention(*leaves, **kwargs, segment_size=segment_size)
-        reference = combiner_reference(*leaves64, **kwargs)
-        torch.testing.assert_close(fast.double()[rows], reference[rows], rtol=0, atol=1e-5)
-        grads = torch.autograd.grad((fast * grad_out).sum(), leaves)
-        grads64 = torch.autograd.grad((reference * grad_out.double()).sum(), leaves64)
-        for got, want in zip(grads, grads64):
-            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+        _segmented_matches_reference(q, k, v, kwargs, rows, grad_out, segment_size)
 
 
 # ---------------------------------------------------------------------- recomputed segments (issue 15, memory)
@@ -574,8 +557,7 @@ def test_recomputed_segments_match_plain_autograd(adopt):
     bounds = [(0, 4), (4, 7), (7, 10)] if adopt else [(0, 4), (4, 7)]
     reads = [[(2, r0, r1), (2, 0, r1), None, (2, r0, r1), None] for r0, r1 in bounds]
     tensors = (rows_in, prefix_in, whole_in, unused_in, frozen)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    with saved_for_backward() as saved:
         fast = _recomputed_segments(_segment_fn, bounds, reads, 2, *tensors)
     assert fast.grad_fn.__class__.__name__ == _RecomputedSegments.__name__ + "Backward"
     assert {t.data_ptr() for t in saved} <= {t.data_ptr() for t in tensors}
@@ -662,7 +644,7 @@ def test_additive_masks_equal_masked_fill(dtype):
     allowed[1, 0, 2] = True
     compute = torch.promote_types(dtype, torch.float32)
     expected = torch.softmax(logits.to(compute).masked_fill(~allowed, torch.finfo(compute).min), dim=-1).to(dtype)
-    got = ops_combiner._softmax(logits, allowed)
+    got = ops_combiner.masked_softmax(logits, allowed)
     assert torch.equal(got, expected)
     assert torch.isfinite(got).all()
     masked_in_live_rows = ~allowed & allowed.any(-1, keepdim=True)

@@ -8,12 +8,13 @@ torch.compile's default backend (inductor: generated C++ kernels) on gMLP, the m
 """
 
 import shutil
+from functools import partial
 
 import pytest
 import torch
 import torch._dynamo
 
-from hf_efficient.models.gmlp import GMLPConfig, GMLPForCausalLM
+from hf_efficient.models.gmlp import GMLPForCausalLM
 from hf_efficient.models.ngram_transformer import (
     NgramTransformerForCausalLM,
     NgramTransformerForConditionalGeneration,
@@ -22,9 +23,13 @@ from hf_efficient.models.r_transformer import (
     RTransformerForCausalLM,
     RTransformerForSequenceClassification,
 )
-from hf_efficient.models.sparse_mlp import SparseMLPConfig, SparseMLPForImageClassification
-from tests.test_modeling_ngram_transformer import tiny_config as ngram_config
-from tests.test_modeling_r_transformer import tiny_config as r_transformer_tiny_config
+from hf_efficient.models.sparse_mlp import SparseMLPForImageClassification
+from tests.helpers import SMALL, assert_same_step, loss_and_grads, sized_config, tiny_config
+
+ngram_config = partial(tiny_config, "ngram_transformer")
+# Sparse-MLP on 16x16 images in 4x4 patches, 2 blocks (one sparse), token-mixing width 8
+SPARSE = dict(image_size=16, patch_size=4, token_mixing_dim=8, num_hidden_layers=2, num_sparse_layers=1)
+sparse_config = partial(tiny_config, "sparse_mlp", SPARSE)
 
 
 def _compare(model, inputs, fullgraph=True, backend="aot_eager"):
@@ -34,21 +39,11 @@ def _compare(model, inputs, fullgraph=True, backend="aot_eager"):
     def step(**kwargs):
         return model(**kwargs).loss
 
-    def run(fn):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        loss = fn(**inputs)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     torch._dynamo.reset()
-    loss_eager, grads_eager = run(step)
-    loss_compiled, grads_compiled = run(torch.compile(step, backend=backend, fullgraph=fullgraph))
-    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
-    assert grads_compiled.keys() == grads_eager.keys()
-    for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    return loss_eager
+    eager = loss_and_grads(model, lambda: step(**inputs), seed=0)
+    compiled_step = torch.compile(step, backend=backend, fullgraph=fullgraph)
+    assert_same_step(loss_and_grads(model, lambda: compiled_step(**inputs), seed=0), eager, atol=1e-6)
+    return eager[0]
 
 
 def _text_inputs(length=16, vocab=64):
@@ -99,24 +94,6 @@ def test_ngram_causal_lm_exports_equal_to_eager(dynamic):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def sparse_config(**overrides):
-    kwargs = dict(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        token_mixing_dim=8,
-        channel_mixing_dim=32,
-        num_hidden_layers=2,
-        num_sparse_layers=1,
-        num_token_experts=4,
-        num_channel_experts=4,
-        num_labels=3,
-        initializer_range=0.2,
-    )
-    return SparseMLPConfig(**{**kwargs, **overrides})
-
-
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_sparse_mlp_compiles_without_graph_break(capacity_factor):
     """The default ("eager") experts run a padded batched matmul whose buffer size is the largest expert load (data);
@@ -137,42 +114,30 @@ def test_sparse_mlp_compiles_without_graph_break(capacity_factor):
 def test_gmlp_inductor_training_step_equals_eager():
     """`model.compile()` as the README documents it (torch.compile's defaults: inductor): same loss and gradients as
     eager, within float32 reassociation (inductor fuses and reorders reductions)."""
-    config = GMLPConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        max_position_embeddings=32,
-        causal=True,
-        sgu_init_std=0.1,
+    config = sized_config(
+        "gmlp", SMALL, num_hidden_layers=2, max_position_embeddings=32, causal=True, sgu_init_std=0.1
     )
     torch.manual_seed(0)
     model = GMLPForCausalLM(config).train()
     ids, mask = _text_inputs(length=32)
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        loss = model(**inputs).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    def step():
+        return model(**inputs).loss
 
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    loss_eager, grads_eager = run()
+    eager = loss_and_grads(model, step)
     counters.clear()
     model.compile()
-    loss_compiled, grads_compiled = run()
+    compiled = loss_and_grads(model, step)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
-    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
-    assert grads_compiled.keys() == grads_eager.keys()
-    for name, grad in grads_eager.items():
-        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_step(compiled, eager)
 
 
 def r_transformer_config():
-    return r_transformer_tiny_config(problem_type="single_label_classification")
+    return tiny_config("r_transformer", problem_type="single_label_classification")
 
 
 @pytest.mark.parametrize("head", [RTransformerForCausalLM, RTransformerForSequenceClassification])

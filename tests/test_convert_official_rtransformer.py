@@ -3,19 +3,16 @@
 semantics: windows gathered from the zero-left-padded sequence and run through `nn.GRU`/`nn.LSTM`/`nn.RNN`, the
 official LayerNorm (unbiased std, eps on the std), a fixed 3000 x 3000 causal mask filled with -1e9."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("convert_rt", REPO / "scripts" / "convert_official_rtransformer.py")
-convert_rt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_rt)
+from tests.helpers import load_script
+
+convert_rt = load_script("scripts/converters/convert_official_rtransformer.py")
 
 GATES = {"gru": 3, "lstm": 4, "rnn": 1}
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}

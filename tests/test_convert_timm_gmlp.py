@@ -1,4 +1,4 @@
-"""scripts/convert_timm_gmlp.py: timm-layout gMLP checkpoints port losslessly.
+"""scripts/converters/convert_timm_gmlp.py: timm-layout gMLP checkpoints port losslessly.
 
 The core test builds a checkpoint with timm's tensor names and checks the converted model against a functional
 reference of timm's gMLP forward written here (so it needs no timm). `test_against_real_timm` runs the same
@@ -6,9 +6,7 @@ comparison against timm itself when it is installed (`pip install -e .[timm]`, w
 matches your torch; see the README).
 """
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +15,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification
 
 import hf_efficient  # noqa: F401
+from tests.helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("convert_timm_gmlp", REPO / "scripts" / "convert_timm_gmlp.py")
-convert_timm_gmlp = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_timm_gmlp)
+convert_timm_gmlp = load_script("scripts/converters/convert_timm_gmlp.py")
 
 D, FFN, DEPTH, PATCH, IMAGE, CLASSES = 16, 48, 3, 4, 16, 5
 

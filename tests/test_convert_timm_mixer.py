@@ -1,5 +1,5 @@
-"""scripts/convert_timm_mixer.py: timm MLP-Mixer checkpoints port exactly, and upcycled ones start at the dense
-model's outputs.
+"""scripts/converters/convert_timm_mixer.py: timm MLP-Mixer checkpoints port exactly, and upcycled ones start at the
+dense model's outputs.
 
 The core tests build a checkpoint with timm's tensor names and compare the converted model with a functional
 re-implementation of timm's `MlpMixer` / `MixerBlock` forward written here from timm's semantics (no timm needed):
@@ -8,9 +8,7 @@ GELU), final LayerNorm, mean over patches, linear head. `test_against_real_timm`
 itself when it is installed.
 """
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +18,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForImageClassification, pipeline
 
 import hf_efficient  # noqa: F401
+from tests.helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("convert_timm_mixer", REPO / "scripts" / "convert_timm_mixer.py")
-convert_timm_mixer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert_timm_mixer)
+convert_timm_mixer = load_script("scripts/converters/convert_timm_mixer.py")
 
 C, TOKENS, CHANNELS, DEPTH, PATCH, IMAGE, CLASSES = 16, 8, 64, 4, 4, 16, 5
 S = (IMAGE // PATCH) ** 2

@@ -6,7 +6,7 @@ A block that legitimately cannot run here is marked in the markdown by an HTML c
 fence, `<!-- not-run: <reason> -->`; the reason is required and the marked blocks are listed by
 `test_not_run_blocks_are_few_and_say_why` (none at present). Shell blocks are out of scope.
 
-The generated card of a trained checkpoint (`hf_efficient.model_card`, written by `train` and `publish`) names the
+The generated card of a trained checkpoint (`hf_efficient.cli.model_card`, written by `train` and `publish`) names the
 checkpoint by its folder name or Hub repo id: its "Use" block runs here on a locally saved folder of that name, for
 every task (`test_checkpoint_card_snippet_runs_on_a_local_folder`)."""
 
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import hf_efficient
-from hf_efficient import model_card, tasks
+from hf_efficient.cli import model_card, tasks
+from hf_efficient.cli.tasks.image import image_processor_for
 from hf_efficient.data import default_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def tiny_checkpoint(task_name: str, folder: Path):
             "gmlp", hidden_size=32, intermediate_size=64, num_hidden_layers=2, image_size=8, patch_size=2,
             num_channels=3, max_position_embeddings=16, vocab_size=None, num_labels=3,
         )  # fmt: skip
-        processing = tasks.image_processor_for(8, 3)
+        processing = image_processor_for(8, 3)
     elif task_name == "seq2seq":
         config = AutoConfig.for_model(
             "ngram_transformer", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_encoder_layers=1,
@@ -135,7 +136,7 @@ def tiny_checkpoint(task_name: str, folder: Path):
     package = hf_efficient.get_architecture(config.model_type)
     model = package.AUTO_MAPPING[task.auto_class](config)
     if task.generation is not None:
-        from hf_efficient.training import default_generation_config
+        from hf_efficient.cli.generate import default_generation_config
 
         model.generation_config = default_generation_config(model, processing, task)
     hf_efficient.save_pretrained_with_code(model, folder)

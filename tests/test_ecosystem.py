@@ -16,18 +16,12 @@ import torch
 from filelock import FileLock
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    pipeline,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, pipeline
 
 import hf_efficient
 from hf_efficient import cli
 from hf_efficient.data import stdlib_lm_dataset
+from tests.helpers import InterruptAt
 from tests.model_tester import two_process_launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -277,17 +271,6 @@ def test_peft_lora_trains_saves_and_reloads(trained, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------- resume
-class InterruptAt(TrainerCallback):
-    """Ctrl-C after a given step (the checkpoint of an earlier step is on disk)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
     argv = ["train", *RUNS["clm"][:-4], "--max-steps", "6", "--save-steps", "3", *QUIET, "--learning-rate", "1e-2"]
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"

@@ -5,63 +5,34 @@ skipped while compiling / exporting, and the graph keeps the general (masked) pa
 compared with the eager model on a left-padded batch and on a batch without padding.
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch._dynamo
 
-from hf_efficient.models.aft import AFTConfig, AFTForCausalLM, AFTForSequenceClassification, ops_aft
-from hf_efficient.models.combiner import CombinerConfig, CombinerForCausalLM, CombinerForSequenceClassification
-from hf_efficient.models.combiner.ops_combiner import combiner_static_state
-from hf_efficient.models.gmlp import GMLPConfig, GMLPForCausalLM, GMLPForSequenceClassification
-from hf_efficient.models.ngram_transformer import NgramTransformerConfig, NgramTransformerForCausalLM
+from hf_efficient.models.aft import AFTForCausalLM, AFTForSequenceClassification, ops_aft
+from hf_efficient.models.combiner import CombinerForCausalLM, CombinerForSequenceClassification
+from hf_efficient.models.combiner.decoding_combiner import combiner_static_state
+from hf_efficient.models.combiner.ops_combiner import COMBINER_TYPES
+from hf_efficient.models.gmlp import GMLPForCausalLM, GMLPForSequenceClassification
+from hf_efficient.models.ngram_transformer import NgramTransformerForCausalLM
 from hf_efficient.models.ngram_transformer.modeling_ngram_transformer import NgramTransformerCache
-from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
+from hf_efficient.models.r_transformer import RTransformerForCausalLM
+from tests.helpers import SMALL, assert_same_step, loss_and_grads, sized_config, tiny_config
 
 MAX_LEN = 64
+EXPORT = dict(SMALL, max_position_embeddings=MAX_LEN)
+gmlp_config = partial(tiny_config, "gmlp", EXPORT)
+aft_config = partial(tiny_config, "aft", EXPORT)
+combiner_config = partial(tiny_config, "combiner", EXPORT)
+GMLP = (GMLPForCausalLM, GMLPForSequenceClassification)
+AFT = (AFTForCausalLM, AFTForSequenceClassification)
+COMBINER = (CombinerForCausalLM, CombinerForSequenceClassification)
 
 
-def gmlp_config(**overrides):
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        max_position_embeddings=MAX_LEN,
-        num_labels=3,
-        sgu_init_std=0.1,
-    )
-    return GMLPConfig(**{**kwargs, **overrides})
-
-
-def aft_config(**overrides):
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        max_position_embeddings=MAX_LEN,
-        num_labels=3,
-        num_heads=4,
-        conv_kernel_size=3,
-        local_window=3,
-        position_bias_dim=8,
-        position_bias_init_std=0.5,
-    )
-    return AFTConfig(**{**kwargs, **overrides})
-
-
-def combiner_config(**overrides):
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        block_size=4,
-        max_position_embeddings=MAX_LEN,
-        num_labels=3,
-    )
-    return CombinerConfig(**{**kwargs, **overrides})
+def _variant(factory, heads, dynamic, **settings):
+    return partial(factory, **settings), *heads, dynamic
 
 
 # name -> (config factory with overrides, causal LM head, classifier head, dynamic lengths)
@@ -72,67 +43,17 @@ def combiner_config(**overrides):
 # count follows the length, so the length is static (one export per length). Combiner-logsparse exports with its
 # level count fixed by max_position_embeddings (any length, no block multiple).
 VARIANTS = {
-    "gmlp": (lambda **kw: gmlp_config(**kw), GMLPForCausalLM, GMLPForSequenceClassification, (1, 2, 12)),
-    "amlp": (
-        lambda **kw: gmlp_config(tiny_attn_size=8, **kw),
-        GMLPForCausalLM,
-        GMLPForSequenceClassification,
-        (1, 2, 12),
-    ),
-    "aft-full": (
-        lambda **kw: aft_config(aft_type="full", **kw),
-        AFTForCausalLM,
-        AFTForSequenceClassification,
-        (1, 2, 21),
-    ),
-    "aft-full-matrix": (
-        lambda **kw: aft_config(aft_type="full", position_bias_dim=None, **kw),
-        AFTForCausalLM,
-        AFTForSequenceClassification,
-        (1, 2, 21),
-    ),
-    "aft-local": (
-        lambda **kw: aft_config(aft_type="local", **kw),
-        AFTForCausalLM,
-        AFTForSequenceClassification,
-        (16, 2, 2),
-    ),
-    "aft-simple": (
-        lambda **kw: aft_config(aft_type="simple", **kw),
-        AFTForCausalLM,
-        AFTForSequenceClassification,
-        (16, 2, 2),
-    ),
-    "aft-conv": (
-        lambda **kw: aft_config(aft_type="conv", **kw),
-        AFTForCausalLM,
-        AFTForSequenceClassification,
-        (16, 2, 2),
-    ),
-    "combiner-fixed": (
-        lambda **kw: combiner_config(combiner_type="fixed", **kw),
-        CombinerForCausalLM,
-        CombinerForSequenceClassification,
-        (4, 2, 3),
-    ),
-    "combiner-logsparse": (
-        lambda **kw: combiner_config(combiner_type="logsparse", **kw),
-        CombinerForCausalLM,
-        CombinerForSequenceClassification,
-        (1, 2, 12),
-    ),
-    "combiner-axial": (
-        lambda **kw: combiner_config(combiner_type="axial", **kw),
-        CombinerForCausalLM,
-        CombinerForSequenceClassification,
-        (4, 2, 3),
-    ),
-    "combiner-mixture": (
-        lambda **kw: combiner_config(combiner_type="mixture", **kw),
-        CombinerForCausalLM,
-        CombinerForSequenceClassification,
-        (4, 3, 4),
-    ),
+    "gmlp": _variant(gmlp_config, GMLP, (1, 2, 12)),
+    "amlp": _variant(gmlp_config, GMLP, (1, 2, 12), tiny_attn_size=8),
+    "aft-full": _variant(aft_config, AFT, (1, 2, 21), aft_type="full"),
+    "aft-full-matrix": _variant(aft_config, AFT, (1, 2, 21), aft_type="full", position_bias_dim=None),
+    "aft-local": _variant(aft_config, AFT, (16, 2, 2), aft_type="local"),
+    "aft-simple": _variant(aft_config, AFT, (16, 2, 2), aft_type="simple"),
+    "aft-conv": _variant(aft_config, AFT, (16, 2, 2), aft_type="conv"),
+    "combiner-fixed": _variant(combiner_config, COMBINER, (4, 2, 3), combiner_type="fixed"),
+    "combiner-logsparse": _variant(combiner_config, COMBINER, (1, 2, 12), combiner_type="logsparse"),
+    "combiner-axial": _variant(combiner_config, COMBINER, (4, 2, 3), combiner_type="axial"),
+    "combiner-mixture": _variant(combiner_config, COMBINER, (4, 3, 4), combiner_type="mixture"),
 }
 DYNAMIC = [name for name, spec in VARIANTS.items() if spec[3] is not None]
 
@@ -310,27 +231,18 @@ def test_compiled_aft_training_step_fullgraph_equals_eager_through_the_fallback(
     def step():
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels).loss
 
-    def grads(fn):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     torch._dynamo.reset()
-    loss_eager, grads_eager = grads(step)
+    eager = loss_and_grads(model, step)
     backward_entries = []
     original = ops_aft._exact_grads
     monkeypatch.setattr(
         ops_aft, "_exact_grads", lambda s, idx, *a: backward_entries.append(len(idx)) or original(s, idx, *a)
     )
     forward_entries = _fallback_entries(monkeypatch)
-    loss_compiled, grads_compiled = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
+    compiled = loss_and_grads(model, torch.compile(step, backend="aot_eager", fullgraph=True))
     if kind == "causal_lm":
         assert forward_entries and backward_entries, "these inputs must take the exact fallback"
-    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
-    assert grads_compiled.keys() == grads_eager.keys()
-    for name in grads_eager:
-        torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_step(compiled, eager)
 
 
 @pytest.mark.parametrize(
@@ -362,19 +274,9 @@ def test_compiled_aft_step_gradients_equal_eager(aft_type):
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["input_ids"]
         ).loss
 
-    def grads(fn):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     torch._dynamo.reset()
-    loss_eager, grads_eager = grads(step)
-    loss_compiled, grads_compiled = grads(torch.compile(step, backend="aot_eager", fullgraph=True))
-    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
-    assert grads_compiled.keys() == grads_eager.keys()
-    for name in grads_eager:
-        torch.testing.assert_close(grads_compiled[name], grads_eager[name], rtol=1e-4, atol=1e-5, msg=name)
+    eager = loss_and_grads(model, step)
+    assert_same_step(loss_and_grads(model, torch.compile(step, backend="aot_eager", fullgraph=True)), eager)
 
 
 # ---------------------------------------------------------------------- torch.export of a decoding step
@@ -387,6 +289,7 @@ def test_compiled_aft_step_gradients_equal_eager(aft_type):
 DECODE_MAX_LEN = 15
 PROMPT = 7  # no other state dim is 7, so the dims of a growing state (one entry per past token) are found by size
 DECODE_STEPS = 8  # up to DECODE_MAX_LEN tokens
+DECODE_CONFIG = dict(num_attention_heads=2, max_position_embeddings=DECODE_MAX_LEN, num_labels=3)
 
 
 class StateDecodeStep(torch.nn.Module):
@@ -435,68 +338,30 @@ class NgramDecodeStep(torch.nn.Module):
         return None, [layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]
 
 
-def _combiner_decoder(combiner_type):
-    return CombinerForCausalLM(
-        combiner_config(combiner_type=combiner_type, causal=True, max_position_embeddings=DECODE_MAX_LEN)
-    )
-
-
-def _aft_decoder(aft_type, **overrides):
-    return AFTForCausalLM(
-        aft_config(aft_type=aft_type, causal=True, max_position_embeddings=DECODE_MAX_LEN, **overrides)
-    )
+def _variant_decoder(name):
+    factory, lm_head, _, _ = VARIANTS[name]
+    return lambda: lm_head(factory(causal=True, max_position_embeddings=DECODE_MAX_LEN))
 
 
 def _r_transformer_decoder(rnn_type):
-    config = RTransformerConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        local_window=3,
-        num_rnn_layers=1,
-        rnn_type=rnn_type,
-        max_position_embeddings=DECODE_MAX_LEN,
-        num_labels=3,
-    )
-    return RTransformerForCausalLM(config)
+    settings = dict(local_window=3, num_rnn_layers=1, rnn_type=rnn_type)
+    return RTransformerForCausalLM(sized_config("r_transformer", SMALL, DECODE_CONFIG, settings))
 
 
 def _ngram_decoder():
-    config = NgramTransformerConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        ngram_size=3,
-        max_position_embeddings=DECODE_MAX_LEN,
-        is_encoder_decoder=False,
-        num_labels=3,
-    )
-    return NgramTransformerForCausalLM(config)
+    settings = dict(num_hidden_layers=2, ngram_size=3, is_encoder_decoder=False)
+    return NgramTransformerForCausalLM(sized_config("ngram_transformer", SMALL, DECODE_CONFIG, settings))
 
 
 # name -> (model factory, state kind): "static" fixed shapes at any past length (Combiner's buffers are held at
 # their capacity for max_position_embeddings tokens, `combiner_static_state`; AFT-simple/local/conv's running sums
 # and window; N-gram's rolling window), "growing" one entry per past token (AFT-full's keys, gMLP's gate inputs,
-# aMLP's and R-Transformer's keys / values: a dynamic dim, the same `Dim` as the past length).
+# aMLP's and R-Transformer's keys / values: a dynamic dim, the same `Dim` as the past length). The first ones are
+# the causal LMs of `VARIANTS` at DECODE_MAX_LEN positions.
 DECODERS = {
-    "combiner-fixed": (lambda: _combiner_decoder("fixed"), "static"),
-    "combiner-logsparse": (lambda: _combiner_decoder("logsparse"), "static"),
-    "combiner-axial": (lambda: _combiner_decoder("axial"), "static"),
-    "combiner-mixture": (lambda: _combiner_decoder("mixture"), "static"),
-    "aft-simple": (lambda: _aft_decoder("simple"), "static"),
-    "aft-local": (lambda: _aft_decoder("local"), "static"),
-    "aft-conv": (lambda: _aft_decoder("conv"), "static"),
-    "aft-full": (lambda: _aft_decoder("full"), "growing"),
-    "aft-full-matrix": (lambda: _aft_decoder("full", position_bias_dim=None), "growing"),
-    "gmlp": (lambda: GMLPForCausalLM(gmlp_config(causal=True, max_position_embeddings=DECODE_MAX_LEN)), "growing"),
-    "amlp": (
-        lambda: GMLPForCausalLM(gmlp_config(causal=True, tiny_attn_size=8, max_position_embeddings=DECODE_MAX_LEN)),
-        "growing",
-    ),
+    **{f"combiner-{kind}": (_variant_decoder(f"combiner-{kind}"), "static") for kind in COMBINER_TYPES},
+    **{f"aft-{kind}": (_variant_decoder(f"aft-{kind}"), "static") for kind in ("simple", "local", "conv")},
+    **{name: (_variant_decoder(name), "growing") for name in ("aft-full", "aft-full-matrix", "gmlp", "amlp")},
     "r-transformer-gru": (lambda: _r_transformer_decoder("gru"), "growing"),
     "r-transformer-lstm": (lambda: _r_transformer_decoder("lstm"), "growing"),
     "ngram": (_ngram_decoder, "static"),

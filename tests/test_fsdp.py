@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_efficient
+from tests.helpers import SIZES
 from tests.model_tester import free_port
 
 ACCELERATE_CONFIG = """\
@@ -82,25 +83,17 @@ TRAIN_SCRIPT = textwrap.dedent(
     """
 )
 
-TINY = {
+SETTINGS = {
     "gmlp": {},
     "aft": {"aft_type": "local", "local_window": 4},
     "combiner": {"num_attention_heads": 2, "block_size": 4, "combiner_type": "fixed"},
 }
 
 
-@pytest.mark.parametrize("model_type", list(TINY))
+@pytest.mark.parametrize("model_type", list(SETTINGS))
 def test_fsdp2_two_processes_match_one_process(model_type, tmp_path):
-    overrides = dict(
-        model_type=model_type,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        max_position_embeddings=16,
-        causal=True,
-        **TINY[model_type],
-    )
+    overrides = dict(SIZES, model_type=model_type, intermediate_size=64, max_position_embeddings=16, causal=True)
+    overrides.update(SETTINGS[model_type])
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     config = tmp_path / "fsdp.yaml"

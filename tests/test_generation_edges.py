@@ -7,32 +7,14 @@ from transformers import GenerationConfig, pipeline
 
 import hf_efficient
 from hf_efficient.data import default_tokenizer
-from hf_efficient.models.aft import AFTConfig, AFTForCausalLM
-from hf_efficient.models.combiner import CombinerConfig, CombinerForCausalLM, CombinerModel
-from hf_efficient.models.gmlp import GMLPCache, GMLPConfig, GMLPForCausalLM, GMLPForMaskedLM
+from hf_efficient.models.aft import AFTForCausalLM
+from hf_efficient.models.combiner import CombinerForCausalLM, CombinerModel
+from hf_efficient.models.gmlp import GMLPCache, GMLPConfig, GMLPForMaskedLM
 from hf_efficient.models.gmlp.modeling_gmlp import GMLPTinyAttention
 from hf_efficient.models.gmlp.ops_gmlp import tiny_attention
-from hf_efficient.models.ngram_transformer import (
-    NgramTransformerConfig,
-    NgramTransformerForCausalLM,
-    NgramTransformerForConditionalGeneration,
-)
-from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM
-
-
-def gmlp(seed=0, layers=2, **overrides):
-    config = GMLPConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        max_position_embeddings=48,
-        sgu_init_std=0.1,
-        causal=True,
-        **overrides,
-    )
-    torch.manual_seed(seed)
-    return GMLPForCausalLM(config).eval()
+from hf_efficient.models.ngram_transformer import NgramTransformerForCausalLM, NgramTransformerForConditionalGeneration
+from hf_efficient.models.r_transformer import RTransformerForCausalLM
+from tests.helpers import SMALL, causal_gmlp, sized_config
 
 
 def prompt(batch_size=1, length=6, seed=3):
@@ -45,7 +27,7 @@ def prompt(batch_size=1, length=6, seed=3):
 # ---------------------------------------------------------------------- assisted and prompt-lookup decoding
 @pytest.mark.parametrize("variant", [{}, {"tiny_attn_size": 8}], ids=["gmlp", "amlp"])
 def test_gmlp_cache_crop_restores_an_earlier_state(variant):
-    model = gmlp(**variant)
+    model = causal_gmlp(**variant)
     ids = prompt()
     with torch.no_grad():
         short = model(ids[:, :8], use_cache=True)
@@ -65,8 +47,8 @@ def test_gmlp_cache_crop_restores_an_earlier_state(variant):
 @pytest.mark.parametrize("variant", [{}, {"tiny_attn_size": 8}], ids=["gmlp", "amlp"])
 def test_gmlp_assisted_and_prompt_lookup_decoding_equal_greedy(variant):
     """Greedy assisted decoding is exact: the same tokens as plain greedy decoding, whichever drafts were rejected."""
-    model = gmlp(**variant)
-    assistant = gmlp(seed=5, layers=1, **variant)
+    model = causal_gmlp(**variant)
+    assistant = causal_gmlp(seed=5, layers=1, **variant)
     ids = prompt()
     common = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     greedy = model.generate(ids, **common)
@@ -78,40 +60,19 @@ def test_gmlp_assisted_and_prompt_lookup_decoding_equal_greedy(variant):
     assert isinstance(model(ids, use_cache=True).cache, GMLPCache)
 
 
+ONE_LAYER = dict(num_hidden_layers=1, num_attention_heads=2)
+COMBINER = dict(num_attention_heads=2, block_size=4, max_position_embeddings=48)
+
+
 def _stateful_models():
-    aft = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, max_position_embeddings=48)
-    combiner = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        block_size=4,
-        max_position_embeddings=48,
-    )
     for aft_type in ("full", "local", "simple", "conv"):
-        yield f"aft-{aft_type}", AFTForCausalLM, AFTConfig(aft_type=aft_type, **aft)
+        config = sized_config("aft", aft_type=aft_type, num_hidden_layers=1, max_position_embeddings=48)
+        yield f"aft-{aft_type}", AFTForCausalLM, config
     for combiner_type in ("fixed", "logsparse", "axial", "mixture"):
-        yield f"combiner-{combiner_type}", CombinerForCausalLM, CombinerConfig(combiner_type=combiner_type, **combiner)
-    yield (
-        "r-transformer",
-        RTransformerForCausalLM,
-        RTransformerConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2
-        ),
-    )
-    yield (
-        "ngram-transformer",
-        NgramTransformerForCausalLM,
-        NgramTransformerConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            ngram_size=3,
-        ),
-    )
+        config = sized_config("combiner", COMBINER, combiner_type=combiner_type, num_hidden_layers=1)
+        yield f"combiner-{combiner_type}", CombinerForCausalLM, config
+    yield "r-transformer", RTransformerForCausalLM, sized_config("r_transformer", ONE_LAYER)
+    yield "ngram-transformer", NgramTransformerForCausalLM, sized_config("ngram_transformer", ONE_LAYER, ngram_size=3)
 
 
 @pytest.mark.parametrize("name, head, config", list(_stateful_models()), ids=lambda x: x if isinstance(x, str) else "")
@@ -136,15 +97,8 @@ def test_stateful_models_refuse_assisted_decoding_clearly(name, head, config):
 
 
 def test_ngram_seq2seq_refuses_assisted_decoding_clearly():
-    config = NgramTransformerConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        ngram_size=3,
-        is_encoder_decoder=True,
-        decoder_start_token_id=2,
+    config = sized_config(
+        "ngram_transformer", ONE_LAYER, ngram_size=3, is_encoder_decoder=True, decoder_start_token_id=2
     )
     torch.manual_seed(0)
     model = NgramTransformerForConditionalGeneration(config).eval()
@@ -160,17 +114,7 @@ def test_ngram_seq2seq_refuses_assisted_decoding_clearly():
 # ---------------------------------------------------------------------- Combiner hidden states under padding
 @pytest.mark.parametrize("combiner_type", ["fixed", "logsparse", "axial", "mixture"])
 def test_combiner_hidden_states_under_padding_are_on_the_graph(combiner_type):
-    config = CombinerConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        block_size=4,
-        max_position_embeddings=48,
-        combiner_type=combiner_type,
-        causal=False,
-    )
+    config = sized_config("combiner", COMBINER, combiner_type=combiner_type, causal=False)
     torch.manual_seed(0)
     model = CombinerModel(config).eval()
     ids = torch.randint(3, 64, (2, 13))
@@ -227,9 +171,7 @@ def test_tiny_attention_eager_and_sdpa_agree_with_the_op(causal, num_queries, pa
 def test_attn_implementation_is_accepted_everywhere(model_type, tmp_path):
     """`attn_implementation="eager" | "sdpa"`: aMLP dispatches its tiny attention on it (same outputs); the
     attention-free models accept it and ignore it."""
-    config = hf_efficient.get_config_class(model_type)(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=32
-    )
+    config = sized_config(model_type, intermediate_size=64, num_hidden_layers=1, max_position_embeddings=32)
     if model_type == "gmlp":
         config.tiny_attn_size = 8
     if model_type == "combiner":
@@ -259,13 +201,7 @@ def test_default_tokenizer_has_a_mask_token_for_fill_mask(tmp_path):
     tokenizer = default_tokenizer()
     assert tokenizer.mask_token == "<extra_id_0>" and tokenizer.mask_token_id == 259
     assert tokenizer("def f(x)").input_ids == [c + 3 for c in b"def f(x)"] + [tokenizer.eos_token_id]
-    config = GMLPConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        max_position_embeddings=32,
-    )
+    config = sized_config("gmlp", SMALL, vocab_size=len(tokenizer), max_position_embeddings=32)
     config.causal = False
     hf_efficient.save_pretrained_with_code(GMLPForMaskedLM(config), tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import set_seed
 
 from hf_efficient.models.aft import (
@@ -16,6 +14,7 @@ from hf_efficient.models.aft import (
     ops_aft,
 )
 from hf_efficient.models.aft.modeling_aft import AFTLayer, AFTPositionBias
+from tests.helpers import TINY, LargestTensor, assert_half_precision_close
 from tests.model_tester import GenericModelTests
 from tests.references.aft_reference import (
     aft_reference,
@@ -25,7 +24,7 @@ from tests.references.aft_reference import (
     per_head_to_channels,
 )
 
-MAX_LEN = 16
+MAX_LEN = TINY["aft"]["max_position_embeddings"]
 ALL_HEADS = [AFTModel, AFTForCausalLM, AFTForMaskedLM, AFTForSequenceClassification, AFTForImageClassification]
 INVALID_CONFIGS = [
     ({"aft_type": "linear"}, "aft_type"),
@@ -45,37 +44,8 @@ INVALID_CONFIGS = [
 ]
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 def tiny_config(head, **overrides) -> AFTConfig:
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        max_position_embeddings=MAX_LEN,
-        num_labels=3,
-        num_heads=4,
-        conv_kernel_size=3,
-        local_window=3,
-        position_bias_dim=8,
-        # a larger position-bias init than the paper's 1e-2, so that tests see the bias at work
-        position_bias_init_std=0.5,
-    )
-    kwargs.update(overrides)
+    kwargs = {**TINY["aft"], **overrides}
     if head is AFTForImageClassification:
         # 3 x 3 patches (+ a class token for full/local/simple)
         kwargs.update(vocab_size=None, image_size=6, patch_size=2, num_channels=3, drop_path_rate=0.1)
@@ -218,14 +188,19 @@ def test_factorised_band_equals_dense_bias(window, causal):
                     torch.testing.assert_close(band[b, t, j], w[p, q])
 
 
+def _left_padded(ids, pad=3):
+    """`ids` (one sample) after `pad` padding positions, and its attention mask."""
+    no_tokens = torch.zeros(1, pad, dtype=torch.long)
+    return torch.cat([no_tokens, ids], 1), torch.cat([no_tokens, torch.ones_like(ids)], 1)
+
+
 def test_left_padded_batch_uses_each_samples_own_positions():
     """With a position bias, a left-padded sample equals the sample alone (positions start after the padding)."""
     config = tiny_config(AFTForCausalLM, aft_type="full")
     set_seed(0)
     model = AFTForCausalLM(config).eval()
     ids = torch.randint(3, 64, (1, 8))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    padded, mask = _left_padded(ids)
     with torch.no_grad():
         alone = model(ids).logits
         both = model(
@@ -284,7 +259,7 @@ def test_full_model_never_forms_the_length_squared_bias(monkeypatch):
     ids = torch.randint(3, 64, (2, length))
     mask = torch.ones(2, length, dtype=torch.long)
     mask[0, :5] = 0
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         loss = model(ids, attention_mask=mask, labels=ids).loss
         loss.backward()
     assert torch.isfinite(loss)
@@ -401,12 +376,7 @@ def test_half_precision_model_with_huge_keys_is_finite(aft_type, dtype):
             layer.aft.k_proj.weight.mul_(400.0)
             if aft_type == "conv":
                 layer.aft.conv_gamma.mul_(100.0)
-    ids = torch.randint(3, 64, (2, 12))
-    with torch.no_grad():
-        reference = model(ids).logits
-        half = model.to(dtype)(ids).logits
-    assert torch.isfinite(half).all()
-    torch.testing.assert_close(half.float(), reference, atol=0.15, rtol=0.05)
+    assert_half_precision_close(model, torch.randint(3, 64, (2, 12)), dtype, atol=0.15)
 
 
 def test_text_position_embeddings_keep_padding_and_cache_exact():
@@ -414,8 +384,7 @@ def test_text_position_embeddings_keep_padding_and_cache_exact():
     set_seed(0)
     model = AFTForCausalLM(config).eval()
     ids = torch.randint(3, 64, (1, 9))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    padded, mask = _left_padded(ids)
     with torch.no_grad():
         alone = model(ids).logits
         left = model(padded, attention_mask=mask).logits

@@ -14,28 +14,17 @@ from hf_efficient.models.combiner import (
     CombinerForSequenceClassification,
     CombinerModel,
 )
+from tests import helpers
 from tests.model_tester import GenericModelTests
 from tests.references.combiner_reference import combiner_reference
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_LEN = 48
+MAX_LEN = helpers.TINY["combiner"]["max_position_embeddings"]
 COMBINER_TYPES = ("fixed", "logsparse", "axial", "mixture")
 
 
-def tiny_config(combiner_type="fixed", **overrides):
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        combiner_type=combiner_type,
-        block_size=4,
-        max_position_embeddings=MAX_LEN,
-        num_labels=3,
-    )
-    kwargs.update(overrides)
-    return CombinerConfig(**kwargs)
+def tiny_config(combiner_type="fixed", **overrides) -> CombinerConfig:
+    return helpers.tiny_config("combiner", combiner_type=combiner_type, **overrides)
 
 
 class TestCombiner(GenericModelTests):
@@ -117,15 +106,7 @@ def test_long_decode_equals_full_forward_at_every_step(combiner_type):
     mask = torch.ones_like(ids)
     ids[0, :4], mask[0, :4] = 0, 0  # sample 0 has 3 real tokens, sample 1 has 7
     new = 20
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=new,
-        min_new_tokens=new,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    out = helpers.generate_exactly(model, ids, mask, new, output_logits=True, return_dict_in_generate=True)
     full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
     with torch.no_grad():
         full = model(out.sequences, attention_mask=full_mask, use_cache=False).logits

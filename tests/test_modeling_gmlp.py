@@ -17,16 +17,16 @@ from hf_efficient.models.gmlp import (
     ops_gmlp,
 )
 from hf_efficient.models.gmlp.ops_gmlp import spatial_gating_projection, tiny_attention
+from tests.helpers import TINY, causal_gmlp, tiny_config
 from tests.model_tester import GenericModelTests
 from tests.references.gmlp_reference import (
     sgu_projection_dense_reference,
     sgu_projection_reference,
     tiny_attention_reference,
 )
-from tests.test_generation_edges import gmlp
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_LEN = 16
+MAX_LEN = TINY["gmlp"]["max_position_embeddings"]
 
 
 class TestGMLP(GenericModelTests):
@@ -53,22 +53,12 @@ class TestGMLP(GenericModelTests):
     ]
 
     def get_config(self, variant, head):
-        kwargs = dict(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            max_position_embeddings=MAX_LEN,
-            num_labels=3,
-            # a larger spatial init than the paper's 1e-6, so that tests see real token mixing
-            sgu_init_std=0.1,
-            **self.variants[variant],
-        )
+        kwargs = dict(self.variants[variant])
         if head is GMLPForImageClassification:
             kwargs.update(vocab_size=None, image_size=8, patch_size=2, num_channels=3, drop_path_rate=0.1)
         if head is GMLPForSequenceClassification or head is GMLPForTokenClassification or head is GMLPModel:
             kwargs["causal"] = False
-        return GMLPConfig(**kwargs)
+        return tiny_config("gmlp", kwargs)
 
 
 # ---------------------------------------------------------------------- reference agreement of the ops
@@ -263,7 +253,7 @@ def test_negative_or_misshapen_position_ids_are_refused():
 def test_assisted_and_prompt_lookup_decoding_with_left_padding_equal_greedy(variant):
     """Assisted decoding crops the cache with `crop(-rejected)`, and `crop(0)` when every draft token was accepted:
     that must keep the whole state (it used to empty it, and the next step failed on a left-padded prompt)."""
-    model, assistant = gmlp(0, 2, **variant), gmlp(5, 1, **variant)
+    model, assistant = causal_gmlp(0, 2, **variant), causal_gmlp(5, 1, **variant)
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(3))
     ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids, ids, ids[:, :2]], dim=1)  # repeats: lookup matches
     mask = (torch.arange(ids.shape[1]) >= 3).long()[None]  # three left-padding positions
@@ -276,7 +266,7 @@ def test_assisted_and_prompt_lookup_decoding_with_left_padding_equal_greedy(vari
 
 def test_cache_crop_follows_transformers_convention():
     """`crop(-n)` drops the last n positions, `crop(0)` keeps all, a positive value is an error (as DynamicLayer)."""
-    model = gmlp(0, 1)
+    model = causal_gmlp(0, 1)
     cache = model(torch.randint(3, 64, (1, 6)), use_cache=True).cache
     cache.crop(0)
     assert cache.get_seq_length() == 6 and cache.get_states(0)["gate"].shape[1] == 6

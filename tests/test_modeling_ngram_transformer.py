@@ -36,28 +36,16 @@ from hf_efficient.models.ngram_transformer import (
 )
 from hf_efficient.models.ngram_transformer.modeling_ngram_transformer import eager_attention_forward
 from hf_efficient.models.ngram_transformer.ops_ngram_transformer import ngram_attention
+from tests import helpers
 from tests.model_tester import AttentionTests, GenericModelTests, WindowedAttentionTests
 from tests.references.ngram_transformer_reference import ngram_attention_reference
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 64
+VOCAB = helpers.TINY["ngram_transformer"]["vocab_size"]
 
 
 def tiny_config(**overrides) -> NgramTransformerConfig:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_encoder_layers=2,
-        num_attention_heads=2,
-        ngram_size=3,
-        attention_block_size=4,  # small blocks: the blocked path runs at test lengths
-        hidden_dropout_prob=0.0,
-        is_encoder_decoder=False,
-    )
-    kwargs.update(overrides)
-    return NgramTransformerConfig(**kwargs)
+    return helpers.tiny_config("ngram_transformer", **overrides)
 
 
 def seq2seq_config(**overrides) -> NgramTransformerConfig:
@@ -530,15 +518,7 @@ def test_seq2seq_cached_logits_equal_full_forward_every_step(ngram_size):
     model = _seq2seq_model(ngram_size=ngram_size)
     source, mask = _source()
     new = 14
-    out = model.generate(
-        source,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=new,
-        min_new_tokens=new,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    out = helpers.generate_exactly(model, source, mask, new, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         full = model(input_ids=source, attention_mask=mask, decoder_input_ids=out.sequences, use_cache=False).logits
     for step, logits in enumerate(out.logits):

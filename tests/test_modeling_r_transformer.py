@@ -19,6 +19,7 @@ from hf_efficient.models.r_transformer import (
 )
 from hf_efficient.models.r_transformer.modeling_r_transformer import RTransformerLocalRNN, RTransformerRNNWeights
 from hf_efficient.models.r_transformer.ops_r_transformer import local_rnn, official_layer_norm
+from tests import helpers
 from tests.model_tester import AttentionTests, GenericModelTests
 from tests.references.r_transformer_reference import (
     layer_norm_reference,
@@ -28,23 +29,10 @@ from tests.references.r_transformer_reference import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_dropout": 0.0, "embedding_dropout": 0.0}
 
 
 def tiny_config(**overrides) -> RTransformerConfig:
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        local_window=3,
-        num_rnn_layers=1,
-        num_labels=3,
-        **NO_DROPOUT,
-    )
-    kwargs.update(overrides)
-    return RTransformerConfig(**kwargs)
+    return helpers.tiny_config("r_transformer", **overrides)
 
 
 class TestRTransformer(AttentionTests, GenericModelTests):
@@ -377,12 +365,7 @@ def test_causal_lm_needs_a_vocabulary_and_wrong_mask_length_raises():
 def test_half_precision_close_to_float32(dtype):
     set_seed(0)
     model = RTransformerForCausalLM(tiny_config(num_rnn_layers=2)).eval()
-    ids = torch.randint(3, 64, (2, 12))
-    with torch.no_grad():
-        reference = model(ids).logits
-        half = model.to(dtype)(ids).logits
-    assert torch.isfinite(half).all()
-    torch.testing.assert_close(half.float(), reference, atol=0.1, rtol=0.05)
+    helpers.assert_half_precision_close(model, torch.randint(3, 64, (2, 12)), dtype, atol=0.1)
 
 
 # ---------------------------------------------------------------------- presets

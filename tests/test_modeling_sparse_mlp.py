@@ -17,32 +17,18 @@ from transformers import AutoConfig, pipeline, set_seed
 from hf_efficient.models.sparse_mlp import SparseMLPConfig, SparseMLPForImageClassification, SparseMLPModel
 from hf_efficient.models.sparse_mlp.modeling_sparse_mlp import SparseMLPMoE, SparseMLPSparseBlock
 from hf_efficient.models.sparse_mlp.ops_sparse_mlp import capacity_keep_mask, expert_capacity, route
+from tests import helpers
 from tests.model_tester import GenericModelTests, MixtureOfExpertsTests, two_process_launch
 from tests.references.sparse_mlp_reference import moe_reference, sparse_block_reference
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
 
-# Tiny sizes, all multiples of 8 so that grouped_mm also runs in bfloat16: 8x8 images, 2x2 patches -> S = 16
-# patches, C = 16 channels; sparse blocks re-represent to S' = 32, C' = 8.
-TINY = dict(
-    image_size=8,
-    patch_size=2,
-    num_channels=3,
-    hidden_size=16,
-    token_mixing_dim=16,
-    channel_mixing_dim=32,
-    num_hidden_layers=3,
-    num_sparse_layers=2,
-    num_token_experts=4,
-    num_channel_experts=4,
-    num_labels=3,
-    initializer_range=0.2,
-)
-
 
 def tiny_config(**overrides) -> SparseMLPConfig:
-    return SparseMLPConfig(**{**TINY, **overrides})
+    """helpers.TINY["sparse_mlp"]: 8x8 images, 2x2 patches -> S = 16 patches, C = 16 channels, sparse blocks at
+    S' = 32, C' = 8 (multiples of 8, so that grouped_mm also runs in bfloat16)."""
+    return helpers.tiny_config("sparse_mlp", **overrides)
 
 
 class TestSparseMLP(GenericModelTests, MixtureOfExpertsTests):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig
 
 import hf_efficient
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.parent.name for p in (REPO / "model_cards").glob("*/config.json"))
@@ -54,7 +55,9 @@ def test_model_cards_are_generated_from_their_data(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_model_cards.py"), "--check"], capture_output=True, text=True
+        [sys.executable, str(REPO / "scripts" / "checks" / "make_model_cards.py"), "--check"],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -135,11 +138,7 @@ def test_presets_load_their_processors_without_hf_efficient_imported():
 def test_a_text_preset_without_the_byte_vocabulary_must_say_why():
     """make_model_cards refuses a text preset whose vocab_size is not the byte tokenizer's unless card.json gives
     the reason (`no_processor`), naming the preset and the value."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_model_cards", REPO / "scripts" / "make_model_cards.py")
-    make_model_cards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_model_cards)
+    make_model_cards = load_script("scripts/checks/make_model_cards.py")
     with pytest.raises(SystemExit, match=r"model_cards/my-preset: vocab_size=49 is not the byte tokenizer's 384"):
         make_model_cards.processor_files("my-preset", {"task": "clm"}, {"vocab_size": 49})
     assert make_model_cards.processor_files("my-preset", {"no_processor": "its own words"}, {"vocab_size": 49}) == {}

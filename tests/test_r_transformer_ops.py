@@ -11,6 +11,7 @@ from transformers import set_seed
 import hf_efficient.models.r_transformer.ops_r_transformer as ops
 from hf_efficient.models.r_transformer import RTransformerConfig, RTransformerForCausalLM, RTransformerModel
 from hf_efficient.models.r_transformer.ops_r_transformer import local_rnn, official_layer_norm
+from tests.helpers import load_script, saved_for_backward
 from tests.references.r_transformer_reference import (
     layer_norm_reference,
     local_rnn_reference,
@@ -59,13 +60,7 @@ def _reference_grads(rnn, rnn_type, window, context, x, mask, grad_out):
 
 def _saved_by(fn):
     """`fn()`'s result and the tensors its autograd graph keeps for the backward."""
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_for_backward() as saved:
         return fn(), saved
 
 
@@ -256,15 +251,9 @@ def test_segmented_training_equals_one_piece_with_gradient_checkpointing():
 
 # ---------------------------------------------------------------------- the measuring script
 def test_bench_localrnn_segments_mode_reports_kept_bytes(capsys):
-    """`scripts/bench_localrnn.py segments` at a small size: one JSON row per (length, rnn type); the segmented
-    Function keeps far less than autograd through the steps, and less than the one-piece Function."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_localrnn.py"
-    spec = importlib.util.spec_from_file_location("bench_localrnn", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """`scripts/benchmarks/bench_localrnn.py segments` at a small size: one JSON row per (length, rnn type); the
+    segmented Function keeps far less than autograd through the steps, and less than the one-piece Function."""
+    bench = load_script("scripts/benchmarks/bench_localrnn.py")
     argv = ["segments", "--lengths", "512", "--hidden-size", "64", "--window", "4", "--segment", "64"]
     bench.main([*argv, "--repeats", "1", "--rnn-types", "gru", "lstm"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.dynamic_module_utils import get_imports
 
 import hf_efficient
 from hf_efficient import hub
@@ -24,8 +25,12 @@ def test_no_shared_file_is_copied_into_an_architecture_folder():
 
 
 @pytest.mark.parametrize("folder", ARCH_FOLDERS, ids=lambda folder: folder.name)
-def test_bundle_is_the_package_source_flattened_and_self_contained(folder):
+def test_bundle_is_the_package_source_flattened_and_self_contained(folder, tmp_path):
     bundle = hub.bundle_files(folder)
+    for name, text in bundle.items():
+        # transformers refuses remote code that imports a package the machine lacks, even inside a function
+        (tmp_path / name).write_text(text)
+        assert "hf_efficient" not in get_imports(tmp_path / name), name
     own = {path.name for path in folder.glob("*.py")} - {"__init__.py"}
     assert own <= set(bundle)
     for name, text in bundle.items():

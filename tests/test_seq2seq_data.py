@@ -1,24 +1,36 @@
-"""The embedded seq2seq task (numbers and dates to English words) and its corpus BLEU / chrF."""
+"""The embedded seq2seq task (numbers and dates to English words) and the command's metrics of generated text: the
+evaluate modules of `hf_efficient.cli.metrics` (corpus BLEU and chrF by sacrebleu, exact match), loaded offline from
+the package's files."""
 
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
+import evaluate
 import numpy as np
 import pytest
+import sacrebleu
 from transformers import ByT5Tokenizer, EvalPrediction
 
+from hf_efficient.cli.metrics import FOLDER, MODULES, load_metric, seq2seq_metrics, text_metrics
 from hf_efficient.seq2seq_data import (
-    corpus_bleu,
-    corpus_chrf,
     date_to_words,
-    exact_match,
     number_to_words,
     numbers_to_words_dataset,
     ordinal_to_words,
-    seq2seq_metrics,
-    tokenize_13a,
     year_to_words,
 )
+
+
+def bleu(hypotheses, references):
+    return text_metrics(hypotheses, references)["bleu"]
+
+
+def chrf(hypotheses, references):
+    return text_metrics(hypotheses, references)["chrf"]
 
 
 @pytest.mark.parametrize(
@@ -82,39 +94,72 @@ def test_dataset_is_deterministic_disjoint_and_consistent():
         numbers_to_words_dataset(train_size=0)
 
 
-def test_tokenize_13a():
-    assert tokenize_13a("March ninth, nineteen eighty-seven") == ["March", "ninth", ",", "nineteen", "eighty-seven"]
-    assert tokenize_13a("1,000.5 (a) x-1 3-4") == ["1,000.5", "(", "a", ")", "x-1", "3", "-", "4"]
+def test_metric_modules_are_evaluate_modules_loaded_from_the_package_files():
+    for name, (module, config_name) in MODULES.items():
+        metric = load_metric(name)
+        assert isinstance(metric, evaluate.EvaluationModule) and metric.name == module
+        assert metric.config_name == (config_name or "default")
+        # evaluate imported it from its copy of the package's file (not from the Hub or a cache of it)
+        assert type(metric).__module__.startswith(f"evaluate_modules.metrics.{module}.")
+        assert Path(sys.modules[type(metric).__module__].__file__).read_text() == (FOLDER / f"{module}.py").read_text()
+    assert load_metric("bleu") is load_metric("bleu")  # loaded once per process
+    with pytest.raises(ValueError, match="unknown metric 'rouge'"):
+        load_metric("rouge")
+
+
+def test_metric_modules_load_offline_with_an_empty_cache(tmp_path):
+    """In a fresh process with no Hugging Face cache and no network: the Hub's `bleu` cannot load, the package's can."""
+    code = (
+        "import evaluate\n"
+        "from hf_efficient.cli.metrics import text_metrics\n"
+        "try:\n    evaluate.load('bleu')\nexcept Exception as error:\n    print('hub:', type(error).__name__)\n"
+        "print(text_metrics(['a b c d e'], ['a b c d f']))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("hub: ") and "'exact_match': 0.0" in lines[1], result.stdout
+    assert (tmp_path / "hf" / "modules" / "evaluate_modules" / "metrics" / "sacrebleu_corpus").is_dir()
 
 
 def test_bleu_by_hand():
-    assert corpus_bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
-    assert corpus_bleu(["x y z w"], ["a b c d"]) == 0.0
+    assert bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
+    assert bleu(["x y z w"], ["a b c d"]) == 0.0
     # hyp "a b c d e" vs ref "a b c d f": p1 = 4/5, p2 = 3/4, p3 = 2/3, p4 = 1/2, BP = 1
     expected = 100 * math.exp((math.log(4 / 5) + math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2)) / 4)
-    assert corpus_bleu(["a b c d e"], ["a b c d f"]) == pytest.approx(expected)
+    assert bleu(["a b c d e"], ["a b c d f"]) == pytest.approx(expected)
     # a short hypothesis pays the brevity penalty exp(1 - r/c): all precisions 1, c = 4, r = 8
-    assert corpus_bleu(["a b c d"], ["a b c d e f g h"]) == pytest.approx(100 * math.exp(1 - 8 / 4))
+    assert bleu(["a b c d"], ["a b c d e f g h"]) == pytest.approx(100 * math.exp(1 - 8 / 4))
     # clipping: "the the the the" vs "the cat": p1 = 1/4, no bigram matches -> exp smoothing 1/(2 * 3), ...
     p = [1 / 4, 1 / (2 * 3), 1 / (4 * 2), 1 / (8 * 1)]
-    assert corpus_bleu(["the the the the"], ["the cat"]) == pytest.approx(100 * math.exp(sum(map(math.log, p)) / 4))
-    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
-        corpus_bleu(["a", "b"], ["a"])
+    assert bleu(["the the the the"], ["the cat"]) == pytest.approx(100 * math.exp(sum(map(math.log, p)) / 4))
+    # mteval-13a tokens: the comma is split off, "1,000.5" stays one token
+    assert bleu(["March ninth , nineteen"], ["March ninth, nineteen"]) == pytest.approx(100.0)
+    assert bleu(["1,000.5 a b c"], ["1,000.5 a b c"]) == pytest.approx(100.0)
+    assert bleu(["1,000.6 a b c"], ["1,000.5 a b c"]) < 100.0
+    with pytest.raises(ValueError, match=r"number of predictions \(2\) and references \(1\)"):
+        bleu(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="not a string"):
+        bleu("a b", ["a b"])
 
 
-def test_chrf_by_hand():
-    assert corpus_chrf(["abc"], ["abc"]) == pytest.approx(100.0)
-    assert corpus_chrf(["xyz"], ["abc"]) == 0.0
+def test_chrf_and_exact_match_by_hand():
+    assert chrf(["abc"], ["abc"]) == pytest.approx(100.0)
+    assert chrf(["xyz"], ["abc"]) == 0.0
     # "ab" vs "abc" (order 6): n=1: P=2/2 R=2/3; n=2: P=1/1 R=1/2; n=3: hyp has none -> only orders 1, 2 count
     precision, recall = (1 + 1) / 2, (2 / 3 + 1 / 2) / 2
-    assert corpus_chrf(["ab"], ["abc"]) == pytest.approx(100 * 5 * precision * recall / (4 * precision + recall))
-    assert corpus_chrf(["a b"], ["ab"]) == pytest.approx(100.0)  # whitespace is ignored
-    assert exact_match([" one ", "two"], ["one", "three"]) == 50.0
+    assert chrf(["ab"], ["abc"]) == pytest.approx(100 * 5 * precision * recall / (4 * precision + recall))
+    assert chrf(["a b"], ["ab"]) == pytest.approx(100.0)  # whitespace is ignored
+    assert text_metrics([" one ", "two"], ["one", "three"])["exact_match"] == 50.0
+    assert text_metrics([], []) == {"bleu": 0.0, "chrf": 0.0, "exact_match": 0.0}
 
 
 def test_metrics_equal_sacrebleu():
-    """Cross-check against the reference implementation (sacrebleu's corpus_bleu / corpus_chrf defaults)."""
-    sacrebleu = pytest.importorskip("sacrebleu")
+    """The modules give sacrebleu's corpus_bleu / corpus_chrf (defaults) called directly: on a small example with a
+    known value (BLEU 66.874..., as computed by hand in test_bleu_by_hand) and on noisy corpora."""
+    assert sacrebleu.corpus_bleu(["a b c d e"], [["a b c d f"]]).score == pytest.approx(66.87403049764218)
+    assert bleu(["a b c d e"], ["a b c d f"]) == sacrebleu.corpus_bleu(["a b c d e"], [["a b c d f"]]).score
     references = numbers_to_words_dataset(10, 200, 10, seed=1)["validation"]["target"]
     rng = random.Random(0)
     for _ in range(5):
@@ -123,12 +168,10 @@ def test_metrics_equal_sacrebleu():
             for r in references
         ]
         hypotheses[0] = "a"
-        assert corpus_bleu(hypotheses, references) == pytest.approx(
-            sacrebleu.corpus_bleu(hypotheses, [references]).score, abs=1e-9
-        )
-        assert corpus_chrf(hypotheses, references) == pytest.approx(
-            sacrebleu.corpus_chrf(hypotheses, [references]).score, abs=1e-9
-        )
+        scores = text_metrics(hypotheses, references)
+        assert scores["bleu"] == sacrebleu.corpus_bleu(hypotheses, [references]).score
+        assert scores["chrf"] == sacrebleu.corpus_chrf(hypotheses, [references]).score
+        assert 0 < scores["chrf"] < 100 and 0 < scores["bleu"] < 100
 
 
 def test_seq2seq_metrics_decode_generated_ids_and_labels():
@@ -140,5 +183,5 @@ def test_seq2seq_metrics_decode_generated_ids_and_labels():
     metrics = seq2seq_metrics(tokenizer)(EvalPrediction(predictions=predictions, label_ids=labels))
     assert set(metrics) == {"bleu", "chrf", "exact_match"}
     assert metrics["exact_match"] == 50.0
-    assert metrics["bleu"] == pytest.approx(corpus_bleu(["forty-two", "March ninth, nineteen eighty-six"], references))
+    assert metrics["bleu"] == pytest.approx(bleu(["forty-two", "March ninth, nineteen eighty-six"], references))
     assert 50 < metrics["chrf"] < 100

@@ -20,7 +20,7 @@ AUTO_MAPPING = {
     "AutoModelForImageClassification": AFTForImageClassification,
 }
 
-# What the README's architecture table says of this architecture (scripts/make_model_cards.py writes the table).
+# What the README's architecture table says of this architecture (scripts/checks/make_model_cards.py writes the table).
 ARCHITECTURE_CARD = {
     "name": "Attention Free Transformer (Zhai et al. 2021)",
     "variants": "full, local, simple, conv (causal and bidirectional)",

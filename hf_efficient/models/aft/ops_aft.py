@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -107,7 +108,14 @@ class AFTState(NamedTuple):
     valid: torch.Tensor
 
 
-def aft_empty_state(batch_size, key_channels, value_channels, window_size=0, dtype=torch.float32, device=None):
+def aft_empty_state(
+    batch_size: int,
+    key_channels: int,
+    value_channels: int,
+    window_size: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> AFTState:
     """The state before the first token: empty sums and `window_size` invalid (zero) window slots."""
     return AFTState(
         max=torch.full((batch_size, key_channels), NEG_INF, dtype=dtype, device=device),
@@ -119,7 +127,7 @@ def aft_empty_state(batch_size, key_channels, value_channels, window_size=0, dty
     )
 
 
-def local_window_offsets(window, causal):
+def local_window_offsets(window: int, causal: bool) -> range:
     """Key offsets t' - t covered by an AFT-local window of size s, in band-column order.
 
     Causal: -(s-1) .. 0 (n_w = s columns); bidirectional: -(s-1) .. s-1 (n_w = 2s - 1 columns), i.e.
@@ -826,8 +834,17 @@ def _full_sums_graph(k, v, valid, causal, offset, w_dense, u, vv):
 
 
 def aft_full(
-    q, k, v, w, *, causal=False, key_padding_mask=None, initial_state=None, return_state=False, query_chunk_size=None
-):
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    initial_state: AFTState | None = None,
+    return_state: bool = False,
+    query_chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, AFTState]:
     r"""AFT-full: Y_t = sigmoid(Q_t) * sum_t' exp(K_t' + w_tt') V_t' / sum_t' exp(K_t' + w_tt').
 
     Shapes: q (B, Lq, d); k, v (B, Lk, d); w the position bias shared by all channels: a dense (Lq, Lk)
@@ -912,7 +929,14 @@ def aft_full(
     return y, empty._replace(keys=k, values=v, valid=valid)
 
 
-def aft_full_step(q, k, v, w_row, state, valid=None):
+def aft_full_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_row: torch.Tensor,
+    state: AFTState,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AFTState]:
     """One causal AFT-full decoding step (position t = number of past keys P).
 
     q, k, v (B, d) for the new token; w_row (P + 1,) = w[t, :t + 1] (or (B, P + 1) per sample); `state` from `aft_empty_state(B, d, d)`
@@ -961,17 +985,17 @@ def _sums_to_state(sums, keys, values, valid):
 
 
 def aft_simple(
-    q,
-    k,
-    v,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     *,
-    causal=False,
-    key_padding_mask=None,
-    initial_state=None,
-    return_state=False,
-    chunk_size=None,
-    segment_size=None,
-):
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    initial_state: AFTState | None = None,
+    return_state: bool = False,
+    chunk_size: int | None = None,
+    segment_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, AFTState]:
     r"""AFT-simple: Y_t = sigmoid(Q_t) * sum_t' softmax_t'(K)_t' V_t' (w = 0; t' <= t when causal).
 
     Shapes: q, k, v (B, L, d); returns Y (B, L, d) (and the final `AFTState` if `return_state`).
@@ -1026,7 +1050,9 @@ def aft_simple(
     return y, _sums_to_state(sums, empty, empty, torch.zeros(batch, 0, dtype=torch.bool, device=q.device))
 
 
-def aft_simple_step(q, k, v, state, valid=None):
+def aft_simple_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AFTState, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, AFTState]:
     """One causal AFT-simple decoding step: fold (K_t, V_t) into the running sums, read them out.
 
     q, k, v (B, d); state from `aft_empty_state(B, d, d)` or a previous step; valid (B,) marks padding.
@@ -1187,19 +1213,19 @@ def _windowed(q, k4, v5, valid, band, window, n_w, causal, initial_state, return
 
 
 def aft_local(
-    q,
-    k,
-    v,
-    w_band,
-    window,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_band: torch.Tensor,
+    window: int,
     *,
-    causal=False,
-    key_padding_mask=None,
-    initial_state=None,
-    return_state=False,
-    chunk_size=None,
-    segment_size=None,
-):
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    initial_state: AFTState | None = None,
+    return_state: bool = False,
+    chunk_size: int | None = None,
+    segment_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, AFTState]:
     r"""AFT-local(s): AFT-full with w_tt' = 0 (not -inf) outside |t - t'| < s, so global context stays.
 
         Y_t = sigmoid(Q_t) * [sum_{t' out} e^{K_t'} V_t' + sum_{t' in} e^{K_t' + w_tt'} V_t']
@@ -1256,18 +1282,18 @@ def aft_local(
 
 
 def aft_conv1d(
-    q,
-    k,
-    v,
-    kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: torch.Tensor,
     *,
-    causal=False,
-    key_padding_mask=None,
-    initial_state=None,
-    return_state=False,
-    chunk_size=None,
-    segment_size=None,
-):
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    initial_state: AFTState | None = None,
+    return_state: bool = False,
+    chunk_size: int | None = None,
+    segment_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, AFTState]:
     r"""1-D AFT-conv(h, k): per head a depthwise conv with kernel e^w - 1 added to the global sums,
 
         Y = sigmoid(Q) * (conv(e^K V, e^w - 1) + sum e^K V) / (conv(e^K, e^w - 1) + sum e^K)
@@ -1344,7 +1370,14 @@ def _window_step(q, k4, v5, band_row, state, valid, heads, channels):
     return y, new_state
 
 
-def aft_local_step(q, k, v, w_band_row, state, valid=None):
+def aft_local_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_band_row: torch.Tensor,
+    state: AFTState,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AFTState]:
     """One causal AFT-local decoding step at position t.
 
     q, k, v (B, d); w_band_row (s,) = w[t, t - s + 1 .. t] (or (B, s) per sample); state holds the last s - 1 keys/values and the
@@ -1366,7 +1399,14 @@ def aft_local_step(q, k, v, w_band_row, state, valid=None):
     )
 
 
-def aft_conv1d_step(q, k, v, kernel, state, valid=None):
+def aft_conv1d_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: torch.Tensor,
+    state: AFTState,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, AFTState]:
     """One causal 1-D AFT-conv decoding step: q, v (B, d), k (B, h), kernel (h, ks) (last column = current
     token); state holds the last ks - 1 keys/values (`aft_empty_state(B, h, d, ks - 1)` at the start).
     O(ks d) per token. Returns (Y (B, d), new state)."""
@@ -1390,7 +1430,15 @@ def aft_conv1d_step(q, k, v, kernel, state, valid=None):
 # --------------------------------------------------------------------------------------------------------
 
 
-def aft_conv2d(q, k, v, kernel, grid_size, *, key_padding_mask=None):
+def aft_conv2d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: torch.Tensor,
+    grid_size: tuple[int, int],
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""2-D AFT-conv(h, k) over a (H, W) patch grid (bidirectional), as in the paper:
 
         Y = sigmoid(Q) * (conv2d(e^K V, e^w - 1) + sum e^K V) / (conv2d(e^K, e^w - 1) + sum e^K)

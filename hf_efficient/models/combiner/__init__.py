@@ -16,7 +16,7 @@ AUTO_MAPPING = {
     "AutoModelForSequenceClassification": CombinerForSequenceClassification,
 }
 
-# What the README's architecture table says of this architecture (scripts/make_model_cards.py writes the table).
+# What the README's architecture table says of this architecture (scripts/checks/make_model_cards.py writes the table).
 ARCHITECTURE_CARD = {
     "name": "Combiner (Ren et al. 2021)",
     "variants": "fixed, logsparse, axial, mixture (causal and bidirectional)",

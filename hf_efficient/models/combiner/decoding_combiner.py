@@ -1,9 +1,16 @@
-"""Combiner decoding with a chunk: continue a filled decoding state with `T` new tokens per sample in one
-vectorised pass (no Python loop over the tokens; Logsparse loops over its O(log L) dyadic levels only).
+"""Combiner decoding (causal heads, with a cache): the state after a prefix (`combiner_prefill_state`), one new token
+per sample (`combiner_step`), a chunk of `T` new tokens per sample (`combiner_chunk_step`) and the fixed-capacity
+state a compiled / exported step needs (`combiner_static_state`). The parallel ops (training, prefill attention) are
+in ops_combiner.py; this file builds on its span summaries and masked softmaxes.
 
-`combiner_chunk_step` is `T` calls of `combiner_step` (ops_combiner.py) at once: the outputs equal the full causal op
-at the chunk's positions and the returned state equals, tensor for tensor and buffer size for buffer size, the state
-those `T` steps leave (so single steps and further chunks continue exactly).
+One step attends each sample's new token to the summaries of the spans completed so far and to the tokens it attends
+directly: O(s + L/s) entries (Fixed, Axial, Mixture) or 1 + log2 L (Logsparse) per step; it equals the full causal op
+at that position. The state layout is described below, above `combiner_static_state`.
+
+`combiner_chunk_step` is `T` calls of `combiner_step` at once, in one vectorised pass (no Python loop over the tokens;
+Logsparse loops over its O(log L) dyadic levels only): the outputs equal the full causal op at the chunk's positions
+and the returned state equals, tensor for tensor and buffer size for buffer size, the state those `T` steps leave (so
+single steps and further chunks continue exactly).
 
 How (per sample `b`, whose state has consumed `length[b]` tokens):
 
@@ -35,20 +42,490 @@ import torch
 
 from .ops_combiner import (
     COMBINER_TYPES,
-    _axial_row_abstractions,
-    _check_summary,
-    _gather,
-    _joint_softmax,
-    _lowest_where_not,
-    _pad_length,
-    _running_span_summaries,
-    _softmax,
-    _zero_where_not,
+    axial_row_abstractions,
     block_summaries,
-    combiner_step,
+    check_span_summary,
+    joint_softmax,
+    lowest_where_not,
+    masked_hidden_states,
+    masked_softmax,
+    num_logsparse_levels,
+    pad_to_length,
+    pool,
+    running_span_summaries,
+    zero_where_not,
 )
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The decoding state: after a prefix, and at a fixed capacity
+# ----------------------------------------------------------------------------------------------------------------------
+# A state is a dict of tensors with the batch on dim 0 (so a generic cache can reorder / expand / select it). Every
+# sample has its own position `length[b]` (the number of real tokens it has seen): the model packs real tokens to
+# the front, so a left-padded prompt starts its blocks at its first real token, exactly as the sample alone. Stored
+# queries are already scaled by 1/sqrt(D). Buffers that grow (completed-span summaries, raw keys) double their
+# capacity when full, and are written in place outside autograd, so a step never copies O(L) data.
+# A compiled / exported step holds them at their capacity for `max_length` tokens instead (`combiner_static_state`):
+# fixed shapes, so one graph decodes every position.
+#
+#   fixed:     seg_q/k/v (B,H,s,.) ring of the current segment; span_k/v (B,H,N,.) summaries of its segments.
+#   axial:     row_q/k/v (B,H,C,.) and row_x (B,C,d) ring of the current row; abs_k/v (B,H,R,C,.) abstractions.
+#   logsparse: q/k/v (B,H,cap,.) every token (a span is summarised when it completes, from its raw tokens);
+#              level{l}_k/v (B,H,n_l,.) summaries of the completed aligned blocks of size 2^l, l >= 1.
+#   mixture:   q/k/v (B,H,cap,.) every token (own column, column spans); col_k/v (B,H,C,.) column spans above
+#              the current row; left_k/v, right_k/v (B,H,R,C,.) row spans of completed rows.
+#
+# Per step: Fixed O(s + L/s), Axial O(C + R), Mixture O(C + R) attended entries; Logsparse 1 + log2 L. Summaries
+# are computed once, when their span completes (amortised O(1) per span entry and step).
 
+
+def combiner_static_state(
+    state: dict[str, torch.Tensor], *, combiner_type: str, block_size: int, max_length: int
+) -> dict[str, torch.Tensor]:
+    """The state with every growing buffer at the capacity a sequence of `max_length` tokens needs (zero-padded; for
+    Logsparse also the summary buffers of the levels no block has completed yet): steps up to `max_length` tokens
+    then never grow a buffer, so the state keeps fixed shapes, what a compiled / exported decoding step needs.
+
+    Capacities: Fixed `span_k/v` ceil(M / s) segments; Axial `abs_k/v` ceil(M / C) rows; Mixture `q/k/v`
+    ceil(M / C) C tokens, `left/right_k/v` ceil(M / C) rows; Logsparse `q/k/v` M tokens, `level{l}_k/v` ceil(M / 2^l)
+    blocks for l < ceil(log2(M + 1)). The state stays O(M d) (Fixed, Axial: O(M d / s) plus the ring) per layer.
+    """
+    state = dict(state)
+    rows = -(-max_length // block_size)
+    if combiner_type == "fixed":
+        sizes = {"span_k": rows, "span_v": rows}
+    elif combiner_type == "axial":
+        sizes = {"abs_k": rows, "abs_v": rows}
+    elif combiner_type == "mixture":
+        sizes = {name: rows * block_size for name in ("q", "k", "v")}
+        sizes.update({f"{side}_{t}": rows for side in ("left", "right") for t in ("k", "v")})
+    elif combiner_type == "logsparse":
+        sizes = {name: max_length for name in ("q", "k", "v")}
+        batch_size, num_heads = state["k"].shape[:2]
+        for level in range(1, num_logsparse_levels(max_length + 1)):
+            blocks = -(-max_length // 2**level)
+            for t in ("k", "v"):
+                sizes[f"level{level}_{t}"] = blocks
+                if f"level{level}_{t}" not in state:
+                    state[f"level{level}_{t}"] = state[t].new_zeros(batch_size, num_heads, 1, state[t].shape[-1])
+    else:
+        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+    for name, size in sizes.items():
+        if state[name].shape[2] < size:
+            state[name] = pad_to_length(state[name], size, dim=2)
+    return state
+
+
+def combiner_prefill_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    combiner_type: str,
+    block_size: int,
+    span_summary: str = "max",
+    abstraction_key_fn: Callable | None = None,
+    hidden_states: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The decoding state after a prefix (computed in one vectorised pass, no loop over positions).
+
+    Args:
+        q, k, v: `(B, H, T, .)` of the prefix, each sample's `lengths[b]` real tokens first (right padding).
+        lengths: `(B,)` long, the number of real tokens of each sample.
+        hidden_states: `(B, T, d)` (Axial: the layer input, needed for the abstraction keys of its current row).
+    """
+    check_span_summary(span_summary)
+    batch_size, num_heads, total, _ = q.shape
+    device = q.device
+    q = q * q.shape[-1] ** -0.5
+    lengths = lengths.to(device=device, dtype=torch.long)
+    if combiner_type == "logsparse":
+        real = torch.arange(total, device=device)[None] < lengths[:, None]
+        state = {"q": q, "k": k, "v": v, "length": lengths}
+        for level in range(1, num_logsparse_levels(total + 1)):
+            size = 2**level
+            num_blocks = -(-total // size)
+            blocks = [pad_to_length(t, num_blocks * size).unflatten(2, (num_blocks, size)) for t in (q, k, v)]
+            real_b = pad_to_length(real, num_blocks * size, dim=-1).view(batch_size, 1, num_blocks, size)
+            state[f"level{level}_k"], state[f"level{level}_v"], _ = block_summaries(*blocks, real_b, span_summary)
+        return state
+    if combiner_type not in ("fixed", "axial", "mixture"):
+        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+
+    s = block_size
+    padded = -(-total // s) * s
+    n = padded // s
+    q, k, v = (pad_to_length(t, padded) for t in (q, k, v))
+    real = torch.arange(padded, device=device)[None] < lengths[:, None]
+    qb, kb, vb = (t.unflatten(2, (n, s)) for t in (q, k, v))
+    real_b = real.view(batch_size, 1, n, s)
+    current = lengths // s  # the segment / row the next token falls into
+    ring = (current * s)[:, None] + torch.arange(s, device=device)  # its positions
+    ring = ring.clamp(max=padded - 1)  # slots not yet written are never read
+    state = {"length": lengths}
+    if combiner_type == "fixed":
+        state["span_k"], state["span_v"], _ = block_summaries(qb, kb, vb, real_b, span_summary)
+        state["seg_q"], state["seg_k"], state["seg_v"] = (_gather(t, ring) for t in (q, k, v))
+        return state
+    if combiner_type == "axial":
+        if abstraction_key_fn is None:
+            raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
+        if hidden_states is None:
+            raise ValueError("combiner_type='axial' needs the layer's `hidden_states` to build its decoding state.")
+        hidden = masked_hidden_states(hidden_states, real, padded)
+        row_logits = qb @ kb.transpose(-1, -2)
+        state["abs_v"], state["abs_k"] = axial_row_abstractions(
+            qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden
+        )
+        state["row_q"], state["row_k"], state["row_v"] = (_gather(t, ring) for t in (q, k, v))
+        state["row_x"] = hidden.gather(1, ring[..., None].expand(-1, -1, hidden.shape[-1]))
+        return state
+    # mixture
+    state.update(q=q, k=k, v=v)
+    for side, reverse in (("left", False), ("right", True)):
+        key, value, _ = running_span_summaries(qb, kb, vb, real_b, span_summary, reverse=reverse)
+        state[f"{side}_k"], state[f"{side}_v"] = key, value
+    above = real_b & (torch.arange(n, device=device)[None, :] < current[:, None])[:, None, :, None]
+    state["col_k"], state["col_v"] = _column_summaries(qb, kb, vb, above, span_summary)
+    return state
+
+
+def _column_summaries(qb, kb, vb, real_b, span_summary):
+    """Mixture: summary of each column over the rows where `real_b` `(B, 1, R, C)`: keys `(B, H, C, D)`, values."""
+    span_query = pool(qb, real_b[..., None], dim=2, span_summary=span_summary)
+    span_key = pool(kb, real_b[..., None], dim=2, span_summary=span_summary)
+    logits = torch.einsum("bhcd,bhtcd->bhct", span_query, kb)
+    weights = masked_softmax(logits, real_b.permute(0, 1, 3, 2)).to(vb.dtype)
+    return span_key, torch.einsum("bhct,bhtcd->bhcd", weights, vb)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Buffer helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def _grow(buffer: torch.Tensor, size: int, dim: int = 2, multiple: int = 1) -> torch.Tensor:
+    """Make `buffer.shape[dim] >= size` (doubling, rounded up to `multiple`); new entries are zero."""
+    current = buffer.shape[dim]
+    if current >= size:
+        return buffer
+    target = max(size, 2 * current)
+    target = -(-target // multiple) * multiple
+    return pad_to_length(buffer, target, dim=dim)
+
+
+def _write(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, where: torch.Tensor, dim: int = 2):
+    """`buffer[b, (h,) index[b]] = values[b]` for the samples where `where` (B,) is True; `dim` in {1, 2}.
+
+    Every sample writes (the others their current entry back, at index 0): no data-dependent shape, so the same code
+    runs in a graph. In place when no gradient is involved (the cache case), so the cost is O(|values|), not
+    O(|buffer|); while compiling / exporting out of place (a graph returns new states, its inputs stay unmutated).
+    """
+    index = torch.where(where, index, torch.zeros_like(index))  # another sample's index may be past the buffer
+    batch = torch.arange(buffer.shape[0], device=buffer.device)
+    if dim == 1:
+        indices = (batch, index)
+    else:
+        heads = torch.arange(buffer.shape[1], device=buffer.device)
+        indices = (batch[:, None], heads[None, :], index[:, None])
+    keep = where.view(where.shape + (1,) * (values.ndim - 1))
+    new = torch.where(keep, values.to(buffer.dtype), buffer[indices])
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad)):
+        return buffer.index_put(indices, new)
+    return buffer.index_put_(indices, new)
+
+
+def _if_any(done: torch.Tensor, update: Callable, buffers: tuple) -> tuple:
+    """`update(*buffers)` (new buffers) when any sample is `done` (B,), else `buffers`: the summaries of the spans a
+    step completes, computed once, when one does. Eager: a Python `if`. Compiling / exporting: a `torch.cond` branch
+    (a graph cannot branch on data in Python; both branches are functional)."""
+    if not torch.compiler.is_compiling():
+        return tuple(update(*buffers)) if bool(done.any()) else tuple(buffers)
+    return tuple(
+        torch.cond(done.any(), lambda *t: tuple(update(*t)), lambda *t: tuple(x.clone() for x in t), tuple(buffers))
+    )
+
+
+def _gather(buffer: torch.Tensor, index: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """`(B, H, N, ...)`, index `(B, K)` -> `(B, H, K, ...)`: per-sample entries along `dim`."""
+    shape = list(buffer.shape)
+    shape[dim] = index.shape[1]
+    view = [index.shape[0]] + [1] * (buffer.ndim - 1)
+    view[dim] = index.shape[1]
+    return buffer.gather(dim, index.view(view).expand(shape))
+
+
+def _step_softmax(parts, dtype):
+    """Joint softmax of a step: parts of `(logits (B, H, n), allowed (B, n))`."""
+    return joint_softmax([(logits, allowed[:, None, :]) for logits, allowed in parts], dtype)
+
+
+def _all_real(batch_size: int, *shape: int, device=None) -> torch.Tensor:
+    return torch.ones(batch_size, 1, *shape, dtype=torch.bool, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One new token per sample
+# ----------------------------------------------------------------------------------------------------------------------
+def combiner_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    *,
+    combiner_type: str,
+    block_size: int,
+    span_summary: str = "max",
+    valid: torch.Tensor | None = None,
+    abstraction_key_fn: Callable | None = None,
+    hidden_states: torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One causal decoding step: the new token of each sample (at position `state["length"][b]`) attends to the
+    state, which it then joins.
+
+    Args:
+        q, k: `(B, H, D)`, v: `(B, H, Dv)` of the new token. hidden_states: `(B, d)` (Axial).
+        state: from `combiner_prefill_state` or an earlier step (updated in place where possible, and returned).
+        valid: `(B,)` bool; False marks a padding token: that sample's state is left unchanged.
+        max_length: the longest sequence decoded. Needed while compiling / exporting: the state's buffers are then
+            held at their capacity for `max_length` tokens (`combiner_static_state`) instead of growing with the data,
+            and the summaries of completed spans are a `torch.cond` branch, so the step is one graph of fixed shapes
+            for any position. Eager steps grow the buffers as needed and ignore it.
+
+    Returns:
+        `(B, H, Dv)` and the new state. The output equals the full causal op at that position.
+    """
+    check_span_summary(span_summary)
+    batch_size = q.shape[0]
+    q = q * q.shape[-1] ** -0.5
+    valid = torch.ones(batch_size, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
+    if torch.compiler.is_compiling():
+        if max_length is None:
+            raise ValueError(
+                "A compiled / exported Combiner decoding step needs `max_length` (its buffers have fixed capacities)."
+            )
+        state = combiner_static_state(state, combiner_type=combiner_type, block_size=block_size, max_length=max_length)
+    state = dict(state)
+    kernels = (_fixed_step, _logsparse_step, _axial_step, _mixture_step)
+    out = _run_kernel(
+        kernels, combiner_type, q, k, v, state, valid, block_size, span_summary, abstraction_key_fn, hidden_states
+    )
+    state["length"] = state["length"] + valid.long()
+    return out, state
+
+
+def _check_axial_inputs(
+    combiner_type: str, abstraction_key_fn: Callable | None, hidden_states: torch.Tensor | None
+) -> None:
+    """Axial decoding builds the column abstraction keys of the rows it completes: it needs both."""
+    if combiner_type == "axial" and (abstraction_key_fn is None or hidden_states is None):
+        raise ValueError("combiner_type='axial' needs `abstraction_key_fn` and `hidden_states` to decode.")
+
+
+def _run_kernel(
+    kernels, combiner_type, q, k, v, state, extra, block_size, span_summary, abstraction_key_fn, hidden_states
+):
+    """The output of the Fixed, Logsparse, Axial or Mixture one of `kernels` (steps or chunks), each called with the
+    arguments it reads and `extra` (a step: `valid (B,)`; a chunk: its `_Chunk`). Updates `state` in place."""
+    fixed, logsparse, axial, mixture = kernels
+    if combiner_type == "fixed":
+        return fixed(q, k, v, state, block_size, span_summary, extra)
+    if combiner_type == "logsparse":
+        return logsparse(q, k, v, state, span_summary, extra)
+    if combiner_type == "axial":
+        _check_axial_inputs(combiner_type, abstraction_key_fn, hidden_states)
+        return axial(q, k, v, hidden_states, state, block_size, abstraction_key_fn, extra)
+    if combiner_type == "mixture":
+        return mixture(q, k, v, state, block_size, span_summary, extra)
+    raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+
+
+def _fixed_step(q, k, v, state, s, span_summary, valid):
+    length = state["length"]
+    slot, seg = length % s, length // s
+    for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v)):
+        state[name] = _write(state[name], slot, t, valid)
+    arange_s = torch.arange(s, device=q.device)
+    direct = torch.einsum("bhd,bhjd->bhj", q, state["seg_k"])  # own segment, slots <= current
+    span_k, span_v = state["span_k"], state["span_v"]
+    span = torch.einsum("bhd,bhnd->bhn", q, span_k)  # earlier segments
+    p_direct, p_span = _step_softmax(
+        [
+            (direct, arange_s[None] <= slot[:, None]),
+            (span, torch.arange(span_k.shape[2], device=q.device)[None] < seg[:, None]),
+        ],
+        v.dtype,
+    )
+    out = torch.einsum("bhj,bhjd->bhd", p_direct, state["seg_v"]) + torch.einsum("bhn,bhnd->bhd", p_span, span_v)
+
+    done = valid & (slot == s - 1)  # the segment is complete: summarise it once
+
+    def summarise(span_k, span_v):
+        segment = [state[name][:, :, None] for name in ("seg_q", "seg_k", "seg_v")]
+        key, value, _ = block_summaries(*segment, _all_real(q.shape[0], 1, s, device=q.device), span_summary)
+        if not torch.compiler.is_compiling():  # a compiled step's buffers are at full capacity
+            needed = int(seg.max()) + 1
+            span_k, span_v = _grow(span_k, needed), _grow(span_v, needed)
+        return _write(span_k, seg, key[:, :, 0], done), _write(span_v, seg, value[:, :, 0], done)
+
+    state["span_k"], state["span_v"] = _if_any(done, summarise, (span_k, span_v))
+    return out
+
+
+def _logsparse_levels(state) -> int:
+    """The levels a (static) Logsparse state holds summaries for, plus level 0 (the raw tokens)."""
+    return 1 + max((int(name[5:-2]) for name in state if name.startswith("level") and name.endswith("_k")), default=0)
+
+
+def _logsparse_step(q, k, v, state, span_summary, valid):
+    length = state["length"]
+    eager = not torch.compiler.is_compiling()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        buffer = _grow(state[name], int(length.max()) + 1) if eager else state[name]
+        state[name] = _write(buffer, length, t, valid)
+
+    parts = [((q * k).sum(-1, keepdim=True), torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device))]  # {i}
+    values = [v[:, :, None]]
+    # O(log L) levels, one span each. A compiled step reads every level of its static state (a level past the
+    # position's bit length has no span: masked, the same result), so no loop count follows the data.
+    for level in range(int(length.max()).bit_length() if eager else _logsparse_levels(state)):
+        has_span = ((length >> level) & 1).bool()  # bit l of i set: the left sibling block exists
+        block = ((length >> level) - 1).clamp(min=0)
+        key_buf, value_buf = (
+            (state["k"], state["v"]) if level == 0 else (state[f"level{level}_k"], state[f"level{level}_v"])
+        )
+        block = block.clamp(max=key_buf.shape[2] - 1)[:, None]
+        key, value = _gather(key_buf, block), _gather(value_buf, block)  # (B, H, 1, .)
+        parts.append(((q[:, :, None] * key).sum(-1), has_span[:, None]))
+        values.append(value)
+    probs = _step_softmax(parts, v.dtype)
+    out = sum((p[..., None] * value).sum(2) for p, value in zip(probs, values))
+
+    end = length + 1
+    for level in range(1, int(end.max()).bit_length() if eager else _logsparse_levels(state)):
+        size = 2**level
+        done = valid & (end % size == 0)  # a block of size 2^l just completed: summarise it from its tokens
+        index = end // size - 1
+
+        def summarise(key_buf, value_buf, size=size, done=done, index=index):
+            # The block's 2^l tokens of every sample (O(B 2^l)); the completing samples' summaries are written.
+            positions = ((end - size).clamp(min=0)[:, None] + torch.arange(size, device=q.device)).clamp(
+                max=state["k"].shape[2] - 1
+            )
+            blocks = [_gather(state[name], positions)[:, :, None] for name in ("q", "k", "v")]
+            key, value, _ = block_summaries(*blocks, _all_real(q.shape[0], 1, size, device=q.device), span_summary)
+            new = []
+            for buffer, summary in ((key_buf, key), (value_buf, value)):
+                if not torch.compiler.is_compiling():  # eager: created by the first completed block, grown as needed
+                    if buffer is None:
+                        buffer = summary.new_zeros(q.shape[0], summary.shape[1], 1, summary.shape[-1])
+                    buffer = _grow(buffer, int(torch.where(done, index, 0).max()) + 1)
+                new.append(_write(buffer, index, summary[:, :, 0], done))
+            return new
+
+        names = (f"level{level}_k", f"level{level}_v")
+        state[names[0]], state[names[1]] = _if_any(done, summarise, tuple(state.get(name) for name in names))
+        if state[names[0]] is None:
+            del state[names[0]], state[names[1]]
+    return out
+
+
+def _axial_step(q, k, v, x, state, cols, abstraction_key_fn, valid):
+    length = state["length"]
+    col, row = length % cols, length // cols
+    for name, t in (("row_q", q), ("row_k", k), ("row_v", v)):
+        state[name] = _write(state[name], col, t, valid)
+    state["row_x"] = _write(state["row_x"], col, x, valid, dim=1)
+    abs_k = _gather(state["abs_k"], col[:, None], dim=3)[:, :, :, 0]  # (B, H, R, D): abstractions of column c
+    abs_v = _gather(state["abs_v"], col[:, None], dim=3)[:, :, :, 0]
+    direct = torch.einsum("bhd,bhjd->bhj", q, state["row_k"])
+    span = torch.einsum("bhd,bhrd->bhr", q, abs_k)
+    p_direct, p_span = _step_softmax(
+        [
+            (direct, torch.arange(cols, device=q.device)[None] <= col[:, None]),
+            (span, torch.arange(abs_k.shape[2], device=q.device)[None] < row[:, None]),
+        ],
+        v.dtype,
+    )
+    out = torch.einsum("bhj,bhjd->bhd", p_direct, state["row_v"]) + torch.einsum("bhr,bhrd->bhd", p_span, abs_v)
+
+    done = valid & (col == cols - 1)  # the row is complete: build its C column abstractions once
+
+    def summarise(abs_k, abs_v):
+        qb, kb, vb = (state[name][:, :, None] for name in ("row_q", "row_k", "row_v"))
+        real_b = _all_real(q.shape[0], 1, cols, device=q.device)
+        value, key = axial_row_abstractions(
+            qb, kb, vb, real_b, qb @ kb.transpose(-1, -2), abstraction_key_fn, state["row_x"]
+        )
+        new = []
+        for buffer, summary in ((abs_k, key), (abs_v, value)):
+            if not torch.compiler.is_compiling():
+                buffer = _grow(buffer, int(row.max()) + 1)
+            new.append(_write(buffer, row, summary[:, :, 0], done))
+        return new
+
+    state["abs_k"], state["abs_v"] = _if_any(done, summarise, (state["abs_k"], state["abs_v"]))
+    return out
+
+
+def _mixture_step(q, k, v, state, cols, span_summary, valid):
+    length = state["length"]
+    col, row = length % cols, length // cols
+    eager = not torch.compiler.is_compiling()
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        buffer = _grow(state[name], int(length.max()) + 1, multiple=cols) if eager else state[name]
+        state[name] = _write(buffer, length, t, valid)
+    device, arange_c = q.device, torch.arange(cols, device=q.device)
+    num_rows = state["k"].shape[2] // cols
+
+    row_pos = (row * cols)[:, None] + arange_c  # own row
+    col_pos = torch.arange(num_rows, device=device)[None] * cols + col[:, None]  # own column
+    left_rows = torch.arange(state["left_k"].shape[2], device=device)
+    parts, values = [], []
+    for positions, allowed in ((row_pos, arange_c[None] <= col[:, None]), (col_pos, col_pos < row_pos[:, :1])):
+        parts.append((torch.einsum("bhd,bhjd->bhj", q, _gather(state["k"], positions)), allowed))
+        values.append(_gather(state["v"], positions))
+    # column spans: every other column, rows above
+    parts.append(
+        (torch.einsum("bhd,bhmd->bhm", q, state["col_k"]), (arange_c[None] != col[:, None]) & (row > 0)[:, None])
+    )
+    values.append(state["col_v"])
+    # row spans of the earlier rows, left and right of the own column
+    earlier = left_rows[None] < row[:, None]
+    for side, has in (("left", col > 0), ("right", col < cols - 1)):
+        key = _gather(state[f"{side}_k"], col[:, None], dim=3)[:, :, :, 0]
+        parts.append((torch.einsum("bhd,bhtd->bht", q, key), earlier & has[:, None]))
+        values.append(_gather(state[f"{side}_v"], col[:, None], dim=3)[:, :, :, 0])
+    probs = _step_softmax(parts, v.dtype)
+    out = sum(torch.einsum("bhj,bhjd->bhd", p, value) for p, value in zip(probs, values))
+
+    done = valid & (col == cols - 1)  # the row is complete: its row spans, and the column spans grow by a row
+
+    def summarise(left_k, left_v, right_k, right_v, col_k, col_v):
+        grid = [state[name].unflatten(2, (num_rows, cols)) for name in ("q", "k", "v")]  # (B, H, R, C, .)
+        own = [_gather(t, row[:, None]) for t in grid]  # (B, H, 1, C, .)
+        real_row = _all_real(q.shape[0], 1, cols, device=device)
+        new = []
+        for (key_buf, value_buf), reverse in (((left_k, left_v), False), ((right_k, right_v), True)):
+            key, value, _ = running_span_summaries(*own, real_row, span_summary, reverse=reverse)
+            for buffer, summary in ((key_buf, key), (value_buf, value)):
+                if not torch.compiler.is_compiling():
+                    buffer = _grow(buffer, int(row.max()) + 1)
+                new.append(_write(buffer, row, summary[:, :, 0], done))
+        above = (torch.arange(num_rows, device=device)[None] <= row[:, None])[:, None, :, None]
+        key, value = _column_summaries(*grid, above.expand(-1, -1, -1, cols), span_summary)
+        for buffer, summary in ((col_k, key), (col_v, value)):
+            new.append(torch.where(done[:, None, None, None], summary.to(buffer.dtype), buffer))
+        return new
+
+    names = ("left_k", "left_v", "right_k", "right_v", "col_k", "col_v")
+    for name, buffer in zip(names, _if_any(done, summarise, tuple(state[name] for name in names))):
+        state[name] = buffer
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A chunk of new tokens per sample
+# ----------------------------------------------------------------------------------------------------------------------
 def combiner_chunk_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,10 +555,9 @@ def combiner_chunk_step(
         `(B, H, T, Dv)` (equal to the full causal op at the valid tokens' positions) and the new state (equal to the
         state of `T` calls of `combiner_step`).
     """
-    _check_summary(span_summary)
+    check_span_summary(span_summary)
     batch_size, _, num_new, head_dim = q.shape
-    if combiner_type == "axial" and (abstraction_key_fn is None or hidden_states is None):
-        raise ValueError("combiner_type='axial' needs `abstraction_key_fn` and `hidden_states` to decode.")
+    _check_axial_inputs(combiner_type, abstraction_key_fn, hidden_states)
     if num_new == 1:  # one token: the plain step
         out, state = combiner_step(
             q[:, :, 0],
@@ -107,22 +583,16 @@ def combiner_chunk_step(
         valid = torch.ones(batch_size, num_new, dtype=torch.bool, device=q.device)
     chunk = _Chunk(valid.bool().to(q.device), state["length"])
     state = dict(state)
-    if combiner_type == "fixed":
-        out = _fixed_chunk(q, k, v, state, block_size, span_summary, chunk)
-    elif combiner_type == "logsparse":
-        out = _logsparse_chunk(q, k, v, state, span_summary, chunk)
-    elif combiner_type == "axial":
-        out = _axial_chunk(q, k, v, hidden_states, state, block_size, abstraction_key_fn, chunk)
-    elif combiner_type == "mixture":
-        out = _mixture_chunk(q, k, v, state, block_size, span_summary, chunk)
-    else:
-        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
+    kernels = (_fixed_chunk, _logsparse_chunk, _axial_chunk, _mixture_chunk)
+    out = _run_kernel(
+        kernels, combiner_type, q, k, v, state, chunk, block_size, span_summary, abstraction_key_fn, hidden_states
+    )
     state["length"] = state["length"] + chunk.count
     return out, state
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Helpers
+# Chunk helpers
 # ----------------------------------------------------------------------------------------------------------------------
 class _Chunk:
     """Where each chunk token goes: `valid (B, T)`, `count (B,)` valid tokens, `order (B, T)` chunk indices of the
@@ -150,7 +620,7 @@ def _capacity(capacity: int, needed: torch.Tensor, multiple: int = 1) -> int:
 
 
 def _grow_to(buffer: torch.Tensor, capacity: int, dim: int = 2) -> torch.Tensor:
-    return _pad_length(buffer, capacity, dim=dim) if buffer.shape[dim] < capacity else buffer
+    return pad_to_length(buffer, capacity, dim=dim) if buffer.shape[dim] < capacity else buffer
 
 
 def _step_growth(events: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -299,7 +769,7 @@ def _completed_summaries(state, names, local: _Local, summaries, chunk: _Chunk):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Combiner-Fixed
+# Chunk: Combiner-Fixed
 # ----------------------------------------------------------------------------------------------------------------------
 def _fixed_chunk(q, k, v, state, s, span_summary, chunk):
     """Own segment (causal) from the local blocks; spans: the state's earlier segments and the local segments the
@@ -315,7 +785,7 @@ def _fixed_chunk(q, k, v, state, s, span_summary, chunk):
     earlier = torch.arange(span_k.shape[2], device=device)[None] < local.first[:, None]
     local_earlier = torch.arange(local.blocks, device=device)[None, None] < local.block_of[..., None]
     own = torch.arange(s, device=device)[None, None] <= local.slot[..., None]  # causal: slots up to the token's
-    p_direct, p_prior, p_local = _joint_softmax(
+    p_direct, p_prior, p_local = joint_softmax(
         [
             (local.block_logits(qb, kb), own[:, None]),
             (queries @ span_k.transpose(-1, -2), earlier[:, None, None]),
@@ -332,7 +802,7 @@ def _fixed_chunk(q, k, v, state, s, span_summary, chunk):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Combiner-Axial
+# Chunk: Combiner-Axial
 # ----------------------------------------------------------------------------------------------------------------------
 def _axial_chunk(q, k, v, x, state, cols, abstraction_key_fn, chunk):
     """Own row (causal) from the local rows; spans: the abstractions of the token's column for the state's earlier
@@ -345,8 +815,8 @@ def _axial_chunk(q, k, v, x, state, cols, abstraction_key_fn, chunk):
     real_b = local.real.view(batch_size, 1, local.blocks, cols)
     row_logits = qb @ kb.transpose(-1, -2)
     # Abstractions of the local rows (used for those the chunk completes), zero hidden states at padded slots.
-    local_v, local_k = _axial_row_abstractions(
-        qb, kb, vb, real_b, row_logits, abstraction_key_fn, _zero_where_not(seq_x, local.real[..., None])
+    local_v, local_k = axial_row_abstractions(
+        qb, kb, vb, real_b, row_logits, abstraction_key_fn, zero_where_not(seq_x, local.real[..., None])
     )
     queries = local.rows(seq[0])
     columns = _Columns(local)
@@ -354,7 +824,7 @@ def _axial_chunk(q, k, v, x, state, cols, abstraction_key_fn, chunk):
     earlier = torch.arange(abs_k.shape[2], device=device)[None] < local.first[:, None]
     local_earlier = torch.arange(local.blocks, device=device)[None, None] < local.block_of[..., None]
     own = torch.arange(cols, device=device)[None, None] <= local.slot[..., None]
-    p_direct, p_prior, p_local = _joint_softmax(
+    p_direct, p_prior, p_local = joint_softmax(
         [
             (local.rows(row_logits.flatten(2, 3)), own[:, None]),
             (columns.logits(queries, columns.gather(abs_k)), earlier[:, None, None]),
@@ -377,7 +847,7 @@ def _axial_chunk(q, k, v, x, state, cols, abstraction_key_fn, chunk):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Combiner-Logsparse
+# Chunk: Combiner-Logsparse
 # ----------------------------------------------------------------------------------------------------------------------
 def _logsparse_chunk(q, k, v, state, span_summary, chunk):
     length, before = state["length"], chunk.before
@@ -425,12 +895,12 @@ def _logsparse_chunk(q, k, v, state, span_summary, chunk):
         key, value = _gather(key_buf, block), _gather(value_buf, block)  # (B, H, T, .)
         parts.append(((q * key).sum(-1, keepdim=True), has_span[:, None, :, None]))
         values.append(value[:, :, :, None])
-    probs = _joint_softmax(parts, v.dtype)
+    probs = joint_softmax(parts, v.dtype)
     return sum(p[..., None] * value for p, value in zip(probs, values)).sum(3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Combiner-Mixture
+# Chunk: Combiner-Mixture
 # ----------------------------------------------------------------------------------------------------------------------
 def _column_spans(state, grid_q, column_major, local: _Local, qb, kb, span_summary):
     """The column summaries seen from each local row m: over the rows above it, `(B, H, n + 1, C, .)` keys and values
@@ -453,12 +923,12 @@ def _column_spans(state, grid_q, column_major, local: _Local, qb, kb, span_summa
         # value where no row (never picked over a local row's).
         if span_summary == "max":
             lowest = torch.finfo(dtype).min
-            prior = _lowest_where_not(past_t, before).amax(2, keepdim=True) if past else lowest
+            prior = lowest_where_not(past_t, before).amax(2, keepdim=True) if past else lowest
             pooled.append(
                 torch.maximum(local_t.cummax(dim=2).values, torch.as_tensor(prior, dtype=dtype, device=device))
             )
         else:
-            prior = _zero_where_not(past_t, before).sum(2, keepdim=True) if past else 0.0
+            prior = zero_where_not(past_t, before).sum(2, keepdim=True) if past else 0.0
             total = local_t.cumsum(dim=2) + prior
             if span_summary == "mean":
                 count = first[:, None] + torch.arange(1, blocks + 1, device=device)  # (B, n) rows pooled
@@ -469,7 +939,7 @@ def _column_spans(state, grid_q, column_major, local: _Local, qb, kb, span_summa
     # Column-major products (B, H, C, n, rows): pooled query of (local row m, column c) against column c's keys.
     logits = pooled_q.transpose(2, 3) @ keys.transpose(-1, -2)
     inside = (torch.arange(keys.shape[3], device=device)[None, None] <= last[..., None])[:, None, None]
-    weights = _softmax(logits, inside).to(values.dtype)
+    weights = masked_softmax(logits, inside).to(values.dtype)
     summary_v = (weights @ values).transpose(2, 3)
     return torch.cat([col_k, pooled_k], dim=2), torch.cat([col_v, summary_v], dim=2)
 
@@ -508,7 +978,7 @@ def _mixture_chunk(q, k, v, state, cols, span_summary, chunk):
         return column_major(i) if columns.columns is None else columns.gather(grid[i][:, :, :top])
 
     col_k, col_v = _column_spans(state, grid[0], column_major, local, qb, kb, span_summary)
-    local_spans = [_running_span_summaries(qb, kb, vb, real_b, span_summary, reverse) for reverse in (False, True)]
+    local_spans = [running_span_summaries(qb, kb, vb, real_b, span_summary, reverse) for reverse in (False, True)]
 
     arange_c = torch.arange(cols, device=device)
     own_row = arange_c[None, None] <= local.slot[..., None]
@@ -525,7 +995,7 @@ def _mixture_chunk(q, k, v, state, cols, span_summary, chunk):
         parts.append((columns.logits(queries, columns.gather(state[f"{side}_k"])), earlier & has[..., None]))
     for (local_k, _, _), has in zip(local_spans, (local.slot > 0, local.slot < cols - 1)):
         parts.append((columns.logits(queries, columns.gather(local_k)), local_earlier & has[..., None]))
-    probs = _joint_softmax([(logits, allowed[:, None]) for logits, allowed in parts], v.dtype)
+    probs = joint_softmax([(logits, allowed[:, None]) for logits, allowed in parts], v.dtype)
     out = local.block_mix(probs[0], vb) + columns.mix(probs[1], own_column(2))
     out = out + local.block_mix(probs[2], col_v[:, :, : local.blocks])
     out = (

@@ -19,20 +19,18 @@ from transformers.utils import can_return_tuple
 from ..shared.common import (
     EfficientPreTrainedModel,
     FeedForward,
-    check_attention_mask,
     check_position_ids,
     mask_if_padded,
     past_key_values_alias,
     run_blocks,
 )
 from ..shared.heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
-from ..shared.state_cache import StateCache, StateCacheModelMixin, resolve_state_cache
+from ..shared.state_cache import StateCache, StateCacheModelMixin, open_cached_forward
 from .configuration_combiner import CombinerConfig
-from .decoding_combiner import combiner_chunk_step
+from .decoding_combiner import combiner_chunk_step, combiner_prefill_state
 from .ops_combiner import (
     axial_abstraction_keys,
     combiner_attention,
-    combiner_prefill_state,
     num_logsparse_levels,
 )
 
@@ -263,18 +261,9 @@ class CombinerModel(CombinerPreTrainedModel):
         batch_size, seq_len, _ = inputs_embeds.shape
         device = inputs_embeds.device
 
-        cache = resolve_state_cache(
-            cache,
-            use_cache,
-            cache_class=CombinerCache,
-            config=self.config,
-            causal=self.causal,
-            training=self.training,
-            batch_size=batch_size,
+        cache, past_length = open_cached_forward(
+            self, inputs_embeds, attention_mask, cache, use_cache, cache_class=CombinerCache, causal=self.causal
         )
-        past_length = cache.get_seq_length() if cache is not None else 0
-        total_len = past_length + seq_len
-        check_attention_mask(attention_mask, total_len, past_length, batch_size=batch_size)
         check_position_ids(type(self).__name__, position_ids, batch_size, seq_len)
         # Reading tensor values (a mask without padding, the largest position) is data-dependent control flow: it is
         # skipped while compiling or exporting, where the graph keeps the general (packed, masked) path.

@@ -32,9 +32,9 @@ Conventions shared by the four variants (the papers leave them open; tests pin t
   at `s ~ sqrt L`) and O(L log L) for Logsparse. There is no Python loop over positions or segments; Logsparse loops
   over its ceil(log2 L) levels, which is O(log L) iterations of vectorised work.
 
-Decoding with a cache uses `combiner_prefill_state` and `combiner_step` (end of this file): one new token per
-sample against the summaries of completed spans, O(s + L/s) (Fixed, Axial, Mixture) or O(log L) spans (Logsparse)
-per step.
+Decoding with a cache is in decoding_combiner.py (`combiner_prefill_state`, `combiner_step`, `combiner_chunk_step`):
+one new token per sample against the summaries of completed spans, O(s + L/s) (Fixed, Axial, Mixture) or O(log L)
+spans (Logsparse) per step. It reuses the public helpers here (span summaries, masked softmaxes, padding).
 """
 
 from collections.abc import Callable
@@ -54,7 +54,8 @@ SPAN_SUMMARIES = ("max", "mean", "sum")
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers: masks, padding, pooling, softmax
 # ----------------------------------------------------------------------------------------------------------------------
-def _check_summary(span_summary: str) -> None:
+def check_span_summary(span_summary: str) -> None:
+    """Raise a ValueError naming the choices unless `span_summary` is one of `SPAN_SUMMARIES`."""
     if span_summary not in SPAN_SUMMARIES:
         raise ValueError(f"Unknown span_summary {span_summary!r}; expected one of {SPAN_SUMMARIES}.")
 
@@ -68,8 +69,9 @@ def _real_mask(key_mask: torch.Tensor | None, batch_size: int, length: int, devi
     return key_mask.bool()
 
 
-def _pad_length(x: torch.Tensor, target: int, dim: int = -2, static: bool = False) -> torch.Tensor:
-    """Zero-pad `x` along `dim` to length `target`.
+def pad_to_length(x: torch.Tensor, target: int, dim: int = -2, static: bool = False) -> torch.Tensor:
+    """Zero-pad `x` (any shape, `x.shape[dim] <= target`) along `dim` to length `target`: `x`'s shape with
+    `target` at `dim`.
 
     `static`: `target` is a fixed size and `x`'s length may be symbolic (`torch.export` with a dynamic length): pad
     with `target` zeros and cut back to `target`, so that no tensor has the symbolic size `target - L` (which would
@@ -97,23 +99,26 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (allowed.to(dtype) - 1) * -torch.finfo(dtype).min  # out of place: `.to` may return `allowed` itself
 
 
-def _lowest_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """`x` with the entries where `keep` (bool, broadcastable) is False at the most negative finite value: for max
-    pooling, never picked over a kept entry, and finite, so that an empty span can be zeroed by a multiplication."""
+def lowest_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x` (any shape) with the entries where `keep` (bool, broadcastable to `x`) is False at the most negative
+    finite value, `x`'s shape: for max pooling, never picked over a kept entry, and finite, so that an empty span can
+    be zeroed by a multiplication."""
     if x.dtype == torch.float16:  # `x + min` can overflow to -inf in float16 (its spacing at the max is 32)
         return x.masked_fill(~keep, torch.finfo(x.dtype).min)
     return x + _additive_mask(keep, x.dtype)
 
 
-def _zero_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """`x` with the entries where `keep` (bool, broadcastable) is False set to 0, for finite `x`: a multiplication by
-    the mask (exact: `x * 1 = x`, `x * 0 = +-0`), not a broadcast `masked_fill` (see `_additive_mask`)."""
+def zero_where_not(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x` (any shape) with the entries where `keep` (bool, broadcastable to `x`) is False set to 0, for finite `x`,
+    `x`'s shape: a multiplication by the mask (exact: `x * 1 = x`, `x * 0 = +-0`), not a broadcast `masked_fill` (see
+    `_additive_mask`)."""
     return x * keep.to(x.dtype)
 
 
-def _softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Masked softmax over the last dim, in float32 (or wider) with max subtraction, returned in `logits.dtype`.
-    `allowed`: bool, broadcastable to `logits` (pass it unexpanded: it is converted at its own size).
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Masked softmax over the last dim, in float32 (or wider) with max subtraction, returned in `logits.dtype`:
+    `logits (..., n)` -> `(..., n)`. `allowed`: bool, broadcastable to `logits` (pass it unexpanded: it is converted at
+    its own size).
 
     Masked entries get the most negative finite value instead of -inf (`_additive_mask`): a row with at least one
     allowed entry gives them exactly 0, and a row with none (a padded query, an empty span) gives finite junk
@@ -124,11 +129,12 @@ def _softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return torch.softmax(wide, dim=-1).to(logits.dtype)
 
 
-def _joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+def joint_softmax(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
     """One softmax over the concatenation of several logit blocks (direct and span logits) along the last dim.
 
-    Each part is `(logits, allowed)`; logits of all parts share their leading dims (masks broadcast to them).
-    Returns the probabilities split back into the parts, in `dtype`.
+    Each part is `(logits (B, H, ..., n_i), allowed)`; logits of all parts share their leading dims, and each mask
+    (bool) broadcasts to `(B, 1, ..., n_i)` (masks never depend on the head). Returns the probabilities split back
+    into the parts, `(B, H, ..., n_i)` each, in `dtype`.
     """
     logits = torch.cat([part for part, _ in parts], dim=-1)
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -294,9 +300,9 @@ def pool(x: torch.Tensor, real: torch.Tensor, dim: int, span_summary: str) -> to
     if real.dim() != x.dim():
         real = real.expand_as(x)
     if span_summary == "max":
-        pooled = _lowest_where_not(x, real).amax(dim=dim)
-        return _zero_where_not(pooled, real.any(dim=dim))  # the mask's own size (no head / feature dims)
-    total = _zero_where_not(x, real).sum(dim=dim)
+        pooled = lowest_where_not(x, real).amax(dim=dim)
+        return zero_where_not(pooled, real.any(dim=dim))  # the mask's own size (no head / feature dims)
+    total = zero_where_not(x, real).sum(dim=dim)
     if span_summary == "sum":
         return total
     return total / real.expand_as(x).sum(dim=dim).clamp(min=1).to(x.dtype)
@@ -341,7 +347,7 @@ class _ExclusiveRunningMax(torch.autograd.Function):
         n = x.shape[dim]
         # Masked entries at the most negative finite value (not -inf): a span with no real entry gets no weight
         # (`nonempty`), and the mask is applied by a multiplication below, which -inf would turn into NaN.
-        masked = _lowest_where_not(x, real)
+        masked = lowest_where_not(x, real)
         running = _doubling_scan(masked, dim, torch.maximum, reverse)  # inclusive
         out = torch.zeros_like(running)
         if reverse:
@@ -417,7 +423,7 @@ def cumulative_pool(
         pooled = shift(running, float("-inf"))
         pooled = torch.where(count > 0, pooled, torch.zeros_like(pooled))
     else:
-        pooled = shift(_zero_where_not(x, real).cumsum(dim), 0.0)
+        pooled = shift(zero_where_not(x, real).cumsum(dim), 0.0)
         if span_summary == "mean":
             pooled = pooled / count.clamp(min=1).to(x.dtype)
     nonempty = count > 0
@@ -439,7 +445,7 @@ def block_summaries(
     span_query = pool(q, real_e, dim=-2, span_summary=span_summary)
     span_key = pool(k, real_e, dim=-2, span_summary=span_summary)
     inner = (k @ span_query[..., None])[..., 0]  # (..., n, s): batched (s, D) @ (D, 1), no layout copy
-    weights = _softmax(inner, real).to(v.dtype)
+    weights = masked_softmax(inner, real).to(v.dtype)
     span_value = (weights[..., None, :] @ v)[..., 0, :]
     return span_key, span_value, real.any(dim=-1)
 
@@ -458,8 +464,8 @@ def _prepare(q, k, v, key_mask, block_size: int | None):
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
     padded = -(-length // block_size) * block_size
-    q, k, v = (_pad_length(t, padded) for t in (q, k, v))
-    real = _pad_length(real, padded, dim=-1)
+    q, k, v = (pad_to_length(t, padded) for t in (q, k, v))
+    real = pad_to_length(real, padded, dim=-1)
     return q, k, v, real, padded
 
 
@@ -491,7 +497,7 @@ def fixed_attention(
 
     Returns `(B, H, L, Dv)`.
     """
-    _check_summary(span_summary)
+    check_span_summary(span_summary)
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
     s, n = block_size, padded // block_size
@@ -514,7 +520,7 @@ def fixed_attention(
         own = seg[n0:n1, None]
         other = seg[None, :] < own if causal else seg[None, :] != own  # [own n, span m]
         span_ok = other[:, None, :] & nonempty[:, :, None, None, :]  # (B, 1, n, 1, N)
-        p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
+        p_direct, p_span = joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
 
     reads = lambda n0, n1: [(2, n0, n1)] * 3 + [None, None]  # noqa: E731  (its segments' q, k, v; all summaries)
@@ -584,9 +590,9 @@ def _logsparse_summaries(
     if levels > 1:
         real_e = real[:, None, :, None]
         if span_summary == "max":  # padded tokens at the most negative finite value, so that pairs never pick them
-            pooled_q, pooled_k = _lowest_where_not(q, real_e), _lowest_where_not(k, real_e)
+            pooled_q, pooled_k = lowest_where_not(q, real_e), lowest_where_not(k, real_e)
         else:
-            pooled_q, pooled_k = _zero_where_not(q, real_e), _zero_where_not(k, real_e)
+            pooled_q, pooled_k = zero_where_not(q, real_e), zero_where_not(k, real_e)
     for level in range(1, levels):
         size = 2**level
         num_blocks = padded // size
@@ -594,7 +600,7 @@ def _logsparse_summaries(
         count = counts[level][..., None]  # (B, 1, n, 1)
         if span_summary == "max":
             nonempty = count > 0
-            span_query, span_key = _zero_where_not(pooled_q, nonempty), _zero_where_not(pooled_k, nonempty)
+            span_query, span_key = zero_where_not(pooled_q, nonempty), zero_where_not(pooled_k, nonempty)
         elif span_summary == "mean":
             divisor = count.clamp(min=1).to(q.dtype)
             span_query, span_key = pooled_q / divisor, pooled_k / divisor
@@ -603,7 +609,7 @@ def _logsparse_summaries(
         kb, vb = k.unflatten(2, (num_blocks, size)), v.unflatten(2, (num_blocks, size))
         inner = _block_dots(kb, span_query, elementwise)  # pooled query vs its own block's keys (B, H, n, size)
         block_real = real.view(batch_size, 1, num_blocks, size)
-        weights = _softmax(inner, block_real).to(v.dtype)
+        weights = masked_softmax(inner, block_real).to(v.dtype)
         span_keys.append(span_key)
         span_values.append(_block_mix(weights, vb, elementwise))
     return (*span_keys, *span_values)
@@ -646,7 +652,7 @@ def logsparse_attention(
 
     Returns `(B, H, L, Dv)`.
     """
-    _check_summary(span_summary)
+    check_span_summary(span_summary)
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, _ = _prepare(q, k, v, key_mask, None)
     if num_levels is None:
@@ -657,8 +663,8 @@ def logsparse_attention(
         torch._check(length <= 2**num_levels, lambda: f"num_levels={num_levels} covers {2**num_levels} positions")
         levels = num_levels
     padded = 2**levels
-    q, k, v = (_pad_length(t, padded, static=num_levels is not None) for t in (q, k, v))
-    real = _pad_length(real, padded, dim=-1, static=num_levels is not None)
+    q, k, v = (pad_to_length(t, padded, static=num_levels is not None) for t in (q, k, v))
+    real = pad_to_length(real, padded, dim=-1, static=num_levels is not None)
     real_e = real[:, None, :, None]  # (B, 1, P, 1)
 
     # Block summaries of every level: keys (B, H, P / 2^l, D), values (B, H, P / 2^l, Dv), nonempty (B, 1, P / 2^l).
@@ -708,7 +714,7 @@ def logsparse_attention(
                 merges.append((1, width, sibling_value[:, :, :, None, :]))
             logits.append(level_logits)
             allowed.append(ok)
-        probs = _joint_softmax(list(zip(logits, allowed)), vc.dtype)
+        probs = joint_softmax(list(zip(logits, allowed)), vc.dtype)
         out = probs[0] * vc
         for (n, size, value), p in zip(merges, probs[1:]):  # out += p * value, blockwise, no temporary
             blocked = (batch_size, num_heads, n, size)
@@ -764,30 +770,42 @@ def axial_abstraction_keys(
     return keys.unflatten(-1, (num_heads, -1)).transpose(1, 2).to(row_output.dtype)
 
 
-def _masked_hidden(hidden_states, real, padded):
-    """`(B, L, d)` -> `(B, Lp, d)`, zero at padded positions (None stays None)."""
+def masked_hidden_states(hidden_states: torch.Tensor | None, real: torch.Tensor, padded: int) -> torch.Tensor | None:
+    """`(B, L, d)` -> `(B, Lp, d)` with `Lp = padded`, zero where `real` `(B, Lp)` is False (None stays None)."""
     if hidden_states is None:
         return None
-    hidden_states = _pad_length(hidden_states, padded, dim=1)
-    return _zero_where_not(hidden_states, real[..., None])
+    hidden_states = pad_to_length(hidden_states, padded, dim=1)
+    return zero_where_not(hidden_states, real[..., None])
 
 
-def _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden_states, per_segment=0):
-    """Values and keys of the column abstractions of every row: `(B, H, R, C, Dv)`, `(B, H, R, C, D)`.
+def axial_row_abstractions(
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    real_b: torch.Tensor,
+    row_logits: torch.Tensor | None,
+    abstraction_key_fn: Callable,
+    hidden_states: torch.Tensor | None,
+    per_segment: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and keys of the column abstractions of every row: `(B, H, R, C, Dv)`, `(B, H, R, C, D)`, from the
+    row-major grid `qb, kb (B, H, R, C, D)`, `vb (B, H, R, C, Dv)` with `real_b (B, 1, R, C)` and the layer input
+    `hidden_states (B, R C, d)` (zero at padded slots; None if the key function needs none).
 
     The abstraction (r, c) summarises the whole row r for queries in column c: its value is the attention of the
     query at (r, c) over row r (no causal mask: an abstracted row lies entirely before the queries that use it). A
     padded slot (r, c) uses a zero query, i.e. the plain mean of row r's real values, so that row r stays reachable
     from column c whatever the padding. `row_logits` `(B, H, R, C, C)` = `qb @ kb^T` when the caller has them;
     None forms them segment by segment of rows (`per_segment` rows, recomputed in the backward; 0 = one piece).
+    `abstraction_key_fn(row_output (B, H, R C, Dv), hidden_states) -> (B, H, R C, D)` (`axial_abstraction_keys`).
     """
     batch_size, num_heads, rows, cols, _ = qb.shape
 
     def row_attention(r0, r1, qc, kc, vc):  # rows [r0, r1)
         logits = qc @ kc.transpose(-1, -2) if row_logits is None else row_logits
         real_rows = real_b[:, :, r0:r1]
-        abs_logits = _zero_where_not(logits, real_rows[..., None])  # zero query at padded slots
-        weights = _softmax(abs_logits, real_rows[:, :, :, None, :]).to(vc.dtype)
+        abs_logits = zero_where_not(logits, real_rows[..., None])  # zero query at padded slots
+        weights = masked_softmax(abs_logits, real_rows[:, :, :, None, :]).to(vc.dtype)
         return weights @ vc  # (B, H, r, C, Dv)
 
     per_segment = 0 if row_logits is not None else per_segment
@@ -849,13 +867,13 @@ def axial_attention(
     per_segment = _segment_rows(segment_size, length, cols, q, k, v)
 
     if per_segment:
-        hidden = _masked_hidden(hidden_states, real, padded)
-        abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, None, abstraction_key_fn, hidden, per_segment)
+        hidden = masked_hidden_states(hidden_states, real, padded)
+        abs_value, abs_key = axial_row_abstractions(qb, kb, vb, real_b, None, abstraction_key_fn, hidden, per_segment)
         row_logits = None
     else:  # one piece: the row logits serve the abstractions and the direct part
         row_logits = qb @ kb.transpose(-1, -2)  # (B, H, R, C, C)
-        hidden = _masked_hidden(hidden_states, real, padded)
-        abs_value, abs_key = _axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden)
+        hidden = masked_hidden_states(hidden_states, real, padded)
+        abs_value, abs_key = axial_row_abstractions(qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden)
 
     causal_ok = torch.ones(cols, cols, dtype=torch.bool, device=q.device).tril() if causal else None
     row = torch.arange(rows, device=q.device)
@@ -876,7 +894,7 @@ def axial_attention(
         own = row[r0:r1, None]
         other = row[None, :] < own if causal else row[None, :] != own  # [own r, span t]
         span_ok = other[:, None, :] & row_real
-        p_direct, p_span = _joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
+        p_direct, p_span = joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + (p_span.transpose(2, 3) @ abs_value_t).transpose(2, 3)
 
     reads = lambda r0, r1: [(2, r0, r1)] * 3 + [None, None]  # noqa: E731  (its rows of q, k, v; all abstractions)
@@ -887,10 +905,19 @@ def axial_attention(
 # ----------------------------------------------------------------------------------------------------------------------
 # Combiner-Mixture
 # ----------------------------------------------------------------------------------------------------------------------
-def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool, per_segment: int = 0):
+def running_span_summaries(
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vb: torch.Tensor,
+    real_b: torch.Tensor,
+    span_summary: str,
+    reverse: bool,
+    per_segment: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summaries of the spans "strictly before (after, if reverse) each entry along its line" of a `(B, H, N, n, .)`
     grid of N lines of n entries (the rows of the row-major grid: row spans; the columns of the column-major grid:
-    column spans): keys `(B, H, N, n, D)`, values `(B, H, N, n, Dv)`, nonempty `(B, 1, N, n)`.
+    column spans), `qb, kb (B, H, N, n, D)`, `vb (B, H, N, n, Dv)`, `real_b (B, 1, N, n)`: keys `(B, H, N, n, D)`,
+    values `(B, H, N, n, Dv)`, nonempty `(B, 1, N, n)`.
 
     The value of the span ending at entry e is the softmax over the span's real keys of `q_pool(e) . k`; the logits
     against every entry of the line are `(B, H, N, n, n)`, i.e. O(L sqrt L), formed `per_segment` lines at a time
@@ -916,7 +943,7 @@ def _running_span_summaries(qb, kb, vb, real_b, span_summary: str, reverse: bool
         span_query, _ = cumulative_pool(qb, real_e[:, :, l0:l1], 3, span_summary, reverse)
         logits = span_query @ kb.transpose(-1, -2)  # (B, H, l, n, n): entry e vs member j
         ok = inside & real_b[:, :, l0:l1, None, :]
-        weights = _softmax(logits, ok).to(vb.dtype)
+        weights = masked_softmax(logits, ok).to(vb.dtype)
         return weights @ vb
 
     value = _split_segments(values, qb.shape[2], per_segment, qb, kb, vb)
@@ -958,7 +985,7 @@ def mixture_attention(
 
     Returns `(B, H, L, Dv)`.
     """
-    _check_summary(span_summary)
+    check_span_summary(span_summary)
     batch_size, num_heads, length, _ = q.shape
     q, k, v, real, padded = _prepare(q, k, v, key_mask, block_size)
     cols, rows = block_size, padded // block_size
@@ -984,12 +1011,12 @@ def mixture_attention(
     # Column spans: column m, rows above r (below r when reverse); one per m != c. Computed along the columns of the
     # column-major grid: keys / values (B, H, C, R, .), nonempty (B, 1, C, R).
     column_spans = [
-        _running_span_summaries(qt, kt, vt, real_t, span_summary, reverse, columns_per_segment)
+        running_span_summaries(qt, kt, vt, real_t, span_summary, reverse, columns_per_segment)
         for reverse in ((False, True) if not causal else (False,))
     ]
     # Row spans: row t != r (t < r when causal), columns left of c (right of c when reverse): (B, H, R, C, .).
     row_spans = [
-        _running_span_summaries(qb, kb, vb, real_b, span_summary, reverse, per_segment) for reverse in (False, True)
+        running_span_summaries(qb, kb, vb, real_b, span_summary, reverse, per_segment) for reverse in (False, True)
     ]
     num_col = len(column_spans)
     nonempty_col = [nonempty.transpose(2, 3) for _, _, nonempty in column_spans]  # (B, 1, R, C) at (r, m)
@@ -1029,13 +1056,13 @@ def mixture_attention(
         if not per_segment:  # one batched matmul per group (the column group concatenated once)
             col_keys, col_values = (torch.cat(group[i::2], dim=3) for i in (0, 1))
             col_part = ((qct @ col_keys.transpose(-1, -2)).transpose(2, 3), torch.cat(col_masks, dim=-1))
-            p_row, p_col = _joint_softmax([row_part, col_part], vc.dtype)
+            p_row, p_col = joint_softmax([row_part, col_part], vc.dtype)
             return p_row @ row_values + (p_col.transpose(2, 3) @ col_values).transpose(2, 3)
         # Segmented: one product per member of the column group, on its contiguous prefix in place.
         col_parts = [
             ((qct @ key.transpose(-1, -2)).transpose(2, 3), mask) for key, mask in zip(group[0::2], col_masks)
         ]
-        p_row, *p_cols = _joint_softmax([row_part, *col_parts], vc.dtype)
+        p_row, *p_cols = joint_softmax([row_part, *col_parts], vc.dtype)
         out = p_row @ row_values
         for p_col, value in zip(p_cols, group[1::2]):
             out = out + (p_col.transpose(2, 3) @ value).transpose(2, 3)
@@ -1122,463 +1149,26 @@ def combiner_attention(
     raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Decoding: the state after a prefix, and one new token per sample
-# ----------------------------------------------------------------------------------------------------------------------
-# A state is a dict of tensors with the batch on dim 0 (so a generic cache can reorder / expand / select it). Every
-# sample has its own position `length[b]` (the number of real tokens it has seen): the model packs real tokens to
-# the front, so a left-padded prompt starts its blocks at its first real token, exactly as the sample alone. Stored
-# queries are already scaled by 1/sqrt(D). Buffers that grow (completed-span summaries, raw keys) double their
-# capacity when full, and are written in place outside autograd, so a step never copies O(L) data.
-# A compiled / exported step holds them at their capacity for `max_length` tokens instead (`combiner_static_state`):
-# fixed shapes, so one graph decodes every position.
-#
-#   fixed:     seg_q/k/v (B,H,s,.) ring of the current segment; span_k/v (B,H,N,.) summaries of its segments.
-#   axial:     row_q/k/v (B,H,C,.) and row_x (B,C,d) ring of the current row; abs_k/v (B,H,R,C,.) abstractions.
-#   logsparse: q/k/v (B,H,cap,.) every token (a span is summarised when it completes, from its raw tokens);
-#              level{l}_k/v (B,H,n_l,.) summaries of the completed aligned blocks of size 2^l, l >= 1.
-#   mixture:   q/k/v (B,H,cap,.) every token (own column, column spans); col_k/v (B,H,C,.) column spans above
-#              the current row; left_k/v, right_k/v (B,H,R,C,.) row spans of completed rows.
-#
-# Per step: Fixed O(s + L/s), Axial O(C + R), Mixture O(C + R) attended entries; Logsparse 1 + log2 L. Summaries
-# are computed once, when their span completes (amortised O(1) per span entry and step).
-
-
-def _grow(buffer: torch.Tensor, size: int, dim: int = 2, multiple: int = 1) -> torch.Tensor:
-    """Make `buffer.shape[dim] >= size` (doubling, rounded up to `multiple`); new entries are zero."""
-    current = buffer.shape[dim]
-    if current >= size:
-        return buffer
-    target = max(size, 2 * current)
-    target = -(-target // multiple) * multiple
-    return _pad_length(buffer, target, dim=dim)
-
-
-def _write(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, where: torch.Tensor, dim: int = 2):
-    """`buffer[b, (h,) index[b]] = values[b]` for the samples where `where` (B,) is True; `dim` in {1, 2}.
-
-    Every sample writes (the others their current entry back, at index 0): no data-dependent shape, so the same code
-    runs in a graph. In place when no gradient is involved (the cache case), so the cost is O(|values|), not
-    O(|buffer|); while compiling / exporting out of place (a graph returns new states, its inputs stay unmutated).
-    """
-    index = torch.where(where, index, torch.zeros_like(index))  # another sample's index may be past the buffer
-    batch = torch.arange(buffer.shape[0], device=buffer.device)
-    if dim == 1:
-        indices = (batch, index)
-    else:
-        heads = torch.arange(buffer.shape[1], device=buffer.device)
-        indices = (batch[:, None], heads[None, :], index[:, None])
-    keep = where.view(where.shape + (1,) * (values.ndim - 1))
-    new = torch.where(keep, values.to(buffer.dtype), buffer[indices])
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad)):
-        return buffer.index_put(indices, new)
-    return buffer.index_put_(indices, new)
-
-
-def _if_any(done: torch.Tensor, update: Callable, buffers: tuple) -> tuple:
-    """`update(*buffers)` (new buffers) when any sample is `done` (B,), else `buffers`: the summaries of the spans a
-    step completes, computed once, when one does. Eager: a Python `if`. Compiling / exporting: a `torch.cond` branch
-    (a graph cannot branch on data in Python; both branches are functional)."""
-    if not torch.compiler.is_compiling():
-        return tuple(update(*buffers)) if bool(done.any()) else tuple(buffers)
-    return tuple(
-        torch.cond(done.any(), lambda *t: tuple(update(*t)), lambda *t: tuple(x.clone() for x in t), tuple(buffers))
-    )
-
-
-def _gather(buffer: torch.Tensor, index: torch.Tensor, dim: int = 2) -> torch.Tensor:
-    """`(B, H, N, ...)`, index `(B, K)` -> `(B, H, K, ...)`: per-sample entries along `dim`."""
-    shape = list(buffer.shape)
-    shape[dim] = index.shape[1]
-    view = [index.shape[0]] + [1] * (buffer.ndim - 1)
-    view[dim] = index.shape[1]
-    return buffer.gather(dim, index.view(view).expand(shape))
-
-
-def _step_softmax(parts, dtype):
-    """Joint softmax of a step: parts of `(logits (B, H, n), allowed (B, n))`."""
-    return _joint_softmax([(logits, allowed[:, None, :]) for logits, allowed in parts], dtype)
-
-
-def _all_real(batch_size: int, *shape: int, device=None) -> torch.Tensor:
-    return torch.ones(batch_size, 1, *shape, dtype=torch.bool, device=device)
-
-
-def combiner_static_state(
-    state: dict[str, torch.Tensor], *, combiner_type: str, block_size: int, max_length: int
-) -> dict[str, torch.Tensor]:
-    """The state with every growing buffer at the capacity a sequence of `max_length` tokens needs (zero-padded; for
-    Logsparse also the summary buffers of the levels no block has completed yet): steps up to `max_length` tokens
-    then never grow a buffer, so the state keeps fixed shapes, what a compiled / exported decoding step needs.
-
-    Capacities: Fixed `span_k/v` ceil(M / s) segments; Axial `abs_k/v` ceil(M / C) rows; Mixture `q/k/v`
-    ceil(M / C) C tokens, `left/right_k/v` ceil(M / C) rows; Logsparse `q/k/v` M tokens, `level{l}_k/v` ceil(M / 2^l)
-    blocks for l < ceil(log2(M + 1)). The state stays O(M d) (Fixed, Axial: O(M d / s) plus the ring) per layer.
-    """
-    state = dict(state)
-    rows = -(-max_length // block_size)
-    if combiner_type == "fixed":
-        sizes = {"span_k": rows, "span_v": rows}
-    elif combiner_type == "axial":
-        sizes = {"abs_k": rows, "abs_v": rows}
-    elif combiner_type == "mixture":
-        sizes = {name: rows * block_size for name in ("q", "k", "v")}
-        sizes.update({f"{side}_{t}": rows for side in ("left", "right") for t in ("k", "v")})
-    elif combiner_type == "logsparse":
-        sizes = {name: max_length for name in ("q", "k", "v")}
-        batch_size, num_heads = state["k"].shape[:2]
-        for level in range(1, num_logsparse_levels(max_length + 1)):
-            blocks = -(-max_length // 2**level)
-            for t in ("k", "v"):
-                sizes[f"level{level}_{t}"] = blocks
-                if f"level{level}_{t}" not in state:
-                    state[f"level{level}_{t}"] = state[t].new_zeros(batch_size, num_heads, 1, state[t].shape[-1])
-    else:
-        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
-    for name, size in sizes.items():
-        if state[name].shape[2] < size:
-            state[name] = _pad_length(state[name], size, dim=2)
-    return state
-
-
-def combiner_prefill_state(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    combiner_type: str,
-    block_size: int,
-    span_summary: str = "max",
-    abstraction_key_fn: Callable | None = None,
-    hidden_states: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The decoding state after a prefix (computed in one vectorised pass, no loop over positions).
-
-    Args:
-        q, k, v: `(B, H, T, .)` of the prefix, each sample's `lengths[b]` real tokens first (right padding).
-        lengths: `(B,)` long, the number of real tokens of each sample.
-        hidden_states: `(B, T, d)` (Axial: the layer input, needed for the abstraction keys of its current row).
-    """
-    _check_summary(span_summary)
-    batch_size, num_heads, total, _ = q.shape
-    device = q.device
-    q = q * q.shape[-1] ** -0.5
-    lengths = lengths.to(device=device, dtype=torch.long)
-    if combiner_type == "logsparse":
-        real = torch.arange(total, device=device)[None] < lengths[:, None]
-        state = {"q": q, "k": k, "v": v, "length": lengths}
-        for level in range(1, num_logsparse_levels(total + 1)):
-            size = 2**level
-            num_blocks = -(-total // size)
-            blocks = [_pad_length(t, num_blocks * size).unflatten(2, (num_blocks, size)) for t in (q, k, v)]
-            real_b = _pad_length(real, num_blocks * size, dim=-1).view(batch_size, 1, num_blocks, size)
-            state[f"level{level}_k"], state[f"level{level}_v"], _ = block_summaries(*blocks, real_b, span_summary)
-        return state
-    if combiner_type not in ("fixed", "axial", "mixture"):
-        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
-
-    s = block_size
-    padded = -(-total // s) * s
-    n = padded // s
-    q, k, v = (_pad_length(t, padded) for t in (q, k, v))
-    real = torch.arange(padded, device=device)[None] < lengths[:, None]
-    qb, kb, vb = (t.unflatten(2, (n, s)) for t in (q, k, v))
-    real_b = real.view(batch_size, 1, n, s)
-    current = lengths // s  # the segment / row the next token falls into
-    ring = (current * s)[:, None] + torch.arange(s, device=device)  # its positions
-    ring = ring.clamp(max=padded - 1)  # slots not yet written are never read
-    state = {"length": lengths}
-    if combiner_type == "fixed":
-        state["span_k"], state["span_v"], _ = block_summaries(qb, kb, vb, real_b, span_summary)
-        state["seg_q"], state["seg_k"], state["seg_v"] = (_gather(t, ring) for t in (q, k, v))
-        return state
-    if combiner_type == "axial":
-        if abstraction_key_fn is None:
-            raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
-        if hidden_states is None:
-            raise ValueError("combiner_type='axial' needs the layer's `hidden_states` to build its decoding state.")
-        hidden = _masked_hidden(hidden_states, real, padded)
-        row_logits = qb @ kb.transpose(-1, -2)
-        state["abs_v"], state["abs_k"] = _axial_row_abstractions(
-            qb, kb, vb, real_b, row_logits, abstraction_key_fn, hidden
-        )
-        state["row_q"], state["row_k"], state["row_v"] = (_gather(t, ring) for t in (q, k, v))
-        state["row_x"] = hidden.gather(1, ring[..., None].expand(-1, -1, hidden.shape[-1]))
-        return state
-    # mixture
-    state.update(q=q, k=k, v=v)
-    for side, reverse in (("left", False), ("right", True)):
-        key, value, _ = _running_span_summaries(qb, kb, vb, real_b, span_summary, reverse=reverse)
-        state[f"{side}_k"], state[f"{side}_v"] = key, value
-    above = real_b & (torch.arange(n, device=device)[None, :] < current[:, None])[:, None, :, None]
-    state["col_k"], state["col_v"] = _column_summaries(qb, kb, vb, above, span_summary)
-    return state
-
-
-def _column_summaries(qb, kb, vb, real_b, span_summary):
-    """Mixture: summary of each column over the rows where `real_b` `(B, 1, R, C)`: keys `(B, H, C, D)`, values."""
-    span_query = pool(qb, real_b[..., None], dim=2, span_summary=span_summary)
-    span_key = pool(kb, real_b[..., None], dim=2, span_summary=span_summary)
-    logits = torch.einsum("bhcd,bhtcd->bhct", span_query, kb)
-    weights = _softmax(logits, real_b.permute(0, 1, 3, 2)).to(vb.dtype)
-    return span_key, torch.einsum("bhct,bhtcd->bhcd", weights, vb)
-
-
-def combiner_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    *,
-    combiner_type: str,
-    block_size: int,
-    span_summary: str = "max",
-    valid: torch.Tensor | None = None,
-    abstraction_key_fn: Callable | None = None,
-    hidden_states: torch.Tensor | None = None,
-    max_length: int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One causal decoding step: the new token of each sample (at position `state["length"][b]`) attends to the
-    state, which it then joins.
-
-    Args:
-        q, k: `(B, H, D)`, v: `(B, H, Dv)` of the new token. hidden_states: `(B, d)` (Axial).
-        state: from `combiner_prefill_state` or an earlier step (updated in place where possible, and returned).
-        valid: `(B,)` bool; False marks a padding token: that sample's state is left unchanged.
-        max_length: the longest sequence decoded. Needed while compiling / exporting: the state's buffers are then
-            held at their capacity for `max_length` tokens (`combiner_static_state`) instead of growing with the data,
-            and the summaries of completed spans are a `torch.cond` branch, so the step is one graph of fixed shapes
-            for any position. Eager steps grow the buffers as needed and ignore it.
-
-    Returns:
-        `(B, H, Dv)` and the new state. The output equals the full causal op at that position.
-    """
-    _check_summary(span_summary)
-    batch_size = q.shape[0]
-    q = q * q.shape[-1] ** -0.5
-    valid = torch.ones(batch_size, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
-    if torch.compiler.is_compiling():
-        if max_length is None:
-            raise ValueError(
-                "A compiled / exported Combiner decoding step needs `max_length` (its buffers have fixed capacities)."
-            )
-        state = combiner_static_state(state, combiner_type=combiner_type, block_size=block_size, max_length=max_length)
-    state = dict(state)
-    if combiner_type == "fixed":
-        out = _fixed_step(q, k, v, state, block_size, span_summary, valid)
-    elif combiner_type == "logsparse":
-        out = _logsparse_step(q, k, v, state, span_summary, valid)
-    elif combiner_type == "axial":
-        if abstraction_key_fn is None or hidden_states is None:
-            raise ValueError("combiner_type='axial' needs `abstraction_key_fn` and `hidden_states` to decode.")
-        out = _axial_step(q, k, v, hidden_states, state, block_size, abstraction_key_fn, valid)
-    elif combiner_type == "mixture":
-        out = _mixture_step(q, k, v, state, block_size, span_summary, valid)
-    else:
-        raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
-    state["length"] = state["length"] + valid.long()
-    return out, state
-
-
-def _fixed_step(q, k, v, state, s, span_summary, valid):
-    length = state["length"]
-    slot, seg = length % s, length // s
-    for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v)):
-        state[name] = _write(state[name], slot, t, valid)
-    arange_s = torch.arange(s, device=q.device)
-    direct = torch.einsum("bhd,bhjd->bhj", q, state["seg_k"])  # own segment, slots <= current
-    span_k, span_v = state["span_k"], state["span_v"]
-    span = torch.einsum("bhd,bhnd->bhn", q, span_k)  # earlier segments
-    p_direct, p_span = _step_softmax(
-        [
-            (direct, arange_s[None] <= slot[:, None]),
-            (span, torch.arange(span_k.shape[2], device=q.device)[None] < seg[:, None]),
-        ],
-        v.dtype,
-    )
-    out = torch.einsum("bhj,bhjd->bhd", p_direct, state["seg_v"]) + torch.einsum("bhn,bhnd->bhd", p_span, span_v)
-
-    done = valid & (slot == s - 1)  # the segment is complete: summarise it once
-
-    def summarise(span_k, span_v):
-        segment = [state[name][:, :, None] for name in ("seg_q", "seg_k", "seg_v")]
-        key, value, _ = block_summaries(*segment, _all_real(q.shape[0], 1, s, device=q.device), span_summary)
-        if not torch.compiler.is_compiling():  # a compiled step's buffers are at full capacity
-            needed = int(seg.max()) + 1
-            span_k, span_v = _grow(span_k, needed), _grow(span_v, needed)
-        return _write(span_k, seg, key[:, :, 0], done), _write(span_v, seg, value[:, :, 0], done)
-
-    state["span_k"], state["span_v"] = _if_any(done, summarise, (span_k, span_v))
-    return out
-
-
-def _logsparse_levels(state) -> int:
-    """The levels a (static) Logsparse state holds summaries for, plus level 0 (the raw tokens)."""
-    return 1 + max((int(name[5:-2]) for name in state if name.startswith("level") and name.endswith("_k")), default=0)
-
-
-def _logsparse_step(q, k, v, state, span_summary, valid):
-    length = state["length"]
-    eager = not torch.compiler.is_compiling()
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        buffer = _grow(state[name], int(length.max()) + 1) if eager else state[name]
-        state[name] = _write(buffer, length, t, valid)
-
-    parts = [((q * k).sum(-1, keepdim=True), torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device))]  # {i}
-    values = [v[:, :, None]]
-    # O(log L) levels, one span each. A compiled step reads every level of its static state (a level past the
-    # position's bit length has no span: masked, the same result), so no loop count follows the data.
-    for level in range(int(length.max()).bit_length() if eager else _logsparse_levels(state)):
-        has_span = ((length >> level) & 1).bool()  # bit l of i set: the left sibling block exists
-        block = ((length >> level) - 1).clamp(min=0)
-        key_buf, value_buf = (
-            (state["k"], state["v"]) if level == 0 else (state[f"level{level}_k"], state[f"level{level}_v"])
-        )
-        block = block.clamp(max=key_buf.shape[2] - 1)[:, None]
-        key, value = _gather(key_buf, block), _gather(value_buf, block)  # (B, H, 1, .)
-        parts.append(((q[:, :, None] * key).sum(-1), has_span[:, None]))
-        values.append(value)
-    probs = _step_softmax(parts, v.dtype)
-    out = sum((p[..., None] * value).sum(2) for p, value in zip(probs, values))
-
-    end = length + 1
-    for level in range(1, int(end.max()).bit_length() if eager else _logsparse_levels(state)):
-        size = 2**level
-        done = valid & (end % size == 0)  # a block of size 2^l just completed: summarise it from its tokens
-        index = end // size - 1
-
-        def summarise(key_buf, value_buf, size=size, done=done, index=index):
-            # The block's 2^l tokens of every sample (O(B 2^l)); the completing samples' summaries are written.
-            positions = ((end - size).clamp(min=0)[:, None] + torch.arange(size, device=q.device)).clamp(
-                max=state["k"].shape[2] - 1
-            )
-            blocks = [_gather(state[name], positions)[:, :, None] for name in ("q", "k", "v")]
-            key, value, _ = block_summaries(*blocks, _all_real(q.shape[0], 1, size, device=q.device), span_summary)
-            new = []
-            for buffer, summary in ((key_buf, key), (value_buf, value)):
-                if not torch.compiler.is_compiling():  # eager: created by the first completed block, grown as needed
-                    if buffer is None:
-                        buffer = summary.new_zeros(q.shape[0], summary.shape[1], 1, summary.shape[-1])
-                    buffer = _grow(buffer, int(torch.where(done, index, 0).max()) + 1)
-                new.append(_write(buffer, index, summary[:, :, 0], done))
-            return new
-
-        names = (f"level{level}_k", f"level{level}_v")
-        state[names[0]], state[names[1]] = _if_any(done, summarise, tuple(state.get(name) for name in names))
-        if state[names[0]] is None:
-            del state[names[0]], state[names[1]]
-    return out
-
-
-def _axial_step(q, k, v, x, state, cols, abstraction_key_fn, valid):
-    length = state["length"]
-    col, row = length % cols, length // cols
-    for name, t in (("row_q", q), ("row_k", k), ("row_v", v)):
-        state[name] = _write(state[name], col, t, valid)
-    state["row_x"] = _write(state["row_x"], col, x, valid, dim=1)
-    abs_k = _gather(state["abs_k"], col[:, None], dim=3)[:, :, :, 0]  # (B, H, R, D): abstractions of column c
-    abs_v = _gather(state["abs_v"], col[:, None], dim=3)[:, :, :, 0]
-    direct = torch.einsum("bhd,bhjd->bhj", q, state["row_k"])
-    span = torch.einsum("bhd,bhrd->bhr", q, abs_k)
-    p_direct, p_span = _step_softmax(
-        [
-            (direct, torch.arange(cols, device=q.device)[None] <= col[:, None]),
-            (span, torch.arange(abs_k.shape[2], device=q.device)[None] < row[:, None]),
-        ],
-        v.dtype,
-    )
-    out = torch.einsum("bhj,bhjd->bhd", p_direct, state["row_v"]) + torch.einsum("bhr,bhrd->bhd", p_span, abs_v)
-
-    done = valid & (col == cols - 1)  # the row is complete: build its C column abstractions once
-
-    def summarise(abs_k, abs_v):
-        qb, kb, vb = (state[name][:, :, None] for name in ("row_q", "row_k", "row_v"))
-        real_b = _all_real(q.shape[0], 1, cols, device=q.device)
-        value, key = _axial_row_abstractions(
-            qb, kb, vb, real_b, qb @ kb.transpose(-1, -2), abstraction_key_fn, state["row_x"]
-        )
-        new = []
-        for buffer, summary in ((abs_k, key), (abs_v, value)):
-            if not torch.compiler.is_compiling():
-                buffer = _grow(buffer, int(row.max()) + 1)
-            new.append(_write(buffer, row, summary[:, :, 0], done))
-        return new
-
-    state["abs_k"], state["abs_v"] = _if_any(done, summarise, (state["abs_k"], state["abs_v"]))
-    return out
-
-
-def _mixture_step(q, k, v, state, cols, span_summary, valid):
-    length = state["length"]
-    col, row = length % cols, length // cols
-    eager = not torch.compiler.is_compiling()
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        buffer = _grow(state[name], int(length.max()) + 1, multiple=cols) if eager else state[name]
-        state[name] = _write(buffer, length, t, valid)
-    device, arange_c = q.device, torch.arange(cols, device=q.device)
-    num_rows = state["k"].shape[2] // cols
-
-    row_pos = (row * cols)[:, None] + arange_c  # own row
-    col_pos = torch.arange(num_rows, device=device)[None] * cols + col[:, None]  # own column
-    left_rows = torch.arange(state["left_k"].shape[2], device=device)
-    parts, values = [], []
-    for positions, allowed in ((row_pos, arange_c[None] <= col[:, None]), (col_pos, col_pos < row_pos[:, :1])):
-        parts.append((torch.einsum("bhd,bhjd->bhj", q, _gather(state["k"], positions)), allowed))
-        values.append(_gather(state["v"], positions))
-    # column spans: every other column, rows above
-    parts.append(
-        (torch.einsum("bhd,bhmd->bhm", q, state["col_k"]), (arange_c[None] != col[:, None]) & (row > 0)[:, None])
-    )
-    values.append(state["col_v"])
-    # row spans of the earlier rows, left and right of the own column
-    earlier = left_rows[None] < row[:, None]
-    for side, has in (("left", col > 0), ("right", col < cols - 1)):
-        key = _gather(state[f"{side}_k"], col[:, None], dim=3)[:, :, :, 0]
-        parts.append((torch.einsum("bhd,bhtd->bht", q, key), earlier & has[:, None]))
-        values.append(_gather(state[f"{side}_v"], col[:, None], dim=3)[:, :, :, 0])
-    probs = _step_softmax(parts, v.dtype)
-    out = sum(torch.einsum("bhj,bhjd->bhd", p, value) for p, value in zip(probs, values))
-
-    done = valid & (col == cols - 1)  # the row is complete: its row spans, and the column spans grow by a row
-
-    def summarise(left_k, left_v, right_k, right_v, col_k, col_v):
-        grid = [state[name].unflatten(2, (num_rows, cols)) for name in ("q", "k", "v")]  # (B, H, R, C, .)
-        own = [_gather(t, row[:, None]) for t in grid]  # (B, H, 1, C, .)
-        real_row = _all_real(q.shape[0], 1, cols, device=device)
-        new = []
-        for (key_buf, value_buf), reverse in (((left_k, left_v), False), ((right_k, right_v), True)):
-            key, value, _ = _running_span_summaries(*own, real_row, span_summary, reverse=reverse)
-            for buffer, summary in ((key_buf, key), (value_buf, value)):
-                if not torch.compiler.is_compiling():
-                    buffer = _grow(buffer, int(row.max()) + 1)
-                new.append(_write(buffer, row, summary[:, :, 0], done))
-        above = (torch.arange(num_rows, device=device)[None] <= row[:, None])[:, None, :, None]
-        key, value = _column_summaries(*grid, above.expand(-1, -1, -1, cols), span_summary)
-        for buffer, summary in ((col_k, key), (col_v, value)):
-            new.append(torch.where(done[:, None, None, None], summary.to(buffer.dtype), buffer))
-        return new
-
-    names = ("left_k", "left_v", "right_k", "right_v", "col_k", "col_v")
-    for name, buffer in zip(names, _if_any(done, summarise, tuple(state[name] for name in names))):
-        state[name] = buffer
-    return out
-
-
 __all__ = [
     "COMBINER_TYPES",
     "SPAN_SUMMARIES",
     "axial_abstraction_keys",
     "axial_attention",
+    "axial_row_abstractions",
     "block_summaries",
+    "check_span_summary",
     "combiner_attention",
-    "combiner_prefill_state",
-    "combiner_static_state",
-    "combiner_step",
     "cumulative_pool",
     "fixed_attention",
+    "joint_softmax",
     "logsparse_attention",
+    "lowest_where_not",
+    "masked_hidden_states",
+    "masked_softmax",
     "mixture_attention",
     "num_logsparse_levels",
+    "pad_to_length",
     "pool",
+    "running_span_summaries",
+    "zero_where_not",
 ]

@@ -20,7 +20,7 @@ AUTO_MAPPING = {
     "AutoModelForImageClassification": GMLPForImageClassification,
 }
 
-# What the README's architecture table says of this architecture (scripts/make_model_cards.py writes the table).
+# What the README's architecture table says of this architecture (scripts/checks/make_model_cards.py writes the table).
 ARCHITECTURE_CARD = {"name": "gMLP / aMLP (Liu et al. 2021)", "variants": "gMLP; aMLP (`tiny_attn_size`)"}
 
 __all__ = [

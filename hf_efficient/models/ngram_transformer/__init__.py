@@ -15,7 +15,7 @@ AUTO_MAPPING = {
     "AutoModelForSeq2SeqLM": NgramTransformerForConditionalGeneration,
 }
 
-# The README's architecture row (scripts/make_model_cards.py).
+# The README's architecture row (scripts/checks/make_model_cards.py).
 ARCHITECTURE_CARD = {
     "name": "N-gram masked self-attention (Chelba et al. 2020)",
     "variants": "encoder-decoder and decoder-only; `ngram_size` N (None = full causal baseline)",

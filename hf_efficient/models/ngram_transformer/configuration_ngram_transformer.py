@@ -12,6 +12,7 @@ from ..shared.config_checks import (
     require_probability,
     require_task_fields,
 )
+from .ops_ngram_transformer import default_block_size
 
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
 
@@ -50,7 +51,8 @@ class NgramTransformerConfig(PreTrainedConfig):
             self-attention sees; `None` is full causal attention (the baseline).
         attention_block_size (`int`, *optional*): block length of the blocked local attention (training and prefill):
             queries of a block attend to their own and the previous block. Must be >= N - 1. Default: the smallest
-            multiple of N that is at least 64 (batched matmuls stay efficient at small N; cost O(L * block)).
+            multiple of N that is at least 64 (`default_block_size` in ops_ngram_transformer.py: batched matmuls stay
+            efficient at small N; cost O(L * block)).
         is_encoder_decoder (`bool`, defaults to `False`): encoder-decoder (True, the paper's translation model) or
             decoder-only (False). The default is False because transformers omits values equal to its base config
             default when saving; the encoder-decoder presets set it explicitly.
@@ -144,7 +146,7 @@ class NgramTransformerConfig(PreTrainedConfig):
             return None
         if self.attention_block_size is not None:
             return self.attention_block_size
-        return self.ngram_size * -(-64 // self.ngram_size)
+        return default_block_size(self.ngram_size)
 
     def _validate(self):
         """Reject invalid values at creation time, naming the field and the value."""

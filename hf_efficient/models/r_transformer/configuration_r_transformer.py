@@ -11,8 +11,9 @@ from ..shared.config_checks import (
     require_probability,
     require_task_fields,
 )
+from .ops_r_transformer import GATES
 
-RNN_TYPES = ("gru", "lstm", "rnn")
+RNN_TYPES = tuple(GATES)
 LOCAL_RNN_IMPLEMENTATIONS = ("auto", "projected", "unfold")
 
 
@@ -55,7 +56,7 @@ class RTransformerConfig(PreTrainedConfig):
             same outputs. `"projected"`: input projections once per position, then the M-step recurrence batched
             over all B x L windows (hidden-to-hidden matmul per step). `"unfold"`: the official form, the windows
             unfolded to `(B L, M, d)` and fed to `nn.GRU` / `nn.LSTM` / `nn.RNN` (fused kernels, M times the input
-            projections and memory). `"auto"`: the faster one measured per device type (`scripts/bench_localrnn.py`):
+            projections and memory). `"auto"`: the faster one measured per device type (`scripts/benchmarks/bench_localrnn.py`):
             `"projected"` on CPU; devices not measured yet (CUDA included) also take `"projected"`.
         local_rnn_segment_length (`int`, defaults to 1024): training memory vs time of the `"projected"` LocalRNN
             (exact either way). With autograd on, a LocalRNN call over at most this many positions keeps its window

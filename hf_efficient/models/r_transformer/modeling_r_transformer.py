@@ -25,7 +25,7 @@ from ..shared.common import (
 from ..shared.heads import CausalLMHead, ImageClassificationHead, SequenceClassificationHead, TokenClassificationHead
 from ..shared.state_cache import StateCache, StateCacheModelMixin, open_cached_forward
 from .configuration_r_transformer import RTransformerConfig
-from .ops_r_transformer import local_rnn, official_layer_norm
+from .ops_r_transformer import GATES, local_rnn, official_layer_norm
 
 
 class RTransformerCache(StateCache):
@@ -53,8 +53,7 @@ class RTransformerLayerNorm(nn.Module):
 
 
 RNN_MODULES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
-RNN_GATES = {"gru": 3, "lstm": 4, "rnn": 1}
-# The faster LocalRNN computation per device type, measured with `scripts/bench_localrnn.py` (CPU, 1 thread, d 256,
+# The faster LocalRNN computation per device type, measured with `scripts/benchmarks/bench_localrnn.py` (CPU, 1 thread, d 256,
 # M 7, forward + backward: projected 1.7-2.4x faster than nn.GRU on the unfolded windows, 1.2-1.4x for LSTM, 1.5-1.7x
 # for RNN). Devices not measured yet (CUDA included) take "projected" too: fewer FLOPs and no M-fold window copy.
 AUTO_IMPLEMENTATION = {"cpu": "projected"}
@@ -76,7 +75,7 @@ class RTransformerRNNWeights(nn.Module):
     def __init__(self, rnn_type: str, hidden_size: int):
         super().__init__()
         self.rnn_type, self.input_size, self.hidden_size = rnn_type, hidden_size, hidden_size
-        rows = RNN_GATES[rnn_type] * hidden_size
+        rows = GATES[rnn_type] * hidden_size
         self.weight_ih_l0 = nn.Parameter(torch.empty(rows, hidden_size))
         self.weight_hh_l0 = nn.Parameter(torch.empty(rows, hidden_size))
         self.bias_ih_l0 = nn.Parameter(torch.empty(rows))
@@ -107,7 +106,7 @@ class RTransformerLocalRNN(nn.Module):
     (`config.local_rnn_implementation`):
     `"projected"` (`ops_r_transformer.local_rnn`: input projections once per position, M batched recurrence steps)
     and `"unfold"` (the official form: `rnn` over the `(B L, M, d)` unfolded windows); `"auto"` takes the faster
-    per device type as measured by `scripts/bench_localrnn.py` (`AUTO_IMPLEMENTATION`). In training, `"projected"`
+    per device type as measured by `scripts/benchmarks/bench_localrnn.py` (`AUTO_IMPLEMENTATION`). In training, `"projected"`
     runs as one autograd Function whose backward recomputes the window steps by segments of
     `config.local_rnn_segment_length` positions in calls longer than that (activations O(L d), not O(L M d));
     `"unfold"` keeps nn.RNN's activations.

@@ -20,6 +20,8 @@ live activations are O(segment M d) + O(L d) instead of O(L M d), for about one 
 import torch
 import torch.nn.functional as F
 
+# The LocalRNN cell types and their gate count G (weights `(G d, d)` in the `nn.GRU` / `nn.LSTM` / `nn.RNN` layout):
+# the one statement of both; the configuration's `RNN_TYPES` and the converter read it.
 GATES = {"gru": 3, "lstm": 4, "rnn": 1}
 # Positions (per batch row) beyond which the LocalRNN's backward recomputes its steps segment by segment instead of
 # keeping them from the forward. Shorter calls (the common 1k training contexts) pay no recomputation.

@@ -295,15 +295,17 @@ class EfficientPreTrainedModel(PreTrainedModel):
                 f"one with `hf-efficient train --model {folder.name}`. ({error})"
             ) from error
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`. After `register_for_auto_class`, a model of the installed package saves
-        through `hf_efficient.hub.save_pretrained_with_code`: transformers' own saver would copy the architecture's
-        files as they are, with `from ..shared.x` imports it cannot follow, instead of the flat bundle. (A model
-        loaded with `trust_remote_code` is flat already and takes transformers' path.)"""
-        if self._auto_class is not None and type(self).__module__.startswith("hf_efficient.models."):
-            from hf_efficient.hub import save_pretrained_with_code
+    # Installed by `hf_efficient.hub` when the package is imported: `save_pretrained_with_code`. A model of the
+    # package whose class was registered with `register_for_auto_class` saves through it, because transformers' own
+    # saver would copy the architecture's files as they are, with `from ..shared.x` imports it cannot follow,
+    # instead of the flat bundle. (In a checkpoint loaded with trust_remote_code it stays None: that code is flat
+    # already and takes transformers' path.)
+    save_with_code = None
 
-            save_pretrained_with_code(self, save_directory, *args, **kwargs)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; after `register_for_auto_class`, with the flat code bundle (above)."""
+        if self._auto_class is not None and self.save_with_code is not None:
+            self.save_with_code(save_directory, *args, **kwargs)
             return None
         return super().save_pretrained(save_directory, *args, **kwargs)
 

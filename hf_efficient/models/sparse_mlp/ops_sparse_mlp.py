@@ -6,6 +6,7 @@ Pure functions on tensors (no modules), each with its equation and shapes. Notat
 """
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -111,7 +112,7 @@ def padded_experts_forward(
     up_proj_bias: torch.Tensor,
     down_proj: torch.Tensor,
     down_proj_bias: torch.Tensor,
-    act_fn,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """`y_n = sum_j w_nj * (W2_e act(W1_e x_n + b1_e) + b2_e)` with `e = top_k_index[n, j]`, `w = top_k_weights`.
 

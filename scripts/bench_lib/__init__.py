@@ -1,1 +1,0 @@
-"""Helpers of `scripts/benchmark.py`: benchmark specs, measurement workers, one module per mode, reporting."""
