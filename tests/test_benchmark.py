@@ -1,6 +1,6 @@
 """Smoke tests of `scripts/benchmarks/benchmark.py`: every mode at tiny sizes (JSON schema, no crash), every
 benchmark declaration at every level, vision-only declarations, the fresh-process runner, the report and the generated
-README sections (`report --check`). No timing assertions anywhere."""
+sections of the documentation's benchmark page (`report --check`). No timing assertions anywhere."""
 
 import json
 import subprocess
@@ -14,18 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "scripts" / "benchmarks" / "benchmark.py"
 sys.path.insert(0, str(BENCHMARK.parent))
 
-from bench_lib import images, measure, report, scaling, specs  # noqa: E402
+from bench_lib import decode, images, measure, report, scaling, specs, throughput  # noqa: E402
 
 STATUSES = {"ok", "oom", "timeout", "error", "skipped"}
-MODES = ("scaling", "compile", "decode", "peers", "hardware", "images", "quality", "recall")
+MODES = ("scaling", "compile", "decode", "throughput", "peers", "hardware", "images", "quality", "recall")
+PEERS = {"mamba2", "mamba", "rwkv", "recurrent-gemma"}  # transformers' sub-quadratic LMs beside Llama (issue 23)
 
 # Required fields of an "ok" row, per mode.
 OK_FIELDS = {
-    "scaling": {"name", "level", "length", "time_s", "peak_memory_mb", "memory_method", "parameters"},
-    "compile": {"name", "length", "mode", "time_s", "peak_memory_mb"},
-    "decode": {"name", "prefix", "ms_per_token", "cache_mb", "prefill_s"},
+    "scaling": {"name", "level", "length", "time_s", "peak_memory_mb", "memory_method", "parameters", "dropout"},
+    "compile": {"name", "length", "mode", "time_s", "peak_memory_mb", "dropout", "training"},
+    "decode": {"name", "prefix", "ms_per_token", "cache_mb", "prefill_s", "dropout"},
+    "throughput": {
+        *("name", "prefix", "batch", "new_tokens", "prefill_s", "decode_tokens_per_s", "decode_ms_per_step"),
+        *("step_ms", "cache_mb", "peak_memory_mb", "dropout", "load_average"),
+    },
     "peers": {"pair", "peer", "ours_s", "theirs_s", "ratio"},
-    "hardware": {"name", "step_s", "step_gflop", "achieved_gflops", "fraction_of_peak"},
+    "hardware": {"name", "step_s", "step_gflop", "achieved_gflops", "fraction_of_peak", "dropout", "training"},
     "quality": {"name", "parameters", "non_embedding_parameters", "validation_bpb", "tokens"},
     "recall": {"name", "length", "num_pairs", "accuracy", "steps"},
     "images": {"name", "parameters", "train_images_per_s", "inference_images_per_s", "train_step_s", "inference_s"},
@@ -64,6 +69,127 @@ def check_schema(data: dict, mode: str) -> None:
             assert row.get("error") or row.get("reason"), row
 
 
+def check_dropout_rows(data: dict, entries: list[dict]) -> None:
+    """Every row of a training mode records the dropout it ran with, in training mode: the config's defaults for a
+    declared entry, 0 for its dropout-0 twin (measured in the same run, named `<name>-dropout0`)."""
+    by_name = {e["name"]: e for e in entries}
+    twins = {e["name"]: e["dropout_zero_of"] for e in entries if e.get("dropout_zero_of")}
+    # the twins are exactly the entries whose config defaults have dropout: the N-gram and R-Transformer ones, GPT-2
+    assert set(twins.values()) == {e["name"] for e in entries if e.get("dropout")}
+    assert all(n + specs.DROPOUT_ZERO_SUFFIX in by_name for n in twins.values())
+    if any(e["model_type"] == "ngram_transformer" for e in entries):
+        assert "ngram-8-dropout0" in twins
+    assert {(r["name"], r.get("level")) for r in data["results"] if r["name"] in twins} == {
+        (r["name"] + specs.DROPOUT_ZERO_SUFFIX, r.get("level")) for r in data["results"] if r["name"] in twins.values()
+    }
+    for row in data["results"]:
+        if row["status"] != "ok":
+            continue
+        assert row["training"] is True, row
+        rates = {k: v for k, v in row["dropout"].items() if v}
+        entry = by_name[row["name"]]
+        if entry.get("dropout_zero_of"):
+            assert not rates and set(entry["dropout_zeroed"]) <= set(row["dropout"]), row
+        else:
+            assert rates == entry["dropout"], row
+    text = "\n".join(report.markdown(Path("."), {data["mode"]: data}).splitlines())
+    if data["mode"] in ("scaling", "hardware") and twins:
+        assert "0 (defaults zeroed)" in text and "defaults: hidden 0.1" in text
+
+
+def check_throughput(data: dict, entries: list[dict]) -> None:
+    """`throughput`: every causal variant of ours, Llama with its dynamic and its static cache and the peers, at every
+    (prefix, batch); `generate()` made the requested tokens, the steps after the first are timed, the target line is
+    computed from the points."""
+    settings = data["settings"]
+    expected = {e["name"] for e in throughput.throughput_entries(entries)}
+    causal = {e["name"] for e in entries if e.get("causal_head") and not e.get("baseline")}
+    assert causal | PEERS | {specs.REFERENCE, specs.REFERENCE + "-static"} == expected
+    points = {(r["name"], r["prefix"], r["batch"]) for r in data["results"]}
+    assert points == {(n, p, b) for n in expected for p in settings["prefixes"] for b in settings["batches"]}
+    assert all(r["status"] == "ok" for r in data["results"]), [r for r in data["results"] if r["status"] != "ok"]
+    for row in data["results"]:
+        assert row["new_tokens"] == settings["new_tokens"] and len(row["step_ms"]) == settings["new_tokens"] - 1
+        assert row["training"] is False and row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0
+    static = [r for r in data["results"] if r["name"] == specs.REFERENCE + "-static"]
+    assert {r["cache_type"] for r in static} == {"StaticCache"}
+    fixed = [r for r in data["results"] if r["name"] == "gmlp"]  # n x n SGU: built for prefix + new tokens
+    assert all(r["declared_length"] == r["prefix"] + settings["new_tokens"] for r in fixed)
+    summary = data["summary"]
+    assert summary["ratio_vs_reference"][specs.REFERENCE] == {
+        f"{p}x{b}": 1.0 for p in settings["prefixes"] for b in settings["batches"]
+    }
+    target = summary["target"]
+    assert set(target["subquadratic"]) == {
+        e["name"] for e in entries if e["name"] in causal and throughput.is_subquadratic(e)
+    }
+    assert {"ngram-8", "aft-simple", "combiner-fixed"} <= set(target["subquadratic"])
+    assert not {"gmlp", "aft-full", "ngram-full"} & set(target["subquadratic"])
+    longest = max(settings["prefixes"])
+    for name in target["subquadratic"]:
+        behind = {
+            str(b): summary["ratio_vs_reference"][name][f"{longest}x{b}"]
+            for b in settings["batches"]
+            if summary["ratio_vs_reference"][name][f"{longest}x{b}"] <= 1.0
+        }
+        listed = next((m["behind_at_batch"] for m in target["missing"] if m["name"] == name), {})
+        assert listed == behind, (name, listed, behind)
+
+
+def test_throughput_target_is_computed():
+    """The target line names exactly the sub-quadratic variants behind Llama at the longest prefix (or not run)."""
+    entries = [
+        {"name": "fast", "baseline": False, "expected_slope": {"time": 1.0}},
+        {"name": "slow", "baseline": False, "expected_slope": {"time": 1.5}},
+        {"name": "quadratic", "baseline": False, "expected_slope": {"time": 2.0}},
+        {"name": "failed", "baseline": False, "expected_slope": {"time": 1.0}},
+        {"name": specs.REFERENCE, "baseline": True, "expected_slope": {"time": 2.0}},
+    ]
+
+    def point(name, prefix, batch, rate, status="ok"):
+        return {"name": name, "prefix": prefix, "batch": batch, "status": status, "decode_tokens_per_s": rate}
+
+    points = []
+    for batch in (1, 8):
+        points += [point(specs.REFERENCE, 512, batch, 100.0), point(specs.REFERENCE, 4096, batch, 50.0)]
+        points += [point("fast", 512, batch, 10.0), point("fast", 4096, batch, 60.0)]
+        points += [point("slow", 512, batch, 200.0), point("slow", 4096, batch, 60.0 if batch == 1 else 40.0)]
+        points += [point("quadratic", 4096, batch, 1.0), point("failed", 4096, batch, None, "timeout")]
+    summary = throughput.summarise(entries, points, [512, 4096], [1, 8])
+    assert summary["target"]["subquadratic"] == ["fast", "slow", "failed"]
+    assert summary["target"]["missing"] == [
+        {"name": "slow", "behind_at_batch": {"8": 0.8}},
+        {"name": "failed", "behind_at_batch": {"1": "timeout", "8": "timeout"}},
+    ]
+    data = {
+        "settings": {"prefixes": [512, 4096], "batches": [1, 8], "new_tokens": 4},
+        "results": [{**p, "prefill_s": 0.5, "cache_mb": 1.0} if p["status"] == "ok" else p for p in points],
+        "summary": summary,
+        "entries": [],
+    }
+    text = "\n".join(report.throughput_tables(data, {}))
+    assert "missed by slow (B=8: 0.80x); failed (B=1: timeout, B=8: timeout)." in text
+    assert "| fast | 10.0 (**0.10x**) | 10.0 (**0.10x**) | 60.0 (1.20x) | 60.0 (1.20x) |" in text
+
+
+def test_declarations_do_not_zero_dropout():
+    """Issue 23: the benchmark declarations measure each config class's defaults; no declaration (and no baseline)
+    sets a dropout field to 0 — the dropout-0 figure is the derived twin, never the only one."""
+    entries, _ = specs.discover()
+    for entry in entries:
+        for level in ("variant", *specs.LEVELS):
+            for key, value in (entry.get(level) or {}).items():
+                assert not (specs.is_dropout_field(key) and value == 0), (entry["name"], level, key)
+    derived = {
+        e["name"]: e for e in specs.with_dropout_zero(specs.split_for_mode(entries, "scaling")[0], specs.SIZES["tiny"])
+    }
+    assert derived["ngram-8"]["dropout"] == {"hidden_dropout_prob": 0.1}
+    assert derived["r-transformer-gru-m7-dropout0"]["variant"]["embedding_dropout"] == 0.0
+    assert derived["gpt2"]["dropout"] == {"attn_pdrop": 0.1, "embd_pdrop": 0.1, "resid_pdrop": 0.1}
+    assert derived["llama-sdpa"]["dropout"] == {} and "llama-sdpa-dropout0" not in derived
+    assert derived["mamba2"]["dropout"] == {} and "aft-simple-dropout0" not in derived
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_mode_tiny(mode, tmp_path):
     extra = {"scaling": ("--lengths", "32"), "compile": ("--only", "amlp", "ngram-8", "llama-sdpa")}.get(mode, ())
@@ -73,24 +199,38 @@ def test_mode_tiny(mode, tmp_path):
     all_entries, skipped = specs.discover(names=only)
     entries, mode_skipped = specs.split_for_mode(all_entries, mode)
     assert data["skipped"] == skipped + mode_skipped
+    if mode in ("scaling", "compile", "hardware"):
+        # the declared defaults, each beside its dropout-0 twin where the defaults have dropout
+        entries = specs.with_dropout_zero(entries, specs.SIZES["tiny"])
+        check_dropout_rows(data, entries)
+    if mode in ("scaling", "hardware", "compile") and only is None:
+        # Mamba's CPU training path is O(L^2) (its reason is recorded); the other peers train
+        assert [s["name"] for s in mode_skipped if s["name"] in PEERS] == ["mamba"]
+        assert PEERS - {"mamba"} <= {e["name"] for e in entries}
     assert all(s["reason"] for s in data["skipped"])
     names = {row.get("name") for row in data["results"]}
     if mode in ("scaling", "hardware"):
         # every registered text architecture's entries (and both text baselines) ran, and ran fine at tiny sizes
         assert names == {e["name"] for e in entries}
         not_ok = [r for r in data["results"] if r["status"] != "ok"]
-        # only the mixer level of a block with no separable FFN (gMLP) is skipped
-        assert all(r["status"] == "skipped" and r["level"] == "mixer" for r in not_ok), not_ok
+        # only the mixer level of a block with no separable FFN (gMLP) is skipped (and RWKV's 1-layer block,
+        # which transformers cannot build)
+        assert all(r["status"] == "skipped" for r in not_ok), not_ok
+        assert all(r["level"] == "mixer" or r["name"] == "rwkv" for r in not_ok), not_ok
         if mode == "scaling":
             assert {r["name"] for r in not_ok} == {e["name"] for e in entries if not scaling.has_mixer_level(e)}
+            assert {r["level"] for r in not_ok if r["name"] == "rwkv"} == {"block", "mixer"}
     if mode in ("decode", "quality", "recall"):
         causal = {e["name"] for e in entries if e.get("causal_head") and not e.get("baseline")}
         assert causal <= names and specs.REFERENCE in names
         not_ok = [r for r in data["results"] if r["status"] != "ok"]
         if mode == "decode":  # the mixer level of a block with no separable FFN is skipped, nothing else
+            decoding = {e["name"] for e in decode.decoding_entries(entries)}
+            assert names == decoding and PEERS - {"recurrent-gemma"} <= names
+            assert "recurrent-gemma" in {s["name"] for s in mode_skipped}  # no cache from its forward: throughput
             assert all(r["status"] == "skipped" and r["level"] == "mixer" for r in not_ok), not_ok
             assert {(r["name"], r["level"]) for r in not_ok} == {
-                (e["name"], "mixer") for e in entries if e["name"] in causal and not scaling.has_mixer_level(e)
+                (e["name"], "mixer") for e in entries if e["name"] in decoding and not scaling.has_mixer_level(e)
             }
             assert {r["level"] for r in data["results"]} == {"model", "mixer"}
             mixer = [r for r in data["results"] if r["level"] == "mixer" and r["status"] == "ok"]
@@ -112,7 +252,7 @@ def test_mode_tiny(mode, tmp_path):
         # each entry eager and compiled (the tiny profile compiles with aot_eager), with no graph break
         assert data["settings"]["backend"] == "aot_eager"
         assert {(r["name"], r["mode"]) for r in data["results"]} == {
-            (n, m) for n in ("amlp", "ngram-8", "llama-sdpa") for m in ("eager", "compiled")
+            (n, m) for n in ("amlp", "ngram-8", "ngram-8-dropout0", "llama-sdpa") for m in ("eager", "compiled")
         }
         assert all(r["status"] == "ok" for r in data["results"]), data["results"]
         compiled = [r for r in data["results"] if r["mode"] == "compiled"]
@@ -122,6 +262,9 @@ def test_mode_tiny(mode, tmp_path):
         assert any(row["pair"].startswith("aft-local") for row in data["results"])
     if mode == "hardware":
         assert data["matmul_peak"]["peak_gflops"] > 0
+        assert names == {e["name"] for e in entries}
+    if mode == "throughput":
+        check_throughput(data, entries)
     if mode == "images":
         # every declaration with an image level, beside the ViT reference; the text-only ones are listed as skipped
         assert names == {e["name"] for e in entries} and specs.IMAGE_REFERENCE in names
@@ -182,7 +325,10 @@ def test_architecture_without_config_is_reported(tmp_path, monkeypatch):
 
     assert {s["model_type"] for s in skipped} == set(hf_efficient.ARCHITECTURES) - {"gmlp"}
     assert all("no benchmark config" in s["reason"] for s in skipped)
-    assert {e["model_type"] for e in entries} == {"gmlp", "llama", "gpt2", "vit"}
+    assert {e["model_type"] for e in entries} == {
+        *("gmlp", "llama", "gpt2", "vit"),
+        *("mamba2", "mamba", "rwkv", "recurrent_gemma"),
+    }
 
 
 def test_bad_config_is_rejected(tmp_path):
@@ -305,7 +451,8 @@ def test_readme_sections_are_rewritten_and_checked(tmp_path):
 
 
 def test_committed_readme_tables_are_generated():
-    """What CI runs: the README's benchmark sections are exactly what the committed results generate."""
+    """What CI runs: the benchmark sections of the documentation's benchmark page (docs/benchmarks.md) are exactly
+    what the committed results generate, and the README has none (it links the page)."""
     proc = subprocess.run(
         [sys.executable, str(BENCHMARK), "report", "--check"],
         cwd=ROOT,
@@ -314,7 +461,8 @@ def test_committed_readme_tables_are_generated():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = (ROOT / "README.md").read_text()
+    assert not report.sections((ROOT / "README.md").read_text())
+    text = (ROOT / report.DOCS_PAGE).read_text()
     folders = {s["folder"] for s in report.sections(text)}
     assert {
         "benchmarks/results/cpu-amd-epyc-2c",

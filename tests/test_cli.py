@@ -60,6 +60,30 @@ def test_list_shows_every_registered_architecture_and_head(capsys):
     assert code == 0 and "gmlp" in text and "gmlp-ti16-224" in text and "image-cls" in text
 
 
+def test_list_json_has_no_empty_field(capsys):
+    """Every field `list --json` reports is filled for every architecture, preset and task (an architecture's name
+    and variants come from its `ARCHITECTURE_CARD`; a field read from a name nothing defines would be empty)."""
+    code, out, _ = run_cli(capsys, "list", "--json")
+    assert code == 0
+    info = json.loads(out)
+
+    def empty_fields(value, path):
+        if value is None or value == "" or value == {} or value == []:
+            yield path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from empty_fields(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from empty_fields(item, f"{path}[{index}]")
+
+    assert list(empty_fields(info, "list")) == []
+    for model_type, entry in info["architectures"].items():
+        card = hf_efficient.get_architecture(model_type).ARCHITECTURE_CARD
+        assert (entry["name"], entry["variants"]) == (card["name"], card["variants"])
+        assert entry["presets"] and all(info["presets"][p]["model_type"] == model_type for p in entry["presets"])
+
+
 def test_console_script_error_is_one_line(tmp_path):
     """The installed `hf-efficient` script in a real process: exit code, one line, no traceback, no folder.
     (`python -m hf_efficient` runs in the multi-process test of tests/test_ecosystem.py.)"""

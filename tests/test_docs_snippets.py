@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and of every preset's model card (`model_cards/*/README.md`) runs, so that no
+"""Every ```python block of README.md, of every preset's model card (`model_cards/*/README.md`) and of every page of
+the documentation (`docs/**/*.md`, with the files they include: `--8<-- "CONTRIBUTING.md"`) runs, so that no
 documented snippet can rot. Each block runs on its own, as a reader would paste it: in a fresh namespace, in an empty
 temporary folder (where `model_cards/` is the repository's, as in a checkout), offline (`HF_HUB_OFFLINE=1`: no Hub).
 
@@ -25,6 +26,8 @@ from hf_efficient.data import default_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^\s`]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(?P<reason>.*?)\s*-->\s*$")
+# A file a documentation page includes (pymdownx.snippets, mkdocs.yml), named relative to the repository root.
+INCLUDE = re.compile(r'^--8<--\s+"(?P<path>[^"]+)"\s*$', re.M)
 
 
 def python_blocks(path: Path) -> list[dict]:
@@ -46,7 +49,10 @@ def python_blocks(path: Path) -> list[dict]:
 
 
 def documents() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "model_cards").glob("*/README.md"))]
+    pages = sorted((REPO / "docs").rglob("*.md"))
+    included = [REPO / match.group("path") for page in pages for match in INCLUDE.finditer(page.read_text())]
+    found = [REPO / "README.md", *sorted((REPO / "model_cards").glob("*/README.md")), *pages, *included]
+    return list(dict.fromkeys(found))
 
 
 def snippets():
@@ -82,6 +88,10 @@ def test_the_documents_have_python_blocks():
     """The extraction finds the README's quick start and a block in every preset's card (a changed fence would
     otherwise silently leave them untested)."""
     assert any("model.generate(**inputs" in block["code"] for block in python_blocks(REPO / "README.md"))
+    models = sorted((REPO / "docs" / "models").glob("*.md"))
+    assert [page.name for page in models if page.name != "index.md" and not python_blocks(page)] == []
+    assert python_blocks(REPO / "docs" / "quickstart.md") and python_blocks(REPO / "CONTRIBUTING.md")
+    assert REPO / "CONTRIBUTING.md" in documents()  # included by docs/contributing.md
     cards = sorted((REPO / "model_cards").glob("*/README.md"))
     assert len(cards) == len(list((REPO / "model_cards").glob("*/card.json")))
     assert [c.parent.name for c in cards if not python_blocks(c)] == []

@@ -154,7 +154,7 @@ def test_dependency_split_declares_what_each_layer_imports():
     )
     assert "accelerate" in cli  # transformers' Trainer needs it
     dev = [r for r in map(Requirement, cfg_list("options.extras_require", "dev")) if r.name == "hf-efficient"]
-    assert [r.extras for r in dev] == [{"cli"}]
+    assert [r.extras for r in dev] == [{"cli", "docs"}]
     assert {"bench", "timm"} <= set(SETUP_CFG["options.extras_require"])
 
 

@@ -33,23 +33,28 @@ COMMAND_PACKAGES = {"accelerate", "datasets", "evaluate", "numpy", "PIL", "sacre
 INSTALL_HINT = 'python3 -m pip install "hf-efficient[cli]"'
 
 try:
-    from .command import run
+    from . import command as _command
 except ModuleNotFoundError as error:  # the models alone are installed: the command says what to install
     if (error.name or "").split(".")[0] not in COMMAND_PACKAGES:
         raise
-    _missing = error.name.split(".")[0]
+    _command = None
+    _MISSING = f"the command needs the `cli` extra ({error.name.split('.')[0]} is missing): {INSTALL_HINT}"
 
-    def run(argv: list[str], callbacks=()) -> int:
-        raise ModuleNotFoundError(f"the command needs the `cli` extra ({_missing} is missing): {INSTALL_HINT}")
 
-    def main(argv=None) -> int:
-        """The `hf-efficient` command without its dependencies: one line naming the pip command, exit status 1."""
-        print(
-            f"hf-efficient: error: the command needs the `cli` extra ({_missing} is missing): {INSTALL_HINT}",
-            file=sys.stderr,
-        )
+def run(argv: list[str], callbacks=()) -> int:
+    """Run the command line `argv` (without the program name); errors propagate (see `main`)."""
+    if _command is None:
+        raise ModuleNotFoundError(_MISSING)
+    return _command.run(argv, callbacks)
+
+
+def main(argv=None) -> int:
+    """The `hf-efficient` command (`argv`: its arguments, default `sys.argv[1:]`); returns the exit status. Without
+    the `cli` extra: one line naming the pip command, exit status 1."""
+    if _command is None:
+        print(f"hf-efficient: error: {_MISSING}", file=sys.stderr)
         return 1
-else:
-    from .command import main
+    return _command.main(argv)
+
 
 __all__ = ["main", "run"]

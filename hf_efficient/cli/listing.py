@@ -20,13 +20,13 @@ def print_listing(as_json: bool) -> None:
         if "error" in entry:
             print(f"  {model_type}: not loadable ({entry['error']})")
             continue
-        print(f"  {model_type}  [{entry['config']}, {entry['folder']}]")
+        print(f"  {model_type}: {entry['name']}  [{entry['config']}, {entry['folder']}]")
         if entry["summary"]:
             print(f"    {entry['summary']}")
-        variants = ", ".join(f"{name} ({json.dumps(cfg)})" for name, cfg in entry["variants"].items())
-        print(f"    variants: {variants or 'set through config fields (--config-overrides), see the presets'}")
+        print(f"    variants: {entry['variants'] or '(not declared)'}")
         print(f"    heads: {', '.join(entry['heads'].values())}")
         print(f"    tasks: {', '.join(entry['tasks']) or 'none'}")
+        print(f"    presets: {', '.join(entry['presets']) or 'none'}")
     print("Presets (model_cards/<name>/config.json; any such folder path also works):")
     if not info["presets"]:
         print("  none found")
@@ -36,13 +36,17 @@ def print_listing(as_json: bool) -> None:
     print("Tasks:")
     for name, entry in info["tasks"].items():
         print(
-            f"  {name}  [{entry['auto_class']}, pipeline {entry['pipeline']}]  default model: "
+            f"  {name}  [{entry['auto_class']}, Hub pipeline_tag {entry['pipeline']}]  default model: "
             f"{entry['default_model']}; default data: {entry['default_data']}"
         )
 
 
 def registry() -> dict:
-    """Architectures (config class, summary, variants, heads -> tasks), presets and tasks, for `hf-efficient list`."""
+    """Architectures (name, config class, summary, variants, heads -> tasks, presets), presets and tasks, for
+    `hf-efficient list`. An architecture's name and variants are those of its card (`ARCHITECTURE_CARD` in its
+    folder's `__init__.py`, which the architecture table of the README and the documentation shows too)."""
+    folders = preset_folders()
+    preset_types = {name: _preset_model_type(path) for name, path in folders.items()}
     architectures = {}
     for model_type, folder in sorted(hf_efficient.ARCHITECTURES.items()):
         try:
@@ -53,16 +57,19 @@ def registry() -> dict:
             continue
         doc = " ".join((config_class.__doc__ or "").strip().split("\n\n")[0].split())
         heads = {auto: cls.__name__ for auto, cls in module.AUTO_MAPPING.items()}
+        card = getattr(module, "ARCHITECTURE_CARD", None) or {}
         architectures[model_type] = {
+            "name": card.get("name") or model_type,
             "folder": f"hf_efficient/models/{folder}",
             "config": config_class.__name__,
             "summary": doc,
-            "variants": dict(getattr(module, "VARIANTS", {}) or {}),
+            "variants": card.get("variants") or "",
             "heads": heads,
             "tasks": sorted(filter(None, map(task_of_auto, heads))),
+            "presets": sorted(name for name, preset_type in preset_types.items() if preset_type == model_type),
         }
     presets = {}
-    for name, path in preset_folders().items():
+    for name, path in folders.items():
         entry = {"path": str(path)}
         try:
             config = json.loads((path / "config.json").read_text())
@@ -82,3 +89,11 @@ def registry() -> dict:
         for name, t in TASKS.items()
     }
     return {"architectures": architectures, "presets": presets, "tasks": tasks}
+
+
+def _preset_model_type(path) -> str | None:
+    """The `model_type` of a preset folder's config.json (None when it cannot be read)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -148,24 +148,30 @@ def llama_config(args):
 
 
 def bench_target(args) -> None:
-    """2-layer causal LM, d 256, GRU M 7, one LocalRNN per block: forward + backward at `--length` vs Llama-SDPA."""
+    """2-layer causal LM, d 256, GRU M 7, one LocalRNN per block: forward + backward at `--length` vs Llama-SDPA.
+
+    The R-Transformer runs RTransformerConfig's default dropout (0.1, what users train, as Llama its own defaults),
+    and again with its dropout set to 0 (`r_transformer_dropout0`), in the same run."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    rt_config = RTransformerConfig(
+    common = dict(
         **_sizes(args),
         local_window=args.window,
         rnn_type="gru",
         num_rnn_layers=1,
-        hidden_dropout_prob=0.0,
-        attention_dropout=0.0,
-        embedding_dropout=0.0,
         attn_implementation="sdpa",
         use_cache=False,
     )
+    rt_config = RTransformerConfig(**common)
+    zero = {k: 0.0 for k in ("hidden_dropout_prob", "attention_dropout", "embedding_dropout")}
     ids = torch.randint(3, args.vocab_size, (args.batch_size, args.length), device=args.device)
     results = {}
-    models = {"r_transformer": RTransformerForCausalLM(rt_config), "llama_sdpa": LlamaForCausalLM(llama_config(args))}
+    models = {
+        "r_transformer": RTransformerForCausalLM(rt_config),
+        "r_transformer_dropout0": RTransformerForCausalLM(RTransformerConfig(**common, **zero)),
+        "llama_sdpa": LlamaForCausalLM(llama_config(args)),
+    }
     for name, model in models.items():
         model.to(args.device).train()
 
@@ -182,9 +188,12 @@ def bench_target(args) -> None:
     rnn_time = timed(lambda: rnn_layer(x, None, None)[0].sum().backward(), args.repeats, args.device)
     row = {"bench": "target", "B": args.batch_size, "L": args.length, "d": args.hidden_size, "layers": args.layers}
     row.update({"M": args.window, "device": args.device, "threads": torch.get_num_threads()})
+    row["dropout"] = {k: getattr(rt_config, k) for k in zero}
     row["r_transformer_fwd_bwd_s"] = round(results["r_transformer"], 3)
+    row["r_transformer_dropout0_fwd_bwd_s"] = round(results["r_transformer_dropout0"], 3)
     row["llama_sdpa_fwd_bwd_s"] = round(results["llama_sdpa"], 3)
     row["ratio"] = round(results["r_transformer"] / results["llama_sdpa"], 2)
+    row["ratio_dropout0"] = round(results["r_transformer_dropout0"] / results["llama_sdpa"], 2)
     row["params"] = {"r_transformer": results["r_transformer_params"], "llama_sdpa": results["llama_sdpa_params"]}
     row["localrnn_share_of_block"] = round(rnn_time / block_time, 2)
     print(json.dumps(row), flush=True)

@@ -6,24 +6,31 @@ and the public peers: speed, memory, scaling, decoding, hardware efficiency, ima
     python scripts/benchmarks/benchmark.py all --quick         # minutes: fewer lengths, shorter training
     python scripts/benchmarks/benchmark.py scaling --only gmlp llama-sdpa --lengths 256 1024 4096
     python scripts/benchmarks/benchmark.py decode --decode-levels mixer --prefixes 1024 8192  # the mixer's step alone
-    python scripts/benchmarks/benchmark.py report --readme     # tables + plots from the JSON files, README sections
-    python scripts/benchmarks/benchmark.py report --check      # CI: fail when the README tables differ
+    python scripts/benchmarks/benchmark.py throughput --batches 1 8 32 --throughput-prefixes 512 4096 --new-tokens 16
+    python scripts/benchmarks/benchmark.py report --docs       # tables + plots from the JSON files, docs/benchmarks.md
+    python scripts/benchmarks/benchmark.py report --check      # CI: fail when docs/benchmarks.md's tables differ
     python scripts/benchmarks/benchmark.py scaling --device cuda
 
 Modes: `scaling` (fwd+bwd time and peak memory vs length at the block, token-mixer (FFN zeroed) and small-LM levels,
 one fresh process per point, fitted log-log slopes, crossover length vs SDPA), `compile` (the small LM's training
 step eager vs `model.compile()`: step time, compile time, graph breaks, peak memory), `decode` (per-token latency and
-cache size after a prefix, of the small LM and of the token mixer alone), `peers` (aft-pytorch, g-mlp-pytorch,
+cache size after a prefix, of the small LM and of the token mixer alone), `throughput` (tokens/s of `generate()` at
+batch 1, 8, 32 after prefixes of 512 and 4096 tokens, and the prefill time; Llama with its dynamic and its static
+cache; the target "every sub-quadratic variant ahead of Llama at 4096" computed), `peers` (aft-pytorch, g-mlp-pytorch,
 timm; ours / theirs), `hardware` (achieved FLOP/s of a training step / the measured matmul peak), `images` (images/s
 of a training step and of inference, beside ViT), `quality` (bits-per-byte leaderboard), `recall` (multi-query
 associative recall), `all`, `report`.
 
 Which models: every architecture in `hf_efficient.ARCHITECTURES` with a `model_cards/benchmarks/<model_type>.json`
 (see CONTRIBUTING.md, "Benchmark configs"); one without is listed as "no benchmark config", and a vision-only one is
-skipped by the text modes with the reason recorded. Results go to `benchmarks/results/<machine-tag>/<mode>.json`
+skipped by the text modes with the reason recorded. Beside them: Llama (SDPA), GPT-2 and the peers users would pick
+instead, transformers' Mamba2, Mamba, RWKV and RecurrentGemma at the same width, depth and vocabulary (their torch
+paths; Mamba only where its CPU path is usable: decoding). Every model runs its config class's defaults, dropout
+included, in training mode; where those have nonzero dropout the training modes (`scaling`, `compile`, `hardware`)
+also measure a `<name>-dropout0` twin in the same run (`--dropout-zero off`: not). Results go to `benchmarks/results/<machine-tag>/<mode>.json`
 (+ PNG plots, `summary.md`); every ratio is measured side by side in one run, and absolute times are only meaningful
-with their machine (recorded in every file). The README's benchmark sections are generated from the results folder
-their start marker names (`report --readme`).
+with their machine (recorded in every file). The tables of the documentation's benchmark page, docs/benchmarks.md,
+are generated from the results folder their start marker names (`report --docs`).
 """
 
 import argparse
@@ -43,7 +50,8 @@ from bench_lib import specs
 
 SCHEMA = "hf-efficient-benchmark/1"
 ROOT = specs.ROOT
-MODES = ("scaling", "compile", "decode", "peers", "hardware", "images", "quality", "recall")
+MODES = ("scaling", "compile", "decode", "throughput", "peers", "hardware", "images", "quality", "recall")
+DROPOUT_ZERO_MODES = ("scaling", "compile", "hardware")  # training steps: defaults beside a dropout-0 twin
 
 # Per-profile defaults; every one can be overridden by a flag.
 PROFILES = {
@@ -64,6 +72,10 @@ PROFILES = {
         decode_steps=16,
         decode_warmup=2,
         decode_budget=120.0,
+        throughput_prefixes=[512, 4096],
+        batches=[1, 8, 32],
+        new_tokens=16,
+        throughput_budget=300.0,
         peer_lengths=[256, 1024],
         peer_batch=2,
         peer_repeats=5,
@@ -97,6 +109,10 @@ PROFILES["quick"] = {
     "min_fit_length": 1024,
     "prefixes": [128, 1024],
     "decode_steps": 6,
+    "throughput_prefixes": [512, 2048],
+    "batches": [1, 8],
+    "new_tokens": 8,
+    "throughput_budget": 120.0,
     "peer_lengths": [256],
     "peer_repeats": 3,
     "timm_models": ["gmlp_ti16_224"],
@@ -127,6 +143,10 @@ PROFILES["tiny"] = {
     "prefixes": [16, 32],
     "decode_steps": 2,
     "decode_warmup": 1,
+    "throughput_prefixes": [16],
+    "batches": [1, 2],
+    "new_tokens": 3,
+    "throughput_budget": 60.0,
     "peer_lengths": [32],
     "peer_repeats": 1,
     "timm_models": ["gmlp_ti16_224"],
@@ -228,9 +248,23 @@ def parse_args(argv=None):
         default=["aft", "gmlp", "timm"],
         help="peers: which pairs (aft-pytorch, g-mlp-pytorch, timm's vision models; default all)",
     )
-    parser.add_argument("--readme", action="store_true", help="report: also rewrite the README's generated sections")
     parser.add_argument(
-        "--check", action="store_true", help="report: exit 1 (with a diff) if the README's tables are not generated"
+        "--time-statistic",
+        choices=["median", "min"],
+        default="median",
+        help="scaling, hardware: a point's time is the median of its timed runs, or the fastest (on a loaded machine)",
+    )
+    parser.add_argument(
+        "--dropout-zero",
+        choices=["auto", "off"],
+        default="auto",
+        help="training modes: also measure a dropout-0 twin of every entry whose defaults have dropout (default auto)",
+    )
+    parser.add_argument(
+        "--docs", "--readme", action="store_true", help="report: also rewrite docs/benchmarks.md's generated sections"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="report: exit 1 (with a diff) if docs/benchmarks.md's tables are stale"
     )
     parser.add_argument("--seed", type=int, default=0)
     for key, value in PROFILES["full"].items():
@@ -278,9 +312,17 @@ def default_out(args, machine: dict) -> Path:
     return ROOT / "benchmarks" / "results" / f"{machine['tag']}{suffix}"
 
 
+ENTRY_FIELDS = ("name", "label", "model_type", "baseline", "complexity", "expected_slope", "fixed_length")
+OPTIONAL_ENTRY_FIELDS = ("peer", "dropout", "dropout_zero_of", "dropout_zeroed", "generate")  # where an entry has them
+
+
 def write_result(args, machine, mode: str, payload: dict, started: float, entries, skipped) -> Path:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    try:  # how loaded the machine was while the mode ran (other jobs share the cores)
+        machine = {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+    except OSError:
+        pass
     data = {
         "schema": SCHEMA,
         "mode": mode,
@@ -292,10 +334,7 @@ def write_result(args, machine, mode: str, payload: dict, started: float, entrie
         "machine": machine,
         "reference": specs.REFERENCE,
         "entries": [
-            {
-                k: e.get(k)
-                for k in ("name", "label", "model_type", "baseline", "complexity", "expected_slope", "fixed_length")
-            }
+            {k: e.get(k) for k in (*ENTRY_FIELDS, *OPTIONAL_ENTRY_FIELDS) if k in e or k in ENTRY_FIELDS}
             for e in entries
         ],
         "skipped": skipped,
@@ -318,6 +357,14 @@ def run_mode(args, mode: str) -> None:
     entries, skipped = specs.discover(include_baselines=not args.no_baselines, names=args.only)
     entries, mode_skipped = specs.split_for_mode(entries, mode)
     skipped = skipped + mode_skipped
+    if mode in DROPOUT_ZERO_MODES:
+        entries = specs.with_dropout_zero(entries, sizes)
+        if args.dropout_zero == "off":
+            entries = [e for e in entries if not e.get("dropout_zero_of")]
+    elif mode == "throughput":
+        from bench_lib import throughput
+
+        entries = throughput.throughput_entries(entries)
     from bench_lib import measure
 
     memory_cap = int(args.memory_cap_gb * 2**30) if args.memory_cap_gb else measure.default_memory_cap()
@@ -332,7 +379,7 @@ def run_mode(args, mode: str) -> None:
         points = scaling.run(
             entries, sizes, args.lengths, args.levels, args.device, args.budget, args.repeats, args.time_target,
             args.batch, memory_cap if not args.device.startswith("cuda") else None, args.start_method, args.threads,
-            mmap_threshold_kb=args.mmap_threshold_kb,
+            mmap_threshold_kb=args.mmap_threshold_kb, statistic=args.time_statistic,
         )  # fmt: skip
         payload = {
             "settings": {
@@ -348,7 +395,9 @@ def run_mode(args, mode: str) -> None:
                     "mmap_threshold_kb",
                 )  # fmt: skip
             }
-            | {"sizes": sizes, "memory_cap_bytes": memory_cap},
+            | {"sizes": sizes, "memory_cap_bytes": memory_cap}
+            | ({"time_statistic": args.time_statistic} if args.time_statistic != "median" else {})
+            | ({"dropout_zero": args.dropout_zero}),
             "results": points,
             "summary": scaling.summarise(entries, points, args.levels, args.min_fit_length),
         }
@@ -369,7 +418,28 @@ def run_mode(args, mode: str) -> None:
     else:
         if not args.device.startswith("cuda"):
             measure.cap_address_space(memory_cap)
-        if mode == "decode":
+        if mode == "throughput":
+            from bench_lib import throughput
+
+            points = throughput.run(
+                entries, sizes, args.throughput_prefixes, args.batches, args.device, args.new_tokens,
+                args.throughput_budget, memory_cap if not args.device.startswith("cuda") else None, args.start_method,
+                args.threads, seed=args.seed,
+            )  # fmt: skip
+            payload = {
+                "settings": {
+                    "prefixes": args.throughput_prefixes,
+                    "batches": args.batches,
+                    "new_tokens": args.new_tokens,
+                    "budget": args.throughput_budget,
+                    "seed": args.seed,
+                    "sizes": sizes["model"],
+                    "memory_cap_bytes": memory_cap,
+                },
+                "results": points,
+                "summary": throughput.summarise(entries, points, args.throughput_prefixes, args.batches),
+            }
+        elif mode == "decode":
             from bench_lib import decode
 
             points = decode.run(
@@ -414,9 +484,16 @@ def run_mode(args, mode: str) -> None:
                 args.repeats,
                 args.time_target,
                 args.matmul_sizes,
+                statistic=args.time_statistic,
             )
             payload = {
-                "settings": {"length": args.hw_length, "batch": args.hw_batch, "sizes": sizes["model"]},
+                "settings": {
+                    "length": args.hw_length,
+                    "batch": args.hw_batch,
+                    "sizes": sizes["model"],
+                    "time_statistic": args.time_statistic,
+                    "dropout_zero": args.dropout_zero,
+                },
                 "matmul_peak": peak,
                 "results": rows,
             }
@@ -465,20 +542,21 @@ def run_mode(args, mode: str) -> None:
 
 
 def run_report(args) -> None:
-    """Summaries and plots of the results folders (`--out`, else every folder a README section names); with
-    `--readme` the README's generated sections are rewritten, with `--check` only compared (exit 1 on a difference)."""
+    """Summaries and plots of the results folders (`--out`, else every folder a section of the benchmark page names);
+    with `--docs` the page's generated sections are rewritten, with `--check` only compared (exit 1 on a
+    difference)."""
     from bench_lib import report
 
-    readme = ROOT / "README.md"
+    readme = ROOT / report.DOCS_PAGE
     if args.check:
         diff = report.check_readme(readme, ROOT)
         if diff:
             sys.stdout.write(diff)
             raise SystemExit(
-                "README.md: the benchmark tables differ from what the committed results generate; run "
-                "`python scripts/benchmarks/benchmark.py report --readme` (and commit) to regenerate them."
+                f"{report.DOCS_PAGE}: the benchmark tables differ from what the committed results generate; run "
+                "`python scripts/benchmarks/benchmark.py report --docs` (and commit) to regenerate them."
             )
-        print(f"README.md: {len(report.sections(readme.read_text()))} benchmark sections match their results")
+        print(f"{report.DOCS_PAGE}: {len(report.sections(readme.read_text()))} benchmark sections match their results")
         return
     folders = [args.out] if args.out else [ROOT / s["folder"] for s in report.sections(readme.read_text())]
     for folder in dict.fromkeys(folders):
@@ -488,9 +566,9 @@ def run_report(args) -> None:
         report.plots(folder, results)
         (folder / "summary.md").write_text(report.markdown(folder, results) + "\n")
         print(f"wrote {folder / 'summary.md'}")
-    if args.readme:
+    if args.docs:
         changed = report.update_readme(readme, ROOT)
-        print("updated README.md" if changed else "README.md already up to date")
+        print(f"updated {report.DOCS_PAGE}" if changed else f"{report.DOCS_PAGE} already up to date")
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,7 @@
 """Naive Combiner reference: the dense L x L attention matrix each variant implies, built from the paper's equations.
 
 For every query i the support is written out as explicit sets of positions (the direct set Omega0(i) and the spans
-Omega_r(i)), straight from the definitions in ARCHITECTURES.md section 1, with Python loops over samples, queries and
+Omega_r(i)), straight from the paper's definitions (Ren et al., 2021), with Python loops over samples, queries and
 spans, in float64:
 
     p = softmax([q_i . k_j / sqrt(d) for j in Omega0] + [q_i . k_Omega / sqrt(d) for each span Omega])

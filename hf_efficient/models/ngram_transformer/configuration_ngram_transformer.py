@@ -20,7 +20,7 @@ POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
 class NgramTransformerConfig(PreTrainedConfig):
     r"""
     Configuration of an N-gram Transformer: a Transformer whose **decoder self-attention** sees only the current target
-    token and the `N - 1` before it (ARCHITECTURES.md section 5):
+    token and the `N - 1` before it (Chelba et al., 2020):
 
         allowed(i, j)  iff  0 <= i - j <= N - 1          (N = `ngram_size`; `None`: full causal attention)
 

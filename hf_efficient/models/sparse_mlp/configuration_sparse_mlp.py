@@ -20,7 +20,7 @@ CAPACITY_PRIORITIES = ("importance", "position")
 class SparseMLPConfig(PreTrainedConfig):
     r"""
     Configuration of a Sparse-MLP model: an MLP-Mixer whose last `num_sparse_layers` blocks are sparse
-    mixture-of-experts blocks along both axes (spec: ARCHITECTURES.md section 4).
+    mixture-of-experts blocks along both axes (Lou et al., 2021).
 
     Dense block (timm's `MixerBlock`): `x = x + MLP_tok(LN(x)^T)^T; x = x + MLP_ch(LN(x))` on `x` of shape `(S, C)`
     (`S` patches, `C` channels); each MLP is `fc2(GELU(fc1(.)))`.

@@ -35,11 +35,17 @@ def tensor_bytes(obj, seen=None) -> int:
 
 
 def _cache_of(output):
-    for name in ("cache", "past_key_values"):
+    return _named_cache(output)[1]
+
+
+def _named_cache(output) -> tuple[str, object]:
+    """`(keyword, cache)`: the decoding state a forward returned and the keyword that hands it back to the next forward
+    (`cache`; RWKV's is `state`); `("cache", None)` when there is none."""
+    for name, keyword in (("cache", "cache"), ("past_key_values", "cache"), ("state", "state")):
         value = getattr(output, name, None)
         if value is not None:
-            return value
-    return None
+            return keyword, value
+    return "cache", None
 
 
 def decode_point(
@@ -54,7 +60,7 @@ def decode_point(
     if level == "mixer":
         config = specs.level_config(entry, "block", sizes, length=total + 1)
         model = specs.build_model(entry, config, "AutoModel")
-        scaling.strip_ffn(model, entry["ffn_module"])
+        scaling.to_mixer(model, entry)
         model = model.to(device).eval()
         embeds = torch.randn(1, total, model.config.hidden_size, generator=generator).to(device)
 
@@ -74,7 +80,7 @@ def decode_point(
         out = model(**inputs(0, prefix), use_cache=True)
         measure.synchronize(device)
         prefill_s = time.perf_counter() - start
-        cache = _cache_of(out)
+        keyword, cache = _named_cache(out)
         if cache is None:
             return {"status": "error", "error": "the model returned no cache"}
         cache_bytes = tensor_bytes(cache)
@@ -82,7 +88,7 @@ def decode_point(
         deadline = time.perf_counter() + budget
         for i in range(warmup + steps):
             token = inputs(prefix + i, prefix + i + 1)
-            t = measure.time_call(lambda token=token: model(**token, cache=cache, use_cache=True), device)
+            t = measure.time_call(lambda token=token: model(**token, **{keyword: cache}, use_cache=True), device)
             if i >= warmup:
                 times.append(t)
             if time.perf_counter() > deadline and len(times) >= 1:
@@ -97,13 +103,20 @@ def decode_point(
         "cache_bytes": cache_bytes,
         "cache_mb_after_steps": round(final_cache_mb, 3),
         "cache_type": type(cache).__name__,
+        **scaling.dropout_record(model),
     }
+
+
+def decoding_entries(entries: list[dict]) -> list[dict]:
+    """The entries a decoding mode runs: every causal head of ours, and the baselines marked `decoding` (Llama, the
+    sub-quadratic peers)."""
+    return [e for e in entries if e.get("causal_head") and (not e.get("baseline") or e.get("decoding"))]
 
 
 def run(entries, sizes, prefixes, device, steps, warmup, budget, levels=("model",), log=print) -> list[dict]:
     """Interleaved by prefix length; a series stops at its first failure or when one point exceeds the budget."""
     points, stopped = [], set()
-    causal = [e for e in entries if e.get("causal_head") and (not e.get("baseline") or e["name"] == specs.REFERENCE)]
+    causal = decoding_entries(entries)
     series = [(entry, level) for level in levels for entry in causal]
     for prefix in prefixes:
         for entry, level in series:

@@ -6,7 +6,7 @@ matmuls, convolutions, SDPA; elementwise work is not counted, so for models that
 understates how busy the machine is and mostly shows how little of their time goes to matmuls).
 """
 
-from . import measure, specs
+from . import measure, scaling, specs
 
 
 def count_flops(fn) -> int:
@@ -34,12 +34,14 @@ def matmul_peak(device: str, sizes: list[int], repeats: int = 5) -> dict:
     return {"dtype": "float32", "per_size": results, "peak_gflops": best["gflops"], "peak_at_n": best["n"]}
 
 
-def _time_fn(fn, device, repeats, time_target):
-    timing = measure.timed_repeats(fn, device, repeats, time_target)
+def _time_fn(fn, device, repeats, time_target, statistic="median"):
+    timing = measure.timed_repeats(fn, device, repeats, time_target, statistic=statistic)
     return timing["time_s"]
 
 
-def entry_efficiency(entry, sizes, length, batch, device, repeats, time_target, peak_gflops) -> dict:
+def entry_efficiency(
+    entry, sizes, length, batch, device, repeats, time_target, peak_gflops, statistic="median"
+) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def entry_efficiency(entry, sizes, length, batch, device, repeats, time_target, 
 
     flops = count_flops(fwd_bwd)
     optimizer.zero_grad(set_to_none=True)
-    step_s = _time_fn(train_step, device, repeats, time_target)
+    step_s = _time_fn(train_step, device, repeats, time_target, statistic)
     achieved = flops / step_s / 1e9
     row = {
         "status": "ok",
@@ -70,6 +72,7 @@ def entry_efficiency(entry, sizes, length, batch, device, repeats, time_target, 
         "step_gflop": round(flops / 1e9, 3),
         "achieved_gflops": round(achieved, 2),
         "fraction_of_peak": round(achieved / peak_gflops, 3),
+        **scaling.dropout_record(model),
     }
     ffn = specs.get_submodule(model, entry.get("ffn_module"))
     if ffn is not None:
@@ -83,7 +86,7 @@ def entry_efficiency(entry, sizes, length, batch, device, repeats, time_target, 
             x.grad = None
 
         ffn_flops = count_flops(ffn_step)
-        ffn_s = _time_fn(ffn_step, device, repeats, time_target)
+        ffn_s = _time_fn(ffn_step, device, repeats, time_target, statistic)
         row.update(
             ffn_module=entry["ffn_module"],
             ffn_gflop=round(ffn_flops / 1e9, 3),
@@ -97,7 +100,7 @@ def entry_efficiency(entry, sizes, length, batch, device, repeats, time_target, 
 
 
 def run(
-    entries, sizes, length, batch, device, repeats, time_target, matmul_sizes, log=print
+    entries, sizes, length, batch, device, repeats, time_target, matmul_sizes, log=print, statistic="median"
 ) -> tuple[dict, list[dict]]:
     # The ceiling is measured before and after the models, and the higher figure is used.
     before = matmul_peak(device, matmul_sizes)
@@ -107,7 +110,9 @@ def run(
         record = {"name": entry["name"], "model_type": entry["model_type"]}
         try:
             record.update(
-                entry_efficiency(entry, sizes, length, batch, device, repeats, time_target, before["peak_gflops"])
+                entry_efficiency(
+                    entry, sizes, length, batch, device, repeats, time_target, before["peak_gflops"], statistic
+                )
             )
         except Exception as error:
             record.update(measure.failure(error))

@@ -167,11 +167,17 @@ def time_call(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def timed_repeats(fn, device: str, repeats: int, time_target: float, warmup: int = 1) -> dict:
+# `time_s` of a point: the median of its timed runs, or the fastest (on a loaded machine)
+TIME_STATISTICS = ("median", "min")
+
+
+def timed_repeats(
+    fn, device: str, repeats: int, time_target: float, warmup: int = 1, statistic: str = "median"
+) -> dict:
     """Run `fn` `warmup` times, then up to `repeats` times within about `time_target` seconds (at least once).
 
-    Returns the median and every timed run; when the warm-up alone used the budget (`repeats_done == 0`) the
-    warm-up time is reported and flagged.
+    Returns the median (or with `statistic="min"` the fastest) and every timed run; when the warm-up alone used the
+    budget (`repeats_done == 0`) the warm-up time is reported and flagged.
     """
     warm_times = [time_call(fn, device) for _ in range(warmup)]
     warm = warm_times[-1] if warm_times else 0.0
@@ -179,7 +185,8 @@ def timed_repeats(fn, device: str, repeats: int, time_target: float, warmup: int
     times = [time_call(fn, device) for _ in range(max(0, min(repeats, n)))]
     if not times:
         return {"time_s": warm, "times_s": [], "warmup_s": warm_times, "repeats_done": 0}
-    return {"time_s": statistics.median(times), "times_s": times, "warmup_s": warm_times, "repeats_done": len(times)}
+    value = min(times) if statistic == "min" else statistics.median(times)
+    return {"time_s": value, "times_s": times, "warmup_s": warm_times, "repeats_done": len(times)}
 
 
 def _child(conn, target, kwargs):

@@ -31,14 +31,38 @@ def strip_ffn(model, path: str) -> None:
 
 
 def has_mixer_level(entry: dict) -> bool:
-    """Whether the FFN part can be removed from a block (gMLP's block is one gated MLP: it cannot)."""
+    """Whether the FFN part can be removed from a block (gMLP's block is one gated MLP: it cannot), or the block has
+    no FFN at all (`mixer_is_block`: Mamba's block is norm + mixer + residual)."""
+    if entry.get("mixer_is_block"):
+        return True
     path = entry.get("ffn_module")
     return bool(path) and path.count(".") >= 2
+
+
+def to_mixer(model, entry: dict) -> None:
+    """The token-mixer level of a block model: its FFN replaced by zeros (nothing to remove when the block has none)."""
+    if not entry.get("mixer_is_block"):
+        strip_ffn(model, entry["ffn_module"])
+
+
+def dropout_record(model) -> dict:
+    """What a result row records of the dropout it ran with (the config's dropout fields and the module mode), and
+    the machine's load average when the point ended."""
+    import os
+
+    record = {"dropout": specs.dropout_of(model.config), "training": bool(model.training)}
+    try:
+        record["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return record
 
 
 def skipped_level(entry: dict, level: str) -> dict | None:
     """A point's status and reason when `level` does not apply to the entry (the token-mixer level of a block
     without a separable FFN), else None."""
+    if level in entry.get("skip_levels", {}):
+        return {"status": "skipped", "reason": entry["skip_levels"][level]}
     if level == "mixer" and not has_mixer_level(entry):
         return {"status": "skipped", "reason": "no separable FFN (the block is one unit)"}
     return None
@@ -87,6 +111,7 @@ def scaling_point(
     mmap_threshold_kb: int = 0,
     compile_model: bool = False,
     backend: str = "inductor",
+    statistic: str = "median",
 ) -> dict:
     """Worker (fresh process): build one model, measure fwd+bwd time (median) and peak memory at `length`.
 
@@ -107,7 +132,7 @@ def scaling_point(
     config = specs.level_config(entry, config_level, sizes, length=length)
     model = specs.build_model(entry, config, specs.model_head(entry, config_level))
     if level == "mixer":
-        strip_ffn(model, entry["ffn_module"])
+        to_mixer(model, entry)
     model = model.to(device)
     model.train()
     step = make_step(model, level, batch, length, device, seed)
@@ -118,7 +143,7 @@ def scaling_point(
     memory = measure.PeakMemory(device)
     memory.start()
     try:
-        timing = measure.timed_repeats(step, device, repeats, time_target)
+        timing = measure.timed_repeats(step, device, repeats, time_target, statistic=statistic)
         peak = memory.peak()
     finally:
         memory.stop()
@@ -131,6 +156,7 @@ def scaling_point(
         "parameters": specs.count_parameters(model),
         "build_s": round(build_s, 3),
         "threads": torch.get_num_threads(),
+        **dropout_record(model),
     }
 
 
@@ -229,6 +255,7 @@ def run(
     threads: int | None,
     log=print,
     mmap_threshold_kb: int = 0,
+    statistic: str = "median",
 ) -> list[dict]:
     """Every (entry, level) series over `lengths`, interleaved by length so that the ratios at one length are
     measured side by side in time. A series stops at its first timeout / OOM / error (recorded)."""
@@ -271,6 +298,7 @@ def run(
                     threads=threads,
                     memory_cap=memory_cap,
                     mmap_threshold_kb=mmap_threshold_kb,
+                    statistic=statistic,
                 )
                 record.update(measure.run_fresh(scaling_point, kwargs, timeout=budget, start_method=start_method))
             points.append(record)
@@ -340,6 +368,10 @@ def summarise(
                 ),
                 "fit_lengths": [p["length"] for p in fit],
             }
+            if "dropout" in entry:
+                row["dropout"] = entry["dropout"]
+                row["dropout_zero_of"] = entry.get("dropout_zero_of")
+                row["dropout_zeroed"] = entry.get("dropout_zeroed")
             for metric, field in (("time", "time_s"), ("memory", "peak_memory_mb")):
                 row[f"{metric}_slope"] = _round(fit_slope([(p["length"], p[field]) for p in fit]))
                 row[f"{metric}_slope_last_pair"] = _round(fit_slope([(p["length"], p[field]) for p in good[-2:]]))

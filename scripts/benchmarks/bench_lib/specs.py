@@ -25,6 +25,11 @@ Config values may be templates: a string `"{expr}"` is evaluated over the level'
 `num_hidden_layers`, `num_heads`, `intermediate_size`, `vocab_size`; at the `image` level `image_size`,
 `patch_size`, `num_channels`, `num_labels` instead of `vocab_size`), e.g. `"{2 * intermediate_size}"`.
 A vision-only entry needs only `name`, `label` and `image`: the text modes skip it with the reason recorded.
+
+Dropout: a declaration never zeroes dropout; the training modes (`scaling`, `compile`, `hardware`) measure each config
+class's own defaults (dropout as configured, in training mode) and, for an entry whose config has a nonzero dropout
+field (a name with `dropout` or `drop_path`, or GPT-2's `*_pdrop`), a `<name>-dropout0` twin measured in the same run
+(`with_dropout_zero`). Every result row records the dropout values it ran with.
 """
 
 import copy
@@ -102,6 +107,15 @@ BASELINES = [
         # SwiGLU has 3 d x ffn weights where the other FFNs have 2: 2/3 of the FFN size gives the same parameters.
         "quality": {**_LLAMA_LEVEL, "intermediate_size": "{2 * intermediate_size // 3}"},
         "causal_head": "AutoModelForCausalLM",
+        "decoding": True,  # part of the `decode` and `throughput` modes
+        # `throughput`: generate() with transformers' default DynamicCache, and again with a StaticCache
+        "generation_variants": [
+            {
+                "suffix": "-static",
+                "label": "Llama (SDPA, static cache)",
+                "generate": {"cache_implementation": "static"},
+            }
+        ],
         "length_key": "max_position_embeddings",
         "fixed_length": False,
         "complexity": "O(L^2 d) time, O(L d) memory (SDPA never materialises the L x L scores)",
@@ -115,7 +129,8 @@ BASELINES = [
         "label": "GPT-2 (SDPA)",
         "baseline": True,
         "attn_implementation": "sdpa",
-        "variant": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 1, "eos_token_id": 1},
+        # dropout: GPT2Config's defaults (0.1), beside a dropout-0 twin (with_dropout_zero)
+        "variant": {"bos_token_id": 1, "eos_token_id": 1},
         "block": _GPT2_LEVEL,
         "model": _GPT2_LEVEL,
         "quality": _GPT2_LEVEL,
@@ -127,6 +142,144 @@ BASELINES = [
         "expected_slope": {"time": 2.0, "memory": 1.0},
         "matmul_bound": False,
         "ffn_module": "h.0.mlp",
+    },
+]
+# Public peers users would pick instead (issue 23): transformers' own sub-quadratic language models at the same width,
+# depth and vocabulary as every other entry, each config class's defaults otherwise, embeddings tied as Llama's and
+# ours. Their CUDA kernels (mamba_ssm, causal_conv1d, the RWKV kernel) are absent on a CPU: what runs is transformers'
+# reference torch path, which is what a CPU user gets. They have no dropout field (RecurrentGemma's attention_dropout
+# is 0), hence no dropout-0 twin.
+_MAMBA2_LEVEL = {
+    "hidden_size": "{hidden_size}",
+    "num_hidden_layers": "{num_hidden_layers}",
+    "expand": 2,
+    "head_dim": 64,
+    "num_heads": "{2 * hidden_size // 64}",  # num_heads * head_dim == expand * hidden_size
+    "n_groups": 1,
+    "tie_word_embeddings": True,
+}
+_MAMBA_LEVEL = {
+    "hidden_size": "{hidden_size}",
+    "num_hidden_layers": "{num_hidden_layers}",
+    "tie_word_embeddings": True,
+}
+_RWKV_LEVEL = {
+    "hidden_size": "{hidden_size}",
+    "num_hidden_layers": "{num_hidden_layers}",
+    "attention_hidden_size": "{hidden_size}",
+    "intermediate_size": "{intermediate_size}",
+    "tie_word_embeddings": True,
+}
+_RECURRENT_GEMMA_LEVEL = {
+    "hidden_size": "{hidden_size}",
+    "num_hidden_layers": "{num_hidden_layers}",
+    "num_attention_heads": "{num_heads}",
+    "num_key_value_heads": "{num_heads}",
+    # its GeGLU MLP is intermediate_size // 2 wide (3 matrices): 2 x the shared FFN size = Llama's SwiGLU parameters
+    "intermediate_size": "{2 * intermediate_size}",
+    "lru_width": "{hidden_size}",
+    # Griffin's mix at 2 layers: one RG-LRU block, one local-attention block (window 2048, the default). The default
+    # pattern (recurrent, recurrent, attention) cut to 2 layers has no attention block, and transformers 5.25's
+    # generate() then fails (`get_mask_sizes` on a cache with no attention layer).
+    "block_types": ["recurrent", "attention"],
+}
+_TRAINING_MODES = ("scaling", "compile", "hardware")
+_MAMBA_TRAINING = (
+    "transformers' CPU path (no mamba_ssm kernel) runs Mamba's selective scan as a Python loop over the tokens, and "
+    "the backward of each step's slice of the discretised A / B x materialises a gradient of the full (B, d_inner, L, "
+    "N) tensor, so a training step costs O(L^2) memory traffic: one forward + backward of the 2-layer d 256 LM takes "
+    "4.3 s at 256 tokens, 13 s at 512 and 254 s at 1024 on the 2-core EPYC under load (Llama: 0.25-0.35 s at "
+    "1024); its inference "
+    "(decode, throughput) is measured"
+)
+BASELINES += [
+    {
+        "model_type": "mamba2",
+        "name": "mamba2",
+        "label": "Mamba2 (transformers, torch path)",
+        "baseline": True,
+        "peer": True,
+        "variant": {},
+        "block": _MAMBA2_LEVEL,
+        "model": _MAMBA2_LEVEL,
+        "quality": _MAMBA2_LEVEL,
+        "causal_head": "AutoModelForCausalLM",
+        "decoding": True,
+        "length_key": None,
+        "fixed_length": False,
+        "complexity": "O(L d N) time and memory (chunked SSD, chunks of 256; state N = 128, the default)",
+        "expected_slope": {"time": 1.0, "memory": 1.0},
+        "matmul_bound": False,
+        "ffn_module": None,
+        "mixer_is_block": True,  # no FFN: the block is norm + mixer + residual, so the token-mixer level is the block
+    },
+    {
+        "model_type": "mamba",
+        "name": "mamba",
+        "label": "Mamba (transformers, torch path)",
+        "baseline": True,
+        "peer": True,
+        "variant": {},
+        "block": _MAMBA_LEVEL,
+        "model": _MAMBA_LEVEL,
+        "quality": _MAMBA_LEVEL,
+        "causal_head": "AutoModelForCausalLM",
+        "decoding": True,
+        "skip_modes": {mode: _MAMBA_TRAINING for mode in _TRAINING_MODES},
+        "length_key": None,
+        "fixed_length": False,
+        "complexity": "O(L d N) (selective scan, N = 16; the torch path loops over tokens in Python)",
+        "expected_slope": {"time": 1.0, "memory": 1.0},
+        "matmul_bound": False,
+        "ffn_module": None,
+        "mixer_is_block": True,
+    },
+    {
+        "model_type": "rwkv",
+        "name": "rwkv",
+        "label": "RWKV-4 (transformers, CPU path)",
+        "baseline": True,
+        "peer": True,
+        "variant": {},
+        "block": _RWKV_LEVEL,
+        "model": _RWKV_LEVEL,
+        "quality": _RWKV_LEVEL,
+        "causal_head": "AutoModelForCausalLM",
+        "decoding": True,
+        "length_key": "context_length",
+        "fixed_length": False,
+        "complexity": "O(L d) (WKV recurrence; the CPU path loops over tokens in Python, its backward is O(L^2))",
+        "expected_slope": {"time": 1.0, "memory": 1.0},
+        "matmul_bound": False,
+        # its channel mix returns (output, state): the harness cannot zero it, so there is no token-mixer level
+        "ffn_module": None,
+        "skip_levels": {
+            "block": "transformers' RWKV weight init divides by num_hidden_layers - 1: a 1-layer RWKV cannot be built"
+        },
+    },
+    {
+        "model_type": "recurrent_gemma",
+        "name": "recurrent-gemma",
+        "label": "RecurrentGemma (transformers, torch path)",
+        "baseline": True,
+        "peer": True,
+        "variant": {},
+        "block": _RECURRENT_GEMMA_LEVEL,
+        "model": _RECURRENT_GEMMA_LEVEL,
+        "quality": _RECURRENT_GEMMA_LEVEL,
+        "causal_head": "AutoModelForCausalLM",
+        "decoding": True,
+        "skip_modes": {
+            "decode": "its forward returns no cache (it fills the one generate() hands it): its decoding is "
+            "measured through generate() by the `throughput` mode"
+        },
+        "length_key": None,
+        "fixed_length": False,
+        "complexity": "O(L d + L w d) (RG-LRU block + local attention, window w = 2048; the torch path loops over "
+        "tokens in Python in training)",
+        "expected_slope": {"time": 1.0, "memory": 1.0},
+        "matmul_bound": False,
+        "ffn_module": "layers.0.mlp_block",
     },
 ]
 # The image-classification reference (`images` mode): transformers' ViT with SDPA, same width, depth, heads, FFN.
@@ -154,7 +307,10 @@ BASELINES.append(
 BASELINE_NAMES = [b["name"] for b in BASELINES]
 REFERENCE = "llama-sdpa"  # every ratio is "ours / Llama SDPA", measured side by side in one run
 IMAGE_REFERENCE = "vit-sdpa"  # the `images` mode's ratios are "ours / ViT SDPA"
-TEXT_MODES = ("scaling", "compile", "decode", "hardware", "quality", "recall")
+TEXT_MODES = ("scaling", "compile", "decode", "throughput", "hardware", "quality", "recall")
+DROPOUT_ZERO_SUFFIX = "-dropout0"
+# Dropout fields of heads the benchmark never builds (GPT-2's double-heads summary, classifiers): not part of a twin.
+HEAD_ONLY_DROPOUT = ("summary_first_dropout", "classifier_dropout")
 
 
 def evaluate_templates(value, sizes: dict):
@@ -217,7 +373,12 @@ def discover(include_baselines: bool = True, names: list[str] | None = None) -> 
     if include_baselines:
         entries.extend({"modality": "text", **copy.deepcopy(b)} for b in BASELINES)
     if names:
-        wanted = set(names)
+        # a dropout-0 twin or a generation variant is derived from its entry: naming it keeps the entry
+        wanted = set(names) | {n.removesuffix(DROPOUT_ZERO_SUFFIX) for n in names}
+        for entry in entries:
+            for variant in entry.get("generation_variants", []):
+                if entry["name"] + variant["suffix"] in wanted:
+                    wanted.add(entry["name"])
         entries = [e for e in entries if e["name"] in wanted or e["model_type"] in wanted]
     return entries, skipped
 
@@ -253,9 +414,12 @@ def split_for_mode(entries: list[dict], mode: str) -> tuple[list[dict], list[dic
             reason = f"{entry.get('modality')}-only architecture: no text input for the `{mode}` mode"
         elif mode == "images" and "image" not in entry:
             reason = "no `image` level declared (text only)"
+        elif mode in entry.get("skip_modes", {}):
+            reason = entry["skip_modes"][mode]
         if reason is None:
             runnable.append(entry)
-        elif not entry.get("baseline"):  # a baseline of the other modality is simply not part of the mode
+        elif not entry.get("baseline") or mode in entry.get("skip_modes", {}):
+            # a baseline of the other modality is simply not part of the mode; a peer that cannot run one says why
             skipped.append({"model_type": entry["model_type"], "name": entry["name"], "reason": reason})
     return runnable, skipped
 
@@ -327,3 +491,75 @@ def count_parameters(model, exclude_embeddings: bool = False) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
+
+
+# ---------------------------------------------------------------------------------------------------------- dropout
+def is_dropout_field(name: str) -> bool:
+    """A config field that sets a dropout / stochastic-depth rate (`*dropout*`, `*drop_path*`, GPT-2's `*_pdrop`)."""
+    return ("dropout" in name or "drop_path" in name or name.endswith("pdrop")) and name not in HEAD_ONLY_DROPOUT
+
+
+def dropout_of(config) -> dict:
+    """`{field: rate}` of every dropout field of a config (object or kwargs dict), at the top level."""
+    items = config.items() if isinstance(config, dict) else config.to_dict().items()
+    return {
+        k: float(v)
+        for k, v in sorted(items)
+        if is_dropout_field(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def config_dropout(entry: dict, sizes: dict, level: str = "model") -> dict:
+    """The dropout fields of `entry`'s config at `level`: its config class's defaults under the entry's overrides."""
+    import transformers
+
+    import hf_efficient  # noqa: F401  (registers the architectures)
+
+    kwargs = level_config(entry, level, sizes)
+    return dropout_of(transformers.AutoConfig.for_model(entry["model_type"], **kwargs))
+
+
+def with_dropout_zero(entries: list[dict], sizes: dict, level: str = "model") -> list[dict]:
+    """`entries`, each followed by its dropout-0 twin where its config (the class's defaults under its overrides) has a
+    nonzero dropout field: same entry, name `<name>-dropout0`, those fields set to 0 in `variant`. Every returned entry
+    carries `dropout` (its nonzero rates, {} for none); a twin also `dropout_zero_of` (its entry's name) and
+    `dropout_zeroed` (the fields it sets to 0)."""
+    out = []
+    for entry in entries:
+        if entry.get("modality", "text") != "text" or level not in entry:
+            out.append(entry)
+            continue
+        nonzero = {k: v for k, v in config_dropout(entry, sizes, level).items() if v}
+        out.append({**entry, "dropout": nonzero})
+        if nonzero:
+            out.append(
+                {
+                    **copy.deepcopy(entry),
+                    "name": entry["name"] + DROPOUT_ZERO_SUFFIX,
+                    "label": f"{entry['label']}, dropout 0",
+                    "variant": {**entry.get("variant", {}), **{k: 0.0 for k in nonzero}},
+                    "dropout": {},
+                    "dropout_zero_of": entry["name"],
+                    "dropout_zeroed": sorted(nonzero),
+                }
+            )
+    return out
+
+
+def with_generation_variants(entries: list[dict]) -> list[dict]:
+    """`entries`, each followed by its `generation_variants` (the same model, other `generate()` arguments: Llama with a
+    static cache), each named `<name><suffix>` and carrying `generate` (the extra `generate()` keyword arguments)."""
+    out = []
+    for entry in entries:
+        out.append({**entry, "generate": {}})
+        for variant in entry.get("generation_variants", []):
+            out.append(
+                {
+                    **copy.deepcopy(entry),
+                    "name": entry["name"] + variant["suffix"],
+                    "label": variant["label"],
+                    "generate": dict(variant["generate"]),
+                    "generation_variant_of": entry["name"],
+                }
+            )
+    return out
