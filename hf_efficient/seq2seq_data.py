@@ -11,11 +11,14 @@ and the target is a different surface form that needs local reordering and inser
   `"2014-11-30"` -> `"November thirtieth, two thousand fourteen"`).
 
 `numbers_to_words_dataset()` builds `train` / `validation` / `test` splits (`datasets.Dataset`, columns `source` and
-`target`) in memory from a seed: deterministic, and the three splits share no source. The command scores generated
-text with corpus BLEU, chrF and exact match: `hf_efficient.cli.metrics` (evaluate modules; BLEU and chrF by
-sacrebleu).
+`target`) in memory from a seed: deterministic, and the three splits share no source. Which split a source belongs to
+is a keyed hash of the source itself (`source_split`: 10% test, 10% validation, 80% train), so every kind and magnitude
+of source, one-digit numbers included, is mostly seen in training, and the splits are disjoint whatever their sizes.
+The command scores generated text with corpus BLEU, chrF and exact match: `hf_efficient.cli.metrics` (evaluate
+modules; BLEU and chrF by sacrebleu).
 """
 
+import hashlib
 import random
 
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -31,6 +34,8 @@ ORDINAL_WORDS = {
     "twelve": "twelfth",
 }
 DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+SPLITS = ("train", "validation", "test")
+EVAL_PERCENT = 10  # the share of the source space held out for test, and again for validation
 
 
 # ---------------------------------------------------------------------------------------------- the task
@@ -107,17 +112,34 @@ def _sample_pair(rng: random.Random) -> tuple[str, str]:
     return source, number_to_words(n)
 
 
-def numbers_to_words_pairs(count: int, seed: int = 0, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+def source_split(source: str, key: int = 0) -> str:
+    """The split (`"train"`, `"validation"` or `"test"`) that `source` belongs to: a keyed hash (BLAKE2b of
+    `key` and the source text) into 100 buckets, `EVAL_PERCENT` for test, as many for validation, the rest for train.
+    A function of the source alone, so splits drawn with it share no source whatever their sizes, and about 80% of
+    every small class of sources (the ten one-digit numbers, the 90 two-digit ones) is training data."""
+    digest = hashlib.blake2b(f"{key}\x00{source}".encode(), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "big") % 100
+    if bucket < EVAL_PERCENT:
+        return "test"
+    return "validation" if bucket < 2 * EVAL_PERCENT else "train"
+
+
+def numbers_to_words_pairs(
+    count: int, seed: int = 0, exclude: set[str] | None = None, split: str | None = None, split_key: int = 0
+) -> list[tuple[str, str]]:
     """`count` distinct (source, target) pairs drawn with `random.Random(seed)`, none of whose sources is in
-    `exclude`."""
+    `exclude`; with `split`, only sources with `source_split(source, split_key) == split`."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"numbers_to_words_pairs: `split` must be one of {SPLITS} or None, got {split!r}.")
     rng = random.Random(seed)
     seen = set(exclude or ())
     pairs = []
     while len(pairs) < count:
         source, target = _sample_pair(rng)
-        if source not in seen:
-            seen.add(source)
-            pairs.append((source, target))
+        if source in seen or (split is not None and source_split(source, split_key) != split):
+            continue
+        seen.add(source)
+        pairs.append((source, target))
     return pairs
 
 
@@ -125,19 +147,23 @@ def numbers_to_words_dataset(
     train_size: int = 20_000, validation_size: int = 500, test_size: int = 500, seed: int = 0
 ):
     """The embedded seq2seq task as a `datasets.DatasetDict` with `train`, `validation` and `test` splits (columns
-    `source`, `target`), built in memory: the same seed gives the same rows, and no source is in two splits."""
+    `source`, `target`), built in memory: the same seed gives the same rows, and no source is in two splits.
+
+    Each split draws only the sources `source_split(source, seed)` assigns to it (about 10% / 10% / 80% of the source
+    space for test / validation / train), each from its own random stream: the splits are disjoint by construction,
+    each stays the same whatever the other sizes, and training sees every kind of source (one-digit numbers
+    included; before, the evaluation splits were drawn first and took all ten of them)."""
     from datasets import Dataset, DatasetDict
 
     for name, size in (("train_size", train_size), ("validation_size", validation_size), ("test_size", test_size)):
-        if not isinstance(size, int) or size < 1:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"numbers_to_words_dataset: `{name}` must be a positive integer, got {size!r}.")
-    # The evaluation splits are drawn first, from their own seeds, so they stay the same whatever the train size.
-    splits, used = {}, set()
-    for offset, (split, size) in enumerate((("test", test_size), ("validation", validation_size))):
-        pairs = numbers_to_words_pairs(size, seed=1000 * seed + 101 + offset, exclude=used)
-        used.update(source for source, _ in pairs)
-        splits[split] = pairs
-    splits["train"] = numbers_to_words_pairs(train_size, seed=1000 * seed, exclude=used)
+    sizes = {"train": train_size, "validation": validation_size, "test": test_size}
+    streams = {"train": 1000 * seed, "test": 1000 * seed + 101, "validation": 1000 * seed + 102}
+    splits = {
+        split: numbers_to_words_pairs(sizes[split], seed=streams[split], split=split, split_key=seed)
+        for split in SPLITS
+    }
     return DatasetDict(
         {
             split: Dataset.from_dict(
@@ -166,5 +192,6 @@ __all__ = [
     "numbers_to_words_pairs",
     "numbers_to_words_splits",
     "ordinal_to_words",
+    "source_split",
     "year_to_words",
 ]

@@ -662,3 +662,70 @@ def test_additive_masks_equal_masked_fill(dtype):
     before = float_mask.clone()
     ops_combiner._additive_mask(float_mask, dtype)
     assert torch.equal(float_mask, before)
+
+
+# ---------------------------------------------------------------------- the ablation without span summaries
+def block_local_reference(q, k, v, block_size, causal, key_mask):
+    """Dense attention where position i sees j only in its own segment of `block_size` (and j <= i when causal),
+    float64: the Fixed op without span summaries."""
+    length = q.shape[2]
+    position = torch.arange(length)
+    allowed = (position[:, None] // block_size) == (position[None, :] // block_size)
+    if causal:
+        allowed = allowed & (position[None, :] <= position[:, None])
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, None, :]
+    logits = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return weights @ v.double()
+
+
+@pytest.mark.parametrize("segment_size", [0, 4])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("length, mask_kind", [(16, "none"), (15, "holes"), (14, "left")])
+def test_fixed_without_spans_is_block_local_attention(causal, length, mask_kind, segment_size):
+    """`use_spans=False` (CombinerConfig.use_span_summaries=False): outputs and gradients equal dense attention
+    restricted to the own segment, in one piece and by recomputed segments; with the spans the op differs."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(length, seed=5))
+    mask = make_mask(length, mask_kind)
+    kwargs = dict(combiner_type="fixed", causal=causal, block_size=BLOCK, key_mask=mask)
+    rows = real_rows(mask, length)[:, None, :, None].expand(BATCH, HEADS, length, DIM)
+    got = combiner_attention(q, k, v, use_spans=False, segment_size=segment_size, **kwargs)
+    want = block_local_reference(q, k, v, BLOCK, causal, mask)
+    torch.testing.assert_close(got[rows].double(), want[rows], rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(2)) * rows
+    grads = torch.autograd.grad((got * grad_out).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((want * grad_out.double()).sum(), (q, k, v))
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-5)
+    with_spans = combiner_attention(q, k, v, **kwargs)
+    assert (with_spans - got)[rows].abs().max() > 1e-2
+
+
+def test_fixed_without_spans_decoding_equals_the_op():
+    """Prefill + single steps without span summaries equal the causal op at every position; the state keeps no
+    summary buffer; the other Combiner types refuse `use_spans=False`."""
+    batch, total = 2, 19
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(batch, HEADS, total, DIM, generator=generator) for _ in range(3))
+    kwargs = dict(combiner_type="fixed", block_size=BLOCK, use_spans=False)
+    full = combiner_attention(q, k, v, causal=True, **kwargs)
+    lengths = torch.tensor([6, 3])
+    state = combiner_prefill_state(q[:, :, :6], k[:, :, :6], v[:, :, :6], lengths, **kwargs)
+    assert "span_k" not in state and "span_v" not in state
+    rows = torch.arange(batch)
+    position = lengths.clone()
+    with torch.no_grad():
+        for _ in range(12):
+            out, state = combiner_step(
+                q[rows, :, position], k[rows, :, position], v[rows, :, position], state, **kwargs
+            )
+            torch.testing.assert_close(out, full[rows, :, position], rtol=0, atol=1e-5)
+            position = position + 1
+    assert "span_k" not in state
+    for variant in ("logsparse", "axial", "mixture"):
+        with pytest.raises(ValueError, match="use_spans=False.*'fixed' only"):
+            combiner_attention(q, k, v, combiner_type=variant, causal=True, block_size=BLOCK, use_spans=False)
+    with pytest.raises(ValueError, match="use_spans must be a bool"):
+        combiner_attention(q, k, v, combiner_type="fixed", causal=True, block_size=BLOCK, use_spans=1)

@@ -52,6 +52,15 @@ def test_generated_part_is_rewritten_and_checked(tmp_path, monkeypatch):
         make_docs.main([])
 
 
+def test_claims_table_is_a_generated_part_of_the_readme_and_the_claims_page():
+    """The claims table users read is the runner's rendering of the committed study results (current: CI's
+    make_docs --check), in the README and on the documentation's claims page."""
+    for page in (REPO / "README.md", DOCS / "claims.md"):
+        assert "<!-- make_docs:start claims -->" in page.read_text()
+        assert page in make_docs.pages()
+    assert make_docs.render_part("claims").startswith("| paper | claim | our setting | result | verdict |")
+
+
 def test_command_reference_lists_every_command_and_option():
     """The reference is generated from the argument dataclasses: every command and every option a user can type."""
     import dataclasses

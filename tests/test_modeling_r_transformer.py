@@ -48,13 +48,16 @@ class TestRTransformer(AttentionTests, GenericModelTests):
         "gru": {"rnn_type": "gru", "local_window": 3, "num_rnn_layers": 2},
         "lstm": {"rnn_type": "lstm", "local_window": 4, "official_layer_norm": False},
         "rnn": {"rnn_type": "rnn", "local_window": 2},
+        "no_local_rnn": {"num_rnn_layers": 0},  # the studies' ablation without LocalRNN
     }
     max_seq_length = None
     seq_length = 10
     invalid_configs = [
         ({"rnn_type": "transformer"}, "rnn_type"),
         ({"local_window": 0}, "local_window"),
-        ({"num_rnn_layers": 0}, "num_rnn_layers"),
+        ({"num_rnn_layers": -1}, "num_rnn_layers"),
+        ({"num_rnn_layers": 1.5}, "num_rnn_layers"),
+        ({"num_rnn_layers": True}, "num_rnn_layers"),
         ({"hidden_size": 30, "num_attention_heads": 4}, "num_attention_heads"),
         ({"hidden_size": -2}, "hidden_size"),
         ({"intermediate_size": 0}, "intermediate_size"),
@@ -131,6 +134,32 @@ def test_model_matches_reference(rnn_type, window, official, padding, attn_imple
         reference = model_reference(model, model.embed_tokens(ids), mask)
     real = torch.ones(2, 9, dtype=torch.bool) if mask is None else mask.bool()
     torch.testing.assert_close(fast[real], reference[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_without_local_rnn_is_the_model_minus_its_local_rnns(padding):
+    """`num_rnn_layers=0` (the ablation): no LocalRNN parameters; the blocks equal the reference with no LocalRNN
+    sublayer, and the full model with the same other weights and its LocalRNN sublayers removed; the full model
+    (with its LocalRNNs) gives different outputs."""
+    set_seed(0)
+    ablated = RTransformerModel(tiny_config(num_rnn_layers=0)).eval()
+    full = RTransformerModel(tiny_config(num_rnn_layers=1)).eval()
+    assert not any("rnn" in name for name, _ in ablated.named_parameters())
+    missing, unexpected = full.load_state_dict(ablated.state_dict(), strict=False)
+    assert missing and all(".rnn_layers." in name for name in missing) and not unexpected
+    ids = torch.randint(3, 64, (2, 9))
+    mask = None if PADDINGS[padding] is None else torch.tensor(PADDINGS[padding])
+    real = torch.ones(2, 9, dtype=torch.bool) if mask is None else mask.bool()
+    with torch.no_grad():
+        got = ablated(ids, attention_mask=mask).last_hidden_state
+        with_rnn = full(ids, attention_mask=mask).last_hidden_state
+        reference = model_reference(ablated, ablated.embed_tokens(ids), mask)
+        for block in full.layers:
+            block.rnn_layers = torch.nn.ModuleList()
+        without_rnn = full(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[real], reference[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, without_rnn, rtol=0, atol=0)
+    assert (got[real] - with_rnn[real]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("official", [True, False])

@@ -20,7 +20,9 @@ from hf_efficient.seq2seq_data import (
     date_to_words,
     number_to_words,
     numbers_to_words_dataset,
+    numbers_to_words_pairs,
     ordinal_to_words,
+    source_split,
     year_to_words,
 )
 
@@ -92,6 +94,29 @@ def test_dataset_is_deterministic_disjoint_and_consistent():
     assert 0.35 < np.mean(kinds) < 0.65  # about half dates
     with pytest.raises(ValueError, match="train_size"):
         numbers_to_words_dataset(train_size=0)
+    with pytest.raises(ValueError, match="test_size"):
+        numbers_to_words_dataset(test_size=True)
+
+
+def test_each_source_lives_in_one_split_and_training_sees_one_digit_numbers():
+    """The split of a row is `source_split(source, seed)` (a keyed hash of the source: disjoint splits whatever
+    their sizes); about 80% of the source space is training data, and the ten one-digit numbers are no longer all
+    held out (the evaluation splits used to be drawn first and took all of them)."""
+    for seed in (0, 1):
+        data = numbers_to_words_dataset(train_size=3000, validation_size=200, test_size=200, seed=seed)
+        for split in data:
+            assert {source_split(source, seed) for source in data[split]["source"]} == {split}
+        one_digit = {split: {s for s in data[split]["source"] if len(s) == 1} for split in data}
+        # 3000 draws include every training one-digit number (1 in 12 draws is a one-digit number)
+        assert one_digit["train"] == {str(n) for n in range(10) if source_split(str(n), seed) == "train"}
+        assert len(one_digit["train"]) >= 7 and not one_digit["train"] & (one_digit["test"] | one_digit["validation"])
+    shares = [source_split(str(n)) for n in range(10_000)]
+    assert 0.07 < shares.count("test") / 10_000 < 0.13 and 0.07 < shares.count("validation") / 10_000 < 0.13
+    assert source_split("7", 0) != source_split("7", 4) or source_split("2", 0) != source_split("2", 4)  # keyed
+    pairs = numbers_to_words_pairs(50, seed=5, split="test")
+    assert len({s for s, _ in pairs}) == 50 and all(source_split(s) == "test" for s, _ in pairs)
+    with pytest.raises(ValueError, match="split"):
+        numbers_to_words_pairs(5, split="dev")
 
 
 def test_metric_modules_are_evaluate_modules_loaded_from_the_package_files():

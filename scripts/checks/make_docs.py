@@ -9,7 +9,9 @@ A generated part is the text between `<!-- make_docs:start NAME -->` and `<!-- m
 - `architectures`: the table of the registered architectures (`hf_efficient.ARCHITECTURES`, each folder's
   `ARCHITECTURE_CARD` and `AUTO_MAPPING`) with their pages and presets;
 - `heads <model_type>`: the Auto classes an architecture registers and its head classes;
-- `presets <model_type>`: the architecture's presets (`model_cards/<preset>/card.json`).
+- `presets <model_type>`: the architecture's presets (`model_cards/<preset>/card.json`);
+- `claims`: the claims table of the reproduction studies (`benchmarks/studies/<study>/results.json`, through
+  `scripts/studies/runner.py`), in `docs/claims.md` and in `README.md` (the one page outside `docs/` with a part).
 
     python scripts/checks/make_docs.py          # rewrite every generated part
     python scripts/checks/make_docs.py --check  # exit 1 (with a diff) if a committed page differs (CI)
@@ -221,6 +223,16 @@ def presets_table(model_type: str) -> str:
     return "\n".join(rows)
 
 
+def claims_table() -> str:
+    """The studies' claims table, read from their committed results (the runner's own renderer)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from studies import runner
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return runner.claims_rows(ROOT / "benchmarks" / "studies")
+
+
 # ------------------------------------------------------------------------------------------------ the pages
 def render_part(name: str) -> str:
     kind, _, argument = name.partition(" ")
@@ -232,6 +244,8 @@ def render_part(name: str) -> str:
         return heads_table(argument)
     if kind == "presets" and argument:
         return presets_table(argument)
+    if kind == "claims" and not argument:
+        return claims_table()
     raise ValueError(f"unknown generated part `{name}` (see scripts/checks/make_docs.py)")
 
 
@@ -249,7 +263,8 @@ def render_page(text: str, where: str = "page") -> str:
 
 
 def pages() -> list[Path]:
-    return sorted(path for path in DOCS.rglob("*.md") if START.search(path.read_text()))
+    candidates = [*DOCS.rglob("*.md"), ROOT / "README.md"]
+    return sorted(path for path in candidates if path.exists() and START.search(path.read_text()))
 
 
 def main(argv=None) -> int:

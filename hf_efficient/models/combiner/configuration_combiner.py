@@ -64,6 +64,11 @@ class CombinerConfig(PreTrainedConfig):
             `None` picks `round(sqrt(max_position_embeddings))`, the paper's s ~ sqrt(L).
         span_summary (`str`, defaults to `"max"`): pooling of span keys and span queries: `"max"` (the paper's
             default), `"mean"` or `"sum"`.
+        use_span_summaries (`bool`, defaults to `True`): `False` is the ablation *without span summaries* (the
+            studies' "local blocks only" arm): each position attends to `Omega0` alone, its own segment of
+            `block_size` positions (its causal prefix when causal), and no span is summarised, so nothing outside
+            the segment is reachable within a layer. Defined for `combiner_type="fixed"` only (Axial without its
+            abstractions is the same block-local attention); decoding keeps the current segment only.
         max_position_embeddings (`int`, defaults to 1024): longest sequence (size of the learned position table).
         causal (`bool`, defaults to `False`): causality of `CombinerModel` and the classification head.
             `CombinerForCausalLM` is always causal and `CombinerForMaskedLM` never is.
@@ -90,6 +95,7 @@ class CombinerConfig(PreTrainedConfig):
         combiner_type: str = "fixed",
         block_size: int | None = None,
         span_summary: str = "max",
+        use_span_summaries: bool = True,
         max_position_embeddings: int = 1024,
         causal: bool = False,
         hidden_act: str = "gelu",
@@ -116,6 +122,7 @@ class CombinerConfig(PreTrainedConfig):
             block_size = max(1, round(math.sqrt(max_position_embeddings)))
         self.block_size = block_size
         self.span_summary = span_summary
+        self.use_span_summaries = use_span_summaries
         self.causal = causal
         self.hidden_act = hidden_act
         self.attention_bias = attention_bias
@@ -151,6 +158,14 @@ class CombinerConfig(PreTrainedConfig):
         require_divides(self, "num_attention_heads", "hidden_size")
         require_choice(self, "combiner_type", COMBINER_TYPES)
         require_choice(self, "span_summary", SPAN_SUMMARIES)
+        if not isinstance(self.use_span_summaries, bool):
+            raise ValueError(f"CombinerConfig: `use_span_summaries` must be a bool, got {self.use_span_summaries!r}.")
+        if not self.use_span_summaries and self.combiner_type != "fixed":
+            raise ValueError(
+                f"CombinerConfig: `use_span_summaries=False` (the ablation without span summaries) is defined for "
+                f"combiner_type='fixed' only, got combiner_type={self.combiner_type!r} (Axial without its "
+                "abstractions is the same block-local attention: use combiner_type='fixed')."
+            )
         require_choice(self, "classifier_pooling", ("mean", "last"))
         require_probability(self, "hidden_dropout_prob")
         require_positive(self, "layer_norm_eps")

@@ -45,6 +45,7 @@ from .ops_combiner import (
     axial_row_abstractions,
     block_summaries,
     check_span_summary,
+    check_use_spans,
     joint_softmax,
     lowest_where_not,
     masked_hidden_states,
@@ -67,7 +68,8 @@ from .ops_combiner import (
 # A compiled / exported step holds them at their capacity for `max_length` tokens instead (`combiner_static_state`):
 # fixed shapes, so one graph decodes every position.
 #
-#   fixed:     seg_q/k/v (B,H,s,.) ring of the current segment; span_k/v (B,H,N,.) summaries of its segments.
+#   fixed:     seg_q/k/v (B,H,s,.) ring of the current segment; span_k/v (B,H,N,.) summaries of its segments
+#              (absent without span summaries, `use_spans=False`: the ring alone).
 #   axial:     row_q/k/v (B,H,C,.) and row_x (B,C,d) ring of the current row; abs_k/v (B,H,R,C,.) abstractions.
 #   logsparse: q/k/v (B,H,cap,.) every token (a span is summarised when it completes, from its raw tokens);
 #              level{l}_k/v (B,H,n_l,.) summaries of the completed aligned blocks of size 2^l, l >= 1.
@@ -92,7 +94,7 @@ def combiner_static_state(
     state = dict(state)
     rows = -(-max_length // block_size)
     if combiner_type == "fixed":
-        sizes = {"span_k": rows, "span_v": rows}
+        sizes = {name: rows for name in ("span_k", "span_v") if name in state}  # none without span summaries
     elif combiner_type == "axial":
         sizes = {"abs_k": rows, "abs_v": rows}
     elif combiner_type == "mixture":
@@ -126,6 +128,7 @@ def combiner_prefill_state(
     span_summary: str = "max",
     abstraction_key_fn: Callable | None = None,
     hidden_states: torch.Tensor | None = None,
+    use_spans: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The decoding state after a prefix (computed in one vectorised pass, no loop over positions).
 
@@ -133,8 +136,10 @@ def combiner_prefill_state(
         q, k, v: `(B, H, T, .)` of the prefix, each sample's `lengths[b]` real tokens first (right padding).
         lengths: `(B,)` long, the number of real tokens of each sample.
         hidden_states: `(B, T, d)` (Axial: the layer input, needed for the abstraction keys of its current row).
+        use_spans: False for the ablation without span summaries (Fixed only): the state keeps the ring alone.
     """
     check_span_summary(span_summary)
+    check_use_spans(use_spans, combiner_type)
     batch_size, num_heads, total, _ = q.shape
     device = q.device
     q = q * q.shape[-1] ** -0.5
@@ -164,7 +169,8 @@ def combiner_prefill_state(
     ring = ring.clamp(max=padded - 1)  # slots not yet written are never read
     state = {"length": lengths}
     if combiner_type == "fixed":
-        state["span_k"], state["span_v"], _ = block_summaries(qb, kb, vb, real_b, span_summary)
+        if use_spans:
+            state["span_k"], state["span_v"], _ = block_summaries(qb, kb, vb, real_b, span_summary)
         state["seg_q"], state["seg_k"], state["seg_v"] = (_gather(t, ring) for t in (q, k, v))
         return state
     if combiner_type == "axial":
@@ -278,6 +284,7 @@ def combiner_step(
     abstraction_key_fn: Callable | None = None,
     hidden_states: torch.Tensor | None = None,
     max_length: int | None = None,
+    use_spans: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One causal decoding step: the new token of each sample (at position `state["length"][b]`) attends to the
     state, which it then joins.
@@ -290,11 +297,13 @@ def combiner_step(
             held at their capacity for `max_length` tokens (`combiner_static_state`) instead of growing with the data,
             and the summaries of completed spans are a `torch.cond` branch, so the step is one graph of fixed shapes
             for any position. Eager steps grow the buffers as needed and ignore it.
+        use_spans: False for the ablation without span summaries (Fixed only: the own segment alone).
 
     Returns:
         `(B, H, Dv)` and the new state. The output equals the full causal op at that position.
     """
     check_span_summary(span_summary)
+    check_use_spans(use_spans, combiner_type)
     batch_size = q.shape[0]
     q = q * q.shape[-1] ** -0.5
     valid = torch.ones(batch_size, dtype=torch.bool, device=q.device) if valid is None else valid.bool()
@@ -307,7 +316,18 @@ def combiner_step(
     state = dict(state)
     kernels = (_fixed_step, _logsparse_step, _axial_step, _mixture_step)
     out = _run_kernel(
-        kernels, combiner_type, q, k, v, state, valid, block_size, span_summary, abstraction_key_fn, hidden_states
+        kernels,
+        combiner_type,
+        q,
+        k,
+        v,
+        state,
+        valid,
+        block_size,
+        span_summary,
+        abstraction_key_fn,
+        hidden_states,
+        use_spans,
     )
     state["length"] = state["length"] + valid.long()
     return out, state
@@ -322,13 +342,25 @@ def _check_axial_inputs(
 
 
 def _run_kernel(
-    kernels, combiner_type, q, k, v, state, extra, block_size, span_summary, abstraction_key_fn, hidden_states
+    kernels,
+    combiner_type,
+    q,
+    k,
+    v,
+    state,
+    extra,
+    block_size,
+    span_summary,
+    abstraction_key_fn,
+    hidden_states,
+    use_spans=True,
 ):
     """The output of the Fixed, Logsparse, Axial or Mixture one of `kernels` (steps or chunks), each called with the
-    arguments it reads and `extra` (a step: `valid (B,)`; a chunk: its `_Chunk`). Updates `state` in place."""
+    arguments it reads and `extra` (a step: `valid (B,)`; a chunk: its `_Chunk`). Updates `state` in place.
+    `use_spans=False` (Fixed only) drops the span summaries."""
     fixed, logsparse, axial, mixture = kernels
     if combiner_type == "fixed":
-        return fixed(q, k, v, state, block_size, span_summary, extra)
+        return fixed(q, k, v, state, block_size, span_summary, extra, use_spans=use_spans)
     if combiner_type == "logsparse":
         return logsparse(q, k, v, state, span_summary, extra)
     if combiner_type == "axial":
@@ -339,13 +371,16 @@ def _run_kernel(
     raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
 
 
-def _fixed_step(q, k, v, state, s, span_summary, valid):
+def _fixed_step(q, k, v, state, s, span_summary, valid, use_spans=True):
     length = state["length"]
     slot, seg = length % s, length // s
     for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v)):
         state[name] = _write(state[name], slot, t, valid)
     arange_s = torch.arange(s, device=q.device)
     direct = torch.einsum("bhd,bhjd->bhj", q, state["seg_k"])  # own segment, slots <= current
+    if not use_spans:  # the ablation without span summaries: the own segment only
+        (p_direct,) = _step_softmax([(direct, arange_s[None] <= slot[:, None])], v.dtype)
+        return torch.einsum("bhj,bhjd->bhd", p_direct, state["seg_v"])
     span_k, span_v = state["span_k"], state["span_v"]
     span = torch.einsum("bhd,bhnd->bhn", q, span_k)  # earlier segments
     p_direct, p_span = _step_softmax(
@@ -539,6 +574,7 @@ def combiner_chunk_step(
     abstraction_key_fn: Callable | None = None,
     hidden_states: torch.Tensor | None = None,
     max_length: int | None = None,
+    use_spans: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Causal decoding of a chunk of `T` tokens per sample against the state, which they then join.
 
@@ -550,12 +586,14 @@ def combiner_chunk_step(
         valid: `(B, T)` bool; False marks a padding token, which leaves that sample's state unchanged.
         max_length: passed to `combiner_step` for a one-token chunk (needed to compile / export it). A chunk of
             T > 1 tokens sizes its work on the data (blocks completed, buffer capacities): eager only.
+        use_spans: False for the ablation without span summaries (Fixed only: the own segment alone).
 
     Returns:
         `(B, H, T, Dv)` (equal to the full causal op at the valid tokens' positions) and the new state (equal to the
         state of `T` calls of `combiner_step`).
     """
     check_span_summary(span_summary)
+    check_use_spans(use_spans, combiner_type)
     batch_size, _, num_new, head_dim = q.shape
     _check_axial_inputs(combiner_type, abstraction_key_fn, hidden_states)
     if num_new == 1:  # one token: the plain step
@@ -571,6 +609,7 @@ def combiner_chunk_step(
             abstraction_key_fn=abstraction_key_fn,
             hidden_states=None if hidden_states is None else hidden_states[:, 0],
             max_length=max_length,
+            use_spans=use_spans,
         )
         return out[:, :, None], state
     if torch.compiler.is_exporting():
@@ -585,7 +624,18 @@ def combiner_chunk_step(
     state = dict(state)
     kernels = (_fixed_chunk, _logsparse_chunk, _axial_chunk, _mixture_chunk)
     out = _run_kernel(
-        kernels, combiner_type, q, k, v, state, chunk, block_size, span_summary, abstraction_key_fn, hidden_states
+        kernels,
+        combiner_type,
+        q,
+        k,
+        v,
+        state,
+        chunk,
+        block_size,
+        span_summary,
+        abstraction_key_fn,
+        hidden_states,
+        use_spans,
     )
     state["length"] = state["length"] + chunk.count
     return out, state
@@ -771,20 +821,25 @@ def _completed_summaries(state, names, local: _Local, summaries, chunk: _Chunk):
 # ----------------------------------------------------------------------------------------------------------------------
 # Chunk: Combiner-Fixed
 # ----------------------------------------------------------------------------------------------------------------------
-def _fixed_chunk(q, k, v, state, s, span_summary, chunk):
+def _fixed_chunk(q, k, v, state, s, span_summary, chunk, use_spans=True):
     """Own segment (causal) from the local blocks; spans: the state's earlier segments and the local segments the
-    chunk completed before the token's own; one joint softmax per token."""
+    chunk completed before the token's own; one joint softmax per token. `use_spans=False`: the own segment only."""
     batch_size, device = q.shape[0], q.device
     local = _Local(state["length"], chunk, s)
     seq = [local.sequence(state[name], t, chunk) for name, t in (("seg_q", q), ("seg_k", k), ("seg_v", v))]
     qb, kb, vb = (t.unflatten(2, (local.blocks, s)) for t in seq)  # (B, H, n, s, .)
+    own = torch.arange(s, device=device)[None, None] <= local.slot[..., None]  # causal: slots up to the token's
+    if not use_spans:
+        (p_direct,) = joint_softmax([(local.block_logits(qb, kb), own[:, None])], v.dtype)
+        for name, t in zip(("seg_q", "seg_k", "seg_v"), seq):
+            state[name] = _gather(t, local.ring())
+        return _gather(local.block_mix(p_direct, vb), chunk.ordinal)
     real_b = local.real.view(batch_size, 1, local.blocks, s)
     local_k, local_v, _ = block_summaries(qb, kb, vb, real_b, span_summary)  # (B, H, n, .)
     span_k, span_v = state["span_k"], state["span_v"]
     queries = local.rows(seq[0])  # (B, H, T, D): the packed tokens
     earlier = torch.arange(span_k.shape[2], device=device)[None] < local.first[:, None]
     local_earlier = torch.arange(local.blocks, device=device)[None, None] < local.block_of[..., None]
-    own = torch.arange(s, device=device)[None, None] <= local.slot[..., None]  # causal: slots up to the token's
     p_direct, p_prior, p_local = joint_softmax(
         [
             (local.block_logits(qb, kb), own[:, None]),

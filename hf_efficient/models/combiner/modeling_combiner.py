@@ -44,7 +44,8 @@ class CombinerAttention(nn.Module):
     """Multi-head Combiner attention: q/k/v projections, the Combiner op of `config.combiner_type`, output projection.
 
     Axial adds the parameters of its column-abstraction keys, `W_k LayerNorm(x + W_o a)`: `axial_out_proj` (`W_o`),
-    `axial_norm` and `axial_key_proj` (`W_k`), bias-free as in the official code.
+    `axial_norm` and `axial_key_proj` (`W_k`), bias-free as in the official code. With
+    `config.use_span_summaries=False` (the ablation, Fixed only) the op keeps the own segment and no summary.
 
     With a cache, the first call (the prompt) runs the fast op and stores the decoding state; later calls continue
     from that state: one token (`generate()`) with `combiner_step`, several tokens at once with
@@ -58,6 +59,7 @@ class CombinerAttention(nn.Module):
         self.combiner_type = config.combiner_type
         self.block_size = config.block_size
         self.span_summary = config.span_summary
+        self.use_spans = config.use_span_summaries
         self.max_length = config.max_position_embeddings  # a compiled decoding step's buffer capacity
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
@@ -111,6 +113,7 @@ class CombinerAttention(nn.Module):
             block_size=self.block_size,
             span_summary=self.span_summary,
             abstraction_key_fn=self.abstraction_key_fn(),
+            use_spans=self.use_spans,
         )
         state = cache.get_states(self.layer_idx) if cache is not None else {}
         if not state:

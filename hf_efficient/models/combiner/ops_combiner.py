@@ -60,6 +60,19 @@ def check_span_summary(span_summary: str) -> None:
         raise ValueError(f"Unknown span_summary {span_summary!r}; expected one of {SPAN_SUMMARIES}.")
 
 
+def check_use_spans(use_spans: bool, combiner_type: str) -> None:
+    """The ablation without span summaries (`use_spans=False`) is defined for Combiner-Fixed only: a ValueError
+    otherwise (Axial without its row abstractions is the same block-local attention; Logsparse would keep only the
+    position itself)."""
+    if not isinstance(use_spans, bool):
+        raise ValueError(f"use_spans must be a bool, got {use_spans!r}.")
+    if not use_spans and combiner_type != "fixed":
+        raise ValueError(
+            f"use_spans=False (no span summaries) is defined for combiner_type='fixed' only, got {combiner_type!r} "
+            "(Axial without its abstractions is the same block-local attention as Fixed without spans)."
+        )
+
+
 def _real_mask(key_mask: torch.Tensor | None, batch_size: int, length: int, device) -> torch.Tensor:
     """`(B, L)` bool, True for real positions."""
     if key_mask is None:
@@ -482,6 +495,7 @@ def fixed_attention(
     key_mask: torch.Tensor | None = None,
     span_summary: str = "max",
     segment_size: int | None = None,
+    use_spans: bool = True,
 ) -> torch.Tensor:
     r"""Combiner-Fixed: segments of `s = block_size` positions.
 
@@ -491,6 +505,8 @@ def fixed_attention(
 
     Blocked layout: `(B, H, L, D) -> (B, H, N, s, D)` with `N = Lp / s`. Per segment the direct logits are
     `(N, s, s)` and the span logits `(N, s, N)`; they are concatenated to `(B, H, N, s, s + N)` for one softmax.
+    `use_spans=False` is the ablation without span summaries (`CombinerConfig.use_span_summaries`): `Omega0` only,
+    i.e. block-local attention within each segment (no summary is computed).
     Cost O(L (s + N)) time and memory. With autograd on and `L > 2 segment_size` (default `SEGMENT_POSITIONS`), the
     logits are formed segment by segment of queries and recomputed in the backward (`_by_segments`): the saved
     activations are then O(L) (the span summaries) plus one segment's logits.
@@ -505,17 +521,24 @@ def fixed_attention(
     real_b = real.view(batch_size, 1, n, s)
 
     per_segment = _segment_rows(segment_size, length, s, q, k, v)
-    span_key, span_value, nonempty = _recomputed(
-        lambda qb, kb, vb: block_summaries(qb, kb, vb, real_b, span_summary), per_segment, qb, kb, vb
-    )  # (B, H, N, .), (B, 1, N)
+    summaries = ()
+    if use_spans:
+        span_key, span_value, nonempty = _recomputed(
+            lambda qb, kb, vb: block_summaries(qb, kb, vb, real_b, span_summary), per_segment, qb, kb, vb
+        )  # (B, H, N, .), (B, 1, N)
+        summaries = (span_key, span_value)
     seg = torch.arange(n, device=q.device)
     causal_ok = torch.ones(s, s, dtype=torch.bool, device=q.device).tril() if causal else None
 
-    def segments(n0, n1, qc, kc, vc, span_key, span_value):  # qc, kc, vc: segments [n0, n1)
+    def segments(n0, n1, qc, kc, vc, *summaries):  # qc, kc, vc: segments [n0, n1)
         direct = qc @ kc.transpose(-1, -2)  # (B, H, n, s, s)
         direct_ok = real_b[:, :, n0:n1, None, :]  # key j is real
         if causal:
             direct_ok = direct_ok & causal_ok
+        if not summaries:  # the ablation: the own segment only
+            (p_direct,) = joint_softmax([(direct, direct_ok)], vc.dtype)
+            return p_direct @ vc
+        span_key, span_value = summaries
         span_logits = torch.einsum("bhnid,bhmd->bhnim", qc, span_key)  # (B, H, n, s, N)
         own = seg[n0:n1, None]
         other = seg[None, :] < own if causal else seg[None, :] != own  # [own n, span m]
@@ -523,8 +546,9 @@ def fixed_attention(
         p_direct, p_span = joint_softmax([(direct, direct_ok), (span_logits, span_ok)], vc.dtype)
         return p_direct @ vc + torch.einsum("bhnim,bhmd->bhnid", p_span, span_value)
 
-    reads = lambda n0, n1: [(2, n0, n1)] * 3 + [None, None]  # noqa: E731  (its segments' q, k, v; all summaries)
-    out = _by_segments(segments, n, per_segment, qb, kb, vb, span_key, span_value, reads=reads)
+    # its segments' q, k, v; all summaries
+    reads = lambda n0, n1: [(2, n0, n1)] * 3 + [None] * len(summaries)  # noqa: E731
+    out = _by_segments(segments, n, per_segment, qb, kb, vb, *summaries, reads=reads)
     return out.flatten(2, 3)[:, :, :length]
 
 
@@ -1112,17 +1136,28 @@ def combiner_attention(
     hidden_states: torch.Tensor | None = None,
     segment_size: int | None = None,
     num_levels: int | None = None,
+    use_spans: bool = True,
 ) -> torch.Tensor:
     """Run the Combiner variant `combiner_type` on `(B, H, L, D)` q, k and `(B, H, L, Dv)` v; see each op.
 
     `segment_size` (positions; default `SEGMENT_POSITIONS`, 0 = never): with autograd on, sequences longer than twice it
     form their logits segment by segment, recomputed in the backward (same maths, activations of one segment).
     `num_levels` (Logsparse only): a fixed number of dyadic levels (see `logsparse_attention`).
+    `use_spans=False` (Fixed only): the ablation without span summaries, block-local attention (`fixed_attention`).
     """
+    check_use_spans(use_spans, combiner_type)
     seg = dict(segment_size=segment_size)
     if combiner_type == "fixed":
         return fixed_attention(
-            q, k, v, causal=causal, block_size=block_size, key_mask=key_mask, span_summary=span_summary, **seg
+            q,
+            k,
+            v,
+            causal=causal,
+            block_size=block_size,
+            key_mask=key_mask,
+            span_summary=span_summary,
+            use_spans=use_spans,
+            **seg,
         )
     if combiner_type == "logsparse":
         return logsparse_attention(
@@ -1157,6 +1192,7 @@ __all__ = [
     "axial_row_abstractions",
     "block_summaries",
     "check_span_summary",
+    "check_use_spans",
     "combiner_attention",
     "cumulative_pool",
     "fixed_attention",

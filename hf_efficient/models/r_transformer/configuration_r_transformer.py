@@ -51,7 +51,10 @@ class RTransformerConfig(PreTrainedConfig):
         rnn_type (`str`, defaults to `"gru"`): `"gru"`, `"lstm"` or `"rnn"` (tanh), with weights in the standard
             `nn.GRU` / `nn.LSTM` / `nn.RNN` layout (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`).
         local_window (`int`, defaults to 7): the LocalRNN window `M` (the official `ksize`), >= 1.
-        num_rnn_layers (`int`, defaults to 1): LocalRNN sublayers per block (the official `n`), >= 1.
+        num_rnn_layers (`int`, defaults to 1): LocalRNN sublayers per block (the official `n`), >= 0. `0` is the
+            ablation *without LocalRNN* (the studies' arm that shows what the LocalRNN adds): each block is then
+            `x + MHA(LN(x))`, `x + FFN(LN(x))` only, a causal Transformer with no position information but the causal
+            mask (the model has no position embeddings); `local_window` and the other LocalRNN fields are unused.
         local_rnn_implementation (`str`, defaults to `"auto"`): how the LocalRNN is computed; every choice gives the
             same outputs. `"projected"`: input projections once per position, then the M-step recurrence batched
             over all B x L windows (hidden-to-hidden matmul per step). `"unfold"`: the official form, the windows
@@ -155,10 +158,14 @@ class RTransformerConfig(PreTrainedConfig):
             "num_attention_heads",
             "intermediate_size",
             "local_window",
-            "num_rnn_layers",
             "num_channels",
             "local_rnn_segment_length",
         )
+        if not _is_int(self.num_rnn_layers) or self.num_rnn_layers < 0:
+            raise ValueError(
+                f"RTransformerConfig: `num_rnn_layers` must be an integer >= 0 (0: the ablation without LocalRNN), "
+                f"got {self.num_rnn_layers!r}."
+            )
         require_divides(self, "num_attention_heads", "hidden_size")
         require_choice(self, "rnn_type", RNN_TYPES)
         require_choice(self, "local_rnn_implementation", LOCAL_RNN_IMPLEMENTATIONS)
