@@ -1,6 +1,7 @@
 """The `hf-efficient` command: help, listing, and one-line errors for bad input (no traceback, no output folder)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,65 @@ def test_time_budget_stops_training_cleanly(tmp_path, capsys):
     assert results["global_step"] == 1 and results["max_steps"] == 50 and results["stopped_by_time_budget"]
     assert "eval_bits_per_byte" in results and (out / "model.safetensors").is_file()
     assert "stopped by the --max-train-minutes budget" in (out / "README.md").read_text()
+
+
+def test_rebuild_schedule_gives_the_running_scheduler_the_planned_curve(tmp_path):
+    """The time-sized schedule: a scheduler started for a provisional step count, rebuilt after 5 steps for 100,
+    gives from then on exactly the learning rates of a scheduler built for 100 steps from the start (warm-up share
+    and decay included), and ends at zero."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    from hf_efficient.cli.train import TimeBudget, rebuild_schedule
+
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.1, lr_scheduler_type="cosine", report_to=[])
+
+    def scheduler(total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        warmup = args.get_warmup_steps(total)
+        return optimizer, get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+    optimizer, running = scheduler(TimeBudget.PROVISIONAL_STEPS)
+    reference_optimizer, reference = scheduler(100)
+    for _ in range(5):
+        for opt, sched in ((optimizer, running), (reference_optimizer, reference)):
+            opt.step()
+            sched.step()
+    assert optimizer.param_groups[0]["lr"] < reference_optimizer.param_groups[0]["lr"] / 100  # before: ~0
+    rebuild_schedule(args, running, 100)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_optimizer.param_groups[0]["lr"], rel=1e-12)
+    for _ in range(95):
+        for opt, sched in ((optimizer, running), (reference_optimizer, reference)):
+            opt.step()
+            sched.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_optimizer.param_groups[0]["lr"], rel=1e-12)
+    assert running.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_time_budget_without_max_steps_sizes_the_schedule(tmp_path, capsys):
+    """--max-train-minutes without --max-steps: the steps are planned from the measured step time, the run's
+    max_steps is that plan (not the task's 600 nor the provisional count), and the learning rate decays over it."""
+    from hf_efficient.cli.train import TimeBudget
+
+    out = tmp_path / "out"
+    argv = ["train", "--config-overrides", TINY, "--max-train-bytes", "20000", "--max-eval-bytes", "2000"]
+    argv += ["--max-train-minutes", "0.15", "--disable-tqdm", "--no-sample", "--save-strategy", "no"]
+    argv += ["--logging-steps", "1", "--per-device-train-batch-size", "4"]
+    assert cli.main([*argv, "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "all_results.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    planned = results["max_steps"]
+    assert results["schedule_sized_to_time_budget"] and 2 < planned < TimeBudget.PROVISIONAL_STEPS
+    assert planned != tasks.TASKS["clm"].training["max_steps"] and state["max_steps"] == planned
+    first_plan = re.search(r"the schedule is sized to (\d+) steps", printed)  # (later revisions are silent)
+    assert first_plan and 2 < int(first_plan.group(1)) < TimeBudget.PROVISIONAL_STEPS
+    assert results["global_step"] == planned or results["stopped_by_time_budget"]
+    rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    peak = max(rates)
+    assert rates.index(peak) < len(rates) - 1 and rates[-1] < 0.5 * peak  # warm-up, then decay over the plan
+    samples = results["global_step"] * 4 / results["train_runtime"]
+    assert results["train_samples_per_second"] == pytest.approx(samples, rel=0.01)
 
 
 @pytest.mark.parametrize("model_type", sorted(hf_efficient.ARCHITECTURES))

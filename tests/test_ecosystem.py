@@ -329,6 +329,25 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     assert hf_efficient.ARCHITECTURES  # the launched command used the same registry
 
 
+def test_accelerate_launch_two_processes_follow_one_time_sized_plan(tmp_path):
+    """--max-train-minutes without --max-steps under `accelerate launch --multi_gpu --num_processes 2`: rank 0's
+    plan (and its revisions) reaches both processes, which stop at the same step (a process that took one more DDP
+    step than the other would hang in its gradient all-reduce), and the run records the plan."""
+    common = ["--task", "clm", "--config-overrides", TINY, *SMALL_TEXT, "--save-strategy", "no", *QUIET]
+    common += ["--max-train-minutes", "0.15", "--per-device-train-batch-size", "2", "--logging-steps", "1"]
+    launch = [*two_process_launch(tmp_path), "-m", "hf_efficient", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    ddp = subprocess.run(
+        [*launch, *common, "--output-dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=500
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert results["world_size"] == 2 and results["schedule_sized_to_time_budget"]
+    assert 2 < results["max_steps"] == state["max_steps"] < 1_000_000
+    assert results["global_step"] == results["max_steps"] or results["stopped_by_time_budget"]
+
+
 # -------------------------------------------------------------------------------------------------------- seq2seq
 def test_seq2seq_task_on_an_encoder_decoder_checkpoint(tmp_path):
     """The seq2seq task is not tied to hf-efficient's own encoder-decoder: it trains any encoder-decoder checkpoint

@@ -101,7 +101,9 @@ class TrainArguments(Seq2SeqTrainingArguments):
     )
     use_cpu: bool | None = _option("train on the CPU (default: when no accelerator is found)", nargs="?", const=True)
     max_train_minutes: float | None = _option(
-        "stop training after this many minutes (then evaluate and save as usual; all_results.json records it)"
+        "stop training after this many minutes (then evaluate and save as usual; all_results.json records it). "
+        "Without --max-steps the schedule is sized to the budget: the steps that fit are planned from the measured "
+        "step time (revised every tenth of the budget) and the warm-up and decay follow that plan"
     )
     predict_with_generate: bool | None = _option(
         "seq2seq: evaluation generates and reports BLEU, chrF and exact match besides the loss (default: the task's: "

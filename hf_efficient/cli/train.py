@@ -56,9 +56,22 @@ def training_arguments(values: dict, task: Task, staging: Path, resume: str | No
 
 class TimeBudget:
     """`--max-train-minutes`: stop training (cleanly: evaluation and saving still run) once the budget is spent.
-    Rank 0's clock decides, broadcast to every process, so that all of them stop at the same step."""
+    Rank 0's clock decides, broadcast to every process, so that all of them stop at the same step.
 
-    def __init__(self, minutes: float):
+    Without `--max-steps` the schedule is sized to the budget (`sized=True`): training starts with a provisional
+    step count, and once `CALIBRATION` of the budget has passed, the steps that fit in the rest are planned from the
+    measured time per step (rank 0's, broadcast); `state.max_steps` and the learning-rate schedule (its warm-up and
+    decay, as `--lr-scheduler-type` and `--warmup-steps` say) are then rebuilt for that count, so that the decay ends
+    when the time does instead of a fixed step count ending early or the clock cutting a schedule short. The plan is
+    revised at every further `REPLAN` of the budget from the step time since the previous revision, so that a
+    machine that gets busier (or freer) mid-run still ends its decay near the end of the budget."""
+
+    CALIBRATION = 0.05  # the share of the budget timed before planning (after the first steps' warm-up)
+    REPLAN = 0.1  # revise the plan after every further tenth of the budget
+    MARGIN = 0.97  # plan for 97% of the remaining time: step times drift, checkpoints and logging cost a little
+    PROVISIONAL_STEPS = 1_000_000  # `max_steps` until the plan exists (the learning rate is still ~0 then)
+
+    def __init__(self, minutes: float, sized: bool = False):
         from transformers import TrainerCallback
 
         budget = self
@@ -66,24 +79,98 @@ class TimeBudget:
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
                 budget.started = time.time()
+                budget.first_step = budget.first_time = None
 
             def on_step_end(self, args, state, control, **kwargs):
-                if budget.over():
+                over, plan = budget.decide(state)
+                if plan is not None:
+                    budget.apply_plan(plan, args, state, kwargs["lr_scheduler"])
+                if over:
                     budget.stopped_at = state.global_step
+                    control.should_training_stop = True
+                elif budget.planned_steps is not None and state.global_step >= budget.planned_steps:
                     control.should_training_stop = True
 
         self.seconds = minutes * 60
+        self.sized = sized
         self.started = time.time()
+        self.first_step = self.first_time = None
         self.stopped_at = None
+        self.planned_steps = None
+        self.per_step = None
+        self.planned_at = 0.0  # the share of the budget spent when the plan was last made
+        self.trainer = None  # set once the Trainer exists (its progress bar learns the planned steps)
         self.callback = Callback()
 
-    def over(self) -> bool:
+    def decide(self, state) -> tuple[bool, int | None]:
+        """After a step: whether the budget is spent, and a new plan of the run's steps when one is due (sized
+        schedules). Rank 0's clock and step times decide, broadcast in one message, so that every process stops at
+        the same step and follows the same plan."""
         import torch
 
-        flag = torch.tensor([float(time.time() - self.started > self.seconds)])
+        now = time.time()
+        elapsed = now - self.started
+        plan = -1.0
+        if self.sized and self.first_step is None:  # the first step pays one-time costs (allocation): not timed
+            self.first_step, self.first_time = state.global_step, now
+        elif self.sized:
+            due = self.CALIBRATION if self.planned_steps is None else self.planned_at + self.REPLAN
+            if elapsed >= due * self.seconds and state.global_step - self.first_step >= 2:
+                per_step = (now - self.first_time) / (state.global_step - self.first_step)
+                remaining = max(0.0, self.seconds - elapsed) * self.MARGIN
+                plan = float(state.global_step + max(1, int(remaining / per_step)))
+                self.per_step = per_step
+                self.planned_at = elapsed / self.seconds
+                self.first_step, self.first_time = state.global_step, now  # the next revision times from here
+        message = torch.tensor([float(elapsed > self.seconds), plan], dtype=torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast(flag, src=0)
-        return bool(flag.item())
+            torch.distributed.broadcast(message, src=0)
+        return bool(message[0].item()), (int(message[1].item()) if message[1].item() > 0 else None)
+
+    def apply_plan(self, plan: int, args, state, lr_scheduler) -> None:
+        """Make `plan` the run's step count: `max_steps`, the learning-rate schedule and the progress bar."""
+        first = self.planned_steps is None
+        self.planned_steps = plan
+        state.max_steps = plan
+        rebuild_schedule(args, lr_scheduler, self.planned_steps)
+        for callback in self.trainer.callback_handler.callbacks if self.trainer is not None else ():
+            bar = getattr(callback, "training_bar", None)  # transformers' ProgressCallback: the bar's new total
+            if bar is not None:
+                bar.total = self.planned_steps
+                bar.refresh()
+        if first and state.is_world_process_zero:
+            print(
+                f"hf-efficient: {self.per_step:.2f} s per step: the schedule is sized to {self.planned_steps} steps "
+                f"({self.seconds / 60:g} minutes; revised as the step time changes)",
+                flush=True,
+            )
+
+
+def rebuild_schedule(args, lr_scheduler, total_steps: int) -> None:
+    """Give the Trainer's running scheduler the learning-rate curve of a `total_steps` run (same type, warm-up and
+    options), keeping its position, and set the optimizer's learning rate to that curve's value at this step."""
+    from transformers import get_scheduler
+
+    lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # (Accelerate's wrapper, where there is one)
+    if not hasattr(lr_scheduler, "lr_lambdas"):
+        return  # a schedule that does not depend on the step count (reduce_lr_on_plateau)
+    optimizer = lr_scheduler.optimizer
+    current = [group["lr"] for group in optimizer.param_groups]
+    fresh = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    for group, lr in zip(optimizer.param_groups, current):  # (building `fresh` stepped the optimizer's lr to step 0)
+        group["lr"] = lr
+    lr_scheduler.lr_lambdas = fresh.lr_lambdas
+    step = lr_scheduler.last_epoch
+    values = [base * fn(step) for base, fn in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, values):
+        group["lr"] = lr
+    lr_scheduler._last_lr = values
 
 
 class LogAtSave(TrainerCallback):
@@ -97,6 +184,13 @@ class LogAtSave(TrainerCallback):
 
 def checkpoint_step(checkpoint: str) -> int:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def checkpoint_max_steps(checkpoint: str) -> int | None:
+    """The step count a checkpoint's run planned (`max_steps` of its trainer state), if it recorded one."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    steps = int(state.get("max_steps") or 0)
+    return steps if 0 < steps < TimeBudget.PROVISIONAL_STEPS else None
 
 
 def checkpoint_finished(checkpoint: str) -> bool:
@@ -159,6 +253,13 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         training_values["resume_from_checkpoint"],
         data_args.dataset,
     )
+    # `--max-train-minutes` without `--max-steps`: a schedule sized to the time budget (TimeBudget), unless this
+    # resumes such a run: its checkpoint holds the planned step count, which then stays fixed.
+    sized = bool(training_values.get("max_train_minutes")) and training_values.get("max_steps") is None
+    if sized:
+        planned = checkpoint_max_steps(resume) if resume is not None else None
+        training_values = dict(training_values, max_steps=planned or TimeBudget.PROVISIONAL_STEPS)
+        sized = planned is None
     args = training_arguments(training_values, task, staging, resume)
 
     sized_by_data = source.kind == "architecture"  # a new model may take its image size from the data
@@ -193,7 +294,7 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         remove_incomplete_checkpoints(staging, resume)
         staging.mkdir(parents=True, exist_ok=True)
 
-    budget = TimeBudget(args.max_train_minutes) if args.max_train_minutes else None
+    budget = TimeBudget(args.max_train_minutes, sized=sized) if args.max_train_minutes else None
     trainer = getattr(transformers, task.trainer)(
         model=model,
         args=args,
@@ -205,6 +306,8 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         preprocess_logits_for_metrics=data.preprocess_logits_for_metrics,
         callbacks=[*callbacks, LogAtSave(), *([budget.callback] if budget else [])],
     )
+    if budget is not None:
+        budget.trainer = trainer
     main = trainer.is_world_process_zero()
     if main:
         print(
@@ -223,6 +326,10 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         metrics = {}
     else:
         metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    if sized and budget.planned_steps and metrics.get("train_runtime"):
+        # (the Trainer counts samples from the `max_steps` it started with: the provisional count)
+        samples = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        metrics["train_samples_per_second"] = round(samples * args.world_size / metrics["train_runtime"], 3)
     if resume is not None:
         metrics.update(whole_run_loss(trainer.state, checkpoint_step(resume), metrics.get("train_loss")))
     eval_metrics = trainer.evaluate()
@@ -237,7 +344,8 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
         "dataset": data.description,
         "dataset_path": data_args.dataset,
         "global_step": trainer.state.global_step,
-        "max_steps": args.max_steps,
+        "max_steps": budget.planned_steps if budget is not None and budget.planned_steps else args.max_steps,
+        "schedule_sized_to_time_budget": sized,
         "stopped_by_time_budget": bool(budget and budget.stopped_at is not None),
         "world_size": args.world_size,
         "num_processes": trainer.accelerator.num_processes,
