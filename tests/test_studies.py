@@ -108,6 +108,25 @@ def test_claim_effects_per_kind():
     assert claim_effects(ceiling, {("a", 0): 1.5, ("a", 1): 2.5})[1] == pytest.approx([0.5, -0.5])
 
 
+def test_a_failed_match_claim_says_which_way_it_failed():
+    """ "About equal" fails both ways: an arm far better than its baseline is not reproduced either, and the verdict
+    says it is better (the claims table too), where one far worse says worse."""
+    from studies.runner import NOT_REPRODUCED, judge
+
+    match = Claim(
+        id="x", paper="p", text="t", task="lm", metric="ppl", kind="match", arm="g", baseline="t", tolerance=0.05,
+        relative=True,
+    )  # fmt: skip
+    better = values({"g": [12.2, 12.8, 12.4], "t": [18.8, 19.3, 19.0]})  # perplexity: lower is better
+    result = judge(match, better, {})
+    assert result["verdict"] == NOT_REPRODUCED and result["direction"] == "better"
+    assert "g is better than t by more than the tolerance in every seed" in result["reason"]
+    worse = values({"g": [19.0, 19.3, 18.8], "t": [12.2, 12.8, 12.4]})
+    assert judge(match, worse, {})["direction"] == "worse"
+    close = values({"g": [12.2, 12.8, 12.4], "t": [12.3, 12.7, 12.4]})
+    assert judge(match, close, {})["direction"] is None
+
+
 def test_claim_effects_pair_seeds_and_reject_bad_claims():
     table = {("a", 0): 1.0, ("a", 1): 1.0, ("a", 2): 1.0, ("b", 0): 2.0, ("b", 2): 2.0}  # b's seed 1 is missing
     claim = Claim(id="x", paper="p", text="t", task="lm", metric="m", kind="better", arm="a", baseline="b")

@@ -168,6 +168,21 @@ def judge(claim: Claim, values: dict[tuple[str, int], float], metrics: dict[tupl
             ok = value is not None and (value >= bound if op == ">=" else value <= bound)
             if not ok:
                 unmet.append(f"{arm} {metric} = {value} (seed {seed}), needs {op} {bound}")
+    result["direction"] = None
+    if claim.kind == "match" and result["verdict"] == NOT_REPRODUCED:
+        # "about equal" fails both ways: say which (a model far better than claimed is not a failure of the model)
+        sign = 1.0 if claim.higher_is_better else -1.0
+        diffs = []
+        for seed in seeds:
+            a, b = float(values[(claim.arm, seed)]), float(values[(claim.baseline, seed)])
+            diffs.append(sign * (a - b) / (abs(b) if claim.relative else 1.0))
+        if min(diffs) > 0 or max(diffs) < 0:
+            result["direction"] = "better" if min(diffs) > 0 else "worse"
+            size = f"{100 * statistics.fmean(diffs):+.1f}%" if claim.relative else f"{statistics.fmean(diffs):+.4g}"
+            result["reason"] += (
+                f"; {claim.arm} is {result['direction']} than {claim.baseline} by more than the tolerance in every "
+                f"seed (mean {size})"
+            )
     if unmet:
         result["verdict"] = INCONCLUSIVE
         result["reason"] = "precondition not met: " + "; ".join(unmet)
@@ -622,7 +637,10 @@ def claims_rows(out: Path = DEFAULT_OUT) -> str:
                 )
                 cells.append(f"{results['arms'].get(arm, arm)}: {metric_cell(stats)}")
             result = f"{c['metric']}: " + " vs ".join(cells) + f"; effect {fmt(c['gap'], 3)} ± {fmt(c['spread'], 3)}"
-            lines.append(f"| {c['paper']} | {c['text']} | {setting} | {result} | **{c['verdict']}** | {wall} |")
+            verdict_cell = f"**{c['verdict']}**"
+            if c.get("direction") and c["verdict"] == NOT_REPRODUCED:
+                verdict_cell += f" ({results['arms'].get(c['arm'], c['arm'])} is {c['direction']})"
+            lines.append(f"| {c['paper']} | {c['text']} | {setting} | {result} | {verdict_cell} | {wall} |")
     if not found:
         lines.append("| - | no study results yet | - | - | - | - |")
     return "\n".join(lines) + "\n"
