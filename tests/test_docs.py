@@ -59,6 +59,13 @@ def test_claims_table_is_a_generated_part_of_the_readme_and_the_claims_page():
         assert "<!-- make_docs:start claims -->" in page.read_text()
         assert page in make_docs.pages()
     assert make_docs.render_part("claims").startswith("| paper | claim | our setting | result | verdict |")
+    # a model page shows its own study's rows only (or the no-results row)
+    for page, study in [("aft", "aft"), ("combiner", "combiner"), ("ngram_transformer", "ngram")]:
+        assert f"<!-- make_docs:start claims {study} -->" in (DOCS / "models" / f"{page}.md").read_text()
+        rows = make_docs.render_part(f"claims {study}").splitlines()[2:]
+        assert rows and all(row.endswith(f"({study}) |") or "no study results yet" in row for row in rows), rows
+    with pytest.raises(ValueError, match="unknown study"):
+        make_docs.render_part("claims nonsense")
 
 
 def test_command_reference_lists_every_command_and_option():

@@ -10,7 +10,7 @@ A generated part is the text between `<!-- make_docs:start NAME -->` and `<!-- m
   `ARCHITECTURE_CARD` and `AUTO_MAPPING`) with their pages and presets;
 - `heads <model_type>`: the Auto classes an architecture registers and its head classes;
 - `presets <model_type>`: the architecture's presets (`model_cards/<preset>/card.json`);
-- `claims`: the claims table of the reproduction studies (`benchmarks/studies/<study>/results.json`, through
+- `claims [study ...]`: the claims table of the reproduction studies (all, or the studies named: a model page) (`benchmarks/studies/<study>/results.json`, through
   `scripts/studies/runner.py`), in `docs/claims.md` and in `README.md` (the one page outside `docs/` with a part).
 
     python scripts/checks/make_docs.py          # rewrite every generated part
@@ -223,14 +223,17 @@ def presets_table(model_type: str) -> str:
     return "\n".join(rows)
 
 
-def claims_table() -> str:
-    """The studies' claims table, read from their committed results (the runner's own renderer)."""
+def claims_table(studies: list[str] | None = None) -> str:
+    """The studies' claims table (of `studies`, default all), read from their committed results (the runner's own
+    renderer)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         from studies import runner
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    return runner.claims_rows(ROOT / "benchmarks" / "studies")
+    if studies is None:
+        return runner.claims_rows(ROOT / "benchmarks" / "studies")
+    return runner.claims_rows(ROOT / "benchmarks" / "studies", studies)
 
 
 # ------------------------------------------------------------------------------------------------ the pages
@@ -244,8 +247,8 @@ def render_part(name: str) -> str:
         return heads_table(argument)
     if kind == "presets" and argument:
         return presets_table(argument)
-    if kind == "claims" and not argument:
-        return claims_table()
+    if kind == "claims":
+        return claims_table(argument.split() if argument else None)
     raise ValueError(f"unknown generated part `{name}` (see scripts/checks/make_docs.py)")
 
 
