@@ -87,6 +87,10 @@ def causal_entries() -> list[str]:
 # Equal parameters: a Mamba2 block (norm + mixer, no FFN: about 6 d^2 at expand 2) is about half a Transformer block
 # (12 d^2), so the studies give Mamba2 twice the layers, as the Mamba papers do.
 DEPTH_FACTOR = {"mamba2": 2}
+# Byte LMs of these sizes (d 64-128, 4 layers) first sit near 3.1-3.4 bits per byte (about what byte-pair statistics
+# give: measured 3.13-3.49 for Llama, AFT, N-gram and Combiner after ~1k small steps) before they learn to use their
+# context; a claim that compares the use of context is only judged once full attention is below this.
+LM_PLATEAU_BPB = 2.9
 
 
 def build(name: str, sizes: dict, length: int | None, head: str | None = None, level: str = "quality", **overrides):
