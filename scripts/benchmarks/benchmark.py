@@ -172,15 +172,9 @@ PROFILES["tiny"] = {
 def machine_info(device: str) -> dict:
     import torch
     import transformers
+    from bench_lib.measure import cpu_model
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         import psutil
 

@@ -250,15 +250,9 @@ def machine() -> dict:
     """What ran it: CPU model and count, platform, Python and library versions, the thread count in use."""
     import torch
     import transformers
+    from bench_lib.measure import cpu_model  # (on sys.path through the studies package)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),

@@ -241,3 +241,17 @@ def run_fresh(target, kwargs: dict, timeout: float, start_method: str = "fork") 
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo`), or what `platform` says where that file is missing."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
