@@ -369,10 +369,11 @@ def test_prefill_state_and_steps_equal_full_causal_op(variant, span_summary):
 
 
 def test_step_cost_does_not_grow_with_the_prefix():
-    """Fixed decoding attends to s + L/s entries: the span-summary buffer holds L/s entries, not L."""
+    """Fixed decoding attends to s + L/s entries: the span-summary buffer holds O(L/s) entries, not L (L/s filled,
+    the same again of headroom for the next appends: the doubling a step would do, done inside the prefill)."""
     q, k, v = (torch.randn(1, 1, 256, DIM) for _ in range(3))
     state = combiner_prefill_state(q, k, v, torch.tensor([256]), combiner_type="fixed", block_size=16)
-    assert state["span_k"].shape[2] == 16 and state["seg_k"].shape[2] == 16
+    assert state["span_k"].shape[2] == 2 * 16 and state["seg_k"].shape[2] == 16
     state = combiner_prefill_state(
         q,
         k,
@@ -383,7 +384,7 @@ def test_step_cost_does_not_grow_with_the_prefix():
         abstraction_key_fn=lambda a, x: a,
         hidden_states=torch.randn(1, 256, DIM),
     )
-    assert state["abs_k"].shape[2:4] == (16, 16) and state["row_k"].shape[2] == 16
+    assert state["abs_k"].shape[2:4] == (2 * 16, 16) and state["row_k"].shape[2] == 16
 
 
 # ---------------------------------------------------------------------- checkpointed segments (training memory)

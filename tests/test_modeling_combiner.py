@@ -149,11 +149,12 @@ def test_multi_token_continuation_equals_full_forward(combiner_type):
 
 def test_decoding_state_is_sub_linear():
     """After a 40-token prompt, each layer of a Fixed / Axial model keeps s + L/s-sized states (no per-token
-    keys), and a Logsparse step attends to 1 + log2 L entries."""
+    keys; the L/s summaries with as many again of headroom for the next appends), and a Logsparse step attends to
+    1 + log2 L entries."""
     prompt = torch.randint(3, 64, (1, 40))
     for combiner_type, expected in (
-        ("fixed", {"seg_k": 4, "span_k": 10}),
-        ("axial", {"row_k": 4, "abs_k": 10}),
+        ("fixed", {"seg_k": 4, "span_k": 2 * 10}),
+        ("axial", {"row_k": 4, "abs_k": 2 * 10}),
     ):
         model = CombinerForCausalLM(tiny_config(combiner_type)).eval()
         with torch.no_grad():

@@ -65,7 +65,8 @@ from .ops_combiner import (
 # sample has its own position `length[b]` (the number of real tokens it has seen): the model packs real tokens to
 # the front, so a left-padded prompt starts its blocks at its first real token, exactly as the sample alone. Stored
 # queries are already scaled by 1/sqrt(D). Buffers that grow (completed-span summaries, raw keys) double their
-# capacity when full, and are written in place outside autograd, so a step never copies O(L) data.
+# capacity when full (a prefill state starts with that headroom: `_with_headroom`), and are written in place outside
+# autograd, so a step copies O(L) data only at a doubling (amortised O(1) per step).
 # A compiled / exported step holds them at their capacity for `max_length` tokens instead (`combiner_static_state`):
 # fixed shapes, so one graph decodes every position.
 #
@@ -113,8 +114,9 @@ def combiner_static_state(
     else:
         raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
     for name, size in sizes.items():
-        if state[name].shape[2] < size:
-            state[name] = pad_to_length(state[name], size, dim=2)
+        # a prefill state's headroom past the capacity is cut: the shapes must not follow the prefix length
+        current = state[name].shape[2]
+        state[name] = pad_to_length(state[name], size, dim=2) if current < size else state[name][:, :, :size]
     return state
 
 
@@ -154,7 +156,7 @@ def combiner_prefill_state(
             blocks = [pad_to_length(t, num_blocks * size).unflatten(2, (num_blocks, size)) for t in (q, k, v)]
             real_b = pad_to_length(real, num_blocks * size, dim=-1).view(batch_size, 1, num_blocks, size)
             state[f"level{level}_k"], state[f"level{level}_v"], _ = block_summaries(*blocks, real_b, span_summary)
-        return state
+        return _with_headroom(state, combiner_type, block_size)
     if combiner_type not in ("fixed", "axial", "mixture"):
         raise ValueError(f"Unknown combiner_type {combiner_type!r}; expected one of {COMBINER_TYPES}.")
 
@@ -173,7 +175,7 @@ def combiner_prefill_state(
         if use_spans:
             state["span_k"], state["span_v"], _ = block_summaries(qb, kb, vb, real_b, span_summary)
         state["seg_q"], state["seg_k"], state["seg_v"] = (_gather(t, ring) for t in (q, k, v))
-        return state
+        return _with_headroom(state, combiner_type, block_size)
     if combiner_type == "axial":
         if abstraction_key_fn is None:
             raise ValueError("combiner_type='axial' needs an `abstraction_key_fn` (the column abstraction keys).")
@@ -186,7 +188,7 @@ def combiner_prefill_state(
         )
         state["row_q"], state["row_k"], state["row_v"] = (_gather(t, ring) for t in (q, k, v))
         state["row_x"] = hidden.gather(1, ring[..., None].expand(-1, -1, hidden.shape[-1]))
-        return state
+        return _with_headroom(state, combiner_type, block_size)
     # mixture
     state.update(q=q, k=k, v=v)
     for side, reverse in (("left", False), ("right", True)):
@@ -194,6 +196,24 @@ def combiner_prefill_state(
         state[f"{side}_k"], state[f"{side}_v"] = key, value
     above = real_b & (torch.arange(n, device=device)[None, :] < current[:, None])[:, None, :, None]
     state["col_k"], state["col_v"] = _column_summaries(qb, kb, vb, above, span_summary)
+    return _with_headroom(state, combiner_type, block_size)
+
+
+def _with_headroom(state: dict[str, torch.Tensor], combiner_type: str, block_size: int) -> dict[str, torch.Tensor]:
+    """The prefill state with every growing buffer already at the capacity its next append grows it to (`_grow`'s
+    doubling): the copy happens here, inside the O(L d) prefill, instead of in the first decoding steps, where at
+    a long prefix it cost more than the steps themselves."""
+    names = {
+        "fixed": ("span_k", "span_v"),
+        "axial": ("abs_k", "abs_v"),
+        "mixture": ("left_k", "left_v", "right_k", "right_v"),
+        "logsparse": tuple(name for name in state if name.startswith("level")),
+    }[combiner_type]
+    multiples = {name: 1 for name in names if name in state}
+    if combiner_type in ("logsparse", "mixture"):
+        multiples.update(dict.fromkeys(("q", "k", "v"), block_size if combiner_type == "mixture" else 1))
+    for name, multiple in multiples.items():
+        state[name] = _grow(state[name], state[name].shape[2] + 1, multiple=multiple)
     return state
 
 
@@ -223,7 +243,7 @@ def _write(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, wher
     """`buffer[b, (h,) index[b]] = values[b]` for the samples where `where` (B,) is True; `dim` in {1, 2}.
 
     Every sample writes (the others their current entry back, at index 0): no data-dependent shape, so the same code
-    runs in a graph. In place when no gradient is involved (the cache case), so the cost is O(|values|), not
+    runs in a graph. In place when autograd is off (`generate`, `torch.no_grad()`), so the cost is O(|values|), not
     O(|buffer|); while compiling / exporting out of place (a graph returns new states, its inputs stay unmutated).
     """
     index = torch.where(where, index, torch.zeros_like(index))  # another sample's index may be past the buffer
@@ -235,7 +255,9 @@ def _write(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, wher
         indices = (batch[:, None], heads[None, :], index[:, None])
     keep = where.view(where.shape + (1,) * (values.ndim - 1))
     new = torch.where(keep, values.to(buffer.dtype), buffer[indices])
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad)):
+    # Out of place whenever autograd records: the buffer may be saved for another op's backward (a step's logits
+    # read the span buffers its summaries then write), and an in-place write would corrupt that gradient.
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return buffer.index_put(indices, new)
     return buffer.index_put_(indices, new)
 
@@ -708,7 +730,7 @@ def _write_many(
     buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, where: torch.Tensor, dim: int = 2
 ) -> torch.Tensor:
     """`buffer[b, (h,) index[b, j]] = values[b, (:,) j]` for every `(b, j)` where `where (B, K)`; `dim` in {1, 2}
-    (`values` `(B, K, ...)` or `(B, H, K, ...)`). In place when no gradient is involved (the cache case)."""
+    (`values` `(B, K, ...)` or `(B, H, K, ...)`). In place when autograd is off (`generate`)."""
     rows, cols = where.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return buffer
@@ -719,7 +741,7 @@ def _write_many(
         heads = torch.arange(buffer.shape[1], device=buffer.device)
         indices, new = (rows[:, None], heads[None, :], at[:, None]), values[rows, :, cols]  # new: (P, H, ...)
     new = new.to(buffer.dtype)
-    if torch.is_grad_enabled() and (buffer.requires_grad or new.requires_grad):
+    if torch.is_grad_enabled():  # autograd may have saved the buffer for a backward (see `_write`)
         return buffer.index_put(indices, new)
     return buffer.index_put_(indices, new)
 
