@@ -203,17 +203,14 @@ def _with_headroom(state: dict[str, torch.Tensor], combiner_type: str, block_siz
     """The prefill state with every growing buffer already at the capacity its next append grows it to (`_grow`'s
     doubling): the copy happens here, inside the O(L d) prefill, instead of in the first decoding steps, where at
     a long prefix it cost more than the steps themselves."""
-    names = {
-        "fixed": ("span_k", "span_v"),
-        "axial": ("abs_k", "abs_v"),
-        "mixture": ("left_k", "left_v", "right_k", "right_v"),
-        "logsparse": tuple(name for name in state if name.startswith("level")),
-    }[combiner_type]
-    multiples = {name: 1 for name in names if name in state}
-    if combiner_type in ("logsparse", "mixture"):
-        multiples.update(dict.fromkeys(("q", "k", "v"), block_size if combiner_type == "mixture" else 1))
-    for name, multiple in multiples.items():
-        state[name] = _grow(state[name], state[name].shape[2] + 1, multiple=multiple)
+    # Raw per-token buffers (Logsparse, Mixture: Mixture's in whole rows) and completed-span summaries grow; the
+    # rings (seg_*, row_*) and Mixture's column spans (col_*) have fixed sizes.
+    raw_multiple = {"logsparse": 1, "mixture": block_size}.get(combiner_type)
+    for name in list(state):
+        if raw_multiple is not None and name in ("q", "k", "v"):
+            state[name] = _grow(state[name], state[name].shape[2] + 1, multiple=raw_multiple)
+        elif name.startswith(("span_", "abs_", "left_", "right_", "level")):
+            state[name] = _grow(state[name], state[name].shape[2] + 1)
     return state
 
 

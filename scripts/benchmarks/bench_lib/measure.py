@@ -9,12 +9,14 @@ the steps.
 
 import multiprocessing
 import os
+import platform
 import re
 import resource
 import statistics
 import threading
 import time
 import traceback
+from pathlib import Path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc", "memoryerror")
@@ -245,9 +247,6 @@ def median(values):
 
 def cpu_model() -> str:
     """The CPU's model name (`/proc/cpuinfo`), or what `platform` says where that file is missing."""
-    import platform
-    from pathlib import Path
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
