@@ -322,6 +322,60 @@ def test_conv_starts_as_simple():
     assert torch.equal(layer.conv_kernel(), torch.zeros_like(layer.conv_weight))
 
 
+def _reparameterised_kernel(layer, multiplier: float) -> torch.Tensor:
+    """`m * (gamma * (w - mean(w)) / std(w) + beta)` per head, written out from the parameters."""
+    flat = layer.conv_weight.flatten(1)
+    standard = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, unbiased=False, keepdim=True) + 1e-5)
+    kernel = multiplier * (layer.conv_gamma[:, None] * standard + layer.conv_beta[:, None])
+    return kernel.view_as(layer.conv_weight)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_conv_gain_multiplier_scales_the_kernel(causal):
+    """`conv_gain_multiplier` m: the kernel is m times the paper's, the layer still equals the dense reference, and
+    the model still starts as AFT-simple (gamma = beta = 0)."""
+    config = tiny_config(AFTModel, aft_type="conv", conv_gain_multiplier=7.5)
+    set_seed(0)
+    assert torch.equal(AFTModel(config).layers[0].aft.conv_kernel(), torch.zeros(config.num_heads, 3))
+    model = perturb_conv_kernels(AFTModel(config), 0).eval()
+    layer = model.layers[0].aft
+    torch.testing.assert_close(layer.conv_kernel(), _reparameterised_kernel(layer, 7.5), atol=1e-6, rtol=1e-6)
+    x = torch.randn(2, 11, config.hidden_size)
+    with torch.no_grad():
+        got, _ = layer(x, causal=causal, start=torch.zeros(1, dtype=torch.long))
+        torch.testing.assert_close(got, _layer_reference(layer, config, x, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_conv_gain_multiplier_is_a_learning_rate_on_gamma_and_beta():
+    """What the docstring promises: under Adam, m = 100 trains like m = 1 with a 100x learning rate on gamma and
+    beta (the same kernels after a few steps), so the local kernel moves 100x faster than at m = 1."""
+
+    def train(multiplier: float, gain_lr_scale: float) -> tuple[torch.Tensor, AFTForCausalLM]:
+        config = tiny_config(AFTForCausalLM, aft_type="conv", conv_gain_multiplier=multiplier)
+        set_seed(0)
+        model = AFTForCausalLM(config)
+        gains = [p for n, p in model.named_parameters() if n.endswith(("conv_gamma", "conv_beta"))]
+        rest = [p for n, p in model.named_parameters() if not n.endswith(("conv_gamma", "conv_beta"))]
+        optimizer = torch.optim.Adam([{"params": rest}, {"params": gains, "lr": 1e-3 * gain_lr_scale}], lr=1e-3)
+        ids = torch.randint(3, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return torch.stack([layer.aft.conv_kernel() for layer in model.model.layers]).detach(), model
+
+    fast, _ = train(100.0, 1.0)
+    scaled_lr, _ = train(1.0, 100.0)
+    paper, _ = train(1.0, 1.0)
+    torch.testing.assert_close(fast, scaled_lr, atol=1e-4, rtol=1e-3)
+    assert fast.abs().max() > 20 * paper.abs().max() > 0
+
+
+def test_conv_gain_multiplier_must_be_positive():
+    with pytest.raises(ValueError, match="conv_gain_multiplier"):
+        AFTConfig(aft_type="conv", conv_gain_multiplier=0.0)
+
+
 # ---------------------------------------------------------------------- presets
 PRESETS = {
     "aft-local-enwik8": (

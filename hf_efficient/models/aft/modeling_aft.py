@@ -150,13 +150,17 @@ class AFTLayer(nn.Module):
             self.conv_weight = nn.Parameter(torch.empty(shape))
             self.conv_gamma = nn.Parameter(torch.empty(config.num_heads))
             self.conv_beta = nn.Parameter(torch.empty(config.num_heads))
+            self.conv_gain_multiplier = config.conv_gain_multiplier
 
     def conv_kernel(self) -> torch.Tensor:
-        """The reparameterised AFT-conv kernel `gamma * (w - mean) / std + beta`, per head."""
+        """The reparameterised AFT-conv kernel `m * (gamma * (w - mean) / std + beta)`, per head (`m`: the config's
+        `conv_gain_multiplier`, a constant that speeds up how fast Adam moves gamma and beta)."""
         flat = self.conv_weight.flatten(1)
         mean = flat.mean(-1, keepdim=True)
         std = flat.std(-1, unbiased=False, keepdim=True)
         kernel = self.conv_gamma[:, None] * (flat - mean) / (std + 1e-5) + self.conv_beta[:, None]
+        if self.conv_gain_multiplier != 1.0:
+            kernel = kernel * self.conv_gain_multiplier
         return kernel.view_as(self.conv_weight)
 
     def forward(
