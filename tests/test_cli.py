@@ -137,7 +137,7 @@ def bad_inputs(tmp_path):
         ),
         (["train", "--task", "image-cls", "--dataset", str(tmp_path / "mixed")], "is 12x12"),
         (["train", "--config-overrides", "hidden_sise=3"], "unknown config field(s) hidden_sise"),
-        (["train", "--config-overrides", "intermediate_size=7"], "intermediate_size"),
+        (["train", "--config-overrides", "num_heads=7"], "num_heads"),
         (["train", *tiny, "--block-size", "64"], "exceeds the model's context"),
         (["train", *tiny, "--max-stepz", "3"], "unrecognized arguments: --max-stepz"),
         (["train", *tiny, "--resume-from-checkpoint"], "no complete checkpoint-* folder"),
@@ -215,6 +215,35 @@ def test_rebuild_schedule_gives_the_running_scheduler_the_planned_curve(tmp_path
             sched.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_optimizer.param_groups[0]["lr"], rel=1e-12)
     assert running.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_revision_on_the_last_planned_step_moves_the_end(tmp_path):
+    """The plan is revised on the step where the previous plan ends: transformers' DefaultFlowCallback (which runs
+    before the budget's callback) has already stopped the run there; the revision must move the end instead of
+    leaving a run that stops 2 steps before the max_steps it records."""
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments, get_scheduler
+    from transformers.trainer_callback import DefaultFlowCallback
+
+    from hf_efficient.cli.train import TimeBudget
+
+    args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.1, lr_scheduler_type="cosine", report_to=[])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=216)
+    budget = TimeBudget(1.0, sized=True)
+    budget.planned_steps = 216
+    state, control = TrainerState(global_step=216, max_steps=216), TrainerControl()
+    revisions = iter([(False, 218), (False, None), (False, None)])
+    budget.decide = lambda _state: next(revisions)  # rank 0's clock: a revision is due on this step
+    DefaultFlowCallback().on_step_end(args, state, control)
+    assert control.should_training_stop  # the previous plan's end
+    budget.callback.on_step_end(args, state, control, lr_scheduler=scheduler)
+    assert not control.should_training_stop and state.max_steps == budget.planned_steps == 218
+    for step in (217, 218):  # the new plan's end stops it
+        state.global_step = step
+        DefaultFlowCallback().on_step_end(args, state, control)
+        budget.callback.on_step_end(args, state, control, lr_scheduler=scheduler)
+        assert control.should_training_stop == (step == 218)
 
 
 def test_time_budget_without_max_steps_sizes_the_schedule(tmp_path, capsys):
@@ -337,18 +366,56 @@ def test_task_defaults_are_data():
         assert {"max_steps", "per_device_train_batch_size", "learning_rate"} <= set(task.training), name
         assert info["tasks"][name]["default_model"] == task.default_model
         assert task.default_model in info["presets"] or task.default_model in hf_efficient.ARCHITECTURES
-    # the main job's model is a preset folder with the main job's sizes
-    preset = json.loads((models.REPO_ROOT / "model_cards" / "gmlp-main-job" / "config.json").read_text())
-    sizes = {
-        k: preset[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings")
-    }
-    assert sizes == {
+    # the main job's model is a preset folder: a sub-quadratic causal AFT-conv with a 512-byte context, which its
+    # card trains on 8 x 512-byte blocks; mlm and seq-cls keep the gMLP preset
+    assert tasks.TASKS["clm"].default_model == "aft-conv-main-job"
+    assert tasks.TASKS["mlm"].default_model == tasks.TASKS["seq-cls"].default_model == "gmlp-main-job"
+    folder = models.REPO_ROOT / "model_cards" / "aft-conv-main-job"
+    preset = json.loads((folder / "config.json").read_text())
+    fields = ("aft_type", "hidden_size", "num_hidden_layers", "max_position_embeddings", "conv_gain_multiplier")
+    assert {k: preset[k] for k in fields} == {
+        "aft_type": "conv",
         "hidden_size": 128,
-        "intermediate_size": 768,
         "num_hidden_layers": 4,
-        "max_position_embeddings": 128,
+        "max_position_embeddings": 512,
+        "conv_gain_multiplier": 100.0,
     }
-    assert tasks.TASKS["clm"].default_model == "gmlp-main-job"
+    source = models.resolve_model("aft-conv-main-job")
+    assert source.kind == "preset" and source.training == {"block_size": 512, "per_device_train_batch_size": 8}
+
+
+def test_a_presets_training_defaults_fill_only_what_the_flags_leave_unset(tmp_path):
+    """The card's "training": the main job's preset trains on 8 x 512 blocks unless the flags say otherwise; its
+    block size is capped by a context that --config-overrides made shorter; an unknown key names the allowed ones."""
+    from hf_efficient.cli.arguments import TrainDataArguments
+    from hf_efficient.cli.train import preset_block_size, preset_training_defaults
+
+    source = models.resolve_model("aft-conv-main-job")
+    unset = {"per_device_train_batch_size": None, "learning_rate": None}
+    assert preset_training_defaults(source, unset) == {"per_device_train_batch_size": 8, "learning_rate": None}
+    given = {"per_device_train_batch_size": 2}
+    assert preset_training_defaults(source, given) == given
+    assert preset_block_size(source, TrainDataArguments(), {"max_position_embeddings": 512}).block_size == 512
+    assert preset_block_size(source, TrainDataArguments(), {"max_position_embeddings": 64}).block_size == 64
+    assert (
+        preset_block_size(source, TrainDataArguments(block_size=128), {"max_position_embeddings": 512}).block_size
+        == 128
+    )
+    for name in ("gmlp", "gmlp-main-job"):  # no card defaults: the task's
+        assert preset_block_size(models.resolve_model(name), TrainDataArguments(), {}).block_size is None
+    folder = tmp_path / "my-preset"
+    shutil.copytree(models.REPO_ROOT / "model_cards" / "aft-conv-main-job", folder)
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "training": {"warmup_steps": 5}}))
+    with pytest.raises(TaskError, match="warmup_steps cannot be set by a preset"):
+        preset_training_defaults(models.resolve_model(str(folder)), {})
+    # end to end: the card's batch size unless the flag gives one
+    argv = ["train", "--config-overrides", TINY, "--max-train-bytes", "20000", "--max-eval-bytes", "2000"]
+    argv += ["--max-steps", "1", "--disable-tqdm", "--no-sample", "--save-strategy", "no"]
+    for extra, batch in (([], 8), (["--per-device-train-batch-size", "2"], 2)):
+        out = tmp_path / f"out{batch}"
+        assert cli.main([*argv, *extra, "--output-dir", str(out)]) == 0
+        assert json.loads((out / "all_results.json").read_text())["global_batch_size"] == batch
 
 
 def test_seq2seq_default_data_is_one_declaration():

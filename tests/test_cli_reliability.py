@@ -26,7 +26,9 @@ from tests.helpers import InterruptAt
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_embeddings=32"
 QUIET = ["--disable-tqdm", "--no-sample", "--max-eval-samples", "8", "--max-eval-bytes", "2000"]
-CLM = ["train", "--task", "clm", "--config-overrides", TINY, "--max-train-bytes", "20000", "--learning-rate", "1e-2"]
+# A tiny causal gMLP (a 32-position limit that generation must respect), not the clm task's default AFT-conv
+CLM = ["train", "--task", "clm", "--model", "gmlp-main-job", "--config-overrides", TINY, "--max-train-bytes", "20000"]
+CLM += ["--learning-rate", "1e-2"]
 BAR = re.compile(r"\d+%\||it/s\]|s/it\]")  # a tqdm progress bar
 
 

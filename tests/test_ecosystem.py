@@ -29,7 +29,9 @@ TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,max_position_emb
 QUIET = ["--disable-tqdm", "--no-sample", "--logging-steps", "100", "--max-eval-samples", "32"]
 SMALL_TEXT = ["--max-train-bytes", "40000", "--max-eval-bytes", "4000"]
 RUNS = {
-    "clm": ["--task", "clm", "--config-overrides", TINY, *SMALL_TEXT, "--max-steps", "8", "--learning-rate", "1e-2"],
+    # a tiny gMLP (the clm task's default model, the main job's AFT-conv, is trained in test_cli)
+    "clm": ["--task", "clm", "--model", "gmlp-main-job", "--config-overrides", TINY, *SMALL_TEXT, "--max-steps", "8"]
+    + ["--learning-rate", "1e-2"],
     "mlm": ["--task", "mlm", "--config-overrides", TINY, *SMALL_TEXT, "--max-steps", "4"],
     "seq-cls": ["--task", "seq-cls", "--config-overrides", TINY, "--max-steps", "4", "--max-train-samples", "64"],
     "image-cls": [
@@ -298,7 +300,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
 def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` of `python -m hf_efficient train`: two processes train with
     DDP (gloo on CPU), the run records world size 2, and the weights equal one process with the same global batch."""
-    common = ["--task", "clm", "--config-overrides", TINY, *SMALL_TEXT, "--max-steps", "4", "--learning-rate", "1e-2"]
+    common = ["--task", "clm", "--model", "gmlp-main-job", "--config-overrides", TINY, *SMALL_TEXT, "--max-steps", "4"]
+    common += ["--learning-rate", "1e-2"]
     # (--logging-steps 1: the logged train_loss is then the mean over both processes at every step.)
     common += ["--warmup-steps", "0", "--save-strategy", "no", "--seed", "0", *QUIET, "--logging-steps", "1"]
     common += ["--max-train-minutes", "60"]  # not reached; its per-step decision is broadcast from rank 0

@@ -1,13 +1,13 @@
 """The `hf-efficient` command (also `python -m hf_efficient`): list / train / evaluate / generate / publish.
 
     hf-efficient list
-    hf-efficient train --output-dir out/gmlp-clm                     # the main job: gMLP byte LM, embedded corpus
+    hf-efficient train --output-dir out/main-job                     # the main job: AFT-conv byte LM, embedded corpus
     hf-efficient train --task image-cls --model gmlp --output-dir out/digits
-    hf-efficient evaluate out/gmlp-clm
-    hf-efficient generate out/gmlp-clm --prompt "def " --temperature 0.7
+    hf-efficient evaluate out/main-job
+    hf-efficient generate out/main-job --prompt "def " --temperature 0.7
     hf-efficient train --task seq2seq --output-dir out/words           # N-gram encoder-decoder: numbers -> words
     hf-efficient generate out/words --prompt "1987-03-09"
-    hf-efficient publish out/gmlp-clm --repo-id you/gmlp-clm
+    hf-efficient publish out/main-job --repo-id you/aft-conv-clm
 
 The options of each command are typed argument dataclasses parsed with `transformers.HfArgumentParser`, as in
 transformers' example scripts: every field is a flag, spelled `--field_name` or `--field-name` (no abbreviations;

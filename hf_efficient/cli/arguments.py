@@ -27,7 +27,8 @@ class ModelArguments:
     model_name_or_path: str | None = _option(
         "a registered architecture (with its config class defaults and the task's sizes for a new model), a preset "
         "name or folder (model_cards/<preset>), a checkpoint folder, or a Hub id. Default: the task's "
-        "`default_model` (the main job's preset gmlp-main-job: a 0.7M-parameter gMLP; for image-cls a tiny vision "
+        "`default_model` (clm: the main job's preset aft-conv-main-job, a 0.78M-parameter AFT-conv; mlm and "
+        "seq-cls: the preset gmlp-main-job, a 0.7M-parameter gMLP; for image-cls a tiny vision "
         "gMLP sized from the images; for seq2seq the N-gram encoder-decoder preset ngram-transformer-tiny-n4)",
         aliases=["--model"],
     )

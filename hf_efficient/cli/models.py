@@ -4,7 +4,7 @@ a Hub id), the checks that it fits the task, the config of a new model, and the 
 import difflib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hf_efficient
@@ -37,6 +37,9 @@ class ModelSource:
     config: object | None  # the loaded config (preset, checkpoint); None for an architecture
     task: str | None  # the task the source was made for, when it says
     trust_remote_code: bool = False  # only for model types hf-efficient does not register
+    # A preset's own training defaults (its card's "training": `block_size` and TrainArguments fields), between
+    # the task's defaults and the flags: e.g. the main job's preset trains on 8 x 512-byte blocks.
+    training: dict = field(default_factory=dict)
 
 
 def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSource:
@@ -81,15 +84,25 @@ def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> Mo
     except Exception as error:
         raise TaskError(f"cannot load the config of {name!r}: {first_line(error)}") from error
     card = Path(path) / "card.json"
-    card_task = None
+    card_values = {}
     if card.is_file():
         try:
-            card_task = json.loads(card.read_text()).get("task")
+            card_values = json.loads(card.read_text())
         except json.JSONDecodeError:
-            card_task = None
+            card_values = {}
+    training = card_values.get("training") or {} if kind == "preset" else {}
+    if not isinstance(training, dict):
+        raise TaskError(f'{str(card)!r}: "training" must be an object of training defaults, got {training!r}')
     display = Path(path).resolve().name if kind == "checkpoint" else name
     return ModelSource(
-        kind, display, path, config.model_type, config, _task_of_config(config, card_task), trust_remote_code
+        kind,
+        display,
+        path,
+        config.model_type,
+        config,
+        _task_of_config(config, card_values.get("task")),
+        trust_remote_code,
+        training,
     )
 
 

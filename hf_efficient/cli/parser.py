@@ -47,8 +47,8 @@ COMMANDS = {
         "evaluate it, and save a Hub-ready folder (safetensors, config, tokenizer or image processor, generation "
         "config, model card with the measured metrics, model code for trust_remote_code). The run writes into "
         "<output-dir>.partial and renames it to <output-dir> only when complete. With no options it is the main "
-        "job: the preset gmlp-main-job (a 0.7M-parameter causal gMLP byte LM) on the embedded corpus, 600 steps, or "
-        "with --max-train-minutes a schedule sized to the budget.",
+        "job: the preset aft-conv-main-job (a 0.78M-parameter causal AFT-conv byte LM, context 512) on the embedded "
+        "corpus, 600 steps of 8 x 512 bytes, or with --max-train-minutes a schedule sized to the budget.",
         (ModelArguments, TrainDataArguments, TrainArguments),
         epilog="Every other TrainingArguments field is a flag too: --field_name VALUE (e.g. --optim adamw_torch, "
         "--fsdp 'full_shard auto_wrap', --deepspeed ds.json, --torch_compile), as in transformers' example scripts. "

@@ -84,7 +84,12 @@ class TimeBudget:
             def on_step_end(self, args, state, control, **kwargs):
                 over, plan = budget.decide(state)
                 if plan is not None:
+                    previous = budget.planned_steps
                     budget.apply_plan(plan, args, state, kwargs["lr_scheduler"])
+                    # transformers' DefaultFlowCallback runs first: on the previous plan's last step it has already
+                    # stopped the run; a revision made on that step moves the end, so the new plan decides
+                    if previous is not None and previous <= state.global_step < plan:
+                        control.should_training_stop = False
                 if over:
                     budget.stopped_at = state.global_step
                     control.should_training_stop = True
@@ -232,6 +237,36 @@ def versions() -> str:
     )
 
 
+# The options a preset's card may default besides `block_size` (the ones the tasks default too; flags still win).
+PRESET_TRAINING_KEYS = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate")
+
+
+def preset_training_defaults(source, training_values: dict) -> dict:
+    """A preset's card may declare how it is meant to be trained (`"training"`: `block_size` and
+    `PRESET_TRAINING_KEYS`): those values fill the options the user left unset, before the task's defaults do."""
+    unknown = sorted(set(source.training) - {"block_size", *PRESET_TRAINING_KEYS})
+    if unknown:
+        raise TaskError(
+            f"preset {source.name!r}: its card.json's training default(s) {', '.join(unknown)} cannot be set by a "
+            f"preset (allowed: block_size, {', '.join(PRESET_TRAINING_KEYS)})"
+        )
+    filled = {k: v for k, v in source.training.items() if k != "block_size" and training_values.get(k) is None}
+    return {**training_values, **filled}
+
+
+def preset_block_size(source, data_args, config: dict):
+    """`data_args` with the preset's `block_size` where `--block-size` is unset, at most the model's context (which
+    `--config-overrides` may have made shorter)."""
+    import dataclasses
+
+    block_size = source.training.get("block_size")
+    if block_size is None or data_args.block_size is not None:
+        return data_args
+    return dataclasses.replace(
+        data_args, block_size=min(block_size, config.get("max_position_embeddings") or block_size)
+    )
+
+
 def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Path:
     """`hf-efficient train` (`training_values`: the parsed `TrainArguments` fields): returns the finished folder."""
     import torch
@@ -245,6 +280,7 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
     task = TASKS[model_args.task or source.task or "clm"]
     check_task_head(source, task)
     announce_new_model(source, model_name)
+    training_values = preset_training_defaults(source, training_values)
     config_class, values = config_values(source, task, overrides)
     output_dir = training_values["output_dir"] or str(Path("out") / f"{Path(model_name).name or 'model'}-{task.name}")
     final, staging, resume = prepare_output(
@@ -264,6 +300,7 @@ def run_train(model_args, data_args, training_values: dict, callbacks=()) -> Pat
 
     sized_by_data = source.kind == "architecture"  # a new model may take its image size from the data
     draft = {**values, **overrides}
+    data_args = preset_block_size(source, data_args, draft)
     with args.main_process_first(desc="data"):
         processing = task.load_processing(source.path, source.kind == "checkpoint", None if sized_by_data else draft)
         data = task.load_data(

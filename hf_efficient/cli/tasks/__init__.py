@@ -45,6 +45,8 @@ TASKS = {
             "causal language modelling",
             "Python standard-library source bytes (embedded)",
             training=dict(max_steps=600, per_device_train_batch_size=32, learning_rate=3e-3),
+            # the main job: a sub-quadratic model with a 512-byte context (its card trains it on 8 x 512 blocks)
+            default_model="aft-conv-main-job",
             new_config={"causal": True},  # the causal head is causal anyway; the saved base model should match it
             default_prompt="def ",
             generation=dict(do_sample=True, temperature=0.8, top_k=0, top_p=0.95),

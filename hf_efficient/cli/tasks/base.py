@@ -97,7 +97,7 @@ class Task:
     title: str
     default_data: str | None = None  # what the embedded data is (`list`, model cards)
     training: dict = field(default_factory=dict)
-    default_model: str = "gmlp-main-job"  # `--model` when none is given: the main job's preset
+    default_model: str = "gmlp-main-job"  # `--model` when none is given (clm: the main job's preset)
     new_model: dict = field(default_factory=dict)
     new_config: dict = field(default_factory=dict)
     default_prompt: str | None = None  # tasks that generate: `generate`'s prompt when none is given (and the sample)
