@@ -37,8 +37,8 @@ class ModelSource:
     config: object | None  # the loaded config (preset, checkpoint); None for an architecture
     task: str | None  # the task the source was made for, when it says
     trust_remote_code: bool = False  # only for model types hf-efficient does not register
-    # A preset's own training defaults (its card's "training": `block_size` and TrainArguments fields), between
-    # the task's defaults and the flags: e.g. the main job's preset trains on 8 x 512-byte blocks.
+    # A preset's own training defaults (its card's "training": `block_size` and `PRESET_TRAINING_KEYS`, checked
+    # when the card is read), between the task's defaults and the flags: the main job's preset trains on 8 x 512.
     training: dict = field(default_factory=dict)
 
 
@@ -90,9 +90,8 @@ def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> Mo
             card_values = json.loads(card.read_text())
         except json.JSONDecodeError:
             card_values = {}
-    training = card_values.get("training") or {} if kind == "preset" else {}
-    if not isinstance(training, dict):
-        raise TaskError(f'{str(card)!r}: "training" must be an object of training defaults, got {training!r}')
+    training = (card_values.get("training") or {}) if kind == "preset" else {}
+    check_preset_training(name, card, training)
     display = Path(path).resolve().name if kind == "checkpoint" else name
     return ModelSource(
         kind,
@@ -104,6 +103,22 @@ def _from_folder(kind: str, name: str, path: str, trust_remote_code: bool) -> Mo
         trust_remote_code,
         training,
     )
+
+
+# The options a preset's card may default (`"training"`) besides `block_size`: the ones the tasks default too.
+PRESET_TRAINING_KEYS = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate")
+
+
+def check_preset_training(name: str, card: Path, training) -> None:
+    """A card's training defaults must be an object of `block_size` and `PRESET_TRAINING_KEYS`."""
+    if not isinstance(training, dict):
+        raise TaskError(f'{str(card)!r}: "training" must be an object of training defaults, got {training!r}')
+    unknown = sorted(set(training) - {"block_size", *PRESET_TRAINING_KEYS})
+    if unknown:
+        raise TaskError(
+            f"preset {name!r}: its card.json's training default(s) {', '.join(unknown)} cannot be set by a "
+            f"preset (allowed: block_size, {', '.join(PRESET_TRAINING_KEYS)})"
+        )
 
 
 def check_model_type(config_file: Path, trust_remote_code: bool) -> None:

@@ -237,19 +237,9 @@ def versions() -> str:
     )
 
 
-# The options a preset's card may default besides `block_size` (the ones the tasks default too; flags still win).
-PRESET_TRAINING_KEYS = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate")
-
-
 def preset_training_defaults(source, training_values: dict) -> dict:
-    """A preset's card may declare how it is meant to be trained (`"training"`: `block_size` and
-    `PRESET_TRAINING_KEYS`): those values fill the options the user left unset, before the task's defaults do."""
-    unknown = sorted(set(source.training) - {"block_size", *PRESET_TRAINING_KEYS})
-    if unknown:
-        raise TaskError(
-            f"preset {source.name!r}: its card.json's training default(s) {', '.join(unknown)} cannot be set by a "
-            f"preset (allowed: block_size, {', '.join(PRESET_TRAINING_KEYS)})"
-        )
+    """A preset's card may declare how it is meant to be trained (`"training"`, checked by `resolve_model`): its
+    values fill the training options the user left unset, before the task's defaults do."""
     filled = {k: v for k, v in source.training.items() if k != "block_size" and training_values.get(k) is None}
     return {**training_values, **filled}
 

@@ -158,9 +158,9 @@ class AFTLayer(nn.Module):
         flat = self.conv_weight.flatten(1)
         mean = flat.mean(-1, keepdim=True)
         std = flat.std(-1, unbiased=False, keepdim=True)
-        kernel = self.conv_gamma[:, None] * (flat - mean) / (std + 1e-5) + self.conv_beta[:, None]
-        if self.conv_gain_multiplier != 1.0:
-            kernel = kernel * self.conv_gain_multiplier
+        # m folded into the (h,) scale and shift: exact for m = 1, and no extra pass over the kernel
+        gain, shift = self.conv_gain_multiplier * self.conv_gamma, self.conv_gain_multiplier * self.conv_beta
+        kernel = gain[:, None] * (flat - mean) / (std + 1e-5) + shift[:, None]
         return kernel.view_as(self.conv_weight)
 
     def forward(
