@@ -11,7 +11,10 @@ A generated part is the text between `<!-- make_docs:start NAME -->` and `<!-- m
 - `heads <model_type>`: the Auto classes an architecture registers and its head classes;
 - `presets <model_type>`: the architecture's presets (`model_cards/<preset>/card.json`);
 - `claims [study ...]`: the claims table of the reproduction studies (all, or the studies named: a model page) (`benchmarks/studies/<study>/results.json`, through
-  `scripts/studies/runner.py`), in `docs/claims.md` and in `README.md` (the one page outside `docs/` with a part).
+  `scripts/studies/runner.py`), in `docs/claims.md` and in `README.md` (the one page outside `docs/` with parts);
+- `benchmarks [model_type ...]`: the at-a-glance table of the reference benchmark run (`REFERENCE_RUN` of
+  `scripts/benchmarks/bench_lib/report.py`): every architecture's causal LMs and Mamba2 beside Llama (the README),
+  or the architectures named (a model page).
 
     python scripts/checks/make_docs.py          # rewrite every generated part
     python scripts/checks/make_docs.py --check  # exit 1 (with a diff) if a committed page differs (CI)
@@ -236,6 +239,18 @@ def claims_table(studies: list[str] | None = None) -> str:
     return runner.claims_rows(ROOT / "benchmarks" / "studies", studies)
 
 
+def benchmarks_table(model_types: list[str] | None = None) -> str:
+    """The reference benchmark run at a glance (of `model_types`, default all with Mamba2 as the peer)."""
+    sys.path.insert(0, str(ROOT / "scripts" / "benchmarks"))
+    try:
+        from bench_lib import report
+    finally:
+        sys.path.remove(str(ROOT / "scripts" / "benchmarks"))
+    results = report.load(ROOT / report.REFERENCE_RUN)
+    peers = () if model_types else ("mamba2",)
+    return report.at_a_glance(results, model_types, peers)
+
+
 # ------------------------------------------------------------------------------------------------ the pages
 def render_part(name: str) -> str:
     kind, _, argument = name.partition(" ")
@@ -249,6 +264,8 @@ def render_part(name: str) -> str:
         return presets_table(argument)
     if kind == "claims":
         return claims_table(argument.split() if argument else None)
+    if kind == "benchmarks":
+        return benchmarks_table(argument.split() or None)
     raise ValueError(f"unknown generated part `{name}` (see scripts/checks/make_docs.py)")
 
 

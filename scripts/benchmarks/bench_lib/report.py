@@ -574,6 +574,102 @@ def markdown(folder: Path, results: dict, image_prefix: str = "", absolute_level
     return "\n".join(lines)
 
 
+REFERENCE_RUN = "benchmarks/results/cpu-amd-epyc-2c"  # the one current reference run the docs quote
+GLANCE_LENGTHS = (1024, 4096, 16384)
+
+
+def _dropout_twin(name: str) -> bool:
+    return name.endswith(specs.DROPOUT_ZERO_SUFFIX)
+
+
+def at_a_glance(results: dict, model_types: list[str] | None = None, peers: tuple[str, ...] = ()) -> str:
+    """One row per causal LM of a run at its default configuration (of `model_types`, default all; then the baselines
+    in `peers`; Llama last): the 2-layer LM's training-step time and peak memory against Llama's at 1k, 4k and 16k
+    tokens, one decoded token's time against Llama's after the longest prefix and the cache it holds, and the
+    leaderboard's validation bits per byte. Read from the `scaling`, `decode` and `quality` results; a cell is `–`
+    where the run has no such point, and names the status (`timeout`, `oom`) where the point failed."""
+    labels = _labels(results)
+    scaling, decode, quality = (results.get(mode) for mode in ("scaling", "decode", "quality"))
+    if scaling is None:
+        raise ValueError("at a glance: the run has no scaling results")
+    lengths = [n for n in GLANCE_LENGTHS if n in scaling["settings"]["lengths"]]
+    points = {(p["name"], p["level"], p["length"]): p for p in scaling["results"]}
+    summary = {r["name"]: r for r in scaling["summary"] if r["level"] == "model"}
+    wanted = [
+        name
+        for name, row in summary.items()
+        if not _dropout_twin(name)
+        and name not in specs.BASELINE_NAMES
+        and (model_types is None or row.get("model_type") in model_types)
+    ]
+    if not wanted and model_types and "images" in results:
+        return images_at_a_glance(results, model_types)
+    wanted += [name for name in (*peers, specs.REFERENCE) if name in summary and name not in wanted]
+    decoded = {}
+    if decode is not None:
+        prefix = max(decode["settings"]["prefixes"])
+        by_name = {
+            p["name"]: p for p in decode["results"] if p.get("level", "model") == "model" and p["prefix"] == prefix
+        }
+        reference = by_name.get(specs.REFERENCE)
+        for name, p in by_name.items():
+            if p["status"] != "ok":
+                decoded[name] = (p["status"], "–")
+                continue
+            ratio = (
+                p["ms_per_token"] / reference["ms_per_token"] if reference and reference["status"] == "ok" else None
+            )
+            cache = f"{p['cache_mb']:.2f} MB" if p.get("cache_mb") is not None else "–"
+            decoded[name] = (_fmt(ratio, 2, "x"), cache)
+    bpb = {r["name"]: r for r in quality["results"]} if quality is not None else {}
+
+    def scaled(name: str, n: int, key: str) -> str:
+        ratio = summary[name]["ratio_vs_reference"].get(str(n))
+        if ratio:
+            return _fmt(ratio[key], 2, "x")
+        p = points.get((name, "model", n))
+        return p["status"] if p else "–"
+
+    rows = []
+    for name in wanted:
+        q = bpb.get(name)
+        rows.append(
+            [labels.get(name, name)]
+            + [scaled(name, n, "time") for n in lengths]
+            + [scaled(name, lengths[-1], "memory")]
+            + list(decoded.get(name, ("–", "–")))
+            + [_fmt(q["validation_bpb"], 3) if q and q.get("status") == "ok" else (q["status"] if q else "–")]
+        )
+    header = (
+        ["model"]
+        + [f"training step @{_length_label(n)}: time" for n in lengths]
+        + [f"training step @{_length_label(lengths[-1])}: memory"]
+        + ([f"one token after {_length_label(prefix)}: time", "its cache"] if decode else ["decoding", "cache"])
+        + ["leaderboard bits/byte"]
+    )
+    m = scaling["machine"]
+    note = (
+        f"Ratios to Llama with SDPA of the same size (lower is better), measured side by side in one run: a 2-layer "
+        f"causal LM of width {scaling['settings']['sizes']['model']['hidden_size']} at its default configuration in "
+        f"training mode, one torch thread of a {m['cores']}-core {m['cpu_model']}, torch {m['torch']}"
+        + (f", commit `{scaling['git_commit'][:7]}`" if scaling.get("git_commit") else "")
+        + ". The leaderboard column is validation bits per byte after the `quality` mode's short run (lower is "
+        "better; it ranks, it does not decide a claim)."
+    )
+    return "\n".join(_table(header, rows) + ["", note])
+
+
+def images_at_a_glance(results: dict, model_types: list[str]) -> str:
+    """The `images` mode's table, restricted to `model_types` and the ViT reference (a vision-only architecture's
+    page)."""
+    data = dict(results["images"])
+    data["results"] = [
+        r for r in data["results"] if r.get("model_type") in model_types or r["name"] == specs.IMAGE_REFERENCE
+    ]
+    data["skipped"] = []
+    return "\n".join(images_table(data, _labels(results)))
+
+
 # ------------------------------------------------------------------------------------------------------------ plots
 def plots(folder: Path, results: dict) -> list[str]:
     try:
