@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import difflib
 import enum
+import importlib
 import inspect
 import json
 import re
@@ -226,14 +227,19 @@ def presets_table(model_type: str) -> str:
     return "\n".join(rows)
 
 
+def _script_module(folder: str, module: str):
+    """A module of the repository's scripts (`module` importable from `ROOT / folder`, which is not a package)."""
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(ROOT / folder))
+
+
 def claims_table(studies: list[str] | None = None) -> str:
     """The studies' claims table (of `studies`, default all), read from their committed results (the runner's own
     renderer)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from studies import runner
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    runner = _script_module("scripts", "studies.runner")
     if studies is None:
         return runner.claims_rows(ROOT / "benchmarks" / "studies")
     return runner.claims_rows(ROOT / "benchmarks" / "studies", studies)
@@ -241,11 +247,7 @@ def claims_table(studies: list[str] | None = None) -> str:
 
 def benchmarks_table(model_types: list[str] | None = None) -> str:
     """The reference benchmark run at a glance (of `model_types`, default all with Mamba2 as the peer)."""
-    sys.path.insert(0, str(ROOT / "scripts" / "benchmarks"))
-    try:
-        from bench_lib import report
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "benchmarks"))
+    report = _script_module("scripts/benchmarks", "bench_lib.report")
     results = report.load(ROOT / report.REFERENCE_RUN)
     peers = () if model_types else ("mamba2",)
     return report.at_a_glance(results, model_types, peers)

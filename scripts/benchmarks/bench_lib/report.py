@@ -92,6 +92,15 @@ def _skipped_line(data: dict) -> list[str]:
     return ["Skipped in this mode: " + "; ".join(f"{', '.join(n)} ({r})" for r, n in by_reason.items()) + ".", ""]
 
 
+def _ratio_cell(row: dict, points: dict, length: int, key: str) -> str:
+    """A scaling summary row's `key` ratio to the reference at `length`, or the point's status where it failed."""
+    ratio = row["ratio_vs_reference"].get(str(length))
+    if ratio:
+        return _fmt(ratio[key], 2, "x")
+    p = points.get((row["name"], row["level"], length))
+    return p["status"] if p else "–"
+
+
 def scaling_tables(data: dict, labels: dict, absolute_levels: str = "last") -> list[str]:
     lines = []
     lengths = data["settings"]["lengths"]
@@ -101,18 +110,11 @@ def scaling_tables(data: dict, labels: dict, absolute_levels: str = "last") -> l
     for level in data["settings"]["levels"]:
         rows = []
         for row in (r for r in data["summary"] if r["level"] == level):
-            ratios = row["ratio_vs_reference"]
             cells = [labels.get(row["name"], row["name"]), row.get("complexity") or ""]
             if with_dropout:
                 cells.insert(1, dropout_cell(row))
-            for n in key_lengths:
-                r = ratios.get(str(n))
-                p = points.get((row["name"], level, n))
-                cells.append(_fmt(r["time"], 2, "x") if r else (p["status"] if p else "–"))
-            for n in key_lengths:
-                r = ratios.get(str(n))
-                p = points.get((row["name"], level, n))
-                cells.append(_fmt(r["memory"], 2, "x") if r else (p["status"] if p else "–"))
+            cells += [_ratio_cell(row, points, n, "time") for n in key_lengths]
+            cells += [_ratio_cell(row, points, n, "memory") for n in key_lengths]
             cells.append(
                 _crossover(row.get("crossover_time")) if row["name"] != row.get("reference") else "(reference)"
             )
@@ -578,10 +580,6 @@ REFERENCE_RUN = "benchmarks/results/cpu-amd-epyc-2c"  # the one current referenc
 GLANCE_LENGTHS = (1024, 4096, 16384)
 
 
-def _dropout_twin(name: str) -> bool:
-    return name.endswith(specs.DROPOUT_ZERO_SUFFIX)
-
-
 def at_a_glance(results: dict, model_types: list[str] | None = None, peers: tuple[str, ...] = ()) -> str:
     """One row per causal LM of a run at its default configuration (of `model_types`, default all; then the baselines
     in `peers`; Llama last): the 2-layer LM's training-step time and peak memory against Llama's at 1k, 4k and 16k
@@ -598,7 +596,7 @@ def at_a_glance(results: dict, model_types: list[str] | None = None, peers: tupl
     wanted = [
         name
         for name, row in summary.items()
-        if not _dropout_twin(name)
+        if not name.endswith(specs.DROPOUT_ZERO_SUFFIX)
         and name not in specs.BASELINE_NAMES
         and (model_types is None or row.get("model_type") in model_types)
     ]
@@ -623,20 +621,13 @@ def at_a_glance(results: dict, model_types: list[str] | None = None, peers: tupl
             decoded[name] = (_fmt(ratio, 2, "x"), cache)
     bpb = {r["name"]: r for r in quality["results"]} if quality is not None else {}
 
-    def scaled(name: str, n: int, key: str) -> str:
-        ratio = summary[name]["ratio_vs_reference"].get(str(n))
-        if ratio:
-            return _fmt(ratio[key], 2, "x")
-        p = points.get((name, "model", n))
-        return p["status"] if p else "–"
-
     rows = []
     for name in wanted:
         q = bpb.get(name)
         rows.append(
             [labels.get(name, name)]
-            + [scaled(name, n, "time") for n in lengths]
-            + [scaled(name, lengths[-1], "memory")]
+            + [_ratio_cell(summary[name], points, n, "time") for n in lengths]
+            + [_ratio_cell(summary[name], points, lengths[-1], "memory")]
             + list(decoded.get(name, ("–", "–")))
             + [_fmt(q["validation_bpb"], 3) if q and q.get("status") == "ok" else (q["status"] if q else "–")]
         )
