@@ -468,18 +468,14 @@ def test_committed_readme_tables_are_generated():
     assert {s["folder"] for s in report.sections(text)} == {report.REFERENCE_RUN}
 
 
-# Modes the reference run has not measured yet (issue 25 stays open until this is empty): the page says so.
-REFERENCE_RUN_PENDING = {"compile", "recall"}
-
-
 def test_published_figures_come_from_one_reference_run_of_every_family():
-    """The benchmark page publishes one run: every mode (but the pending ones) measured the same code (the package,
+    """The benchmark page publishes one run: every mode measured the same code (the package,
     the harness and its declarations are identical at every commit a mode recorded: a mode run after a change to any
     of them must be rerun), every registered architecture measured (the text modes for the language models, `images`
     for the vision-only ones), and no other results folder."""
     folder = ROOT / report.REFERENCE_RUN
     results = report.load(folder)
-    assert set(results) == set(report.MODES) - REFERENCE_RUN_PENDING
+    assert set(results) == set(report.MODES)
     commits = sorted({data["git_commit"] for data in results.values()})
     assert None not in commits
     for commit in commits[1:]:
