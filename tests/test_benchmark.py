@@ -469,10 +469,10 @@ def test_committed_readme_tables_are_generated():
 
 
 def test_published_figures_come_from_one_reference_run_of_every_family():
-    """The benchmark page publishes one run: every mode measured the same code (the package,
-    the harness and its declarations are identical at every commit a mode recorded: a mode run after a change to any
-    of them must be rerun), every registered architecture measured (the text modes for the language models, `images`
-    for the vision-only ones), and no other results folder."""
+    """The benchmark page publishes one run: every mode measured the same code (the package, the harness and its
+    declarations are identical at every commit a mode recorded: a mode run after a change to any of them must be
+    rerun), every registered architecture measured (the text modes for the language models, `images` for the
+    vision-only ones), and no other results folder."""
     folder = ROOT / report.REFERENCE_RUN
     results = report.load(folder)
     assert set(results) == set(report.MODES)

@@ -219,13 +219,8 @@ def decode_tables(data: dict, labels: dict) -> list[str]:
 
 
 def compile_table(data: dict, labels: dict) -> list[str]:
-    """Eager vs `model.compile()` training steps: one row per entry and length.
-
-    Times only: the points record peak memory too, but not comparably. A compiled point's window starts after its
-    first (compiling) step, an eager point's before its first step, and glibc keeps the heap that a first step grew
-    (its mmap threshold rises as large blocks are freed), so an eager peak counts memory that a compiled one has
-    already reused: AFT-simple at 2k measured 182 MB eager and 102 MB compiled this way, and 121 MB and 105 MB with
-    the threshold pinned."""
+    """Eager vs `model.compile()` training steps: one row per entry and length; times only (the caption says why
+    the recorded peak memory is not compared)."""
     points = {(p["name"], p["length"], p["mode"]): p for p in data["results"]}
     rows = []
     for name, length in dict.fromkeys((p["name"], p["length"]) for p in data["results"]):
